@@ -1,0 +1,1 @@
+"""The cloud side: ingest, storage, training, registry and publishing of models."""

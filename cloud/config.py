@@ -1,0 +1,77 @@
+"""Settings of a cloud process (ingest, worker, beat, CLI), from EDGELOOP_* env vars or `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "minioadmin", "edgeloop", "secret", "password"})
+
+
+class CloudSettings(BaseSettings):
+    """Embedded defaults run on one machine; ``mode=production`` refuses unsafe ones."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_", env_file=".env", extra="ignore")
+
+    mode: Literal["embedded", "test", "production"] = "embedded"
+    home: Path = Path(".edgeloop")  # where embedded state lives
+
+    database_url: str = ""  # default: SQLite file under home
+    # Object store: "local" (a directory under home) or "s3" (MinIO / any S3 API).
+    store: Literal["local", "s3"] = "local"
+    s3_endpoint: str = "127.0.0.1:8333"
+    s3_access_key: str = "edgeloop"
+    s3_secret_key: str = "edgeloop"
+    s3_bucket: str = "edgeloop"
+    s3_secure: bool = False
+
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_tls: bool = False
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    mlflow_tracking_uri: str = ""  # default: sqlite store under home
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> CloudSettings:
+        if self.mode != "production":
+            return self
+        problems = []
+        if not self.database_url or self.database_url.startswith("sqlite"):
+            problems.append("EDGELOOP_DATABASE_URL must point at PostgreSQL, not SQLite")
+        if self.store != "s3":
+            problems.append("EDGELOOP_STORE must be s3")
+        if self.s3_secret_key in PLACEHOLDER_SECRETS:
+            problems.append("EDGELOOP_S3_SECRET_KEY is a placeholder")
+        if not self.s3_secure:
+            problems.append("EDGELOOP_S3_SECURE must be true (TLS)")
+        if not self.mqtt_tls:
+            problems.append("EDGELOOP_MQTT_TLS must be true")
+        if not self.mqtt_password or self.mqtt_password in PLACEHOLDER_SECRETS:
+            problems.append("EDGELOOP_MQTT_PASSWORD is missing or a placeholder")
+        if not self.mlflow_tracking_uri.startswith(("http://", "https://")):
+            problems.append("EDGELOOP_MLFLOW_TRACKING_URI must be an MLflow server")
+        if problems:
+            raise ConfigError("unsafe production settings: " + "; ".join(problems))
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'edgeloop.db').resolve()}"
+
+    @property
+    def resolved_mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+
+@lru_cache
+def get_settings() -> CloudSettings:
+    return CloudSettings()

@@ -1,0 +1,51 @@
+"""The ``edgeloop`` command: a thin front door that mounts each installed side's commands.
+
+The cloud, edge agent and simulation each declare their commands as entry points in the
+``edgeloop.commands`` group, so this module never imports them by name and an edge-only
+install shows only the edge commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib.metadata import entry_points
+
+import typer
+
+HELP = """edgeloop: cloud-edge continuous learning for industrial fault prediction.
+
+Edge agents run a compressed model on sensor windows and upload the windows they are
+unsure about; the cloud stores them, retrains, registers the new model in MLflow and
+sends it back to the devices.
+
+Start with `edgeloop demo`, which runs the whole loop on one machine with embedded
+defaults (SQLite, in-process MQTT broker, local object store, MLflow sqlite store).
+"""
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
+                      context_settings={"help_option_names": ["-h", "--help"]})
+
+    @app.callback()
+    def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else os.environ.get("EDGELOOP_LOG_LEVEL", "INFO"),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    for ep in sorted(entry_points(group="edgeloop.commands"), key=lambda e: e.name):
+        try:
+            command = ep.load()
+        except ImportError as exc:  # that side's extra is not installed here
+            logging.getLogger(__name__).debug("command %s unavailable: %s", ep.name, exc)
+            continue
+        if isinstance(command, typer.Typer):
+            app.add_typer(command, name=ep.name)
+        else:
+            app.command(name=ep.name)(command)
+    return app
+
+
+def main() -> None:
+    build_app()()

@@ -1,0 +1,193 @@
+"""Every payload on the wire, declared once: versioned pydantic models and their JSON codec.
+
+Tensors travel as raw little-endian bytes (base64 in the JSON envelope) with their dtype
+and shape — never pickle, which would let a sender run code on the receiver.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.errors import MessageError
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20  # samples, labels, heartbeats, acks
+MAX_UPDATE_BYTES = 64 << 20  # an update carries a whole model package
+MAX_TENSOR_ELEMENTS = 1 << 16
+ALLOWED_DTYPES = ("float32", "float64", "int32", "int64", "uint8")
+LabelSource = Literal["device", "operator", "teacher"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Tensor(BaseModel):
+    """An n-d array as little-endian bytes, its dtype and shape."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dtype: Literal["float32", "float64", "int32", "int64", "uint8"]
+    shape: tuple[Annotated[int, Field(ge=1, le=MAX_TENSOR_ELEMENTS)], ...] = Field(
+        min_length=1, max_length=4
+    )
+    data: str  # base64
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> Tensor:
+        name = str(array.dtype)
+        if name not in ALLOWED_DTYPES:
+            raise MessageError(f"dtype {name} cannot go on the wire; use one of {ALLOWED_DTYPES}",
+                               reason="bad_dtype")
+        little = np.ascontiguousarray(array, dtype=np.dtype(name).newbyteorder("<"))
+        return cls(dtype=name, shape=tuple(int(s) for s in array.shape),  # type: ignore[arg-type]
+                   data=base64.b64encode(little.tobytes()).decode("ascii"))
+
+    def to_array(self) -> np.ndarray:
+        """Decode and check: byte count must match dtype × shape, floats must be finite."""
+        n = math.prod(self.shape)
+        if n > MAX_TENSOR_ELEMENTS:
+            raise MessageError(f"tensor of {n} elements exceeds {MAX_TENSOR_ELEMENTS}",
+                               reason="tensor_too_large")
+        try:
+            raw = base64.b64decode(self.data, validate=True)
+        except ValueError as exc:
+            raise MessageError(f"tensor data is not base64: {exc}", reason="bad_tensor") from exc
+        dtype = np.dtype(self.dtype).newbyteorder("<")
+        if len(raw) != n * dtype.itemsize:
+            raise MessageError(
+                f"tensor has {len(raw)} bytes, shape {self.shape} of {self.dtype} needs "
+                f"{n * dtype.itemsize}", reason="bad_shape")
+        array = np.frombuffer(raw, dtype=dtype).reshape(self.shape).astype(self.dtype)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise MessageError("tensor holds NaN or infinity", reason="non_finite")
+        return array
+
+
+class Envelope(BaseModel):
+    """Fields every message carries."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: ClassVar[str]
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    message_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    fleet: str
+    device_id: str
+    sent_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("sent_at")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("timestamps must carry a timezone (UTC)")
+        return value
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+
+class SampleMessage(Envelope):
+    """One window the device chose to upload, with what its model made of it."""
+
+    kind: ClassVar[str] = "samples"
+    window: Tensor  # (T, C) float32
+    channels: int = Field(ge=1, le=1024)
+    captured_at: datetime
+    model_version: str
+    predicted: str
+    confidence: float = Field(ge=0.0, le=1.0)
+    score: float = Field(allow_inf_nan=False)
+    reasons: tuple[Literal["uncertain", "faulty", "ood"], ...] = ()
+
+
+class LabelMessage(Envelope):
+    """Ground truth that arrived after the fact, for windows already uploaded."""
+
+    kind: ClassVar[str] = "labels"
+    sample_ids: tuple[uuid.UUID, ...] = Field(min_length=1, max_length=1000)
+    label: str = Field(min_length=1, max_length=64)
+    source: LabelSource = "device"
+
+
+class Heartbeat(Envelope):
+    kind: ClassVar[str] = "heartbeat"
+    model_version: str | None
+    profile: str
+    buffer_depth: int = Field(ge=0)
+    windows_seen: int = Field(ge=0)
+    anomaly_rate: float = Field(ge=0.0, le=1.0)
+    latency_ms_p50: float = Field(ge=0.0, allow_inf_nan=False)
+    online: bool = True
+
+
+class Ack(Envelope):
+    """The cloud's application-level ack: these messages are durable (or dead-lettered)."""
+
+    kind: ClassVar[str] = "acks"
+    acked_ids: tuple[uuid.UUID, ...] = Field(min_length=1)
+    status: Literal["stored", "duplicate", "rejected"]
+    reason: str | None = None
+
+
+class UpdateNotice(Envelope):
+    """A new model for the device: for now the whole package, inline."""
+
+    kind: ClassVar[str] = "updates"
+    target_version: str
+    base_version: str | None
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    package: str  # base64 of the package bytes
+    expires_at: datetime
+
+
+class UpdateStatus(Envelope):
+    kind: ClassVar[str] = "update-status"
+    target_version: str
+    status: Literal["applied", "rejected", "rolled_back"]
+    reason: str | None = None
+    running_version: str | None = None
+
+
+MESSAGE_TYPES: dict[str, type[Envelope]] = {
+    m.kind: m for m in (SampleMessage, LabelMessage, Heartbeat, Ack, UpdateNotice, UpdateStatus)
+}
+
+
+def decode(kind: str, raw: bytes) -> Any:
+    """Parse and validate ``raw`` as a message of ``kind``; MessageError says why not."""
+    model = MESSAGE_TYPES.get(kind)
+    if model is None:
+        raise MessageError(f"no message kind {kind!r}", reason="bad_kind")
+    limit = MAX_UPDATE_BYTES if kind == "updates" else MAX_MESSAGE_BYTES
+    if len(raw) > limit:
+        raise MessageError(f"{kind} message of {len(raw)} bytes exceeds {limit}", reason="oversize")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        version = _peek_version(raw)
+        if version is not None and version != SCHEMA_VERSION:
+            raise MessageError(f"schema_version {version!r} is not supported (this side speaks "
+                               f"{SCHEMA_VERSION})", reason="bad_schema_version") from exc
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        reason = "bad_json" if first["type"] == "json_invalid" else "bad_schema"
+        raise MessageError(f"invalid {kind} message: {where}: {first['msg']}",
+                           reason=reason) from exc
+
+
+def _peek_version(raw: bytes) -> object | None:
+    import json
+
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value.get("schema_version") if isinstance(value, dict) else None

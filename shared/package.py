@@ -1,0 +1,111 @@
+"""The model package a device runs: ONNX graph + manifest in one canonical, hashable file.
+
+Layout: an uncompressed zip holding ``manifest.json`` then ``model.onnx``, with fixed
+timestamps and permissions, so the same model always gives the same bytes and the same
+sha256. The package's identity is the sha256 of the whole file; the manifest records the
+sha256 of the graph (and, where the packer knows them, of every tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.errors import PackageError
+
+FORMAT_VERSION = 1
+_EPOCH = (1980, 1, 1, 0, 0, 0)  # zip cannot store earlier; fixed so bytes do not depend on time
+
+
+class InputSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str = "window"
+    window: int = Field(ge=1)  # time steps T
+    channels: int = Field(ge=1)  # C
+    dtype: str = "float32"
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    name: str
+    version: str
+    parent: str | None = None
+    profile: str
+    input: InputSpec
+    class_names: tuple[str, ...] = Field(min_length=2)
+    graph_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tensor_sha256: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def build_package(*, graph: bytes, manifest: Manifest) -> bytes:
+    """Canonical package bytes; the manifest's graph hash must describe ``graph``."""
+    if manifest.graph_sha256 != sha256_hex(graph):
+        raise PackageError("manifest graph_sha256 does not match the graph", reason="sha_mismatch")
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in (("manifest.json", canonical_json(manifest.model_dump(mode="json"))),
+                           ("model.onnx", graph)):
+            info = zipfile.ZipInfo(name, date_time=_EPOCH)
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            zf.writestr(info, data)
+    return out.getvalue()
+
+
+class ModelPackage:
+    """A package read from bytes, with every check done: open it, or PackageError says why."""
+
+    def __init__(self, data: bytes, *, expected_sha256: str | None = None) -> None:
+        self.sha256 = sha256_hex(data)
+        if expected_sha256 is not None and expected_sha256 != self.sha256:
+            raise PackageError(f"package sha256 {self.sha256[:12]}… does not match the expected "
+                               f"{expected_sha256[:12]}…", reason="sha_mismatch")
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                names = zf.namelist()
+                if names != ["manifest.json", "model.onnx"]:
+                    raise PackageError(f"package holds {names}, expected manifest.json and "
+                                       "model.onnx", reason="corrupt_package")
+                raw_manifest = zf.read("manifest.json")
+                self.graph = zf.read("model.onnx")
+        except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
+            raise PackageError(f"package is corrupt or truncated: {exc}",
+                               reason="corrupt_package") from exc
+        except KeyError as exc:  # pragma: no cover - namelist check above covers it
+            raise PackageError(str(exc), reason="corrupt_package") from exc
+        try:
+            self.manifest = Manifest.model_validate_json(raw_manifest)
+        except ValidationError as exc:
+            raise PackageError(f"package manifest is invalid: {exc.errors()[0]['msg']}",
+                               reason="bad_manifest") from exc
+        if self.manifest.format_version != FORMAT_VERSION:
+            raise PackageError(f"package format {self.manifest.format_version} is not supported",
+                               reason="bad_manifest")
+        if sha256_hex(self.graph) != self.manifest.graph_sha256:
+            raise PackageError("graph bytes do not match the manifest's graph_sha256",
+                               reason="sha_mismatch")
+
+    @classmethod
+    def from_path(cls, path: Path, *, expected_sha256: str | None = None) -> ModelPackage:
+        return cls(Path(path).read_bytes(), expected_sha256=expected_sha256)
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
