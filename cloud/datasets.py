@@ -1,0 +1,56 @@
+"""Data sets an operator registers (a base training set, the frozen golden set), kept in the
+object store as .npz files of windows, labels and class names."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cloud.storage import ObjectStore
+from shared.errors import DataError
+
+
+@dataclass
+class LabelledWindows:
+    """``x`` (N, T, C) float32, ``labels`` (N,) class names."""
+
+    x: np.ndarray
+    labels: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def indices(self, class_names: list[str]) -> np.ndarray:
+        lookup = {c: i for i, c in enumerate(class_names)}
+        missing = sorted(set(self.labels.tolist()) - set(lookup))
+        if missing:
+            raise DataError(f"labels {missing} are not among the model's classes {class_names}")
+        return np.array([lookup[str(v)] for v in self.labels], dtype=np.int64)
+
+    def sha256(self) -> str:
+        h = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())
+        h.update("\n".join(self.labels.tolist()).encode())
+        return h.hexdigest()
+
+
+def dataset_key(name: str) -> str:
+    return f"datasets/{name}.npz"
+
+
+def register_dataset(*, store: ObjectStore, name: str, data: LabelledWindows) -> str:
+    buf = io.BytesIO()
+    np.savez(buf, x=data.x.astype(np.float32), labels=data.labels.astype(str),
+             meta=np.array(json.dumps({**data.meta, "sha256": data.sha256()})))
+    store.put(dataset_key(name), buf.getvalue())
+    return data.sha256()
+
+
+def load_dataset(*, store: ObjectStore, name: str) -> LabelledWindows:
+    # allow_pickle=False: a data set is data, never code.
+    with np.load(io.BytesIO(store.get(dataset_key(name))), allow_pickle=False) as z:
+        return LabelledWindows(z["x"], z["labels"].astype(str), json.loads(str(z["meta"])))

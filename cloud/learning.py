@@ -1,0 +1,286 @@
+"""One round of the loop's learning half: gather labels, replay, fine-tune, gate, register."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from cloud.datasets import LabelledWindows, load_dataset
+from cloud.db import Label, ModelVersion, Sample
+from cloud.ingest import load_window
+from cloud.registry import Registry
+from cloud.storage import ObjectStore
+from cloud.training import (
+    ModelConfig,
+    TrainConfig,
+    WindowClassifier,
+    build_model,
+    extend_classes,
+    ood_calibration,
+    package_model,
+    predict,
+    train,
+)
+from shared.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    macro_f1: float
+    recall: dict[str, float]
+    confusion: np.ndarray
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}_accuracy": self.accuracy, f"{prefix}_macro_f1": self.macro_f1}
+        out.update({f"{prefix}_recall_{k}": v for k, v in self.recall.items()})
+        return out
+
+
+def evaluate(model: WindowClassifier, x: np.ndarray, y: np.ndarray,
+             class_names: list[str]) -> Evaluation:
+    pred = predict(model, x)
+    k = len(class_names)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (y, pred), 1)
+    present = confusion.sum(axis=1) > 0
+    tp = np.diag(confusion).astype(float)
+    recall = tp / np.maximum(confusion.sum(axis=1), 1)
+    precision = tp / np.maximum(confusion.sum(axis=0), 1)
+    f1 = np.where(recall + precision > 0, 2 * recall * precision / (recall + precision + 1e-12), 0)
+    return Evaluation(accuracy=float((pred == y).mean()), macro_f1=float(f1[present].mean()),
+                      recall={c: float(recall[i]) for i, c in enumerate(class_names)
+                              if present[i]}, confusion=confusion)
+
+
+# -- checkpoints: what is needed to rebuild the teacher, never pickle -------------------------
+
+def checkpoint_key(fleet: str, version: str) -> str:
+    return f"checkpoints/{fleet}/{version}.safetensors"
+
+
+def save_checkpoint(store: ObjectStore, key: str, model: WindowClassifier,
+                    class_names: list[str]) -> None:
+    meta = {"model_config": json.dumps(asdict(model.cfg)), "class_names": json.dumps(class_names)}
+    store.put(key, save_safetensors(model.state_dict(), metadata=meta))
+
+
+def load_checkpoint(store: ObjectStore, key: str) -> tuple[WindowClassifier, list[str]]:
+    data = store.get(key)
+    # safetensors holds tensors only: nothing in a checkpoint can run code on load.
+    state = load_safetensors(data)
+    meta = _safetensors_metadata(data)
+    model = WindowClassifier(ModelConfig(**json.loads(meta["model_config"])))
+    model.load_state_dict(state)
+    model.eval()
+    return model, json.loads(meta["class_names"])
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {})
+
+
+# -- a round ---------------------------------------------------------------------------------
+
+@dataclass
+class RoundConfig:
+    fleet: str
+    profile: str = "cpu-fp32"
+    base_dataset: str = "base"  # the registered history that replay draws from
+    golden_dataset: str = "golden"
+    replay_per_class: int = 120
+    holdout_fraction: float = 0.25  # of new labelled samples, kept out of training for gates
+    max_old_f1_drop_pts: float = 3.0
+    min_new_recall: float = 0.5
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=25, lr=2e-3))
+    seed: int = 0
+
+
+@dataclass
+class RoundResult:
+    version: str
+    parent: str | None
+    class_names: list[str]
+    new_classes: list[str]
+    samples_used: int
+    gates: dict[str, Any]
+    promoted: bool
+    package: bytes
+    mlflow_version: str
+    seconds: float
+
+
+def labelled_uploads(*, sessions: sessionmaker, store: ObjectStore,
+                     fleet: str) -> tuple[LabelledWindows, list[str]]:
+    """Every uploaded window of ``fleet`` with a label; a device's or operator's label wins
+    over a teacher's pseudo-label. Returns the windows and their content hashes."""
+    rank = {"operator": 0, "device": 1, "teacher": 2}
+    with sessions() as session:
+        rows = session.execute(select(Sample.id, Sample.object_key, Sample.content_sha256,
+                                      Label.label, Label.source)
+                               .join(Label, Label.sample_id == Sample.id)
+                               .where(Sample.fleet == fleet)).all()
+    best: dict[str, tuple] = {}
+    for r in rows:
+        if r.id not in best or rank[r.source] < rank[best[r.id].source]:
+            best[r.id] = r
+    chosen = sorted(best.values(), key=lambda r: r.id)
+    if not chosen:
+        return LabelledWindows(np.empty((0, 1, 1), np.float32), np.array([], dtype=str)), []
+    x = np.stack([load_window(store, r.object_key) for r in chosen]).astype(np.float32)
+    return (LabelledWindows(x, np.array([r.label for r in chosen])),
+            [r.content_sha256 for r in chosen])
+
+
+def _replay(base: LabelledWindows, per_class: int, rng: np.random.Generator) -> LabelledWindows:
+    """A class-balanced draw from history (reservoir-style uniform sample per class)."""
+    keep = []
+    for c in np.unique(base.labels):
+        idx = np.flatnonzero(base.labels == c)
+        keep.extend(rng.choice(idx, size=min(per_class, len(idx)), replace=False))
+    keep = np.sort(np.array(keep))
+    return LabelledWindows(base.x[keep], base.labels[keep])
+
+
+def next_version(*, sessions: sessionmaker, fleet: str, profile: str) -> str:
+    with sessions() as session:
+        n = session.scalar(select(func.count()).select_from(ModelVersion).where(
+            ModelVersion.name == f"edgeloop.{fleet}.{profile}")) or 0
+    return f"v{n + 1}"
+
+
+def train_initial(*, sessions: sessionmaker, store: ObjectStore, registry: Registry,
+                  cfg: RoundConfig, model_config: ModelConfig | None = None) -> RoundResult:
+    """Round 0: a model for the base data set's classes, registered as champion."""
+    t0 = time.perf_counter()
+    base = load_dataset(store=store, name=cfg.base_dataset)
+    class_names = sorted(set(base.labels.tolist()), key=lambda c: (c != "normal", c))
+    y = base.indices(class_names)
+    mc = model_config or ModelConfig(window=base.x.shape[1], channels=base.x.shape[2],
+                                     n_classes=len(class_names))
+    model = build_model(mc, base.x[y == 0])
+    history: list[float] = []
+    train(model, base.x, y, TrainConfig(seed=cfg.seed), on_epoch=lambda _, v: history.append(v))
+    return _finish(sessions=sessions, store=store, registry=registry, cfg=cfg, model=model,
+                   class_names=class_names, parent=None, new_classes=class_names,
+                   history=history, holdout=None, lineage={"base": base.sha256()},
+                   samples_used=len(base), t0=t0, parent_model=None)
+
+
+def run_round(*, sessions: sessionmaker, store: ObjectStore, registry: Registry,
+              cfg: RoundConfig) -> RoundResult:
+    """Fine-tune the current teacher on new labelled uploads plus replay, gate, register."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)
+    with sessions() as session:
+        parent_row = session.scalars(select(ModelVersion).where(
+            ModelVersion.name == f"edgeloop.{cfg.fleet}.{cfg.profile}")
+            .order_by(ModelVersion.id.desc())).first()
+        if parent_row is None:
+            raise DataError(f"fleet {cfg.fleet} has no model yet; train the initial one first")
+        parent_version = parent_row.version
+    parent_model, old_classes = load_checkpoint(store, checkpoint_key(cfg.fleet, parent_version))
+    model, _ = load_checkpoint(store, checkpoint_key(cfg.fleet, parent_version))
+    uploads, hashes = labelled_uploads(sessions=sessions, store=store, fleet=cfg.fleet)
+    if len(uploads) == 0:
+        raise DataError(f"fleet {cfg.fleet} has no labelled uploads to learn from")
+    new_classes = sorted(set(uploads.labels.tolist()) - set(old_classes))
+    class_names = old_classes + new_classes
+    # Hold a slice of the new uploads out of training: the gate's evidence on new faults.
+    order = rng.permutation(len(uploads))
+    n_hold = int(len(uploads) * cfg.holdout_fraction)
+    hold, fit = order[:n_hold], order[n_hold:]
+    base = load_dataset(store=store, name=cfg.base_dataset)
+    replay = _replay(base, cfg.replay_per_class, rng)
+    x = np.concatenate([uploads.x[fit], replay.x])
+    labels = np.concatenate([uploads.labels[fit], replay.labels])
+    y = LabelledWindows(x, labels).indices(class_names)
+    model = extend_classes(model, len(class_names))
+    history: list[float] = []
+    train(model, x, y, cfg.train, on_epoch=lambda _, v: history.append(v))
+    holdout = LabelledWindows(uploads.x[hold], uploads.labels[hold])
+    lineage = {"parent": parent_version, "base": base.sha256(),
+               "uploads": sorted(set(hashes)), "replay_windows": len(replay),
+               "holdout_windows": len(holdout)}
+    return _finish(sessions=sessions, store=store, registry=registry, cfg=cfg, model=model,
+                   class_names=class_names, parent=parent_version, new_classes=new_classes,
+                   history=history, holdout=holdout, lineage=lineage,
+                   samples_used=len(x), t0=t0, parent_model=(parent_model, old_classes))
+
+
+def _finish(*, sessions: sessionmaker, store: ObjectStore, registry: Registry, cfg: RoundConfig,
+            model: WindowClassifier, class_names: list[str], parent: str | None,
+            new_classes: list[str], history: list[float], holdout: LabelledWindows | None,
+            lineage: dict[str, Any], samples_used: int, t0: float,
+            parent_model: tuple[WindowClassifier, list[str]] | None) -> RoundResult:
+    golden = load_dataset(store=store, name=cfg.golden_dataset)
+    known = np.isin(golden.labels, class_names)
+    gx = golden.x[known]
+    gy = LabelledWindows(gx, golden.labels[known]).indices(class_names)
+    ev = evaluate(model, gx, gy, class_names)
+    metrics = ev.metrics("golden")
+    gates: dict[str, Any] = {"golden_macro_f1": ev.macro_f1}
+    passed = True
+    if parent_model is not None:
+        pm, pclasses = parent_model
+        old = np.isin(golden.labels, pclasses)
+        old_y = LabelledWindows(golden.x[old], golden.labels[old]).indices(pclasses)
+        before = evaluate(pm, golden.x[old], old_y, pclasses).macro_f1
+        after = evaluate(model, golden.x[old],
+                         LabelledWindows(golden.x[old], golden.labels[old]).indices(class_names),
+                         class_names).macro_f1
+        drop = 100 * (before - after)
+        gates.update(old_f1_before=before, old_f1_after=after, old_f1_drop_pts=drop,
+                     max_old_f1_drop_pts=cfg.max_old_f1_drop_pts)
+        passed &= drop <= cfg.max_old_f1_drop_pts
+        metrics["old_f1_drop_pts"] = drop
+    if holdout is not None and len(holdout):
+        hy = holdout.indices(class_names)
+        hev = evaluate(model, holdout.x, hy, class_names)
+        new_recall = {c: hev.recall[c] for c in new_classes if c in hev.recall}
+        gates["holdout_new_recall"] = new_recall
+        gates["min_new_recall"] = cfg.min_new_recall
+        passed &= all(v >= cfg.min_new_recall for v in new_recall.values())
+        metrics.update({f"holdout_recall_{k}": v for k, v in new_recall.items()})
+    gates["passed"] = bool(passed)
+
+    base = load_dataset(store=store, name=cfg.base_dataset)
+    normal_windows = base.x[base.labels == class_names[0]]
+    version = next_version(sessions=sessions, fleet=cfg.fleet, profile=cfg.profile)
+    package = package_model(model, name=f"edgeloop.{cfg.fleet}.{cfg.profile}", version=version,
+                            parent=parent, profile=cfg.profile, class_names=class_names,
+                            metadata={"new_classes": new_classes,
+                                      "ood": ood_calibration(normal_windows)})
+    save_checkpoint(store, checkpoint_key(cfg.fleet, version), model, class_names)
+    pkg_key = f"packages/{cfg.fleet}/{cfg.profile}/{version}.edgepkg"
+    store.put(pkg_key, package)
+    run_id = registry.log_training_run(
+        run_name=f"{cfg.fleet}-{cfg.profile}-{version}",
+        params={"parent": parent, "classes": class_names, "new_classes": new_classes,
+                "samples": samples_used, **asdict(cfg.train)},
+        history=history, metrics=metrics, class_names=class_names, confusion=ev.confusion,
+        lineage=lineage, package=package)
+    reg = registry.register(fleet=cfg.fleet, run_id=run_id, package=package, gates=gates,
+                            promote=passed)
+    with sessions() as session:
+        session.add(ModelVersion(name=reg.name, version=version, mlflow_version=reg.mlflow_version,
+                                 profile=cfg.profile, sha256=reg.sha256, parent=parent,
+                                 object_key=pkg_key, class_names=class_names, gates=gates))
+        session.commit()
+    return RoundResult(version=version, parent=parent, class_names=class_names,
+                       new_classes=new_classes, samples_used=samples_used, gates=gates,
+                       promoted=passed, package=package, mlflow_version=reg.mlflow_version,
+                       seconds=time.perf_counter() - t0)

@@ -1,0 +1,191 @@
+"""The window classifier, its training and fine-tuning, and export to an edge package."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.package import InputSpec, Manifest, build_package, sha256_hex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    window: int = 32  # T
+    channels: int = 53  # C
+    n_classes: int = 2
+    hidden: int = 48
+    kernel: int = 5
+    layers: int = 3
+    dropout: float = 0.1
+
+
+class WindowClassifier(nn.Module):
+    """Windows (B, T, C) → logits (B, K): standardise, temporal convs, mean+std pooling.
+
+    The channel mean/std of the training data are buffers, so the exported graph takes raw
+    sensor values and a device needs no preprocessing code.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("mean", torch.zeros(cfg.channels))
+        self.register_buffer("std", torch.ones(cfg.channels))
+        blocks: list[nn.Module] = []
+        width = cfg.channels
+        for _ in range(cfg.layers):
+            blocks += [nn.Conv1d(width, cfg.hidden, cfg.kernel, padding=cfg.kernel // 2),
+                       nn.BatchNorm1d(cfg.hidden), nn.GELU()]
+            width = cfg.hidden
+        self.body = nn.Sequential(*blocks)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(2 * cfg.hidden + cfg.channels, cfg.n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.mean) / self.std  # (B, T, C)
+        level = z.mean(dim=1)  # (B, C): where each channel sits relative to normal operation
+        h = self.body(z.transpose(1, 2))  # (B, H, T)
+        pooled = torch.cat([h.mean(dim=2), h.std(dim=2), level], dim=1)  # (B, 2H + C)
+        return self.head(self.drop(pooled))  # (B, K)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    lr: float = 3e-3
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+def build_model(cfg: ModelConfig, x_normal: np.ndarray | None = None) -> WindowClassifier:
+    model = WindowClassifier(cfg)
+    if x_normal is not None:
+        flat = torch.as_tensor(x_normal.reshape(-1, cfg.channels), dtype=torch.float32)
+        model.mean.copy_(flat.mean(0))
+        model.std.copy_(flat.std(0).clamp_min(1e-3))
+    return model
+
+
+def extend_classes(model: WindowClassifier, n_classes: int) -> WindowClassifier:
+    """The same model with room for new classes; old rows of the head are kept as they were."""
+    old = model.cfg.n_classes
+    if n_classes < old:
+        raise ValueError(f"cannot shrink the label space from {old} to {n_classes}")
+    if n_classes == old:
+        return model
+    cfg = ModelConfig(**{**asdict(model.cfg), "n_classes": n_classes})
+    bigger = WindowClassifier(cfg)
+    state = model.state_dict()
+    head_w, head_b = state.pop("head.weight"), state.pop("head.bias")
+    bigger.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        bigger.head.weight[:old] = head_w
+        bigger.head.bias[:old] = head_b
+    return bigger
+
+
+def train(model: WindowClassifier, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
+          *, on_epoch: Any = None) -> WindowClassifier:
+    """Class-balanced cross-entropy with AdamW and a cosine schedule; ``on_epoch(i, loss)``."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.long)
+    counts = torch.bincount(yt, minlength=model.cfg.n_classes).float()
+    weights = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
+    loss_fn = nn.CrossEntropyLoss(weight=weights / weights[counts > 0].mean())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * max(1, -(-len(xt) // cfg.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+    model.train()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(xt), generator=gen)
+        total = 0.0
+        for start in range(0, len(xt), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm needs two
+                continue
+            opt.zero_grad()
+            loss = loss_fn(model(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        if on_epoch is not None:
+            on_epoch(epoch, total / len(xt))
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict(model: WindowClassifier, x: np.ndarray, batch: int = 512) -> np.ndarray:
+    model.eval()
+    out = [model(torch.as_tensor(x[i:i + batch], dtype=torch.float32)).numpy()
+           for i in range(0, len(x), batch)]
+    return np.concatenate(out).argmax(1)
+
+
+def export_onnx(model: WindowClassifier) -> bytes:
+    """ONNX bytes with a dynamic batch axis; the TorchScript exporter gives stable bytes."""
+    model.eval()
+    dummy = torch.zeros(2, model.cfg.window, model.cfg.channels)
+    buf = io.BytesIO()
+    torch.onnx.export(model, (dummy,), buf, input_names=["window"], output_names=["logits"],
+                      dynamic_axes={"window": {0: "batch"}, "logits": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    return buf.getvalue()
+
+
+def tensor_hashes(graph: bytes) -> dict[str, str]:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(graph)
+    return {t.name: sha256_hex(np.ascontiguousarray(numpy_helper.to_array(t)).tobytes())
+            for t in proto.graph.initializer}
+
+
+def window_features(x: np.ndarray) -> np.ndarray:
+    """(N, T, C) → (N, 2C): each channel's level and spread over the window."""
+    return np.concatenate([x.mean(axis=1), x.std(axis=1)], axis=1)
+
+
+def ood_calibration(x_normal: np.ndarray, quantile: float = 0.995) -> dict[str, Any]:
+    """Statistics for the device's feature-distance score, from normal-operation windows.
+
+    The score is the mean squared z-score of a window's features against normal operation
+    (a Hotelling-style T² with a diagonal covariance); the threshold is its ``quantile`` on
+    the normal windows, so about 0.5% of normal windows are flagged as out of distribution.
+    Faults the model was never taught still move these features, which is how they get
+    uploaded at all.
+    """
+    feats = window_features(x_normal).astype(np.float64)
+    mean, std = feats.mean(axis=0), feats.std(axis=0) + 1e-6
+    score = np.mean(((feats - mean) / std) ** 2, axis=1)
+    return {"feature_mean": mean.round(6).tolist(), "feature_std": std.round(6).tolist(),
+            "threshold": float(np.quantile(score, quantile)), "quantile": quantile}
+
+
+def package_model(model: WindowClassifier, *, name: str, version: str, parent: str | None,
+                  profile: str, class_names: list[str],
+                  metadata: dict[str, Any] | None = None) -> bytes:
+    """The exact bytes a device will run: ONNX graph + manifest, canonical."""
+    if len(class_names) != model.cfg.n_classes:
+        raise ValueError(f"{len(class_names)} class names for a {model.cfg.n_classes}-class model")
+    graph = export_onnx(model)
+    manifest = Manifest(
+        name=name, version=version, parent=parent, profile=profile,
+        input=InputSpec(window=model.cfg.window, channels=model.cfg.channels),
+        class_names=tuple(class_names), graph_sha256=sha256_hex(graph),
+        tensor_sha256=tensor_hashes(graph),
+        metadata={"model_config": asdict(model.cfg), **(metadata or {})})
+    return build_package(graph=graph, manifest=manifest)

@@ -1,0 +1,1 @@
+"""The edge agent: what ships to a device (ONNX Runtime, numpy, paho-mqtt; never torch)."""

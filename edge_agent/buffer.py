@@ -1,0 +1,105 @@
+"""The durable upload buffer: SQLite in WAL mode; a message leaves only when the cloud acks it.
+
+Eviction when full: the oldest messages go first (they are the likeliest to be stale), and
+every eviction is counted in the `stats` table and reported in heartbeats, never silent.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    message_id TEXT PRIMARY KEY,
+    topic      TEXT NOT NULL,
+    payload    BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    sent_at    REAL,
+    attempts   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_created ON outbox(created_at);
+CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Pending:
+    message_id: str
+    topic: str
+    payload: bytes
+    attempts: int
+
+
+class DurableBuffer:
+    def __init__(self, path: Path, *, max_messages: int = 100_000) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.max_messages = max_messages
+        self._lock = threading.Lock()  # one connection, shared by the MQTT and agent threads
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        # WAL + synchronous=FULL: a committed put survives a power cut.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def put(self, message_id: str, topic: str, payload: bytes) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT OR IGNORE INTO outbox(message_id, topic, payload, "
+                                 "created_at) VALUES (?, ?, ?, ?)",
+                                 (message_id, topic, payload, time.time()))
+                over = self._count() - self.max_messages
+                if over > 0:
+                    self._db.execute("DELETE FROM outbox WHERE message_id IN (SELECT message_id "
+                                     "FROM outbox ORDER BY created_at LIMIT ?)", (over,))
+                    self._bump("evicted", over)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def due(self, *, resend_after: float, limit: int = 500) -> list[Pending]:
+        """Messages never sent, or sent ``resend_after`` seconds ago and still un-acked."""
+        cutoff = time.time() - resend_after
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT message_id, topic, payload, attempts FROM outbox WHERE sent_at IS NULL "
+                "OR sent_at < ? ORDER BY created_at LIMIT ?", (cutoff, limit)).fetchall()
+        return [Pending(*r) for r in rows]
+
+    def mark_sent(self, message_ids: list[str]) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.executemany("UPDATE outbox SET sent_at = ?, attempts = attempts + 1 "
+                                 "WHERE message_id = ?", [(now, m) for m in message_ids])
+
+    def ack(self, message_ids: list[str]) -> int:
+        with self._lock:
+            cur = self._db.executemany("DELETE FROM outbox WHERE message_id = ?",
+                                       [(m,) for m in message_ids])
+            if cur.rowcount > 0:
+                self._bump("acked", cur.rowcount)
+            return cur.rowcount
+
+    def depth(self) -> int:
+        with self._lock:
+            return self._count()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT name, value FROM stats").fetchall())
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def _bump(self, name: str, by: int) -> None:
+        self._db.execute("INSERT INTO stats(name, value) VALUES (?, ?) ON CONFLICT(name) "
+                         "DO UPDATE SET value = value + excluded.value", (name, by))

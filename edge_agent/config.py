@@ -1,0 +1,50 @@
+"""Settings of one edge agent, from EDGELOOP_EDGE_* env vars, `.env` or CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+
+class EdgeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_EDGE_", env_file=".env", extra="ignore")
+
+    mode: Literal["embedded", "test", "production"] = "embedded"
+    fleet: str = "default"
+    device_id: str = "device-1"
+    profile: str = "cpu-fp32"
+    state_dir: Path = Path(".edgeloop/edge")
+
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_tls: bool = False
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    keepalive_s: int = 30
+
+    threads: int = Field(1, ge=1, le=64)
+    uncertain_below: float = Field(0.7, gt=0, le=1)  # max-softmax under this: uncertain
+    ood_energy_above: float | None = None  # energy over this: out of distribution
+    normal_class: str = "normal"
+    upload_bytes_per_hour: int = Field(50_000_000, ge=0)
+    diversity_distance: float = Field(0.5, ge=0)  # see selection.Selector
+    buffer_max_messages: int = Field(100_000, ge=10)
+    resend_after_s: float = Field(10.0, gt=0)
+    heartbeat_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> EdgeSettings:
+        if self.mode == "production":
+            problems = []
+            if not self.mqtt_tls:
+                problems.append("EDGELOOP_EDGE_MQTT_TLS must be true")
+            if not self.mqtt_password:
+                problems.append("EDGELOOP_EDGE_MQTT_PASSWORD must be set")
+            if problems:
+                raise ConfigError("unsafe production settings: " + "; ".join(problems))
+        return self
