@@ -1,0 +1,123 @@
+"""Shared fixtures: the real services (started by scripts/services), one namespace per test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+HOST = "127.0.0.1"
+PG_PORT = int(os.environ.get("EDGELOOP_POSTGRES_PORT", 5432))
+REDIS_PORT = int(os.environ.get("EDGELOOP_REDIS_PORT", 6379))
+MQTT_PORT = int(os.environ.get("EDGELOOP_MOSQUITTO_PORT", 1883))
+S3_PORT = int(os.environ.get("EDGELOOP_SEAWEEDFS_PORT", 8333))
+MLFLOW_PORT = int(os.environ.get("EDGELOOP_MLFLOW_PORT", 5000))
+S3_KEY = os.environ.get("EDGELOOP_S3_ACCESS_KEY", "edgeloop")
+S3_SECRET = os.environ.get("EDGELOOP_S3_SECRET_KEY", "edgeloop-dev-secret")
+ROOT = Path(__file__).resolve().parent.parent
+# Simulated TEP episodes are deterministic: cache them across tests and runs.
+TEP_CACHE = Path(os.environ.get("EDGELOOP_TEST_CACHE", ROOT / ".edgeloop" / "test-cache"))
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require(name: str, port: int) -> None:
+    if not _answers(port):
+        pytest.fail(f"{name} is not answering on {HOST}:{port}; start the services with "
+                    "`scripts/services up` (or run the whole suite with `scripts/test`)",
+                    pytrace=False)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database for this test, dropped after it."""
+    require("PostgreSQL", PG_PORT)
+    name = unique("edgeloop_t_")
+    admin = f"postgresql://postgres@{HOST}:{PG_PORT}/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@{HOST}:{PG_PORT}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def s3_store():
+    """An S3ObjectStore on SeaweedFS with a bucket of its own."""
+    from cloud.storage import S3ObjectStore
+
+    require("SeaweedFS S3", S3_PORT)
+    store = S3ObjectStore(endpoint=f"{HOST}:{S3_PORT}", access_key=S3_KEY, secret_key=S3_SECRET,
+                          bucket=unique("t-"))
+    yield store
+    for key in store.list():
+        store.delete(key)
+    store.client.remove_bucket(store.bucket)
+
+
+@pytest.fixture
+def mqtt_port():
+    require("Mosquitto", MQTT_PORT)
+    return MQTT_PORT
+
+
+@pytest.fixture
+def mlflow_uri():
+    require("MLflow server", MLFLOW_PORT)
+    return f"http://{HOST}:{MLFLOW_PORT}"
+
+
+@pytest.fixture
+def fleet():
+    """A fleet name of its own: topics, model names and experiments do not cross tests."""
+    return unique("f")
+
+
+@pytest.fixture(scope="session")
+def tep_small():
+    """A small real TEP data set: normal and three faults, train and golden splits."""
+    from sim.tep import WindowSpec, generate, golden_set
+
+    classes = ["normal", "idv_01", "idv_02", "idv_07"]
+    spec = WindowSpec()
+    train = generate(classes=classes, runs_per_class=2, seed=0, horizon_h=4.0, spec=spec,
+                     cache_dir=TEP_CACHE, workers=2)
+    golden = golden_set(classes=classes, horizon_h=4.0, spec=spec, cache_dir=TEP_CACHE,
+                        workers=2)
+    return train, golden
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tep_small):
+    """A trained, packaged model (bytes) and its torch twin, for edge and ingest tests."""
+    from cloud.training import ModelConfig, TrainConfig, build_model, package_model, train
+
+    data, _ = tep_small
+    model = build_model(ModelConfig(n_classes=len(data.class_names)), data.x[data.y == 0])
+    train(model, data.x, data.y, TrainConfig(epochs=15))
+    from cloud.training import ood_calibration
+
+    pkg = package_model(model, name="edgeloop.test.cpu-fp32", version="v1", parent=None,
+                        profile="cpu-fp32", class_names=data.class_names,
+                        metadata={"ood": ood_calibration(data.x[data.y == 0])})
+    return pkg, model
+
+
+def windows_of(data, label: str, n: int) -> np.ndarray:
+    idx = np.flatnonzero(np.array(data.class_names)[data.y] == label)[:n]
+    return data.x[idx]

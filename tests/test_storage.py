@@ -1,0 +1,69 @@
+"""One contract suite for the object store, run against both backends."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloud.storage import LocalObjectStore, ObjectNotFound, StorageError
+
+
+class ObjectStoreContract:
+    """Subclasses provide a ``store`` fixture; every backend must pass these."""
+
+    def test_put_get_round_trip(self, store):
+        """What is put comes back byte for byte."""
+        store.put("windows/ab/abc.npy", b"\x00\x01payload")
+        assert store.get("windows/ab/abc.npy") == b"\x00\x01payload"
+
+    def test_overwrite_replaces_whole_object(self, store):
+        """A second put of the same key replaces the object completely."""
+        store.put("k/one", b"long original content")
+        store.put("k/one", b"short")
+        assert store.get("k/one") == b"short"
+
+    def test_exists_and_delete(self, store):
+        """exists follows put and delete; deleting twice is harmless."""
+        assert not store.exists("a/b")
+        store.put("a/b", b"x")
+        assert store.exists("a/b")
+        store.delete("a/b")
+        store.delete("a/b")
+        assert not store.exists("a/b")
+
+    def test_missing_object_is_a_named_error(self, store):
+        """Reading a key that is not there raises ObjectNotFound."""
+        with pytest.raises(ObjectNotFound):
+            store.get("nope/missing")
+
+    def test_list_by_prefix(self, store):
+        """list returns the keys under a prefix, sorted."""
+        for key in ("d/2", "d/1", "e/1"):
+            store.put(key, b"v")
+        assert store.list("d/") == ["d/1", "d/2"]
+        assert store.list() == ["d/1", "d/2", "e/1"]
+
+    @pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b"])
+    def test_unclean_keys_are_refused(self, store, key):
+        """Keys that could escape or alias are refused with StorageError."""
+        with pytest.raises(StorageError):
+            store.put(key, b"x")
+
+
+class TestLocalObjectStore(ObjectStoreContract):
+    @pytest.fixture
+    def store(self, tmp_path):
+        return LocalObjectStore(tmp_path / "objects")
+
+
+class TestS3ObjectStore(ObjectStoreContract):
+    @pytest.fixture
+    def store(self, s3_store):
+        return s3_store
+
+
+def test_unreachable_s3_is_a_storage_error():
+    """An S3 endpoint that does not answer raises StorageError quickly, not a hang."""
+    from cloud.storage import S3ObjectStore
+
+    with pytest.raises(StorageError):
+        S3ObjectStore(endpoint="127.0.0.1:9", access_key="a", secret_key="b", bucket="nobucket")
