@@ -65,6 +65,14 @@ def evaluate(model: WindowClassifier, x: np.ndarray, y: np.ndarray,
                               if present[i]}, confusion=confusion)
 
 
+def detection_rate(model: WindowClassifier, x_faults: np.ndarray, normal: str,
+                   class_names: list[str]) -> float:
+    """Share of fault windows the model does not call ``normal``."""
+    if len(x_faults) == 0:
+        return float("nan")
+    return float((predict(model, x_faults) != class_names.index(normal)).mean())
+
+
 # -- checkpoints: what is needed to rebuild the teacher, never pickle -------------------------
 
 def checkpoint_key(fleet: str, version: str) -> str:
@@ -104,6 +112,9 @@ class RoundConfig:
     replay_per_class: int = 120
     holdout_fraction: float = 0.25  # of new labelled samples, kept out of training for gates
     max_old_f1_drop_pts: float = 3.0
+    # Share of the golden set's fault windows (of any fault, known or not) that the model
+    # flags as not normal: a missed alarm is the costliest error in a plant.
+    max_detection_drop_pts: float = 3.0
     min_new_recall: float = 0.5
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=25, lr=2e-3))
     seed: int = 0
@@ -232,10 +243,18 @@ def _finish(*, sessions: sessionmaker, store: ObjectStore, registry: Registry, c
     gy = LabelledWindows(gx, golden.labels[known]).indices(class_names)
     ev = evaluate(model, gx, gy, class_names)
     metrics = ev.metrics("golden")
-    gates: dict[str, Any] = {"golden_macro_f1": ev.macro_f1}
+    faults = golden.labels != class_names[0]
+    detection = detection_rate(model, golden.x[faults], class_names[0], class_names)
+    metrics["golden_detection_rate"] = detection
+    gates: dict[str, Any] = {"golden_macro_f1": ev.macro_f1, "detection_rate": detection}
     passed = True
     if parent_model is not None:
         pm, pclasses = parent_model
+        det_before = detection_rate(pm, golden.x[faults], pclasses[0], pclasses)
+        det_drop = 100 * (det_before - detection)
+        gates.update(detection_rate_before=det_before, detection_drop_pts=det_drop,
+                     max_detection_drop_pts=cfg.max_detection_drop_pts)
+        passed &= det_drop <= cfg.max_detection_drop_pts
         old = np.isin(golden.labels, pclasses)
         old_y = LabelledWindows(golden.x[old], golden.labels[old]).indices(pclasses)
         before = evaluate(pm, golden.x[old], old_y, pclasses).macro_f1

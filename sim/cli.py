@@ -17,7 +17,8 @@ def demo(
                               "(SQLite, objects, MLflow store, device slots); wiped each run "
                               "except the simulation cache."),
     devices: int = typer.Option(3, min=1, max=20, help="Simulated plants, one edge agent each."),
-    rounds: int = typer.Option(2, min=1, help="Rounds of the loop; each brings a new fault."),
+    rounds: int | None = typer.Option(None, min=1, help="Rounds of the loop; each brings the "
+                                      "next new fault. Default: one per new fault."),
     initial: str = typer.Option("normal,idv_01,idv_02,idv_07",
                                 help="Faults the first model is trained on (comma-separated)."),
     new: str = typer.Option("idv_06,idv_14",

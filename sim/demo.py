@@ -77,11 +77,14 @@ def _accuracy(pairs: list[tuple[str, str]], classes: set[str]) -> float:
     return float(np.mean([p == t for p, t in sel])) if sel else float("nan")
 
 
-def run_demo(*, home: Path, devices: int = 3, rounds: int = 2,
+def run_demo(*, home: Path, devices: int = 3, rounds: int | None = None,
              initial_faults: Sequence[str] = DEFAULT_INITIAL,
              new_faults: Sequence[str] = DEFAULT_NEW, seed: int = 0, workers: int = 2,
              horizon_h: float = 5.0, fleet: str = "demo",
              echo: Callable[[str], None] = print) -> list[RoundRow]:
+    sim = FleetSimulator(devices=devices, initial_faults=list(initial_faults),
+                         new_faults=list(new_faults), horizon_h=horizon_h, seed=seed)
+    rounds = len(new_faults) if rounds is None else rounds
     if rounds < 1 or rounds > len(new_faults):
         raise DataError(f"rounds must be between 1 and the number of new faults "
                         f"({len(new_faults)}), got {rounds}")
@@ -93,9 +96,7 @@ def run_demo(*, home: Path, devices: int = 3, rounds: int = 2,
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     home.mkdir(parents=True, exist_ok=True)
     settings = CloudSettings(mode="embedded", home=home, store="local")
-    sim = FleetSimulator(devices=devices, initial_faults=list(initial_faults),
-                         new_faults=list(new_faults)[:rounds], horizon_h=horizon_h, seed=seed,
-                         cache_dir=cache)
+    sim.new_faults, sim.cache_dir = list(new_faults)[:rounds], cache
 
     echo(f"[1/4] Simulating the Tennessee Eastman plant: base set of {list(initial_faults)}, "
          f"golden set with {list(new_faults)[:rounds]} too")

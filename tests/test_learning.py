@@ -1,0 +1,152 @@
+"""A retraining round against the real MLflow server, PostgreSQL and SeaweedFS S3; and the
+same round as a Celery task on a real worker over Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from sqlalchemy import select
+
+from cloud.datasets import LabelledWindows, register_dataset
+from cloud.db import Label, ModelVersion, Sample, session_factory
+from cloud.ingest import encode_window, register_device, window_key
+from cloud.learning import RoundConfig, load_checkpoint, run_round, train_initial
+from cloud.registry import Registry, model_name
+from cloud.training import TrainConfig
+from shared.package import ModelPackage
+from sim.tep import generate
+
+from .conftest import HOST, REDIS_PORT, S3_KEY, S3_PORT, S3_SECRET, TEP_CACHE, require
+
+
+def labelled(w):
+    return LabelledWindows(w.x, np.array(w.class_names)[w.y])
+
+
+@pytest.fixture
+def fleet_with_uploads(pg_url, s3_store, mlflow_uri, fleet, tep_small):
+    """Base and golden sets registered, an initial model, and labelled uploads of a fault
+    the model has never seen (as ingest would have stored them)."""
+    train, golden = tep_small
+    new = generate(classes=["idv_06"], runs_per_class=2, seed=5, horizon_h=4.0,
+                   cache_dir=TEP_CACHE, workers=2)
+    new_golden = generate(classes=["idv_06"], runs_per_class=1, seed=99, horizon_h=4.0,
+                          cache_dir=TEP_CACHE)
+    register_dataset(store=s3_store, name="base", data=labelled(train))
+    gold = LabelledWindows(np.concatenate([golden.x, new_golden.x]),
+                           np.concatenate([labelled(golden).labels,
+                                           np.array(["idv_06"] * len(new_golden))]))
+    register_dataset(store=s3_store, name="golden", data=gold)
+    sessions = session_factory(pg_url)
+    registry = Registry(mlflow_uri, experiment=f"edgeloop-{fleet}")
+    cfg = RoundConfig(fleet=fleet, train=TrainConfig(epochs=15, lr=2e-3))
+    first = train_initial(sessions=sessions, store=s3_store, registry=registry, cfg=cfg)
+    with sessions() as s:
+        register_device(session=s, device_id="d1", fleet=fleet, profile="cpu-fp32")
+        for i, w in enumerate(new.x):
+            sha, data = encode_window(w)
+            s3_store.put(window_key(sha), data)
+            sid = f"00000000-0000-4000-8000-{i:012d}"
+            s.add(Sample(id=sid, device_id="d1", fleet=fleet, content_sha256=sha,
+                         object_key=window_key(sha), dtype="float32", shape=[32, 53],
+                         captured_at=datetime.now(UTC), model_version="v1",
+                         predicted="normal", confidence=0.5, score=0.0))
+            s.flush()
+            s.add(Label(sample_id=sid, label="idv_06", source="device"))
+        s.commit()
+    return sessions, s3_store, registry, cfg, first
+
+
+def test_round_registers_gated_version_with_lineage(fleet_with_uploads, mlflow_uri, fleet):
+    """A round learns the new fault, keeps the old ones, and lands in MLflow as version 2
+    with its tags, aliases, plots and lineage; the package rebuilds from its checkpoint."""
+    sessions, store, registry, cfg, first = fleet_with_uploads
+    result = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
+
+    assert result.version == "v2" and result.parent == "v1"
+    assert result.new_classes == ["idv_06"]
+    assert result.gates["passed"], result.gates
+    assert result.gates["holdout_new_recall"]["idv_06"] >= 0.9
+    assert result.gates["old_f1_drop_pts"] <= cfg.max_old_f1_drop_pts
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    name = model_name(fleet, "cpu-fp32")
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == result.mlflow_version == "2"
+    assert champion.tags["sha256"] == ModelPackage(result.package).sha256
+    assert champion.tags["parent"] == "v1" and champion.tags["gate_verdict"] == "pass"
+    run = client.get_run(champion.run_id)
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == cfg.train.epochs
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"confusion.png", "recall.png", "lineage.json", "edge_package"} <= artifacts
+    lineage = json.loads(open(client.download_artifacts(run.info.run_id, "lineage.json")).read())
+    assert lineage["parent"] == "v1" and len(lineage["uploads"]) > 0
+    assert registry.download_package(champion.run_id) == result.package
+
+    model, classes = load_checkpoint(store, f"checkpoints/{fleet}/v2.safetensors")
+    assert classes == result.class_names and model.cfg.n_classes == len(classes)
+    with sessions() as s:
+        rows = s.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
+    assert [r.version for r in rows] == ["v1", "v2"]
+
+
+def test_mislabelled_round_is_stopped_by_the_gate(fleet_with_uploads, mlflow_uri, fleet):
+    """Uploads of a fault labelled 'normal' teach the candidate to miss that fault on the
+    golden set: it is registered, but not promoted, and champion stays v1."""
+    sessions, store, registry, cfg, first = fleet_with_uploads
+    with sessions() as s:
+        for lab in s.scalars(select(Label)):
+            lab.label = "normal"
+        s.commit()
+    cfg.holdout_fraction = 0.0
+    result = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    name = model_name(fleet, "cpu-fp32")
+    assert not result.promoted
+    assert result.gates["detection_drop_pts"] > cfg.max_detection_drop_pts
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert client.get_model_version_by_alias(name, "challenger").version == "2"
+    assert client.get_model_version(name, "2").tags["gate_verdict"] == "fail"
+
+
+def test_retrain_task_runs_on_a_real_worker(fleet_with_uploads, pg_url, mlflow_uri, fleet,
+                                            tmp_path):
+    """`edgeloop.retrain` sent through Redis runs on a separate Celery worker process and
+    registers v2."""
+    require("Redis", REDIS_PORT)
+    sessions, store, registry, cfg, first = fleet_with_uploads
+    env = {**os.environ, "EDGELOOP_DATABASE_URL": pg_url, "EDGELOOP_STORE": "s3",
+           "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}", "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
+           "EDGELOOP_S3_SECRET_KEY": S3_SECRET, "EDGELOOP_S3_BUCKET": store.bucket,
+           "EDGELOOP_MLFLOW_TRACKING_URI": mlflow_uri,
+           "EDGELOOP_REDIS_URL": f"redis://{HOST}:{REDIS_PORT}/15"}
+    queue = f"q-{fleet}"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "cloud.tasks", "worker", "-Q", queue,
+         "--concurrency", "1", "--pool", "solo", "--loglevel", "WARNING",
+         "--hostname", f"{queue}@%h"], env=env, stdout=open(tmp_path / "worker.log", "w"),
+        stderr=subprocess.STDOUT)
+    try:
+        code = (f"from cloud.tasks import retrain; r = retrain.apply_async(('{fleet}',), "
+                f"queue='{queue}'); import json; print(json.dumps(r.get(timeout=240)))")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:] + (tmp_path / "worker.log").read_text()
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["version"] == "v2" and result["new_classes"] == ["idv_06"]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    with sessions() as s:
+        assert [r.version for r in s.scalars(select(ModelVersion))] == ["v1", "v2"]
