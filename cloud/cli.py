@@ -8,7 +8,11 @@ import threading
 
 import typer
 
-app = typer.Typer(rich_markup_mode="markdown", help="Cloud processes (ingest) and operator commands.", no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode="markdown",
+    help="Cloud processes (ingest) and operator commands.",
+    no_args_is_help=True,
+)
 log = logging.getLogger("edgeloop.cloud")
 
 
@@ -46,8 +50,9 @@ def register_device_cmd(
 @app.command()
 def ingest(
     fleet: str = typer.Option("+", help="Fleet to serve ('+' for all)."),
-    group: str = typer.Option("ingest", help="MQTT shared-subscription group: processes in "
-                              "one group split the traffic."),
+    group: str = typer.Option(
+        "ingest", help="MQTT shared-subscription group: processes in one group split the traffic."
+    ),
 ) -> None:
     """Subscribe to device uploads, store them (object store + SQL), and ack. Runs until
     SIGTERM or Ctrl-C."""
@@ -57,9 +62,13 @@ def ingest(
     from cloud.storage import open_store
 
     s = get_settings()
-    service = IngestService(Ingestor(sessions=session_factory(s.resolved_database_url),
-                                     store=open_store(s)),
-                            host=s.mqtt_host, port=s.mqtt_port, fleet=fleet, group=group or None)
+    service = IngestService(
+        Ingestor(sessions=session_factory(s.resolved_database_url), store=open_store(s)),
+        host=s.mqtt_host,
+        port=s.mqtt_port,
+        fleet=fleet,
+        group=group or None,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -68,5 +77,9 @@ def ingest(
     stop.wait()
     service.stop()
     c = service.ingestor.counters
-    log.info("ingest stopped: %d stored, %d duplicates, dead letters %s", c.stored,
-             c.duplicates, c.dead_letters)
+    log.info(
+        "ingest stopped: %d stored, %d duplicates, dead letters %s",
+        c.stored,
+        c.duplicates,
+        c.dead_letters,
+    )

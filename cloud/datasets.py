@@ -44,8 +44,12 @@ def dataset_key(name: str) -> str:
 
 def register_dataset(*, store: ObjectStore, name: str, data: LabelledWindows) -> str:
     buf = io.BytesIO()
-    np.savez(buf, x=data.x.astype(np.float32), labels=data.labels.astype(str),
-             meta=np.array(json.dumps({**data.meta, "sha256": data.sha256()})))
+    np.savez(
+        buf,
+        x=data.x.astype(np.float32),
+        labels=data.labels.astype(str),
+        meta=np.array(json.dumps({**data.meta, "sha256": data.sha256()})),
+    )
     store.put(dataset_key(name), buf.getvalue())
     return data.sha256()
 

@@ -72,8 +72,13 @@ class Ingestor:
     rejected, so a device never retries it forever.
     """
 
-    def __init__(self, *, sessions: sessionmaker, store: ObjectStore,
-                 expected_window: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker,
+        store: ObjectStore,
+        expected_window: tuple[int, int] | None = None,
+    ) -> None:
         self.sessions = sessions
         self.store = store
         self.expected_window = expected_window
@@ -87,13 +92,17 @@ class Ingestor:
                 raise MessageError(f"devices may not publish {kind}", reason="bad_kind")
             msg = decode(kind, payload)
             if msg.device_id != device or msg.fleet != fleet:
-                raise MessageError(f"message claims device {msg.fleet}/{msg.device_id} but was "
-                                   f"published under {fleet}/{device}", reason="device_mismatch")
+                raise MessageError(
+                    f"message claims device {msg.fleet}/{msg.device_id} but was "
+                    f"published under {fleet}/{device}",
+                    reason="device_mismatch",
+                )
             with self.sessions() as session:
                 known = session.get(Device, device)
                 if known is None or known.fleet != fleet:
-                    raise MessageError(f"device {fleet}/{device} is not registered",
-                                       reason="unknown_device")
+                    raise MessageError(
+                        f"device {fleet}/{device} is not registered", reason="unknown_device"
+                    )
                 if isinstance(msg, SampleMessage):
                     return self._sample(session, msg)
                 if isinstance(msg, LabelMessage):
@@ -107,8 +116,13 @@ class Ingestor:
             return self._dead_letter(topic_name, payload, fleet, device, exc)
 
     def _ack(self, msg, status: str, reason: str | None = None) -> Ack:  # type: ignore[no-untyped-def]
-        return Ack(fleet=msg.fleet, device_id=msg.device_id, acked_ids=(msg.message_id,),
-                   status=status, reason=reason)  # type: ignore[arg-type]
+        return Ack(
+            fleet=msg.fleet,
+            device_id=msg.device_id,
+            acked_ids=(msg.message_id,),
+            status=status,
+            reason=reason,
+        )  # type: ignore[arg-type]
 
     def _sample(self, session: Session, msg: SampleMessage) -> Ack:
         if session.get(Sample, str(msg.message_id)) is not None:
@@ -116,20 +130,35 @@ class Ingestor:
             return self._ack(msg, "duplicate")
         window = msg.window.to_array()
         if window.ndim != 2 or window.shape[1] != msg.channels:
-            raise MessageError(f"window shape {window.shape} is not (T, {msg.channels})",
-                               reason="bad_shape")
+            raise MessageError(
+                f"window shape {window.shape} is not (T, {msg.channels})", reason="bad_shape"
+            )
         if self.expected_window and tuple(window.shape) != self.expected_window:
-            raise MessageError(f"window shape {window.shape} is not the fleet's "
-                               f"{self.expected_window}", reason="bad_shape")
+            raise MessageError(
+                f"window shape {window.shape} is not the fleet's {self.expected_window}",
+                reason="bad_shape",
+            )
         sha, data = encode_window(window)
         key = window_key(sha)
         if not self.store.exists(key):  # same window from two devices: stored once
             self.store.put(key, data)
-        session.add(Sample(id=str(msg.message_id), device_id=msg.device_id, fleet=msg.fleet,
-                           content_sha256=sha, object_key=key, dtype=str(window.dtype),
-                           shape=list(window.shape), captured_at=msg.captured_at,
-                           model_version=msg.model_version, predicted=msg.predicted,
-                           confidence=msg.confidence, score=msg.score, reasons=list(msg.reasons)))
+        session.add(
+            Sample(
+                id=str(msg.message_id),
+                device_id=msg.device_id,
+                fleet=msg.fleet,
+                content_sha256=sha,
+                object_key=key,
+                dtype=str(window.dtype),
+                shape=list(window.shape),
+                captured_at=msg.captured_at,
+                model_version=msg.model_version,
+                predicted=msg.predicted,
+                confidence=msg.confidence,
+                score=msg.score,
+                reasons=list(msg.reasons),
+            )
+        )
         try:
             session.commit()
         except IntegrityError:  # a second ingest process stored it first
@@ -146,8 +175,12 @@ class Ingestor:
             # The samples are still on their way (or in another ingest's transaction): no
             # ack, the device resends the label later.
             return None
-        existing = {lab.sample_id: lab for lab in session.scalars(
-            select(Label).where(Label.sample_id.in_(ids), Label.source == msg.source))}
+        existing = {
+            lab.sample_id: lab
+            for lab in session.scalars(
+                select(Label).where(Label.sample_id.in_(ids), Label.source == msg.source)
+            )
+        }
         for sid in ids:
             if sid in existing:
                 existing[sid].label = msg.label
@@ -162,16 +195,20 @@ class Ingestor:
         device.online = msg.online
         if msg.model_version is not None:
             device.model_version = msg.model_version
-        device.health = msg.model_dump(mode="json", include={
-            "buffer_depth", "windows_seen", "anomaly_rate", "latency_ms_p50"})
+        device.health = msg.model_dump(
+            mode="json", include={"buffer_depth", "windows_seen", "anomaly_rate", "latency_ms_p50"}
+        )
         session.commit()
         self.counters.heartbeats += 1
         return None  # heartbeats are never buffered on the device, so never acked
 
     def _update_status(self, session: Session, msg: UpdateStatus) -> Ack:
-        row = session.scalars(select(DeviceUpdate).where(
-            DeviceUpdate.device_id == msg.device_id,
-            DeviceUpdate.target_version == msg.target_version)).first()
+        row = session.scalars(
+            select(DeviceUpdate).where(
+                DeviceUpdate.device_id == msg.device_id,
+                DeviceUpdate.target_version == msg.target_version,
+            )
+        ).first()
         if row is None:
             row = DeviceUpdate(device_id=msg.device_id, target_version=msg.target_version)
             session.add(row)
@@ -182,21 +219,40 @@ class Ingestor:
         session.commit()
         return self._ack(msg, "stored")
 
-    def _dead_letter(self, topic_name: str, payload: bytes, fleet: str | None,
-                     device: str | None, exc: MessageError) -> Ack | None:
+    def _dead_letter(
+        self,
+        topic_name: str,
+        payload: bytes,
+        fleet: str | None,
+        device: str | None,
+        exc: MessageError,
+    ) -> Ack | None:
         key = f"dead-letters/{datetime.now(UTC):%Y/%m/%d}/{uuid.uuid4()}.bin"
         self.store.put(key, payload)
         with self.sessions() as session:
-            session.add(DeadLetter(fleet=fleet, device_id=device, topic=topic_name[:300],
-                                   reason=exc.reason, detail=str(exc)[:2000], payload_key=key))
+            session.add(
+                DeadLetter(
+                    fleet=fleet,
+                    device_id=device,
+                    topic=topic_name[:300],
+                    reason=exc.reason,
+                    detail=str(exc)[:2000],
+                    payload_key=key,
+                )
+            )
             session.commit()
         self.counters.dead_letters[exc.reason] = self.counters.dead_letters.get(exc.reason, 0) + 1
         log.info("dead letter from %s/%s: %s", fleet, device, exc)
         message_id = _peek_message_id(payload)
         if fleet and device and message_id and exc.reason not in ("device_mismatch",):
             # Rejected, so the device drops it from its buffer instead of resending forever.
-            return Ack(fleet=fleet, device_id=device, acked_ids=(message_id,), status="rejected",
-                       reason=exc.reason)
+            return Ack(
+                fleet=fleet,
+                device_id=device,
+                acked_ids=(message_id,),
+                status="rejected",
+                reason=exc.reason,
+            )
         return None
 
 
@@ -211,16 +267,29 @@ def _peek_message_id(payload: bytes) -> uuid.UUID | None:
 class IngestService:
     """Runs an Ingestor on an MQTT shared subscription and publishes its acks."""
 
-    def __init__(self, ingestor: Ingestor, *, host: str, port: int, fleet: str = "+",
-                 group: str | None = "ingest", client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        *,
+        host: str,
+        port: int,
+        fleet: str = "+",
+        group: str | None = "ingest",
+        client_id: str | None = None,
+    ) -> None:
         self.ingestor = ingestor
         self.host, self.port = host, port
-        self.subscriptions = [subscription(k, fleet=fleet, shared_group=group)  # type: ignore[arg-type]
-                              for k in UPLINK_KINDS]
+        self.subscriptions = [
+            subscription(k, fleet=fleet, shared_group=group)  # type: ignore[arg-type]
+            for k in UPLINK_KINDS
+        ]
         self.ready = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=client_id or f"edgeloop-ingest-{uuid.uuid4().hex[:8]}",
-                                  clean_session=client_id is None, protocol=mqtt.MQTTv311)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"edgeloop-ingest-{uuid.uuid4().hex[:8]}",
+            clean_session=client_id is None,
+            protocol=mqtt.MQTTv311,
+        )
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -241,8 +310,9 @@ class IngestService:
         try:
             ack = self.ingestor.handle(msg.topic, msg.payload)
         except Exception as exc:  # noqa: BLE001 - the database or the store is down
-            log.warning("could not store %s now (%s); no ack, the device will resend",
-                        msg.topic, exc)
+            log.warning(
+                "could not store %s now (%s); no ack, the device will resend", msg.topic, exc
+            )
             return
         if ack is not None:
             client.publish(topic(ack.fleet, ack.device_id, "acks"), ack.encode(), qos=1)

@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from sqlalchemy import func, select
@@ -49,8 +48,9 @@ class Evaluation:
         return out
 
 
-def evaluate(model: WindowClassifier, x: np.ndarray, y: np.ndarray,
-             class_names: list[str]) -> Evaluation:
+def evaluate(
+    model: WindowClassifier, x: np.ndarray, y: np.ndarray, class_names: list[str]
+) -> Evaluation:
     pred = predict(model, x)
     k = len(class_names)
     confusion = np.zeros((k, k), dtype=np.int64)
@@ -60,13 +60,17 @@ def evaluate(model: WindowClassifier, x: np.ndarray, y: np.ndarray,
     recall = tp / np.maximum(confusion.sum(axis=1), 1)
     precision = tp / np.maximum(confusion.sum(axis=0), 1)
     f1 = np.where(recall + precision > 0, 2 * recall * precision / (recall + precision + 1e-12), 0)
-    return Evaluation(accuracy=float((pred == y).mean()), macro_f1=float(f1[present].mean()),
-                      recall={c: float(recall[i]) for i, c in enumerate(class_names)
-                              if present[i]}, confusion=confusion)
+    return Evaluation(
+        accuracy=float((pred == y).mean()),
+        macro_f1=float(f1[present].mean()),
+        recall={c: float(recall[i]) for i, c in enumerate(class_names) if present[i]},
+        confusion=confusion,
+    )
 
 
-def detection_rate(model: WindowClassifier, x_faults: np.ndarray, normal: str,
-                   class_names: list[str]) -> float:
+def detection_rate(
+    model: WindowClassifier, x_faults: np.ndarray, normal: str, class_names: list[str]
+) -> float:
     """Share of fault windows the model does not call ``normal``."""
     if len(x_faults) == 0:
         return float("nan")
@@ -75,12 +79,14 @@ def detection_rate(model: WindowClassifier, x_faults: np.ndarray, normal: str,
 
 # -- checkpoints: what is needed to rebuild the teacher, never pickle -------------------------
 
+
 def checkpoint_key(fleet: str, version: str) -> str:
     return f"checkpoints/{fleet}/{version}.safetensors"
 
 
-def save_checkpoint(store: ObjectStore, key: str, model: WindowClassifier,
-                    class_names: list[str]) -> None:
+def save_checkpoint(
+    store: ObjectStore, key: str, model: WindowClassifier, class_names: list[str]
+) -> None:
     meta = {"model_config": json.dumps(asdict(model.cfg)), "class_names": json.dumps(class_names)}
     store.put(key, save_safetensors(model.state_dict(), metadata=meta))
 
@@ -98,10 +104,11 @@ def load_checkpoint(store: ObjectStore, key: str) -> tuple[WindowClassifier, lis
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
     n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]).get("__metadata__", {})
+    return json.loads(data[8 : 8 + n]).get("__metadata__", {})
 
 
 # -- a round ---------------------------------------------------------------------------------
+
 
 @dataclass
 class RoundConfig:
@@ -134,16 +141,18 @@ class RoundResult:
     seconds: float
 
 
-def labelled_uploads(*, sessions: sessionmaker, store: ObjectStore,
-                     fleet: str) -> tuple[LabelledWindows, list[str]]:
+def labelled_uploads(
+    *, sessions: sessionmaker, store: ObjectStore, fleet: str
+) -> tuple[LabelledWindows, list[str]]:
     """Every uploaded window of ``fleet`` with a label; a device's or operator's label wins
     over a teacher's pseudo-label. Returns the windows and their content hashes."""
     rank = {"operator": 0, "device": 1, "teacher": 2}
     with sessions() as session:
-        rows = session.execute(select(Sample.id, Sample.object_key, Sample.content_sha256,
-                                      Label.label, Label.source)
-                               .join(Label, Label.sample_id == Sample.id)
-                               .where(Sample.fleet == fleet)).all()
+        rows = session.execute(
+            select(Sample.id, Sample.object_key, Sample.content_sha256, Label.label, Label.source)
+            .join(Label, Label.sample_id == Sample.id)
+            .where(Sample.fleet == fleet)
+        ).all()
     best: dict[str, tuple] = {}
     for r in rows:
         if r.id not in best or rank[r.source] < rank[best[r.id].source]:
@@ -152,8 +161,10 @@ def labelled_uploads(*, sessions: sessionmaker, store: ObjectStore,
     if not chosen:
         return LabelledWindows(np.empty((0, 1, 1), np.float32), np.array([], dtype=str)), []
     x = np.stack([load_window(store, r.object_key) for r in chosen]).astype(np.float32)
-    return (LabelledWindows(x, np.array([r.label for r in chosen])),
-            [r.content_sha256 for r in chosen])
+    return (
+        LabelledWindows(x, np.array([r.label for r in chosen])),
+        [r.content_sha256 for r in chosen],
+    )
 
 
 def _replay(base: LabelledWindows, per_class: int, rng: np.random.Generator) -> LabelledWindows:
@@ -168,38 +179,66 @@ def _replay(base: LabelledWindows, per_class: int, rng: np.random.Generator) -> 
 
 def next_version(*, sessions: sessionmaker, fleet: str, profile: str) -> str:
     with sessions() as session:
-        n = session.scalar(select(func.count()).select_from(ModelVersion).where(
-            ModelVersion.name == f"edgeloop.{fleet}.{profile}")) or 0
+        n = (
+            session.scalar(
+                select(func.count())
+                .select_from(ModelVersion)
+                .where(ModelVersion.name == f"edgeloop.{fleet}.{profile}")
+            )
+            or 0
+        )
     return f"v{n + 1}"
 
 
-def train_initial(*, sessions: sessionmaker, store: ObjectStore, registry: Registry,
-                  cfg: RoundConfig, model_config: ModelConfig | None = None) -> RoundResult:
+def train_initial(
+    *,
+    sessions: sessionmaker,
+    store: ObjectStore,
+    registry: Registry,
+    cfg: RoundConfig,
+    model_config: ModelConfig | None = None,
+) -> RoundResult:
     """Round 0: a model for the base data set's classes, registered as champion."""
     t0 = time.perf_counter()
     base = load_dataset(store=store, name=cfg.base_dataset)
     class_names = sorted(set(base.labels.tolist()), key=lambda c: (c != "normal", c))
     y = base.indices(class_names)
-    mc = model_config or ModelConfig(window=base.x.shape[1], channels=base.x.shape[2],
-                                     n_classes=len(class_names))
+    mc = model_config or ModelConfig(
+        window=base.x.shape[1], channels=base.x.shape[2], n_classes=len(class_names)
+    )
     model = build_model(mc, base.x[y == 0])
     history: list[float] = []
     train(model, base.x, y, TrainConfig(seed=cfg.seed), on_epoch=lambda _, v: history.append(v))
-    return _finish(sessions=sessions, store=store, registry=registry, cfg=cfg, model=model,
-                   class_names=class_names, parent=None, new_classes=class_names,
-                   history=history, holdout=None, lineage={"base": base.sha256()},
-                   samples_used=len(base), t0=t0, parent_model=None)
+    return _finish(
+        sessions=sessions,
+        store=store,
+        registry=registry,
+        cfg=cfg,
+        model=model,
+        class_names=class_names,
+        parent=None,
+        new_classes=class_names,
+        history=history,
+        holdout=None,
+        lineage={"base": base.sha256()},
+        samples_used=len(base),
+        t0=t0,
+        parent_model=None,
+    )
 
 
-def run_round(*, sessions: sessionmaker, store: ObjectStore, registry: Registry,
-              cfg: RoundConfig) -> RoundResult:
+def run_round(
+    *, sessions: sessionmaker, store: ObjectStore, registry: Registry, cfg: RoundConfig
+) -> RoundResult:
     """Fine-tune the current teacher on new labelled uploads plus replay, gate, register."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     with sessions() as session:
-        parent_row = session.scalars(select(ModelVersion).where(
-            ModelVersion.name == f"edgeloop.{cfg.fleet}.{cfg.profile}")
-            .order_by(ModelVersion.id.desc())).first()
+        parent_row = session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.name == f"edgeloop.{cfg.fleet}.{cfg.profile}")
+            .order_by(ModelVersion.id.desc())
+        ).first()
         if parent_row is None:
             raise DataError(f"fleet {cfg.fleet} has no model yet; train the initial one first")
         parent_version = parent_row.version
@@ -223,20 +262,48 @@ def run_round(*, sessions: sessionmaker, store: ObjectStore, registry: Registry,
     history: list[float] = []
     train(model, x, y, cfg.train, on_epoch=lambda _, v: history.append(v))
     holdout = LabelledWindows(uploads.x[hold], uploads.labels[hold])
-    lineage = {"parent": parent_version, "base": base.sha256(),
-               "uploads": sorted(set(hashes)), "replay_windows": len(replay),
-               "holdout_windows": len(holdout)}
-    return _finish(sessions=sessions, store=store, registry=registry, cfg=cfg, model=model,
-                   class_names=class_names, parent=parent_version, new_classes=new_classes,
-                   history=history, holdout=holdout, lineage=lineage,
-                   samples_used=len(x), t0=t0, parent_model=(parent_model, old_classes))
+    lineage = {
+        "parent": parent_version,
+        "base": base.sha256(),
+        "uploads": sorted(set(hashes)),
+        "replay_windows": len(replay),
+        "holdout_windows": len(holdout),
+    }
+    return _finish(
+        sessions=sessions,
+        store=store,
+        registry=registry,
+        cfg=cfg,
+        model=model,
+        class_names=class_names,
+        parent=parent_version,
+        new_classes=new_classes,
+        history=history,
+        holdout=holdout,
+        lineage=lineage,
+        samples_used=len(x),
+        t0=t0,
+        parent_model=(parent_model, old_classes),
+    )
 
 
-def _finish(*, sessions: sessionmaker, store: ObjectStore, registry: Registry, cfg: RoundConfig,
-            model: WindowClassifier, class_names: list[str], parent: str | None,
-            new_classes: list[str], history: list[float], holdout: LabelledWindows | None,
-            lineage: dict[str, Any], samples_used: int, t0: float,
-            parent_model: tuple[WindowClassifier, list[str]] | None) -> RoundResult:
+def _finish(
+    *,
+    sessions: sessionmaker,
+    store: ObjectStore,
+    registry: Registry,
+    cfg: RoundConfig,
+    model: WindowClassifier,
+    class_names: list[str],
+    parent: str | None,
+    new_classes: list[str],
+    history: list[float],
+    holdout: LabelledWindows | None,
+    lineage: dict[str, Any],
+    samples_used: int,
+    t0: float,
+    parent_model: tuple[WindowClassifier, list[str]] | None,
+) -> RoundResult:
     golden = load_dataset(store=store, name=cfg.golden_dataset)
     known = np.isin(golden.labels, class_names)
     gx = golden.x[known]
@@ -252,18 +319,28 @@ def _finish(*, sessions: sessionmaker, store: ObjectStore, registry: Registry, c
         pm, pclasses = parent_model
         det_before = detection_rate(pm, golden.x[faults], pclasses[0], pclasses)
         det_drop = 100 * (det_before - detection)
-        gates.update(detection_rate_before=det_before, detection_drop_pts=det_drop,
-                     max_detection_drop_pts=cfg.max_detection_drop_pts)
+        gates.update(
+            detection_rate_before=det_before,
+            detection_drop_pts=det_drop,
+            max_detection_drop_pts=cfg.max_detection_drop_pts,
+        )
         passed &= det_drop <= cfg.max_detection_drop_pts
         old = np.isin(golden.labels, pclasses)
         old_y = LabelledWindows(golden.x[old], golden.labels[old]).indices(pclasses)
         before = evaluate(pm, golden.x[old], old_y, pclasses).macro_f1
-        after = evaluate(model, golden.x[old],
-                         LabelledWindows(golden.x[old], golden.labels[old]).indices(class_names),
-                         class_names).macro_f1
+        after = evaluate(
+            model,
+            golden.x[old],
+            LabelledWindows(golden.x[old], golden.labels[old]).indices(class_names),
+            class_names,
+        ).macro_f1
         drop = 100 * (before - after)
-        gates.update(old_f1_before=before, old_f1_after=after, old_f1_drop_pts=drop,
-                     max_old_f1_drop_pts=cfg.max_old_f1_drop_pts)
+        gates.update(
+            old_f1_before=before,
+            old_f1_after=after,
+            old_f1_drop_pts=drop,
+            max_old_f1_drop_pts=cfg.max_old_f1_drop_pts,
+        )
         passed &= drop <= cfg.max_old_f1_drop_pts
         metrics["old_f1_drop_pts"] = drop
     if holdout is not None and len(holdout):
@@ -279,27 +356,61 @@ def _finish(*, sessions: sessionmaker, store: ObjectStore, registry: Registry, c
     base = load_dataset(store=store, name=cfg.base_dataset)
     normal_windows = base.x[base.labels == class_names[0]]
     version = next_version(sessions=sessions, fleet=cfg.fleet, profile=cfg.profile)
-    package = package_model(model, name=f"edgeloop.{cfg.fleet}.{cfg.profile}", version=version,
-                            parent=parent, profile=cfg.profile, class_names=class_names,
-                            metadata={"new_classes": new_classes,
-                                      "ood": ood_calibration(normal_windows)})
+    package = package_model(
+        model,
+        name=f"edgeloop.{cfg.fleet}.{cfg.profile}",
+        version=version,
+        parent=parent,
+        profile=cfg.profile,
+        class_names=class_names,
+        metadata={"new_classes": new_classes, "ood": ood_calibration(normal_windows)},
+    )
     save_checkpoint(store, checkpoint_key(cfg.fleet, version), model, class_names)
     pkg_key = f"packages/{cfg.fleet}/{cfg.profile}/{version}.edgepkg"
     store.put(pkg_key, package)
     run_id = registry.log_training_run(
         run_name=f"{cfg.fleet}-{cfg.profile}-{version}",
-        params={"parent": parent, "classes": class_names, "new_classes": new_classes,
-                "samples": samples_used, **asdict(cfg.train)},
-        history=history, metrics=metrics, class_names=class_names, confusion=ev.confusion,
-        lineage=lineage, package=package)
-    reg = registry.register(fleet=cfg.fleet, run_id=run_id, package=package, gates=gates,
-                            promote=passed)
+        params={
+            "parent": parent,
+            "classes": class_names,
+            "new_classes": new_classes,
+            "samples": samples_used,
+            **asdict(cfg.train),
+        },
+        history=history,
+        metrics=metrics,
+        class_names=class_names,
+        confusion=ev.confusion,
+        lineage=lineage,
+        package=package,
+    )
+    reg = registry.register(
+        fleet=cfg.fleet, run_id=run_id, package=package, gates=gates, promote=passed
+    )
     with sessions() as session:
-        session.add(ModelVersion(name=reg.name, version=version, mlflow_version=reg.mlflow_version,
-                                 profile=cfg.profile, sha256=reg.sha256, parent=parent,
-                                 object_key=pkg_key, class_names=class_names, gates=gates))
+        session.add(
+            ModelVersion(
+                name=reg.name,
+                version=version,
+                mlflow_version=reg.mlflow_version,
+                profile=cfg.profile,
+                sha256=reg.sha256,
+                parent=parent,
+                object_key=pkg_key,
+                class_names=class_names,
+                gates=gates,
+            )
+        )
         session.commit()
-    return RoundResult(version=version, parent=parent, class_names=class_names,
-                       new_classes=new_classes, samples_used=samples_used, gates=gates,
-                       promoted=passed, package=package, mlflow_version=reg.mlflow_version,
-                       seconds=time.perf_counter() - t0)
+    return RoundResult(
+        version=version,
+        parent=parent,
+        class_names=class_names,
+        new_classes=new_classes,
+        samples_used=samples_used,
+        gates=gates,
+        promoted=passed,
+        package=package,
+        mlflow_version=reg.mlflow_version,
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,4 +1,4 @@
-"""MLflow: runs, metrics, plots, lineage, and the registry of edge packages (the only mlflow user)."""
+"""MLflow: runs, metrics, plots, lineage and the registry of edge packages (sole mlflow user)."""
 
 from __future__ import annotations
 
@@ -37,13 +37,22 @@ class Registry:
         mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (found.experiment_id if found is not None
-                              else self.client.create_experiment(experiment))
+        self.experiment_id = (
+            found.experiment_id if found is not None else self.client.create_experiment(experiment)
+        )
 
-    def log_training_run(self, *, run_name: str, params: dict[str, Any],
-                         history: list[float], metrics: dict[str, float],
-                         class_names: list[str], confusion: np.ndarray,
-                         lineage: dict[str, Any], package: bytes) -> str:
+    def log_training_run(
+        self,
+        *,
+        run_name: str,
+        params: dict[str, Any],
+        history: list[float],
+        metrics: dict[str, float],
+        class_names: list[str],
+        confusion: np.ndarray,
+        lineage: dict[str, Any],
+        package: bytes,
+    ) -> str:
         """One run: params, loss per epoch, final metrics, plots, lineage, the package."""
         with self.mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name) as run:
             self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
@@ -59,26 +68,39 @@ class Registry:
                 self.mlflow.log_artifact(str(path), artifact_path="edge_package")
             return run.info.run_id
 
-    def register(self, *, fleet: str, run_id: str, package: bytes,
-                 gates: dict[str, Any], promote: bool) -> RegisteredVersion:
+    def register(
+        self, *, fleet: str, run_id: str, package: bytes, gates: dict[str, Any], promote: bool
+    ) -> RegisteredVersion:
         """A model version per profile, tagged with what a device and an operator need."""
         pkg = ModelPackage(package)
         m = pkg.manifest
         name = model_name(fleet, m.profile)
         if self.client.search_registered_models(filter_string=f"name = '{name}'") == []:
             self.client.create_registered_model(
-                name, description=f"Edge packages for fleet {fleet}, profile {m.profile}")
-        tags = {"sha256": pkg.sha256, "edgeloop_version": m.version, "parent": m.parent or "",
-                "profile": m.profile, "classes": json.dumps(list(m.class_names)),
-                "gate_verdict": "pass" if gates.get("passed") else "fail",
-                "gates": json.dumps(gates)[:5000]}
-        mv = self.client.create_model_version(name, source=f"runs:/{run_id}/edge_package",
-                                              run_id=run_id, tags=tags)
+                name, description=f"Edge packages for fleet {fleet}, profile {m.profile}"
+            )
+        tags = {
+            "sha256": pkg.sha256,
+            "edgeloop_version": m.version,
+            "parent": m.parent or "",
+            "profile": m.profile,
+            "classes": json.dumps(list(m.class_names)),
+            "gate_verdict": "pass" if gates.get("passed") else "fail",
+            "gates": json.dumps(gates)[:5000],
+        }
+        mv = self.client.create_model_version(
+            name, source=f"runs:/{run_id}/edge_package", run_id=run_id, tags=tags
+        )
         self.client.set_registered_model_alias(name, "challenger", mv.version)
         if promote:
             self.client.set_registered_model_alias(name, "champion", mv.version)
-        log.info("registered %s version %s (%s)%s", name, mv.version, m.version,
-                 " as champion" if promote else "")
+        log.info(
+            "registered %s version %s (%s)%s",
+            name,
+            mv.version,
+            m.version,
+            " as champion" if promote else "",
+        )
         return RegisteredVersion(name, str(mv.version), run_id, pkg.sha256)
 
     def champion(self, fleet: str, profile: str) -> tuple[str, dict[str, str]] | None:
@@ -94,7 +116,8 @@ class Registry:
     def download_package(self, run_id: str) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
             path = self.mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path="edge_package/model.edgepkg", dst_path=tmp)
+                run_id=run_id, artifact_path="edge_package/model.edgepkg", dst_path=tmp
+            )
             return Path(path).read_bytes()
 
 

@@ -75,25 +75,32 @@ class LocalObjectStore:
         self._path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> list[str]:
-        keys = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
-                if p.is_file() and not p.name.startswith(".put-"))
+        keys = (
+            p.relative_to(self.root).as_posix()
+            for p in self.root.rglob("*")
+            if p.is_file() and not p.name.startswith(".put-")
+        )
         return sorted(k for k in keys if k.startswith(prefix))
 
 
 class S3ObjectStore:
     """Any S3 API through the MinIO SDK (MinIO in production, SeaweedFS in tests)."""
 
-    def __init__(self, *, endpoint: str, access_key: str, secret_key: str, bucket: str,
-                 secure: bool = False) -> None:
+    def __init__(
+        self, *, endpoint: str, access_key: str, secret_key: str, bucket: str, secure: bool = False
+    ) -> None:
         import urllib3
         from minio import Minio
 
         # Short timeouts and few retries: a store that is down must surface as an error the
         # caller can act on (ingest withholds its ack), not as a minute-long hang.
-        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3, read=20),
-                                   retries=urllib3.Retry(total=2, backoff_factor=0.2))
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
-                            secure=secure, http_client=http)
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=3, read=20),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2),
+        )
+        self.client = Minio(
+            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, http_client=http
+        )
         self.bucket = bucket
         self._call(self._ensure_bucket)
 
@@ -115,8 +122,10 @@ class S3ObjectStore:
             raise StorageError(f"S3 endpoint unreachable: {exc}") from exc
 
     def put(self, key: str, data: bytes) -> None:
-        self._call(lambda k: self.client.put_object(self.bucket, k, io.BytesIO(data), len(data)),
-                   _check_key(key))
+        self._call(
+            lambda k: self.client.put_object(self.bucket, k, io.BytesIO(data), len(data)),
+            _check_key(key),
+        )
 
     def get(self, key: str) -> bytes:
         def read(k: str) -> bytes:
@@ -126,6 +135,7 @@ class S3ObjectStore:
             finally:
                 resp.close()
                 resp.release_conn()
+
         return self._call(read, _check_key(key))
 
     def exists(self, key: str) -> bool:
@@ -139,14 +149,23 @@ class S3ObjectStore:
         self._call(lambda k: self.client.remove_object(self.bucket, k), _check_key(key))
 
     def list(self, prefix: str = "") -> list[str]:
-        return self._call(lambda p: sorted(o.object_name for o in self.client.list_objects(
-            self.bucket, prefix=p, recursive=True)), prefix)
+        return self._call(
+            lambda p: sorted(
+                o.object_name
+                for o in self.client.list_objects(self.bucket, prefix=p, recursive=True)
+            ),
+            prefix,
+        )
 
 
 def open_store(settings) -> ObjectStore:  # type: ignore[no-untyped-def]
     """The store the settings name (``EDGELOOP_STORE``)."""
     if settings.store == "s3":
-        return S3ObjectStore(endpoint=settings.s3_endpoint, access_key=settings.s3_access_key,
-                             secret_key=settings.s3_secret_key, bucket=settings.s3_bucket,
-                             secure=settings.s3_secure)
+        return S3ObjectStore(
+            endpoint=settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            bucket=settings.s3_bucket,
+            secure=settings.s3_secure,
+        )
     return LocalObjectStore(settings.home / "objects")

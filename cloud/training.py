@@ -43,8 +43,11 @@ class WindowClassifier(nn.Module):
         blocks: list[nn.Module] = []
         width = cfg.channels
         for _ in range(cfg.layers):
-            blocks += [nn.Conv1d(width, cfg.hidden, cfg.kernel, padding=cfg.kernel // 2),
-                       nn.BatchNorm1d(cfg.hidden), nn.GELU()]
+            blocks += [
+                nn.Conv1d(width, cfg.hidden, cfg.kernel, padding=cfg.kernel // 2),
+                nn.BatchNorm1d(cfg.hidden),
+                nn.GELU(),
+            ]
             width = cfg.hidden
         self.body = nn.Sequential(*blocks)
         self.drop = nn.Dropout(cfg.dropout)
@@ -94,8 +97,9 @@ def extend_classes(model: WindowClassifier, n_classes: int) -> WindowClassifier:
     return bigger
 
 
-def train(model: WindowClassifier, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
-          *, on_epoch: Any = None) -> WindowClassifier:
+def train(
+    model: WindowClassifier, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, on_epoch: Any = None
+) -> WindowClassifier:
     """Class-balanced cross-entropy with AdamW and a cosine schedule; ``on_epoch(i, loss)``."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -112,7 +116,7 @@ def train(model: WindowClassifier, x: np.ndarray, y: np.ndarray, cfg: TrainConfi
         order = torch.randperm(len(xt), generator=gen)
         total = 0.0
         for start in range(0, len(xt), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
+            idx = order[start : start + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs two
                 continue
             opt.zero_grad()
@@ -130,8 +134,10 @@ def train(model: WindowClassifier, x: np.ndarray, y: np.ndarray, cfg: TrainConfi
 @torch.no_grad()
 def predict(model: WindowClassifier, x: np.ndarray, batch: int = 512) -> np.ndarray:
     model.eval()
-    out = [model(torch.as_tensor(x[i:i + batch], dtype=torch.float32)).numpy()
-           for i in range(0, len(x), batch)]
+    out = [
+        model(torch.as_tensor(x[i : i + batch], dtype=torch.float32)).numpy()
+        for i in range(0, len(x), batch)
+    ]
     return np.concatenate(out).argmax(1)
 
 
@@ -144,9 +150,16 @@ def export_onnx(model: WindowClassifier) -> bytes:
         # The TorchScript exporter is deprecated, but it writes the same bytes for the same
         # weights (canonical packages) and it is the one that exports DeepSeek-V3 MoE.
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (dummy,), buf, input_names=["window"], output_names=["logits"],
-                          dynamic_axes={"window": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            buf,
+            input_names=["window"],
+            output_names=["logits"],
+            dynamic_axes={"window": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
     return buf.getvalue()
 
 
@@ -155,8 +168,10 @@ def tensor_hashes(graph: bytes) -> dict[str, str]:
     from onnx import numpy_helper
 
     proto = onnx.load_from_string(graph)
-    return {t.name: sha256_hex(np.ascontiguousarray(numpy_helper.to_array(t)).tobytes())
-            for t in proto.graph.initializer}
+    return {
+        t.name: sha256_hex(np.ascontiguousarray(numpy_helper.to_array(t)).tobytes())
+        for t in proto.graph.initializer
+    }
 
 
 def window_features(x: np.ndarray) -> np.ndarray:
@@ -176,21 +191,37 @@ def ood_calibration(x_normal: np.ndarray, quantile: float = 0.995) -> dict[str, 
     feats = window_features(x_normal).astype(np.float64)
     mean, std = feats.mean(axis=0), feats.std(axis=0) + 1e-6
     score = np.mean(((feats - mean) / std) ** 2, axis=1)
-    return {"feature_mean": mean.round(6).tolist(), "feature_std": std.round(6).tolist(),
-            "threshold": float(np.quantile(score, quantile)), "quantile": quantile}
+    return {
+        "feature_mean": mean.round(6).tolist(),
+        "feature_std": std.round(6).tolist(),
+        "threshold": float(np.quantile(score, quantile)),
+        "quantile": quantile,
+    }
 
 
-def package_model(model: WindowClassifier, *, name: str, version: str, parent: str | None,
-                  profile: str, class_names: list[str],
-                  metadata: dict[str, Any] | None = None) -> bytes:
+def package_model(
+    model: WindowClassifier,
+    *,
+    name: str,
+    version: str,
+    parent: str | None,
+    profile: str,
+    class_names: list[str],
+    metadata: dict[str, Any] | None = None,
+) -> bytes:
     """The exact bytes a device will run: ONNX graph + manifest, canonical."""
     if len(class_names) != model.cfg.n_classes:
         raise ValueError(f"{len(class_names)} class names for a {model.cfg.n_classes}-class model")
     graph = export_onnx(model)
     manifest = Manifest(
-        name=name, version=version, parent=parent, profile=profile,
+        name=name,
+        version=version,
+        parent=parent,
+        profile=profile,
         input=InputSpec(window=model.cfg.window, channels=model.cfg.channels),
-        class_names=tuple(class_names), graph_sha256=sha256_hex(graph),
+        class_names=tuple(class_names),
+        graph_sha256=sha256_hex(graph),
         tensor_sha256=tensor_hashes(graph),
-        metadata={"model_config": asdict(model.cfg), **(metadata or {})})
+        metadata={"model_config": asdict(model.cfg), **(metadata or {})},
+    )
     return build_package(graph=graph, manifest=manifest)

@@ -49,13 +49,18 @@ class DurableBuffer:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("INSERT OR IGNORE INTO outbox(message_id, topic, payload, "
-                                 "created_at) VALUES (?, ?, ?, ?)",
-                                 (message_id, topic, payload, time.time()))
+                self._db.execute(
+                    "INSERT OR IGNORE INTO outbox(message_id, topic, payload, "
+                    "created_at) VALUES (?, ?, ?, ?)",
+                    (message_id, topic, payload, time.time()),
+                )
                 over = self._count() - self.max_messages
                 if over > 0:
-                    self._db.execute("DELETE FROM outbox WHERE message_id IN (SELECT message_id "
-                                     "FROM outbox ORDER BY created_at LIMIT ?)", (over,))
+                    self._db.execute(
+                        "DELETE FROM outbox WHERE message_id IN (SELECT message_id "
+                        "FROM outbox ORDER BY created_at LIMIT ?)",
+                        (over,),
+                    )
                     self._bump("evicted", over)
                 self._db.execute("COMMIT")
             except BaseException:
@@ -68,19 +73,24 @@ class DurableBuffer:
         with self._lock:
             rows = self._db.execute(
                 "SELECT message_id, topic, payload, attempts FROM outbox WHERE sent_at IS NULL "
-                "OR sent_at < ? ORDER BY created_at LIMIT ?", (cutoff, limit)).fetchall()
+                "OR sent_at < ? ORDER BY created_at LIMIT ?",
+                (cutoff, limit),
+            ).fetchall()
         return [Pending(*r) for r in rows]
 
     def mark_sent(self, message_ids: list[str]) -> None:
         now = time.time()
         with self._lock:
-            self._db.executemany("UPDATE outbox SET sent_at = ?, attempts = attempts + 1 "
-                                 "WHERE message_id = ?", [(now, m) for m in message_ids])
+            self._db.executemany(
+                "UPDATE outbox SET sent_at = ?, attempts = attempts + 1 WHERE message_id = ?",
+                [(now, m) for m in message_ids],
+            )
 
     def ack(self, message_ids: list[str]) -> int:
         with self._lock:
-            cur = self._db.executemany("DELETE FROM outbox WHERE message_id = ?",
-                                       [(m,) for m in message_ids])
+            cur = self._db.executemany(
+                "DELETE FROM outbox WHERE message_id = ?", [(m,) for m in message_ids]
+            )
             if cur.rowcount > 0:
                 self._bump("acked", cur.rowcount)
             return cur.rowcount
@@ -101,5 +111,8 @@ class DurableBuffer:
         return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
     def _bump(self, name: str, by: int) -> None:
-        self._db.execute("INSERT INTO stats(name, value) VALUES (?, ?) ON CONFLICT(name) "
-                         "DO UPDATE SET value = value + excluded.value", (name, by))
+        self._db.execute(
+            "INSERT INTO stats(name, value) VALUES (?, ?) ON CONFLICT(name) "
+            "DO UPDATE SET value = value + excluded.value",
+            (name, by),
+        )

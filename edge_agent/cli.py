@@ -7,23 +7,31 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from shared.errors import EdgeloopError
 
-app = typer.Typer(rich_markup_mode="markdown", help="The on-device agent: detect, select, buffer, upload, update.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    rich_markup_mode="markdown",
+    help="The on-device agent: detect, select, buffer, upload, update.",
+    no_args_is_help=True,
+)
 log = logging.getLogger("edgeloop.edge")
 
 
 @app.command()
 def run(
-    package: Path | None = typer.Option(None, help="Model package to install if the device "
-                                        "has none yet (a factory image)."),
-    windows: Path | None = typer.Option(None, help="A .npy file of windows (N, T, C) to replay "
-                                        "as the sensor feed; without it the agent only keeps "
-                                        "its link, heartbeats and takes updates."),
+    package: Path | None = typer.Option(
+        None, help="Model package to install if the device has none yet (a factory image)."
+    ),
+    windows: Path | None = typer.Option(
+        None,
+        help="A .npy file of windows (N, T, C) to replay "
+        "as the sensor feed; without it the agent only keeps "
+        "its link, heartbeats and takes updates.",
+    ),
     rate: float = typer.Option(1.0, min=0.001, help="Windows per second from --windows."),
     fleet: str | None = typer.Option(None, help="Overrides EDGELOOP_EDGE_FLEET."),
     device_id: str | None = typer.Option(None, help="Overrides EDGELOOP_EDGE_DEVICE_ID."),
@@ -38,9 +46,17 @@ def run(
     from edge_agent.agent import EdgeAgent
     from edge_agent.config import EdgeSettings
 
-    overrides = {k: v for k, v in {"fleet": fleet, "device_id": device_id,
-                                   "mqtt_host": mqtt_host, "mqtt_port": mqtt_port,
-                                   "state_dir": state_dir}.items() if v is not None}
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "fleet": fleet,
+            "device_id": device_id,
+            "mqtt_host": mqtt_host,
+            "mqtt_port": mqtt_port,
+            "state_dir": state_dir,
+        }.items()
+        if v is not None
+    }
     try:
         settings = EdgeSettings(**overrides)
         agent = EdgeAgent(settings)
@@ -50,8 +66,9 @@ def run(
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
     if agent.runtime is None:
-        typer.secho("error: no model installed; pass --package for the first start", fg="red",
-                    err=True)
+        typer.secho(
+            "error: no model installed; pass --package for the first start", fg="red", err=True
+        )
         raise typer.Exit(2)
     # np.load with allow_pickle=False: the feed is data, never code.
     feed = np.load(windows, allow_pickle=False) if windows is not None else None
@@ -65,8 +82,13 @@ def run(
         while not stop.is_set():
             if feed is not None and i < len(feed):
                 det, msg = agent.process(feed[i])
-                log.debug("window %d: %s (%.2f)%s", i, det.predicted, det.confidence,
-                          " uploaded" if msg else "")
+                log.debug(
+                    "window %d: %s (%.2f)%s",
+                    i,
+                    det.predicted,
+                    det.confidence,
+                    " uploaded" if msg else "",
+                )
                 i += 1
             agent.tick()
             stop.wait(1.0 / rate if feed is not None and i < len(feed) else 1.0)

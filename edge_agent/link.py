@@ -18,28 +18,49 @@ class MqttLink:
     """Publishes under ``edgeloop/v1/{fleet}/{device}/…`` and hands incoming acks and
     updates to ``on_message(kind, payload)`` on paho's network thread."""
 
-    def __init__(self, *, host: str, port: int, fleet: str, device: str, profile: str,
-                 on_message: Callable[[str, bytes], None], keepalive: int = 30,
-                 username: str | None = None, password: str | None = None,
-                 tls: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        fleet: str,
+        device: str,
+        profile: str,
+        on_message: Callable[[str, bytes], None],
+        keepalive: int = 30,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+    ) -> None:
         self.host, self.port, self.keepalive = host, port, keepalive
         self.fleet, self.device = fleet, device
         self.on_message = on_message
         self.connected = threading.Event()
         # clean_session=False: the broker keeps our subscriptions and queues QoS 1 acks and
         # updates while we are offline.
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"edgeloop-{fleet}-{device}", clean_session=False,
-                                  protocol=mqtt.MQTTv311)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"edgeloop-{fleet}-{device}",
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
         if username:
             self.client.username_pw_set(username, password)
         if tls:
             self.client.tls_set()
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.max_queued_messages_set(0)
-        will = Heartbeat(fleet=fleet, device_id=device, model_version=None, profile=profile,
-                         buffer_depth=0, windows_seen=0, anomaly_rate=0.0, latency_ms_p50=0.0,
-                         online=False)
+        will = Heartbeat(
+            fleet=fleet,
+            device_id=device,
+            model_version=None,
+            profile=profile,
+            buffer_depth=0,
+            windows_seen=0,
+            anomaly_rate=0.0,
+            latency_ms_p50=0.0,
+            online=False,
+        )
         self.client.will_set(self.topic("heartbeat"), will.encode(), qos=1)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -63,7 +84,7 @@ class MqttLink:
         info = self.client.publish(topic_name, payload, qos=qos)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("broker refused connection: %s", reason_code)
             return
@@ -71,16 +92,14 @@ class MqttLink:
         self.connected.set()
         log.info("connected to %s:%s as %s/%s", self.host, self.port, self.fleet, self.device)
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
         if reason_code != 0:  # 0: we asked to disconnect
             log.warning("disconnected (%s); paho reconnects with backoff", reason_code)
 
-    def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
+    def _on_message(self, client, userdata, msg) -> None:
         kind = msg.topic.rsplit("/", 1)[-1]
         try:
             self.on_message(kind, msg.payload)
         except Exception:  # a bad message must never kill the network thread
             log.exception("handling %s message failed", kind)
-
-

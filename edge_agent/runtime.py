@@ -30,11 +30,13 @@ class ModelRuntime:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(package.graph, sess_options=opts,
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                package.graph, sess_options=opts, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # ORT raises its own unexported error types
-            raise PackageError(f"ONNX Runtime cannot load the graph: {exc}",
-                               reason="bad_graph") from exc
+            raise PackageError(
+                f"ONNX Runtime cannot load the graph: {exc}", reason="bad_graph"
+            ) from exc
         self.input_name = self.session.get_inputs()[0].name
         spec = package.manifest.input
         self.shape = (spec.window, spec.channels)
@@ -42,8 +44,11 @@ class ModelRuntime:
         ood = package.manifest.metadata.get("ood")
         self.ood: tuple[np.ndarray, np.ndarray, float] | None = None
         if ood:
-            self.ood = (np.asarray(ood["feature_mean"]), np.asarray(ood["feature_std"]),
-                        float(ood["threshold"]))
+            self.ood = (
+                np.asarray(ood["feature_mean"]),
+                np.asarray(ood["feature_std"]),
+                float(ood["threshold"]),
+            )
 
     @property
     def version(self) -> str:
@@ -51,8 +56,9 @@ class ModelRuntime:
 
     def logits(self, windows: np.ndarray) -> np.ndarray:
         if windows.ndim != 3 or windows.shape[1:] != self.shape:
-            raise ValueError(f"windows must be (B, {self.shape[0]}, {self.shape[1]}), "
-                             f"got {windows.shape}")
+            raise ValueError(
+                f"windows must be (B, {self.shape[0]}, {self.shape[1]}), got {windows.shape}"
+            )
         out = self.session.run(None, {self.input_name: windows.astype(np.float32, copy=False)})
         return np.asarray(out[0])
 
@@ -63,9 +69,15 @@ class ModelRuntime:
         probs = np.exp(logits - lse[:, None])
         best = probs.argmax(axis=1)
         dist = self.distance(windows)
-        return [Detection(self.class_names[int(k)], float(probs[i, k]), float(-lse[i]),
-                          None if dist is None else float(dist[i]))
-                for i, k in enumerate(best)]
+        return [
+            Detection(
+                self.class_names[int(k)],
+                float(probs[i, k]),
+                float(-lse[i]),
+                None if dist is None else float(dist[i]),
+            )
+            for i, k in enumerate(best)
+        ]
 
     def distance(self, windows: np.ndarray) -> np.ndarray | None:
         """Mean squared z-score of each window's channel levels and spreads against normal
@@ -81,5 +93,8 @@ class ModelRuntime:
         """Run one all-zero window; a package that cannot do this must not go live."""
         logits = self.logits(np.zeros((1, *self.shape), dtype=np.float32))
         if logits.shape != (1, len(self.class_names)) or not np.isfinite(logits).all():
-            raise PackageError(f"smoke check gave logits of shape {logits.shape}, expected "
-                               f"(1, {len(self.class_names)}) finite", reason="smoke_check_failed")
+            raise PackageError(
+                f"smoke check gave logits of shape {logits.shape}, expected "
+                f"(1, {len(self.class_names)}) finite",
+                reason="smoke_check_failed",
+            )

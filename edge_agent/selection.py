@@ -22,9 +22,16 @@ class Selector:
     last ``memory`` sent windows with the same prediction is skipped as a near-duplicate.
     """
 
-    def __init__(self, *, uncertain_below: float, ood_energy_above: float | None,
-                 normal_class: str, bytes_per_hour: int, diversity_distance: float,
-                 memory: int = 64) -> None:
+    def __init__(
+        self,
+        *,
+        uncertain_below: float,
+        ood_energy_above: float | None,
+        normal_class: str,
+        bytes_per_hour: int,
+        diversity_distance: float,
+        memory: int = 64,
+    ) -> None:
         self.uncertain_below = uncertain_below
         self.ood_energy_above = ood_energy_above
         self.normal_class = normal_class
@@ -44,7 +51,8 @@ class Selector:
         if det.predicted != self.normal_class:
             out.append("faulty")
         if (det.distance is not None and det.distance > 1.0) or (
-                self.ood_energy_above is not None and det.energy > self.ood_energy_above):
+            self.ood_energy_above is not None and det.energy > self.ood_energy_above
+        ):
             out.append("ood")
         return tuple(out)
 
@@ -54,8 +62,10 @@ class Selector:
         if not reasons:
             return ()
         sketch = np.stack([window.mean(axis=0), window.std(axis=0) + 1e-6])  # (2, C)
-        if any(p == det.predicted and _distance(s, sketch) < self.diversity_distance
-               for p, s in self.recent):
+        if any(
+            p == det.predicted and _distance(s, sketch) < self.diversity_distance
+            for p, s in self.recent
+        ):
             self.skipped_duplicate += 1
             return ()
         now = time.monotonic()

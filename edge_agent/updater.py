@@ -62,8 +62,11 @@ class ModelSlots:
 
     def _check_profile(self, pkg: ModelPackage) -> None:
         if pkg.manifest.profile != self.profile:
-            raise PackageError(f"package is for profile {pkg.manifest.profile!r}, this device "
-                               f"runs {self.profile!r}", reason="wrong_profile")
+            raise PackageError(
+                f"package is for profile {pkg.manifest.profile!r}, this device "
+                f"runs {self.profile!r}",
+                reason="wrong_profile",
+            )
 
     def load_active(self) -> ModelRuntime | None:
         """The live model; if its slot is broken, the other slot (and the pointer follows)."""
@@ -108,7 +111,8 @@ class ModelSlots:
         try:
             runtime = self._load(other)
         except (PackageError, FileNotFoundError) as exc:
-            raise PackageError(f"no valid previous model in slot {other}: {exc}",
-                               reason="no_previous_model") from exc
+            raise PackageError(
+                f"no valid previous model in slot {other}: {exc}", reason="no_previous_model"
+            ) from exc
         _write_atomic(self.pointer, other.encode())
         return runtime

@@ -10,8 +10,11 @@ url = config.get_main_option("sqlalchemy.url") or CloudSettings().resolved_datab
 
 engine = make_engine(url)
 with engine.connect() as connection:
-    context.configure(connection=connection, target_metadata=Base.metadata,
-                      render_as_batch=engine.dialect.name == "sqlite")
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        render_as_batch=engine.dialect.name == "sqlite",
+    )
     with context.begin_transaction():
         context.run_migrations()
 engine.dispose()

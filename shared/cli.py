@@ -25,15 +25,24 @@ defaults (SQLite, in-process MQTT broker, local object store, MLflow sqlite stor
 
 
 def build_app() -> typer.Typer:
-    app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, rich_markup_mode="markdown",
-                      context_settings={"help_option_names": ["-h", "--help"]})
+    app = typer.Typer(
+        help=HELP,
+        no_args_is_help=True,
+        add_completion=False,
+        rich_markup_mode="markdown",
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
 
     @app.callback()
-    def _root(verbose: bool = typer.Option(False, "--verbose", "-v",
-                                           help="Log what each part does (INFO).")) -> None:
+    def _root(
+        verbose: bool = typer.Option(
+            False, "--verbose", "-v", help="Log what each part does (INFO)."
+        ),
+    ) -> None:
         logging.basicConfig(
             level=logging.INFO if verbose else os.environ.get("EDGELOOP_LOG_LEVEL", "WARNING"),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
 
     for ep in sorted(entry_points(group="edgeloop.commands"), key=lambda e: e.name):
         try:

@@ -44,18 +44,26 @@ class Tensor(BaseModel):
     def from_array(cls, array: np.ndarray) -> Tensor:
         name = str(array.dtype)
         if name not in ALLOWED_DTYPES:
-            raise MessageError(f"dtype {name} cannot go on the wire; use one of {ALLOWED_DTYPES}",
-                               reason="bad_dtype")
+            raise MessageError(
+                f"dtype {name} cannot go on the wire; use one of {ALLOWED_DTYPES}",
+                reason="bad_dtype",
+            )
         little = np.ascontiguousarray(array, dtype=np.dtype(name).newbyteorder("<"))
-        return cls(dtype=name, shape=tuple(int(s) for s in array.shape),  # type: ignore[arg-type]
-                   data=base64.b64encode(little.tobytes()).decode("ascii"))
+        return cls.model_validate(
+            {
+                "dtype": name,
+                "shape": tuple(int(s) for s in array.shape),
+                "data": base64.b64encode(little.tobytes()).decode("ascii"),
+            }
+        )
 
     def to_array(self) -> np.ndarray:
         """Decode and check: byte count must match dtype × shape, floats must be finite."""
         n = math.prod(self.shape)
         if n > MAX_TENSOR_ELEMENTS:
-            raise MessageError(f"tensor of {n} elements exceeds {MAX_TENSOR_ELEMENTS}",
-                               reason="tensor_too_large")
+            raise MessageError(
+                f"tensor of {n} elements exceeds {MAX_TENSOR_ELEMENTS}", reason="tensor_too_large"
+            )
         try:
             raw = base64.b64decode(self.data, validate=True)
         except ValueError as exc:
@@ -64,7 +72,9 @@ class Tensor(BaseModel):
         if len(raw) != n * dtype.itemsize:
             raise MessageError(
                 f"tensor has {len(raw)} bytes, shape {self.shape} of {self.dtype} needs "
-                f"{n * dtype.itemsize}", reason="bad_shape")
+                f"{n * dtype.itemsize}",
+                reason="bad_shape",
+            )
         array = np.frombuffer(raw, dtype=dtype).reshape(self.shape).astype(self.dtype)
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise MessageError("tensor holds NaN or infinity", reason="non_finite")
@@ -77,7 +87,7 @@ class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: ClassVar[str]
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
     message_id: uuid.UUID = Field(default_factory=uuid.uuid4)
     fleet: str
     device_id: str
@@ -174,13 +184,16 @@ def decode(kind: str, raw: bytes) -> Any:
     except ValidationError as exc:
         version = _peek_version(raw)
         if version is not None and version != SCHEMA_VERSION:
-            raise MessageError(f"schema_version {version!r} is not supported (this side speaks "
-                               f"{SCHEMA_VERSION})", reason="bad_schema_version") from exc
+            raise MessageError(
+                f"schema_version {version!r} is not supported (this side speaks {SCHEMA_VERSION})",
+                reason="bad_schema_version",
+            ) from exc
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "message"
         reason = "bad_json" if first["type"] == "json_invalid" else "bad_schema"
-        raise MessageError(f"invalid {kind} message: {where}: {first['msg']}",
-                           reason=reason) from exc
+        raise MessageError(
+            f"invalid {kind} message: {where}: {first['msg']}", reason=reason
+        ) from exc
 
 
 def _peek_version(raw: bytes) -> object | None:

@@ -60,8 +60,10 @@ def build_package(*, graph: bytes, manifest: Manifest) -> bytes:
         raise PackageError("manifest graph_sha256 does not match the graph", reason="sha_mismatch")
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name, data in (("manifest.json", canonical_json(manifest.model_dump(mode="json"))),
-                           ("model.onnx", graph)):
+        for name, data in (
+            ("manifest.json", canonical_json(manifest.model_dump(mode="json"))),
+            ("model.onnx", graph),
+        ):
             info = zipfile.ZipInfo(name, date_time=_EPOCH)
             info.external_attr = 0o644 << 16
             info.create_system = 3
@@ -75,32 +77,42 @@ class ModelPackage:
     def __init__(self, data: bytes, *, expected_sha256: str | None = None) -> None:
         self.sha256 = sha256_hex(data)
         if expected_sha256 is not None and expected_sha256 != self.sha256:
-            raise PackageError(f"package sha256 {self.sha256[:12]}… does not match the expected "
-                               f"{expected_sha256[:12]}…", reason="sha_mismatch")
+            raise PackageError(
+                f"package sha256 {self.sha256[:12]}… does not match the expected "
+                f"{expected_sha256[:12]}…",
+                reason="sha_mismatch",
+            )
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 names = zf.namelist()
                 if names != ["manifest.json", "model.onnx"]:
-                    raise PackageError(f"package holds {names}, expected manifest.json and "
-                                       "model.onnx", reason="corrupt_package")
+                    raise PackageError(
+                        f"package holds {names}, expected manifest.json and model.onnx",
+                        reason="corrupt_package",
+                    )
                 raw_manifest = zf.read("manifest.json")
                 self.graph = zf.read("model.onnx")
         except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
-            raise PackageError(f"package is corrupt or truncated: {exc}",
-                               reason="corrupt_package") from exc
+            raise PackageError(
+                f"package is corrupt or truncated: {exc}", reason="corrupt_package"
+            ) from exc
         except KeyError as exc:  # pragma: no cover - namelist check above covers it
             raise PackageError(str(exc), reason="corrupt_package") from exc
         try:
             self.manifest = Manifest.model_validate_json(raw_manifest)
         except ValidationError as exc:
-            raise PackageError(f"package manifest is invalid: {exc.errors()[0]['msg']}",
-                               reason="bad_manifest") from exc
+            raise PackageError(
+                f"package manifest is invalid: {exc.errors()[0]['msg']}", reason="bad_manifest"
+            ) from exc
         if self.manifest.format_version != FORMAT_VERSION:
-            raise PackageError(f"package format {self.manifest.format_version} is not supported",
-                               reason="bad_manifest")
+            raise PackageError(
+                f"package format {self.manifest.format_version} is not supported",
+                reason="bad_manifest",
+            )
         if sha256_hex(self.graph) != self.manifest.graph_sha256:
-            raise PackageError("graph bytes do not match the manifest's graph_sha256",
-                               reason="sha_mismatch")
+            raise PackageError(
+                "graph bytes do not match the manifest's graph_sha256", reason="sha_mismatch"
+            )
 
     @classmethod
     def from_path(cls, path: Path, *, expected_sha256: str | None = None) -> ModelPackage:

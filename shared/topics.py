@@ -30,7 +30,9 @@ def topic(fleet: str, device: str, kind: Kind) -> str:
     check_name(fleet, "fleet")
     check_name(device, "device")
     if kind not in KINDS:
-        raise MessageError(f"unknown topic kind {kind!r}; expected one of {KINDS}", reason="bad_kind")
+        raise MessageError(
+            f"unknown topic kind {kind!r}; expected one of {KINDS}", reason="bad_kind"
+        )
     return f"{TOPIC_ROOT}/{fleet}/{device}/{kind}"
 
 
@@ -44,8 +46,10 @@ def parse_topic(value: str) -> tuple[str, str, str]:
     """``(fleet, device, kind)`` of a topic, or MessageError naming what is wrong."""
     parts = value.split("/")
     if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_ROOT:
-        raise MessageError(f"topic {value!r} is not under {TOPIC_ROOT}/{{fleet}}/{{device}}/{{kind}}",
-                           reason="bad_topic")
+        raise MessageError(
+            f"topic {value!r} is not under {TOPIC_ROOT}/{{fleet}}/{{device}}/{{kind}}",
+            reason="bad_topic",
+        )
     fleet, device, kind = parts[2], parts[3], parts[4]
     check_name(fleet, "fleet")
     check_name(device, "device")

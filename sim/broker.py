@@ -15,13 +15,14 @@ def free_port() -> int:
 
 
 class EmbeddedBroker:
-    """Note: amqtt keeps no QoS 1 queue for offline clients; the device buffer's resend covers it."""
+    """amqtt keeps no QoS 1 queue for offline clients; the device buffer's resend covers it."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="amqtt-broker")
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="amqtt-broker"
+        )
         self._broker = None
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -30,9 +31,12 @@ class EmbeddedBroker:
         from amqtt.broker import Broker
 
         self._thread.start()
-        config = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-                  "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
-                              {"allow_anonymous": True}}}
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
 
         async def _start() -> None:
             self._broker = Broker(config)

@@ -62,8 +62,9 @@ def _to_labelled(w: Windows) -> LabelledWindows:
     return LabelledWindows(w.x, np.array(w.class_names)[w.y], dict(w.meta))
 
 
-def _wait(predicate: Callable[[], bool], tick: Callable[[], None], timeout: float,
-          what: str) -> None:
+def _wait(
+    predicate: Callable[[], bool], tick: Callable[[], None], timeout: float, what: str
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -77,17 +78,32 @@ def _accuracy(pairs: list[tuple[str, str]], classes: set[str]) -> float:
     return float(np.mean([p == t for p, t in sel])) if sel else float("nan")
 
 
-def run_demo(*, home: Path, devices: int = 3, rounds: int | None = None,
-             initial_faults: Sequence[str] = DEFAULT_INITIAL,
-             new_faults: Sequence[str] = DEFAULT_NEW, seed: int = 0, workers: int = 2,
-             horizon_h: float = 5.0, fleet: str = "demo",
-             echo: Callable[[str], None] = print) -> list[RoundRow]:
-    sim = FleetSimulator(devices=devices, initial_faults=list(initial_faults),
-                         new_faults=list(new_faults), horizon_h=horizon_h, seed=seed)
+def run_demo(
+    *,
+    home: Path,
+    devices: int = 3,
+    rounds: int | None = None,
+    initial_faults: Sequence[str] = DEFAULT_INITIAL,
+    new_faults: Sequence[str] = DEFAULT_NEW,
+    seed: int = 0,
+    workers: int = 2,
+    horizon_h: float = 5.0,
+    fleet: str = "demo",
+    echo: Callable[[str], None] = print,
+) -> list[RoundRow]:
+    sim = FleetSimulator(
+        devices=devices,
+        initial_faults=list(initial_faults),
+        new_faults=list(new_faults),
+        horizon_h=horizon_h,
+        seed=seed,
+    )
     rounds = len(new_faults) if rounds is None else rounds
     if rounds < 1 or rounds > len(new_faults):
-        raise DataError(f"rounds must be between 1 and the number of new faults "
-                        f"({len(new_faults)}), got {rounds}")
+        raise DataError(
+            f"rounds must be between 1 and the number of new faults "
+            f"({len(new_faults)}), got {rounds}"
+        )
     logging.getLogger("mlflow").setLevel(max(logging.WARNING, logging.getLogger().level))
     home = Path(home).resolve()
     cache = home / "cache"
@@ -98,16 +114,30 @@ def run_demo(*, home: Path, devices: int = 3, rounds: int | None = None,
     settings = CloudSettings(mode="embedded", home=home, store="local")
     sim.new_faults, sim.cache_dir = list(new_faults)[:rounds], cache
 
-    echo(f"[1/4] Simulating the Tennessee Eastman plant: base set of {list(initial_faults)}, "
-         f"golden set with {list(new_faults)[:rounds]} too")
+    echo(
+        f"[1/4] Simulating the Tennessee Eastman plant: base set of {list(initial_faults)}, "
+        f"golden set with {list(new_faults)[:rounds]} too"
+    )
     t0 = time.perf_counter()
-    base = generate(classes=list(initial_faults), runs_per_class=2, seed=seed,
-                    horizon_h=horizon_h, cache_dir=cache, workers=workers)
-    golden = golden_set(classes=[*initial_faults, *list(new_faults)[:rounds]], cache_dir=cache,
-                        horizon_h=horizon_h, workers=workers)
+    base = generate(
+        classes=list(initial_faults),
+        runs_per_class=2,
+        seed=seed,
+        horizon_h=horizon_h,
+        cache_dir=cache,
+        workers=workers,
+    )
+    golden = golden_set(
+        classes=[*initial_faults, *list(new_faults)[:rounds]],
+        cache_dir=cache,
+        horizon_h=horizon_h,
+        workers=workers,
+    )
     _prefetch(sim, rounds, workers)
-    echo(f"      {len(base)} base windows, {len(golden)} golden windows "
-         f"({time.perf_counter() - t0:.0f} s)")
+    echo(
+        f"      {len(base)} base windows, {len(golden)} golden windows "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
 
     sessions = session_factory(settings.resolved_database_url)
     store = LocalObjectStore(home / "objects")
@@ -118,13 +148,20 @@ def run_demo(*, home: Path, devices: int = 3, rounds: int | None = None,
 
     echo("[2/4] Training the initial model and registering it in MLflow")
     first = train_initial(sessions=sessions, store=store, registry=registry, cfg=cfg)
-    echo(f"      {first.version}: classes {first.class_names}, golden macro-F1 "
-         f"{first.gates['golden_macro_f1']:.3f}")
+    echo(
+        f"      {first.version}: classes {first.class_names}, golden macro-F1 "
+        f"{first.gates['golden_macro_f1']:.3f}"
+    )
 
     echo(f"[3/4] Starting the in-process MQTT broker, the ingest and {devices} edge agents")
     broker = EmbeddedBroker().start()
-    ingest = IngestService(Ingestor(sessions=sessions, store=store), host="127.0.0.1",
-                           port=broker.port, fleet=fleet, group=None)
+    ingest = IngestService(
+        Ingestor(sessions=sessions, store=store),
+        host="127.0.0.1",
+        port=broker.port,
+        fleet=fleet,
+        group=None,
+    )
     ingest.start()
     publisher = Publisher(host="127.0.0.1", port=broker.port)
     agents: list[EdgeAgent] = []
@@ -133,17 +170,29 @@ def run_demo(*, home: Path, devices: int = 3, rounds: int | None = None,
         ingest.ready.wait(10)
         for device_id in sim.device_ids:
             with sessions() as session:
-                register_device(session=session, device_id=device_id, fleet=fleet,
-                                profile=PROFILE)
-            agent = EdgeAgent(EdgeSettings(
-                fleet=fleet, device_id=device_id, profile=PROFILE, mqtt_port=broker.port,
-                state_dir=home / "edge" / device_id, uncertain_below=0.9, resend_after_s=5,
-                heartbeat_s=5, diversity_distance=0.2))
+                register_device(session=session, device_id=device_id, fleet=fleet, profile=PROFILE)
+            agent = EdgeAgent(
+                EdgeSettings(
+                    fleet=fleet,
+                    device_id=device_id,
+                    profile=PROFILE,
+                    mqtt_port=broker.port,
+                    state_dir=home / "edge" / device_id,
+                    uncertain_below=0.9,
+                    resend_after_s=5,
+                    heartbeat_s=5,
+                    diversity_distance=0.2,
+                )
+            )
             agent.bootstrap(first.package)
             agent.start()
             agents.append(agent)
-        _wait(lambda: all(a.link.connected.is_set() for a in agents), lambda: None, 30,
-              "the agents to connect")
+        _wait(
+            lambda: all(a.link.connected.is_set() for a in agents),
+            lambda: None,
+            30,
+            "the agents to connect",
+        )
         for a in agents:
             a.heartbeat()
 
@@ -154,31 +203,48 @@ def run_demo(*, home: Path, devices: int = 3, rounds: int | None = None,
             new_fault = sim.new_faults[rnd - 1]
             old = set(sim.faults_in_round(rnd - 1))
             before, uploaded, labelled = _stream(sim, agents, rnd, "stream")
-            _wait(lambda: all(a.buffer.depth() == 0 for a in agents),
-                  lambda: [a.tick() for a in agents], 120, "uploads and labels to be acked")
+            _wait(
+                lambda: all(a.buffer.depth() == 0 for a in agents),
+                lambda: [a.tick() for a in agents],
+                120,
+                "uploads and labels to be acked",
+            )
             result = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
             if result.promoted:
                 publisher.roll_out(sessions=sessions, fleet=fleet, package=result.package)
-                _wait(lambda r=result: all(a.model_version == r.version for a in agents),
-                      lambda: [a.tick() for a in agents], 120, f"agents to run {result.version}")
+                _wait(
+                    lambda r=result: all(a.model_version == r.version for a in agents),
+                    lambda: [a.tick() for a in agents],
+                    120,
+                    f"agents to run {result.version}",
+                )
             after, _, _ = _stream(sim, agents, rnd, "eval")
             row = RoundRow(
-                round=rnd, new_fault=new_fault, version_before=version,
+                round=rnd,
+                new_fault=new_fault,
+                version_before=version,
                 version_after=result.version if result.promoted else version,
-                promoted=result.promoted, windows=len(before), uploaded=uploaded,
+                promoted=result.promoted,
+                windows=len(before),
+                uploaded=uploaded,
                 labelled=labelled,
                 new_acc_before=_accuracy(before, {new_fault}),
                 new_acc_after=_accuracy(after, {new_fault}),
-                new_flagged_before=float(np.mean([p != NORMAL for p, t in before
-                                                  if t == new_fault])),
-                old_acc_before=_accuracy(before, old), old_acc_after=_accuracy(after, old),
-                round_seconds=time.perf_counter() - t_round)
+                new_flagged_before=float(
+                    np.mean([p != NORMAL for p, t in before if t == new_fault])
+                ),
+                old_acc_before=_accuracy(before, old),
+                old_acc_after=_accuracy(after, old),
+                round_seconds=time.perf_counter() - t_round,
+            )
             rows.append(row)
             version = row.version_after
-            echo(f"      round {rnd}: {new_fault} appeared; {uploaded} windows uploaded, "
-                 f"{labelled} labelled; {result.version} "
-                 f"{'promoted and rolled out' if result.promoted else 'held back by its gates'}"
-                 f" ({row.round_seconds:.0f} s)")
+            echo(
+                f"      round {rnd}: {new_fault} appeared; {uploaded} windows uploaded, "
+                f"{labelled} labelled; {result.version} "
+                f"{'promoted and rolled out' if result.promoted else 'held back by its gates'}"
+                f" ({row.round_seconds:.0f} s)"
+            )
         for a in agents:
             a.heartbeat()
         time.sleep(0.5)
@@ -190,15 +256,22 @@ def run_demo(*, home: Path, devices: int = 3, rounds: int | None = None,
         broker.stop()
     echo("")
     echo(format_table(rows))
-    echo(f"\nMLflow runs and registered versions: mlflow ui --backend-store-uri "
-         f"{settings.resolved_mlflow_uri}")
+    echo(
+        f"\nMLflow runs and registered versions: mlflow ui --backend-store-uri "
+        f"{settings.resolved_mlflow_uri}"
+    )
     return rows
 
 
 def _prefetch(sim: FleetSimulator, rounds: int, workers: int) -> None:
     """Simulate every episode the rounds will stream, on all cores, into the cache."""
-    episodes = {ep for d in range(sim.devices) for r in range(1, rounds + 1)
-                for phase in ("stream", "eval") for ep in sim.schedule(d, r, phase=phase)}
+    episodes = {
+        ep
+        for d in range(sim.devices)
+        for r in range(1, rounds + 1)
+        for phase in ("stream", "eval")
+        for ep in sim.schedule(d, r, phase=phase)
+    }
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             list(pool.map(sim.windows, sorted(episodes, key=lambda e: e.seed)))
@@ -207,8 +280,9 @@ def _prefetch(sim: FleetSimulator, rounds: int, workers: int) -> None:
             sim.windows(ep)
 
 
-def _stream(sim: FleetSimulator, agents: list[EdgeAgent], rnd: int, phase: str
-            ) -> tuple[list[tuple[str, str]], int, int]:
+def _stream(
+    sim: FleetSimulator, agents: list[EdgeAgent], rnd: int, phase: str
+) -> tuple[list[tuple[str, str]], int, int]:
     """Every device runs its round; in the 'stream' phase, uploaded windows get their ground
     truth afterwards, as a maintenance report would give it. Returns (prediction, truth)
     pairs, uploads and labelled windows."""
@@ -223,19 +297,24 @@ def _stream(sim: FleetSimulator, agents: list[EdgeAgent], rnd: int, phase: str
                 truth_of[truth].append(msg.message_id)
         for label, ids in truth_of.items():
             for k in range(0, len(ids), 1000):
-                agent.report_label(ids[k:k + 1000], label)
+                agent.report_label(ids[k : k + 1000], label)
         n = sum(len(v) for v in truth_of.values())
         return pairs, n, n
 
     with ThreadPoolExecutor(max_workers=len(agents)) as pool:
         parts = list(pool.map(one, range(len(agents))))
-    return ([p for part in parts for p in part[0]], sum(p[1] for p in parts),
-            sum(p[2] for p in parts))
+    return (
+        [p for part in parts for p in part[0]],
+        sum(p[1] for p in parts),
+        sum(p[2] for p in parts),
+    )
 
 
 def format_table(rows: list[RoundRow]) -> str:
-    head = ("round  new fault  model       uploads  new-fault acc  flagged  old-class acc  "
-            "\n                   before→after        before→after  before   before→after")
+    head = (
+        "round  new fault  model       uploads  new-fault acc  flagged  old-class acc  "
+        "\n                   before→after        before→after  before   before→after"
+    )
     lines = [head, "-" * 86]
     for r in rows:
         lines.append(
@@ -243,5 +322,6 @@ def format_table(rows: list[RoundRow]) -> str:
             f"{'' if r.promoted else '(held)':6}  {r.uploaded:>7}  "
             f"{100 * r.new_acc_before:5.1f}%→{100 * r.new_acc_after:5.1f}%  "
             f"{100 * r.new_flagged_before:5.1f}%  "
-            f"{100 * r.old_acc_before:5.1f}%→{100 * r.old_acc_after:5.1f}%")
+            f"{100 * r.old_acc_before:5.1f}%→{100 * r.old_acc_after:5.1f}%"
+        )
     return "\n".join(lines)

@@ -64,18 +64,26 @@ class FleetSimulator:
         if rnd >= 1:
             faults.append(self.new_faults[rnd - 1])
         others = [f for f in pool if f not in faults]
-        faults += list(rng.choice(others, size=self.episodes_per_round - len(faults),
-                                  replace=len(others) < self.episodes_per_round - len(faults)))
+        faults += list(
+            rng.choice(
+                others,
+                size=self.episodes_per_round - len(faults),
+                replace=len(others) < self.episodes_per_round - len(faults),
+            )
+        )
         base = 1_000 * (self.seed + 1) + 100 * device + 10 * rnd + (5 if phase == "eval" else 0)
         return [Episode(str(f), base + i, self.horizon_h) for i, f in enumerate(faults)]
 
     def windows(self, episode: Episode) -> np.ndarray:
         """The episode's labelled windows (n, T, C), from the on-disk cache when there."""
-        run = RunSpec(fault=episode.fault, seed=episode.seed, horizon_h=episode.horizon_h,
-                      spec=self.spec)
+        run = RunSpec(
+            fault=episode.fault, seed=episode.seed, horizon_h=episode.horizon_h, spec=self.spec
+        )
         path = None
         if self.cache_dir is not None:
-            path = self.cache_dir / f"episode-{episode.fault}-{episode.seed}-{episode.horizon_h}.npy"
+            path = (
+                self.cache_dir / f"episode-{episode.fault}-{episode.seed}-{episode.horizon_h}.npy"
+            )
             if path.exists():
                 return np.load(path, allow_pickle=False)  # data only, never code
         times, feats, _ = simulate_run(run)
@@ -85,8 +93,9 @@ class FleetSimulator:
             np.save(path, w, allow_pickle=False)
         return w
 
-    def stream(self, device: int, rnd: int, *, phase: str = "stream"
-               ) -> Iterator[tuple[np.ndarray, str]]:
+    def stream(
+        self, device: int, rnd: int, *, phase: str = "stream"
+    ) -> Iterator[tuple[np.ndarray, str]]:
         """``(window (T, C), true label)`` in time order for one device and round."""
         for ep in self.schedule(device, rnd, phase=phase):
             for w in self.windows(ep):

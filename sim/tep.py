@@ -37,8 +37,9 @@ def fault_names() -> list[str]:
 def channel_names() -> list[str]:
     import tep_studio
 
-    return ([n for n, _, _ in tep_studio.list_measurements()]
-            + [n for n, _, _ in tep_studio.list_manipulated_variables()])
+    return [n for n, _, _ in tep_studio.list_measurements()] + [
+        n for n, _, _ in tep_studio.list_manipulated_variables()
+    ]
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,16 @@ class WindowSpec:
         if self.stride < 1:
             raise DataError(f"stride must be at least 1 sample, got {self.stride}")
         if not 0 < self.control_interval_h <= self.sample_interval_h:
-            raise DataError("sample_interval_h must be positive and at least control_interval_h "
-                            f"({self.control_interval_h} h), got {self.sample_interval_h}")
+            raise DataError(
+                "sample_interval_h must be positive and at least control_interval_h "
+                f"({self.control_interval_h} h), got {self.sample_interval_h}"
+            )
         ratio = self.sample_interval_h / self.control_interval_h
         if abs(ratio - round(ratio)) > 1e-6:
-            raise DataError(f"sample_interval_h {self.sample_interval_h} must be a whole multiple "
-                            f"of control_interval_h {self.control_interval_h}")
+            raise DataError(
+                f"sample_interval_h {self.sample_interval_h} must be a whole multiple "
+                f"of control_interval_h {self.control_interval_h}"
+            )
 
     @property
     def duration_h(self) -> float:
@@ -93,7 +98,8 @@ class RunSpec:
         if self.horizon_h < first + self.spec.duration_h:
             raise DataError(
                 f"horizon_h {self.horizon_h} is too short: the first labelled window starts at "
-                f"{first} h and lasts {self.spec.duration_h:.2f} h")
+                f"{first} h and lasts {self.spec.duration_h:.2f} h"
+            )
 
 
 @dataclass
@@ -134,14 +140,18 @@ def simulate_run(run: RunSpec) -> tuple[np.ndarray, np.ndarray, bool]:
         return idv if t >= run.onset_h else off
 
     every = round(spec.sample_interval_h / spec.control_interval_h)
-    result = ClosedLoopSimulation(control_interval=spec.control_interval_h,
-                                  horizon=run.horizon_h).run(
-        seed=float(run.seed), disturbance_schedule=schedule, record_every=every)
-    steps = [r for i, r in enumerate(result.results) if i < len(result.results) - 1
-             or not result.terminated]
+    result = ClosedLoopSimulation(
+        control_interval=spec.control_interval_h, horizon=run.horizon_h
+    ).run(seed=float(run.seed), disturbance_schedule=schedule, record_every=every)
+    steps = [
+        r
+        for i, r in enumerate(result.results)
+        if i < len(result.results) - 1 or not result.terminated
+    ]
     times = np.array([r.time_end for r in steps])
-    feats = np.array([np.concatenate([r.measurements, r.implemented_action]) for r in steps],
-                     dtype=np.float32)
+    feats = np.array(
+        [np.concatenate([r.measurements, r.implemented_action]) for r in steps], dtype=np.float32
+    )
     return times, feats, bool(result.terminated)
 
 
@@ -153,7 +163,7 @@ def cut_windows(times: np.ndarray, feats: np.ndarray, run: RunSpec) -> np.ndarra
     starts = range(first, len(times) - spec.window + 1, spec.stride)
     if not len(starts):
         return np.empty((0, spec.window, feats.shape[1]), dtype=np.float32)
-    return np.stack([feats[s:s + spec.window] for s in starts])
+    return np.stack([feats[s : s + spec.window] for s in starts])
 
 
 def _run_windows(run: RunSpec) -> tuple[np.ndarray, bool]:
@@ -161,10 +171,18 @@ def _run_windows(run: RunSpec) -> tuple[np.ndarray, bool]:
     return cut_windows(times, feats, run), terminated
 
 
-def generate(*, classes: Sequence[str], runs_per_class: int = 2, seed: int = 0,
-             horizon_h: float = 6.0, onset_h: float = 0.5, settle_h: float = 1.0,
-             spec: WindowSpec | None = None, cache_dir: Path | None = None,
-             workers: int = 1) -> Windows:
+def generate(
+    *,
+    classes: Sequence[str],
+    runs_per_class: int = 2,
+    seed: int = 0,
+    horizon_h: float = 6.0,
+    onset_h: float = 0.5,
+    settle_h: float = 1.0,
+    spec: WindowSpec | None = None,
+    cache_dir: Path | None = None,
+    workers: int = 1,
+) -> Windows:
     """Labelled windows for ``classes``, deterministic in ``seed`` and cached on disk.
 
     Each class gets ``runs_per_class`` episodes with seeds derived from ``seed``; the
@@ -178,9 +196,18 @@ def generate(*, classes: Sequence[str], runs_per_class: int = 2, seed: int = 0,
         raise DataError(f"runs_per_class must be at least 1, got {runs_per_class}")
     if workers < 1:
         raise DataError(f"workers must be at least 1, got {workers}")
-    runs = [RunSpec(fault=c, seed=seed * 10_000 + k * 100 + i + 1, horizon_h=horizon_h,
-                    onset_h=onset_h, settle_h=settle_h, spec=spec)
-            for k, c in enumerate(classes) for i in range(runs_per_class)]
+    runs = [
+        RunSpec(
+            fault=c,
+            seed=seed * 10_000 + k * 100 + i + 1,
+            horizon_h=horizon_h,
+            onset_h=onset_h,
+            settle_h=settle_h,
+            spec=spec,
+        )
+        for k, c in enumerate(classes)
+        for i in range(runs_per_class)
+    ]
     for run in runs:
         run.check()
     hard = HARD_FAULTS.intersection(classes)
@@ -209,11 +236,20 @@ def generate(*, classes: Sequence[str], runs_per_class: int = 2, seed: int = 0,
     y = np.concatenate(ys)
     missing = [c for i, c in enumerate(classes) if not (y == i).any()]
     if missing:
-        raise DataError(f"no windows for {missing}: the plant shut down before the first "
-                        "labelled window; lower settle_h or pick other faults")
-    meta = {"seed": seed, "runs": len(runs), "shutdowns": sorted(set(shutdowns)),
-            "spec": asdict(spec), "horizon_h": horizon_h, "onset_h": onset_h,
-            "settle_h": settle_h, "cache_key": key}
+        raise DataError(
+            f"no windows for {missing}: the plant shut down before the first "
+            "labelled window; lower settle_h or pick other faults"
+        )
+    meta = {
+        "seed": seed,
+        "runs": len(runs),
+        "shutdowns": sorted(set(shutdowns)),
+        "spec": asdict(spec),
+        "horizon_h": horizon_h,
+        "onset_h": onset_h,
+        "settle_h": settle_h,
+        "cache_key": key,
+    }
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
@@ -222,12 +258,25 @@ def generate(*, classes: Sequence[str], runs_per_class: int = 2, seed: int = 0,
     return Windows(x, y, classes, meta)
 
 
-def golden_set(*, classes: Sequence[str], cache_dir: Path | None = None,
-               runs_per_class: int = 1, horizon_h: float = 6.0,
-               spec: WindowSpec | None = None, workers: int = 1) -> Windows:
+def golden_set(
+    *,
+    classes: Sequence[str],
+    cache_dir: Path | None = None,
+    runs_per_class: int = 1,
+    horizon_h: float = 6.0,
+    spec: WindowSpec | None = None,
+    workers: int = 1,
+) -> Windows:
     """The frozen evaluation set: fixed seeds, disjoint from every training seed."""
-    data = generate(classes=classes, runs_per_class=runs_per_class, seed=GOLDEN_SEED,
-                    horizon_h=horizon_h, spec=spec, cache_dir=cache_dir, workers=workers)
+    data = generate(
+        classes=classes,
+        runs_per_class=runs_per_class,
+        seed=GOLDEN_SEED,
+        horizon_h=horizon_h,
+        spec=spec,
+        cache_dir=cache_dir,
+        workers=workers,
+    )
     data.meta["golden_sha256"] = data.sha256()
     return data
 
@@ -235,6 +284,8 @@ def golden_set(*, classes: Sequence[str], cache_dir: Path | None = None,
 def _cache_key(runs: list[RunSpec]) -> str:
     from importlib.metadata import version
 
-    blob = json.dumps({"format": CACHE_FORMAT, "tep": version("tep-studio"),
-                       "runs": [asdict(r) for r in runs]}, sort_keys=True)
+    blob = json.dumps(
+        {"format": CACHE_FORMAT, "tep": version("tep-studio"), "runs": [asdict(r) for r in runs]},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

@@ -34,9 +34,11 @@ def _answers(port: int) -> bool:
 
 def require(name: str, port: int) -> None:
     if not _answers(port):
-        pytest.fail(f"{name} is not answering on {HOST}:{port}; start the services with "
-                    "`scripts/services up` (or run the whole suite with `scripts/test`)",
-                    pytrace=False)
+        pytest.fail(
+            f"{name} is not answering on {HOST}:{port}; start the services with "
+            "`scripts/services up` (or run the whole suite with `scripts/test`)",
+            pytrace=False,
+        )
 
 
 def unique(prefix: str) -> str:
@@ -62,8 +64,9 @@ def s3_store():
     from cloud.storage import S3ObjectStore
 
     require("SeaweedFS S3", S3_PORT)
-    store = S3ObjectStore(endpoint=f"{HOST}:{S3_PORT}", access_key=S3_KEY, secret_key=S3_SECRET,
-                          bucket=unique("t-"))
+    store = S3ObjectStore(
+        endpoint=f"{HOST}:{S3_PORT}", access_key=S3_KEY, secret_key=S3_SECRET, bucket=unique("t-")
+    )
     yield store
     for key in store.list():
         store.delete(key)
@@ -95,10 +98,16 @@ def tep_small():
 
     classes = ["normal", "idv_01", "idv_02", "idv_07"]
     spec = WindowSpec()
-    train = generate(classes=classes, runs_per_class=2, seed=0, horizon_h=4.0, spec=spec,
-                     cache_dir=TEP_CACHE, workers=2)
-    golden = golden_set(classes=classes, horizon_h=4.0, spec=spec, cache_dir=TEP_CACHE,
-                        workers=2)
+    train = generate(
+        classes=classes,
+        runs_per_class=2,
+        seed=0,
+        horizon_h=4.0,
+        spec=spec,
+        cache_dir=TEP_CACHE,
+        workers=2,
+    )
+    golden = golden_set(classes=classes, horizon_h=4.0, spec=spec, cache_dir=TEP_CACHE, workers=2)
     return train, golden
 
 
@@ -112,9 +121,15 @@ def tiny_package(tep_small):
     train(model, data.x, data.y, TrainConfig(epochs=15))
     from cloud.training import ood_calibration
 
-    pkg = package_model(model, name="edgeloop.test.cpu-fp32", version="v1", parent=None,
-                        profile="cpu-fp32", class_names=data.class_names,
-                        metadata={"ood": ood_calibration(data.x[data.y == 0])})
+    pkg = package_model(
+        model,
+        name="edgeloop.test.cpu-fp32",
+        version="v1",
+        parent=None,
+        profile="cpu-fp32",
+        class_names=data.class_names,
+        metadata={"ood": ood_calibration(data.x[data.y == 0])},
+    )
     return pkg, model
 
 

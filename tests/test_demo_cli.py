@@ -21,8 +21,9 @@ def test_demo_loop_learns_the_new_fault(tmp_path):
     (home / "cache").parent.mkdir(parents=True)
     (home / "cache").symlink_to(TEP_CACHE, target_is_directory=True)
     lines: list[str] = []
-    rows = run_demo(home=home, devices=2, rounds=1, new_faults=["idv_06"], horizon_h=4.0,
-                    echo=lines.append)
+    rows = run_demo(
+        home=home, devices=2, rounds=1, new_faults=["idv_06"], horizon_h=4.0, echo=lines.append
+    )
     (row,) = rows
     assert row.promoted and row.version_before == "v1" and row.version_after == "v2"
     assert row.new_acc_before == 0.0  # v1 has no such class
@@ -53,7 +54,11 @@ def test_help_explains_itself():
 
 def test_demo_rejects_unknown_fault(tmp_path):
     """An unknown fault name stops the demo at once with a clear error and exit code 2."""
-    out = subprocess.run([*EDGELOOP, "demo", "--home", str(tmp_path), "--new", "idv_99"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [*EDGELOOP, "demo", "--home", str(tmp_path), "--new", "idv_99"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "unknown fault 'idv_99'" in out.stderr

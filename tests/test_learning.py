@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,14 +37,17 @@ def fleet_with_uploads(pg_url, s3_store, mlflow_uri, fleet, tep_small):
     """Base and golden sets registered, an initial model, and labelled uploads of a fault
     the model has never seen (as ingest would have stored them)."""
     train, golden = tep_small
-    new = generate(classes=["idv_06"], runs_per_class=2, seed=5, horizon_h=4.0,
-                   cache_dir=TEP_CACHE, workers=2)
-    new_golden = generate(classes=["idv_06"], runs_per_class=1, seed=99, horizon_h=4.0,
-                          cache_dir=TEP_CACHE)
+    new = generate(
+        classes=["idv_06"], runs_per_class=2, seed=5, horizon_h=4.0, cache_dir=TEP_CACHE, workers=2
+    )
+    new_golden = generate(
+        classes=["idv_06"], runs_per_class=1, seed=99, horizon_h=4.0, cache_dir=TEP_CACHE
+    )
     register_dataset(store=s3_store, name="base", data=labelled(train))
-    gold = LabelledWindows(np.concatenate([golden.x, new_golden.x]),
-                           np.concatenate([labelled(golden).labels,
-                                           np.array(["idv_06"] * len(new_golden))]))
+    gold = LabelledWindows(
+        np.concatenate([golden.x, new_golden.x]),
+        np.concatenate([labelled(golden).labels, np.array(["idv_06"] * len(new_golden))]),
+    )
     register_dataset(store=s3_store, name="golden", data=gold)
     sessions = session_factory(pg_url)
     registry = Registry(mlflow_uri, experiment=f"edgeloop-{fleet}")
@@ -55,10 +59,22 @@ def fleet_with_uploads(pg_url, s3_store, mlflow_uri, fleet, tep_small):
             sha, data = encode_window(w)
             s3_store.put(window_key(sha), data)
             sid = f"00000000-0000-4000-8000-{i:012d}"
-            s.add(Sample(id=sid, device_id="d1", fleet=fleet, content_sha256=sha,
-                         object_key=window_key(sha), dtype="float32", shape=[32, 53],
-                         captured_at=datetime.now(UTC), model_version="v1",
-                         predicted="normal", confidence=0.5, score=0.0))
+            s.add(
+                Sample(
+                    id=sid,
+                    device_id="d1",
+                    fleet=fleet,
+                    content_sha256=sha,
+                    object_key=window_key(sha),
+                    dtype="float32",
+                    shape=[32, 53],
+                    captured_at=datetime.now(UTC),
+                    model_version="v1",
+                    predicted="normal",
+                    confidence=0.5,
+                    score=0.0,
+                )
+            )
             s.flush()
             s.add(Label(sample_id=sid, label="idv_06", source="device"))
         s.commit()
@@ -87,7 +103,9 @@ def test_round_registers_gated_version_with_lineage(fleet_with_uploads, mlflow_u
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == cfg.train.epochs
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"confusion.png", "recall.png", "lineage.json", "edge_package"} <= artifacts
-    lineage = json.loads(open(client.download_artifacts(run.info.run_id, "lineage.json")).read())
+    lineage = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "lineage.json")).read_text()
+    )
     assert lineage["parent"] == "v1" and len(lineage["uploads"]) > 0
     assert registry.download_package(champion.run_id) == result.package
 
@@ -117,28 +135,56 @@ def test_mislabelled_round_is_stopped_by_the_gate(fleet_with_uploads, mlflow_uri
     assert client.get_model_version(name, "2").tags["gate_verdict"] == "fail"
 
 
-def test_retrain_task_runs_on_a_real_worker(fleet_with_uploads, pg_url, mlflow_uri, fleet,
-                                            tmp_path):
+def test_retrain_task_runs_on_a_real_worker(
+    fleet_with_uploads, pg_url, mlflow_uri, fleet, tmp_path
+):
     """`edgeloop.retrain` sent through Redis runs on a separate Celery worker process and
     registers v2."""
     require("Redis", REDIS_PORT)
     sessions, store, registry, cfg, first = fleet_with_uploads
-    env = {**os.environ, "EDGELOOP_DATABASE_URL": pg_url, "EDGELOOP_STORE": "s3",
-           "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}", "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
-           "EDGELOOP_S3_SECRET_KEY": S3_SECRET, "EDGELOOP_S3_BUCKET": store.bucket,
-           "EDGELOOP_MLFLOW_TRACKING_URI": mlflow_uri,
-           "EDGELOOP_REDIS_URL": f"redis://{HOST}:{REDIS_PORT}/15"}
+    env = {
+        **os.environ,
+        "EDGELOOP_DATABASE_URL": pg_url,
+        "EDGELOOP_STORE": "s3",
+        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
+        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
+        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
+        "EDGELOOP_S3_BUCKET": store.bucket,
+        "EDGELOOP_MLFLOW_TRACKING_URI": mlflow_uri,
+        "EDGELOOP_REDIS_URL": f"redis://{HOST}:{REDIS_PORT}/15",
+    }
     queue = f"q-{fleet}"
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "cloud.tasks", "worker", "-Q", queue,
-         "--concurrency", "1", "--pool", "solo", "--loglevel", "WARNING",
-         "--hostname", f"{queue}@%h"], env=env, stdout=open(tmp_path / "worker.log", "w"),
-        stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "cloud.tasks",
+            "worker",
+            "-Q",
+            queue,
+            "--concurrency",
+            "1",
+            "--pool",
+            "solo",
+            "--loglevel",
+            "WARNING",
+            "--hostname",
+            f"{queue}@%h",
+        ],
+        env=env,
+        stdout=(tmp_path / "worker.log").open("w"),  # noqa: SIM115 - the worker keeps it
+        stderr=subprocess.STDOUT,
+    )
     try:
-        code = (f"from cloud.tasks import retrain; r = retrain.apply_async(('{fleet}',), "
-                f"queue='{queue}'); import json; print(json.dumps(r.get(timeout=240)))")
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, timeout=300)
+        code = (
+            f"from cloud.tasks import retrain; r = retrain.apply_async(('{fleet}',), "
+            f"queue='{queue}'); import json; print(json.dumps(r.get(timeout=240)))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, out.stderr[-2000:] + (tmp_path / "worker.log").read_text()
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["version"] == "v2" and result["new_classes"] == ["idv_06"]

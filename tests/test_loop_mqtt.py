@@ -45,24 +45,39 @@ def cloud(pg_url, s3_store, mqtt_port, fleet):
     ingestor = Ingestor(sessions=sessions, store=s3_store)
 
     def start():
-        svc = IngestService(ingestor, host=HOST, port=mqtt_port, fleet=fleet,
-                            group=f"g{fleet}")
+        svc = IngestService(ingestor, host=HOST, port=mqtt_port, fleet=fleet, group=f"g{fleet}")
         svc.start()
         assert svc.ready.wait(10)
         time.sleep(0.2)  # the SUBACK follows the CONNACK
         return svc
 
     services = []
-    yield type("Cloud", (), {"sessions": sessions, "store": s3_store, "ingestor": ingestor,
-                             "start": lambda self: services.append(start()) or services[-1]})()
+    yield type(
+        "Cloud",
+        (),
+        {
+            "sessions": sessions,
+            "store": s3_store,
+            "ingestor": ingestor,
+            "start": lambda self: services.append(start()) or services[-1],
+        },
+    )()
     for svc in services:
         svc.stop()
 
 
 def make_agent(tmp_path, fleet, mqtt_port, package, device="d1", **kw):
-    agent = EdgeAgent(EdgeSettings(fleet=fleet, device_id=device, mqtt_port=mqtt_port,
-                                   state_dir=tmp_path / device, resend_after_s=0.5,
-                                   diversity_distance=0.0, **kw))
+    agent = EdgeAgent(
+        EdgeSettings(
+            fleet=fleet,
+            device_id=device,
+            mqtt_port=mqtt_port,
+            state_dir=tmp_path / device,
+            resend_after_s=0.5,
+            diversity_distance=0.0,
+            **kw,
+        )
+    )
     agent.bootstrap(package)
     agent.start()
     wait_for(agent.link.connected.is_set, 10, what="agent connection")
@@ -74,16 +89,20 @@ def count(sessions, model, *where):
         return s.scalar(select(func.count()).select_from(model).where(*where))
 
 
-def test_uploads_are_stored_once_and_acked(tmp_path, cloud, fleet, mqtt_port, tiny_package,
-                                           tep_small):
+def test_uploads_are_stored_once_and_acked(
+    tmp_path, cloud, fleet, mqtt_port, tiny_package, tep_small
+):
     """Faulty windows are uploaded, stored in S3 + Postgres, acked, and leave the buffer;
     their delayed labels land in the labels table."""
     cloud.start()
     agent = make_agent(tmp_path, fleet, mqtt_port, tiny_package[0])
     try:
         _, golden = tep_small
-        sent = [msg for w in windows_of(golden, "idv_01", 12)
-                if (msg := agent.process(w)[1]) is not None]
+        sent = [
+            msg
+            for w in windows_of(golden, "idv_01", 12)
+            if (msg := agent.process(w)[1]) is not None
+        ]
         assert len(sent) >= 10  # a fault the model knows is uploaded as "faulty"
         wait_for(lambda: agent.buffer.depth() == 0, 30, agent.tick, "acks")
         assert count(cloud.sessions, Sample, Sample.device_id == "d1") == len(sent)
@@ -96,14 +115,20 @@ def test_uploads_are_stored_once_and_acked(tmp_path, cloud, fleet, mqtt_port, ti
         wait_for(lambda: agent.buffer.depth() == 0, 30, agent.tick, "label ack")
         assert count(cloud.sessions, Label, Label.label == "idv_01") == len(sent)
         agent.heartbeat()
-        wait_for(lambda: count(cloud.sessions, Device, Device.id == "d1",
-                               Device.last_seen.is_not(None)) == 1, 10, what="heartbeat")
+        wait_for(
+            lambda: (
+                count(cloud.sessions, Device, Device.id == "d1", Device.last_seen.is_not(None)) == 1
+            ),
+            10,
+            what="heartbeat",
+        )
     finally:
         agent.stop()
 
 
-def test_redelivery_and_shared_windows_change_nothing(tmp_path, cloud, fleet, mqtt_port,
-                                                      tiny_package, tep_small):
+def test_redelivery_and_shared_windows_change_nothing(
+    tmp_path, cloud, fleet, mqtt_port, tiny_package, tep_small
+):
     """A replayed message is acked as duplicate and stored once; the same window from two
     devices is one object linked by two rows."""
     cloud.start()
@@ -115,8 +140,12 @@ def test_redelivery_and_shared_windows_change_nothing(tmp_path, cloud, fleet, mq
         _, m1 = a1.process(w)
         _, m2 = a2.process(w)
         assert m1 is not None and m2 is not None
-        wait_for(lambda: a1.buffer.depth() == a2.buffer.depth() == 0, 30,
-                 lambda: (a1.tick(), a2.tick()), "acks")
+        wait_for(
+            lambda: a1.buffer.depth() == a2.buffer.depth() == 0,
+            30,
+            lambda: (a1.tick(), a2.tick()),
+            "acks",
+        )
         # Replay m1 three times, as a QoS 1 redelivery or a device resend would.
         for _ in range(3):
             a1.link.client.publish(topic(fleet, "d1", "samples"), m1.encode(), qos=1)
@@ -130,8 +159,9 @@ def test_redelivery_and_shared_windows_change_nothing(tmp_path, cloud, fleet, mq
         a2.stop()
 
 
-def test_buffer_holds_until_ingest_is_back(tmp_path, cloud, fleet, mqtt_port, tiny_package,
-                                           tep_small):
+def test_buffer_holds_until_ingest_is_back(
+    tmp_path, cloud, fleet, mqtt_port, tiny_package, tep_small
+):
     """With no ingest running nothing is acked and nothing leaves the buffer; once ingest
     starts, every sample arrives exactly once."""
     agent = make_agent(tmp_path, fleet, mqtt_port, tiny_package[0])
@@ -149,8 +179,9 @@ def test_buffer_holds_until_ingest_is_back(tmp_path, cloud, fleet, mqtt_port, ti
         agent.stop()
 
 
-def test_malformed_messages_are_dead_lettered(tmp_path, cloud, fleet, mqtt_port, tiny_package,
-                                              tep_small):
+def test_malformed_messages_are_dead_lettered(
+    tmp_path, cloud, fleet, mqtt_port, tiny_package, tep_small
+):
     """Garbage, wrong schema, NaN, unknown devices and impersonation are dead-lettered with
     their reason; the ingest keeps storing good samples."""
     cloud.start()
@@ -167,13 +198,18 @@ def test_malformed_messages_are_dead_lettered(tmp_path, cloud, fleet, mqtt_port,
             return json.dumps(d).encode()
 
         nan_window = np.full((32, 53), np.nan, dtype=np.float32)
-        nan_tensor = {"dtype": "float32", "shape": [32, 53],
-                      "data": base64.b64encode(nan_window.tobytes()).decode()}
-        bad = [(topic(fleet, "d1", "samples"), b"{not json", "bad_json"),
-               (topic(fleet, "d1", "samples"), variant(schema_version=9), "bad_schema_version"),
-               (topic(fleet, "d1", "samples"), variant(window=nan_tensor), "non_finite"),
-               (topic(fleet, "ghost", "samples"), variant(device_id="ghost"), "unknown_device"),
-               (topic(fleet, "d2", "samples"), variant(), "device_mismatch")]
+        nan_tensor = {
+            "dtype": "float32",
+            "shape": [32, 53],
+            "data": base64.b64encode(nan_window.tobytes()).decode(),
+        }
+        bad = [
+            (topic(fleet, "d1", "samples"), b"{not json", "bad_json"),
+            (topic(fleet, "d1", "samples"), variant(schema_version=9), "bad_schema_version"),
+            (topic(fleet, "d1", "samples"), variant(window=nan_tensor), "non_finite"),
+            (topic(fleet, "ghost", "samples"), variant(device_id="ghost"), "unknown_device"),
+            (topic(fleet, "d2", "samples"), variant(), "device_mismatch"),
+        ]
         for t, payload, _ in bad:
             agent.link.client.publish(t, payload, qos=1)
         wait_for(lambda: count(cloud.sessions, DeadLetter) == len(bad), 20, what="dead letters")
@@ -196,27 +232,44 @@ def test_update_over_mqtt_and_refusals(tmp_path, fleet, mqtt_port, tiny_package)
 
     pkg, model = tiny_package
     m = ModelPackage(pkg).manifest
-    v2 = package_model(model, name=m.name, version="v2", parent="v1", profile="cpu-fp32",
-                       class_names=list(m.class_names), metadata=m.metadata)
+    v2 = package_model(
+        model,
+        name=m.name,
+        version="v2",
+        parent="v1",
+        profile="cpu-fp32",
+        class_names=list(m.class_names),
+        metadata=m.metadata,
+    )
     agent = make_agent(tmp_path, fleet, mqtt_port, pkg)
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     pub.connect(HOST, mqtt_port)
     pub.loop_start()
     try:
+
         def notice(data, version, sha=None, expires=timedelta(days=1)):
-            return UpdateNotice(fleet=fleet, device_id="d1", target_version=version,
-                                base_version="v1", sha256=sha or ModelPackage(data).sha256,
-                                package=base64.b64encode(data).decode(),
-                                expires_at=datetime.now(UTC) + expires).encode()
+            return UpdateNotice(
+                fleet=fleet,
+                device_id="d1",
+                target_version=version,
+                base_version="v1",
+                sha256=sha or ModelPackage(data).sha256,
+                package=base64.b64encode(data).decode(),
+                expires_at=datetime.now(UTC) + expires,
+            ).encode()
 
         pub.publish(topic(fleet, "d1", "updates"), notice(v2, "v2"), qos=1).wait_for_publish()
         wait_for(lambda: agent.model_version == "v2", 20, what="v2 live")
         tampered = bytearray(v2)
         tampered[len(tampered) // 2] ^= 0xFF
-        pub.publish(topic(fleet, "d1", "updates"),
-                    notice(bytes(tampered), "v3", sha=ModelPackage(v2).sha256), qos=1)
-        pub.publish(topic(fleet, "d1", "updates"),
-                    notice(pkg, "v1", expires=timedelta(seconds=-1)), qos=1)
+        pub.publish(
+            topic(fleet, "d1", "updates"),
+            notice(bytes(tampered), "v3", sha=ModelPackage(v2).sha256),
+            qos=1,
+        )
+        pub.publish(
+            topic(fleet, "d1", "updates"), notice(pkg, "v1", expires=timedelta(seconds=-1)), qos=1
+        )
         wait_for(lambda: len(agent.update_events) == 3, 20, what="three update outcomes")
         outcomes = [(e.target_version, e.status, e.reason) for e in agent.update_events]
         assert outcomes[0] == ("v2", "applied", None)
@@ -230,8 +283,10 @@ def test_update_over_mqtt_and_refusals(tmp_path, fleet, mqtt_port, tiny_package)
 
 def test_edge_agent_imports_nothing_heavy():
     """The agent's modules load without torch, transformers, mlflow, celery, sqlalchemy."""
-    code = ("import sys, edge_agent.agent, edge_agent.cli, edge_agent.updater;"
-            "heavy=('torch','transformers','mlflow','celery','sqlalchemy','cloud','sim');"
-            "print([m for m in heavy if m in sys.modules])")
+    code = (
+        "import sys, edge_agent.agent, edge_agent.cli, edge_agent.updater;"
+        "heavy=('torch','transformers','mlflow','celery','sqlalchemy','cloud','sim');"
+        "print([m for m in heavy if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

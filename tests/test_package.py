@@ -19,10 +19,15 @@ def test_same_model_packs_to_same_sha256(tiny_package):
     from cloud.training import package_model
 
     pkg, model = tiny_package
-    again = package_model(model, name="edgeloop.test.cpu-fp32", version="v1", parent=None,
-                          profile="cpu-fp32",
-                          class_names=list(ModelPackage(pkg).manifest.class_names),
-                          metadata=ModelPackage(pkg).manifest.metadata)
+    again = package_model(
+        model,
+        name="edgeloop.test.cpu-fp32",
+        version="v1",
+        parent=None,
+        profile="cpu-fp32",
+        class_names=list(ModelPackage(pkg).manifest.class_names),
+        metadata=ModelPackage(pkg).manifest.metadata,
+    )
     assert ModelPackage(again).sha256 == ModelPackage(pkg).sha256
 
 
@@ -47,11 +52,14 @@ def test_manifest_records_every_tensor(tiny_package):
     assert names and set(pkg.manifest.tensor_sha256) == names
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (lambda b: b[: len(b) // 2], "corrupt_package"),
-    (lambda b: b"not a zip at all", "corrupt_package"),
-    (lambda b: b[:-200] + bytes(200), "corrupt_package"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda b: b[: len(b) // 2], "corrupt_package"),
+        (lambda b: b"not a zip at all", "corrupt_package"),
+        (lambda b: b[:-200] + bytes(200), "corrupt_package"),
+    ],
+)
 def test_damaged_package_is_refused(tiny_package, damage, reason):
     """Truncated, foreign or overwritten packages raise PackageError with the reason."""
     with pytest.raises(PackageError) as err:

@@ -9,8 +9,15 @@ from cloud.config import CloudSettings
 from cloud.db import make_engine, migrate
 from shared.errors import ConfigError
 
-TABLES = {"devices", "samples", "labels", "dead_letters", "model_versions", "rollouts",
-          "device_updates"}
+TABLES = {
+    "devices",
+    "samples",
+    "labels",
+    "dead_letters",
+    "model_versions",
+    "rollouts",
+    "device_updates",
+}
 
 
 def _tables(url: str) -> set[str]:
@@ -51,10 +58,16 @@ def test_production_refuses_unsafe_defaults(monkeypatch):
 
 def test_production_accepts_safe_settings(monkeypatch):
     """Production mode starts when every setting is real."""
-    for key, value in {"MODE": "production", "DATABASE_URL": "postgresql://db/edgeloop",
-                       "STORE": "s3", "S3_SECRET_KEY": "a-long-real-secret", "S3_SECURE": "true",
-                       "MQTT_TLS": "true", "MQTT_PASSWORD": "another-real-secret",
-                       "MLFLOW_TRACKING_URI": "https://mlflow.example"}.items():
+    for key, value in {
+        "MODE": "production",
+        "DATABASE_URL": "postgresql://db/edgeloop",
+        "STORE": "s3",
+        "S3_SECRET_KEY": "a-long-real-secret",
+        "S3_SECURE": "true",
+        "MQTT_TLS": "true",
+        "MQTT_PASSWORD": "another-real-secret",
+        "MLFLOW_TRACKING_URI": "https://mlflow.example",
+    }.items():
         monkeypatch.setenv(f"EDGELOOP_{key}", value)
     assert CloudSettings().mode == "production"
 

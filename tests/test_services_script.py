@@ -25,12 +25,17 @@ def free_port() -> int:
 
 
 def run(args, env, python=sys.executable):
-    return subprocess.run([python, SCRIPT, *args], env=env, capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run(
+        [python, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=180
+    )
 
 
-@pytest.mark.skipif(not shutil.which("redis-server") or not os.path.exists("/usr/sbin/mosquitto")
-                    and not shutil.which("mosquitto"), reason="needs the Debian packages")
+@pytest.mark.skipif(
+    not shutil.which("redis-server")
+    or not os.path.exists("/usr/sbin/mosquitto")
+    and not shutil.which("mosquitto"),
+    reason="needs the Debian packages",
+)
 def test_starts_spare_services_and_stops_only_those():
     """Spare Redis, Mosquitto and PostgreSQL on free ports are started, answer, and are
     stopped by `down`; the shared ones on the standard ports are left running."""
@@ -38,8 +43,11 @@ def test_starts_spare_services_and_stops_only_those():
     state = Path(tempfile.mkdtemp(prefix="edgeloop-services-"))
     state.chmod(0o755)
     ports = {"REDIS": free_port(), "MOSQUITTO": free_port(), "POSTGRES": free_port()}
-    env = {**os.environ, "EDGELOOP_SERVICES_DIR": str(state),
-           **{f"EDGELOOP_{k}_PORT": str(v) for k, v in ports.items()}}
+    env = {
+        **os.environ,
+        "EDGELOOP_SERVICES_DIR": str(state),
+        **{f"EDGELOOP_{k}_PORT": str(v) for k, v in ports.items()},
+    }
     names = ["postgres", "redis", "mosquitto"]
     try:
         up = run(["up", *names], env)
@@ -59,8 +67,11 @@ def test_starts_spare_services_and_stops_only_those():
 
 def test_failure_names_the_service_and_the_reason(tmp_path):
     """Without the `weed` binary, `up seaweedfs` fails, naming the service and the fix."""
-    env = {"PATH": "/usr/bin:/bin", "EDGELOOP_SERVICES_DIR": str(tmp_path),
-           "EDGELOOP_SEAWEEDFS_PORT": str(free_port())}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "EDGELOOP_SERVICES_DIR": str(tmp_path),
+        "EDGELOOP_SEAWEEDFS_PORT": str(free_port()),
+    }
     bare_python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
     out = run(["up", "seaweedfs"], env, python=bare_python)
     assert out.returncode == 1

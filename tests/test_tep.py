@@ -56,23 +56,25 @@ def test_windows_separate_initial_faults(tep_small):
     f_train, f_gold = (f_train - mu) / sd, (f_gold - mu) / sd
     centroids = np.stack([f_train[train.y == k].mean(0) for k in range(len(train.class_names))])
     pred = np.argmin(((f_gold[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
-    recall = {c: float((pred[golden.y == k] == k).mean()) for k, c in
-              enumerate(golden.class_names)}
+    recall = {c: float((pred[golden.y == k] == k).mean()) for k, c in enumerate(golden.class_names)}
     print("per-fault recall:", recall)
     chance = 1 / len(golden.class_names)
     assert (pred == golden.y).mean() > 3 * chance
     assert min(recall.values()) > 0.5
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(classes=["normal", "idv_99"]), "unknown fault"),
-    (dict(classes=[]), "non-empty"),
-    (dict(classes=["normal", "normal"]), "repeats"),
-    (dict(classes=["normal"], runs_per_class=0), "runs_per_class"),
-    (dict(classes=["idv_01"], horizon_h=1.0), "too short"),
-    (dict(classes=["normal"], spec=WindowSpec(window=1)), "window"),
-    (dict(classes=["normal"], spec=WindowSpec(sample_interval_h=0.0007)), "multiple"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(classes=["normal", "idv_99"]), "unknown fault"),
+        (dict(classes=[]), "non-empty"),
+        (dict(classes=["normal", "normal"]), "repeats"),
+        (dict(classes=["normal"], runs_per_class=0), "runs_per_class"),
+        (dict(classes=["idv_01"], horizon_h=1.0), "too short"),
+        (dict(classes=["normal"], spec=WindowSpec(window=1)), "window"),
+        (dict(classes=["normal"], spec=WindowSpec(sample_interval_h=0.0007)), "multiple"),
+    ],
+)
 def test_impossible_requests_are_refused(kwargs, match):
     """Impossible parameters raise DataError saying what is wrong, before simulating."""
     with pytest.raises(DataError, match=match):
@@ -81,8 +83,13 @@ def test_impossible_requests_are_refused(kwargs, match):
 
 def test_fleet_brings_new_faults_per_device():
     """Each device sees the round's new fault; round 0 only knows the initial faults."""
-    sim = FleetSimulator(devices=3, initial_faults=["normal", "idv_01"],
-                         new_faults=["idv_02", "idv_07"], horizon_h=2.5, cache_dir=TEP_CACHE)
+    sim = FleetSimulator(
+        devices=3,
+        initial_faults=["normal", "idv_01"],
+        new_faults=["idv_02", "idv_07"],
+        horizon_h=2.5,
+        cache_dir=TEP_CACHE,
+    )
     for d in range(3):
         assert {e.fault for e in sim.schedule(d, 0)} <= {"normal", "idv_01"}
         assert "idv_02" in {e.fault for e in sim.schedule(d, 1)}

@@ -16,8 +16,15 @@ def v1_v2(tiny_package):
 
     pkg, model = tiny_package
     manifest = ModelPackage(pkg).manifest
-    v2 = package_model(model, name=manifest.name, version="v2", parent="v1", profile="cpu-fp32",
-                       class_names=list(manifest.class_names), metadata=manifest.metadata)
+    v2 = package_model(
+        model,
+        name=manifest.name,
+        version="v2",
+        parent="v1",
+        profile="cpu-fp32",
+        class_names=list(manifest.class_names),
+        metadata=manifest.metadata,
+    )
     return pkg, v2
 
 
@@ -33,10 +40,13 @@ def test_install_swap_and_rollback(tmp_path, v1_v2):
     assert ModelSlots(tmp_path, profile="cpu-fp32").load_active().version == "v1"
 
 
-@pytest.mark.parametrize("make_bad, reason", [
-    (lambda v: v[:1000], "corrupt_package"),
-    (lambda v: b"garbage", "corrupt_package"),
-])
+@pytest.mark.parametrize(
+    "make_bad, reason",
+    [
+        (lambda v: v[:1000], "corrupt_package"),
+        (lambda v: b"garbage", "corrupt_package"),
+    ],
+)
 def test_bad_package_keeps_running_model(tmp_path, v1_v2, make_bad, reason):
     """A corrupt package is refused with its reason; the live model stays live."""
     v1, v2 = v1_v2

@@ -14,9 +14,18 @@ from shared.topics import parse_topic, subscription, topic
 
 
 def sample(window: np.ndarray) -> SampleMessage:
-    return SampleMessage(fleet="f1", device_id="d1", window=Tensor.from_array(window),
-                         channels=window.shape[1], captured_at=utcnow(), model_version="v1",
-                         predicted="normal", confidence=0.5, score=-3.0, reasons=("uncertain",))
+    return SampleMessage(
+        fleet="f1",
+        device_id="d1",
+        window=Tensor.from_array(window),
+        channels=window.shape[1],
+        captured_at=utcnow(),
+        model_version="v1",
+        predicted="normal",
+        confidence=0.5,
+        score=-3.0,
+        reasons=("uncertain",),
+    )
 
 
 def test_topic_round_trip():
@@ -27,8 +36,15 @@ def test_topic_round_trip():
     assert subscription("acks", shared_group="ingest") == "$share/ingest/edgeloop/v1/+/+/acks"
 
 
-@pytest.mark.parametrize("bad", ["edgeloop/v1/f/d", "edgeloop/v2/f/d/samples",
-                                 "edgeloop/v1/f/+/samples", "edgeloop/v1/f/d/unknown"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "edgeloop/v1/f/d",
+        "edgeloop/v2/f/d/samples",
+        "edgeloop/v1/f/+/samples",
+        "edgeloop/v1/f/d/unknown",
+    ],
+)
 def test_bad_topics_are_refused(bad):
     """Wrong depth, version, wildcard names and unknown kinds raise MessageError."""
     with pytest.raises(MessageError):
@@ -43,13 +59,16 @@ def test_sample_round_trip_keeps_bytes():
     assert msg.window.dtype == "float32" and msg.window.shape == (32, 53)
 
 
-@pytest.mark.parametrize("mutate, reason", [
-    (lambda d: d.update(schema_version=2), "bad_schema_version"),
-    (lambda d: d.update(message_id="not-a-uuid"), "bad_schema"),
-    (lambda d: d["window"].update(shape=[31, 53]), "bad_shape"),
-    (lambda d: d.update(sent_at="2026-01-01T00:00:00"), "bad_schema"),
-    (lambda d: d.update(extra_field=1), "bad_schema"),
-])
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda d: d.update(schema_version=2), "bad_schema_version"),
+        (lambda d: d.update(message_id="not-a-uuid"), "bad_schema"),
+        (lambda d: d["window"].update(shape=[31, 53]), "bad_shape"),
+        (lambda d: d.update(sent_at="2026-01-01T00:00:00"), "bad_schema"),
+        (lambda d: d.update(extra_field=1), "bad_schema"),
+    ],
+)
 def test_malformed_samples_are_named(mutate, reason):
     """Each kind of malformed sample raises MessageError with its own reason."""
     w = np.zeros((32, 53), dtype=np.float32)
