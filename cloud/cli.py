@@ -83,3 +83,34 @@ def ingest(
         c.duplicates,
         c.dead_letters,
     )
+
+
+@app.command()
+def champion(
+    fleet: str = typer.Option(..., help="The fleet."),
+    profile: str = typer.Option("cpu-fp32", help="The hardware profile."),
+    out: str = typer.Option(..., help="Where to write the package (a device's first model)."),
+) -> None:
+    """Write the `champion` edge package of a fleet and profile from MLflow to a file."""
+    from pathlib import Path
+
+    from cloud.config import get_settings
+    from cloud.registry import Registry, model_name
+
+    s = get_settings()
+    registry = Registry(s.resolved_mlflow_uri, experiment=f"edgeloop-{fleet}")
+    found = registry.champion(fleet, profile)
+    if found is None:
+        typer.secho(
+            f"error: {model_name(fleet, profile)} has no champion yet; train and promote a "
+            "model first",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(2)
+    version, tags = found
+    run_id = registry.client.get_model_version(model_name(fleet, profile), version).run_id
+    Path(out).write_bytes(registry.download_package(run_id))
+    typer.echo(
+        f"wrote {tags.get('edgeloop_version')} (sha256 {tags.get('sha256', '')[:12]}…) to {out}"
+    )

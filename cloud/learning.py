@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -221,6 +222,7 @@ def train_initial(
         history=history,
         holdout=None,
         lineage={"base": base.sha256()},
+        base=base,
         samples_used=len(base),
         t0=t0,
         parent_model=None,
@@ -243,7 +245,6 @@ def run_round(
             raise DataError(f"fleet {cfg.fleet} has no model yet; train the initial one first")
         parent_version = parent_row.version
     parent_model, old_classes = load_checkpoint(store, checkpoint_key(cfg.fleet, parent_version))
-    model, _ = load_checkpoint(store, checkpoint_key(cfg.fleet, parent_version))
     uploads, hashes = labelled_uploads(sessions=sessions, store=store, fleet=cfg.fleet)
     if len(uploads) == 0:
         raise DataError(f"fleet {cfg.fleet} has no labelled uploads to learn from")
@@ -258,7 +259,7 @@ def run_round(
     x = np.concatenate([uploads.x[fit], replay.x])
     labels = np.concatenate([uploads.labels[fit], replay.labels])
     y = LabelledWindows(x, labels).indices(class_names)
-    model = extend_classes(model, len(class_names))
+    model = extend_classes(copy.deepcopy(parent_model), len(class_names))
     history: list[float] = []
     train(model, x, y, cfg.train, on_epoch=lambda _, v: history.append(v))
     holdout = LabelledWindows(uploads.x[hold], uploads.labels[hold])
@@ -281,6 +282,7 @@ def run_round(
         history=history,
         holdout=holdout,
         lineage=lineage,
+        base=base,
         samples_used=len(x),
         t0=t0,
         parent_model=(parent_model, old_classes),
@@ -300,6 +302,7 @@ def _finish(
     history: list[float],
     holdout: LabelledWindows | None,
     lineage: dict[str, Any],
+    base: LabelledWindows,
     samples_used: int,
     t0: float,
     parent_model: tuple[WindowClassifier, list[str]] | None,
@@ -353,7 +356,6 @@ def _finish(
         metrics.update({f"holdout_recall_{k}": v for k, v in new_recall.items()})
     gates["passed"] = bool(passed)
 
-    base = load_dataset(store=store, name=cfg.base_dataset)
     normal_windows = base.x[base.labels == class_names[0]]
     version = next_version(sessions=sessions, fleet=cfg.fleet, profile=cfg.profile)
     package = package_model(

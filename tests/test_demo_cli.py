@@ -19,6 +19,7 @@ def test_demo_loop_learns_the_new_fault(tmp_path):
     after the update, the old classes stay recognised, and MLflow holds both versions."""
     home = tmp_path / "demo"
     (home / "cache").parent.mkdir(parents=True)
+    TEP_CACHE.mkdir(parents=True, exist_ok=True)
     (home / "cache").symlink_to(TEP_CACHE, target_is_directory=True)
     lines: list[str] = []
     rows = run_demo(
