@@ -9,6 +9,7 @@ with replay, registers the new version in MLflow (sqlite store) and sends it to 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections import defaultdict
@@ -104,7 +105,8 @@ def run_demo(
             f"rounds must be between 1 and the number of new faults "
             f"({len(new_faults)}), got {rounds}"
         )
-    logging.getLogger("mlflow").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # MLflow configures its own logger on import; keep its INFO lines out of the demo's output.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     home = Path(home).resolve()
     cache = home / "cache"
     for child in home.glob("*") if home.exists() else []:  # a fresh loop; keep the data cache
