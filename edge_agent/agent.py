@@ -31,12 +31,13 @@ from shared.messages import (
 )
 
 log = logging.getLogger(__name__)
+# JSON and base64 make a window's message about 4/3 of its raw bytes plus the envelope.
+MESSAGE_OVERHEAD_BYTES = 600
 
 
 class EdgeAgent:
     def __init__(self, settings: EdgeSettings, *, link: MqttLink | None = None) -> None:
-        self.settings = settings
-        s = settings
+        self.settings = s = settings
         self.buffer = DurableBuffer(
             s.state_dir / "buffer.sqlite3", max_messages=s.buffer_max_messages
         )
@@ -62,6 +63,10 @@ class EdgeAgent:
         )
         self._model_lock = threading.Lock()
         self.runtime: ModelRuntime | None = self.slots.load_active()
+        # message id → when it was last handed to the broker, this process only: after a
+        # restart the map is empty, so every un-acked message goes out again.
+        self._inflight: dict[str, float] = {}
+        self._inflight_lock = threading.Lock()
         self.latencies_ms: deque[float] = deque(maxlen=512)
         self.windows_seen = 0
         self.anomalies = 0
@@ -96,13 +101,19 @@ class EdgeAgent:
         if runtime is None:
             raise PackageError("no model installed on this device", reason="no_model")
         t0 = time.perf_counter()
-        det = runtime.detect(window[None].astype(np.float32, copy=False))[0]
+        try:
+            det = runtime.detect(window[None])[0]
+        except PackageError as exc:  # the live model misbehaves on real data
+            self._auto_rollback(runtime, exc)
+            raise
         self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
         self.windows_seen += 1
         self.anomalies += det.predicted != self.settings.normal_class
-        reasons = self.selector.admit(window, det, window.nbytes)
+        size = window.nbytes * 4 // 3 + MESSAGE_OVERHEAD_BYTES
+        reasons = self.selector.admit(window, det, size)
         if not reasons:
             return det, None
+        score_name = self.settings.anomaly_score
         msg = SampleMessage(
             fleet=self.settings.fleet,
             device_id=self.settings.device_id,
@@ -112,7 +123,7 @@ class EdgeAgent:
             model_version=runtime.version,
             predicted=det.predicted,
             confidence=min(1.0, det.confidence),
-            score=det.energy,
+            score=det.scores.get(score_name, det.scores["energy"]),
             reasons=reasons,  # type: ignore[arg-type]
         )
         self._enqueue(msg)
@@ -131,20 +142,33 @@ class EdgeAgent:
         return msg
 
     def _enqueue(self, msg: Envelope) -> None:
+        """Durable first (one SQLite commit), then one try to send; tick() resends."""
         topic = self.link.topic(msg.kind)  # type: ignore[arg-type]
-        self.buffer.put(str(msg.message_id), topic, msg.encode())
-        self.flush()
+        message_id = str(msg.message_id)
+        payload = msg.encode()
+        self.buffer.put(message_id, topic, payload)
+        self._send(message_id, topic, payload)
+
+    def _send(self, message_id: str, topic: str, payload: bytes) -> bool:
+        if not self.link.publish(topic, payload):
+            return False
+        with self._inflight_lock:
+            self._inflight[message_id] = time.monotonic()
+        return True
 
     def flush(self) -> int:
-        """Send what is due from the buffer; returns how many went to the broker."""
-        sent = []
-        for p in self.buffer.due(resend_after=self.settings.resend_after_s):
-            if not self.link.publish(p.topic, p.payload):
-                break
-            sent.append(p.message_id)
-        if sent:
-            self.buffer.mark_sent(sent)
-        return len(sent)
+        """(Re)send buffered messages that are not in flight or whose ack is overdue."""
+        now = time.monotonic()
+        sent = 0
+        for p in self.buffer.pending():
+            with self._inflight_lock:
+                last = self._inflight.get(p.message_id)
+            if last is not None and now - last < self.settings.resend_after_s:
+                continue
+            if not self._send(p.message_id, p.topic, p.payload):
+                break  # offline: the rest waits for the next tick
+            sent += 1
+        return sent
 
     def tick(self) -> None:
         """Periodic work: resend what is due, heartbeat when it is time."""
@@ -164,6 +188,9 @@ class EdgeAgent:
             windows_seen=self.windows_seen,
             anomaly_rate=self.anomalies / max(1, self.windows_seen),
             latency_ms_p50=lat[len(lat) // 2] if lat else 0.0,
+            buffer_evicted=self.buffer.stats().get("evicted", 0),
+            skipped_budget=self.selector.skipped_budget,
+            skipped_duplicate=self.selector.skipped_duplicate,
         )
         # Heartbeats are state, not data: the next one supersedes a lost one, so no buffer.
         self.link.publish(self.link.topic("heartbeat"), hb.encode())
@@ -172,13 +199,16 @@ class EdgeAgent:
     # -- from the cloud ---------------------------------------------------------------------
     def on_message(self, kind: str, payload: bytes) -> None:
         if kind == "acks":
-            ack = decode("acks", payload)
-            self.buffer.ack([str(i) for i in ack.acked_ids])
+            ids = [str(i) for i in decode("acks", payload).acked_ids]
+            self.buffer.ack(ids)
+            with self._inflight_lock:
+                for i in ids:
+                    self._inflight.pop(i, None)
         elif kind == "updates":
             self.apply_update(payload)
 
     def apply_update(self, payload: bytes) -> UpdateStatus:
-        """Verify and install an update; report the outcome; keep serving on failure."""
+        """Verify and install (or roll back); report the outcome; keep serving on failure."""
         target, status, reason = "unknown", "rejected", None
         try:
             notice: UpdateNotice = decode("updates", payload)
@@ -187,9 +217,13 @@ class EdgeAgent:
                 raise PackageError(
                     f"update to {target} expired at {notice.expires_at}", reason="expired"
                 )
-            if notice.target_version == self.model_version:
+            if notice.action == "rollback":
+                self._swap(self.slots.rollback())
+                status = "rolled_back"
+            elif notice.target_version == self.model_version:
                 status = "applied"  # redelivered: already live
             else:
+                assert notice.package is not None  # the message validator guarantees it
                 data = base64.b64decode(notice.package, validate=True)
                 runtime = self.slots.install(data, expected_sha256=notice.sha256)
                 if runtime.version != notice.target_version:
@@ -199,12 +233,34 @@ class EdgeAgent:
                         f"names {notice.target_version}",
                         reason="wrong_version",
                     )
-                with self._model_lock:
-                    self.runtime = runtime
+                self._swap(runtime)
                 status = "applied"
         except (EdgeloopError, ValueError) as exc:  # ValueError: bad base64
             reason = exc.reason if isinstance(exc, EdgeloopError) else "invalid_update"
-            log.warning("update to %s rejected (%s): %s", target, reason, exc)
+            log.warning("update to %s refused (%s): %s", target, reason, exc)
+        return self._report(target, status, reason)
+
+    def _swap(self, runtime: ModelRuntime) -> None:
+        with self._model_lock:
+            self.runtime = runtime
+
+    def _auto_rollback(self, failed: ModelRuntime, exc: PackageError) -> None:
+        try:
+            self._swap(self.slots.rollback())
+        except PackageError as no_previous:
+            log.error(
+                "model %s failed (%s) and cannot roll back: %s", failed.version, exc, no_previous
+            )
+            return
+        log.error(
+            "model %s failed on live data (%s); rolled back to %s",
+            failed.version,
+            exc.reason,
+            self.model_version,
+        )
+        self._report(failed.version, "rolled_back", exc.reason)
+
+    def _report(self, target: str, status: str, reason: str | None) -> UpdateStatus:
         report = UpdateStatus(
             fleet=self.settings.fleet,
             device_id=self.settings.device_id,

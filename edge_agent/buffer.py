@@ -17,9 +17,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     message_id TEXT PRIMARY KEY,
     topic      TEXT NOT NULL,
     payload    BLOB NOT NULL,
-    created_at REAL NOT NULL,
-    sent_at    REAL,
-    attempts   INTEGER NOT NULL DEFAULT 0
+    created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_created ON outbox(created_at);
 CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -31,7 +29,6 @@ class Pending:
     message_id: str
     topic: str
     payload: bytes
-    attempts: int
 
 
 class DurableBuffer:
@@ -67,24 +64,15 @@ class DurableBuffer:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def due(self, *, resend_after: float, limit: int = 500) -> list[Pending]:
-        """Messages never sent, or sent ``resend_after`` seconds ago and still un-acked."""
-        cutoff = time.time() - resend_after
+    def pending(self, *, limit: int = 500) -> list[Pending]:
+        """The oldest un-acked messages. Which of them are in flight is the sender's business:
+        after a restart nothing is, so every un-acked message is sent again."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT message_id, topic, payload, attempts FROM outbox WHERE sent_at IS NULL "
-                "OR sent_at < ? ORDER BY created_at LIMIT ?",
-                (cutoff, limit),
+                "SELECT message_id, topic, payload FROM outbox ORDER BY created_at LIMIT ?",
+                (limit,),
             ).fetchall()
         return [Pending(*r) for r in rows]
-
-    def mark_sent(self, message_ids: list[str]) -> None:
-        now = time.time()
-        with self._lock:
-            self._db.executemany(
-                "UPDATE outbox SET sent_at = ?, attempts = attempts + 1 WHERE message_id = ?",
-                [(now, m) for m in message_ids],
-            )
 
     def ack(self, message_ids: list[str]) -> int:
         with self._lock:

@@ -28,6 +28,9 @@ class EdgeSettings(BaseSettings):
     keepalive_s: int = 30
 
     threads: int = Field(1, ge=1, le=64)
+    # Which score a sample carries to the cloud (see edge_agent.scoring); energy when the
+    # package has no calibration for the one named.
+    anomaly_score: Literal["energy", "max_softmax", "distance"] = "distance"
     uncertain_below: float = Field(0.7, gt=0, le=1)  # max-softmax under this: uncertain
     ood_energy_above: float | None = None  # energy over this: out of distribution
     normal_class: str = "normal"

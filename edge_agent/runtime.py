@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
+from edge_agent.scoring import scorers_for
 from shared.errors import PackageError
 from shared.package import ModelPackage
 
 
 @dataclass(frozen=True)
 class Detection:
-    """What the model made of one window."""
+    """What the model made of one window, and every anomaly score the package supports."""
 
     predicted: str
-    confidence: float  # max softmax
-    energy: float  # -logsumexp(logits): higher means less like anything seen in training
-    distance: float | None = None  # feature distance from normal operation (see below)
+    confidence: float  # max softmax probability
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 class ModelRuntime:
@@ -41,14 +41,7 @@ class ModelRuntime:
         spec = package.manifest.input
         self.shape = (spec.window, spec.channels)
         self.class_names = package.manifest.class_names
-        ood = package.manifest.metadata.get("ood")
-        self.ood: tuple[np.ndarray, np.ndarray, float] | None = None
-        if ood:
-            self.ood = (
-                np.asarray(ood["feature_mean"]),
-                np.asarray(ood["feature_std"]),
-                float(ood["threshold"]),
-            )
+        self.scorers = scorers_for(package.manifest.metadata)
 
     @property
     def version(self) -> str:
@@ -63,31 +56,20 @@ class ModelRuntime:
         return np.asarray(out[0])
 
     def detect(self, windows: np.ndarray) -> list[Detection]:
-        logits = self.logits(windows).astype(np.float64)
-        top = logits.max(axis=1, keepdims=True)
-        lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-        probs = np.exp(logits - lse[:, None])
-        best = probs.argmax(axis=1)
-        dist = self.distance(windows)
+        windows = windows.astype(np.float32, copy=False)
+        logits = self.logits(windows)
+        if not np.isfinite(logits).all():
+            raise PackageError("the model produced non-finite logits", reason="bad_output")
+        best = logits.argmax(axis=1)
+        scores = {name: fn(logits, windows) for name, fn in self.scorers.items()}
         return [
             Detection(
                 self.class_names[int(k)],
-                float(probs[i, k]),
-                float(-lse[i]),
-                None if dist is None else float(dist[i]),
+                1.0 - float(scores["max_softmax"][i]),
+                {name: float(v[i]) for name, v in scores.items()},
             )
             for i, k in enumerate(best)
         ]
-
-    def distance(self, windows: np.ndarray) -> np.ndarray | None:
-        """Mean squared z-score of each window's channel levels and spreads against normal
-        operation, in units of the package's calibrated threshold (over 1: out of
-        distribution). None when the package carries no calibration."""
-        if self.ood is None:
-            return None
-        mean, std, threshold = self.ood
-        feats = np.concatenate([windows.mean(axis=1), windows.std(axis=1)], axis=1)
-        return np.mean(((feats - mean) / std) ** 2, axis=1) / threshold
 
     def smoke_check(self) -> None:
         """Run one all-zero window; a package that cannot do this must not go live."""

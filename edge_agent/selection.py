@@ -50,8 +50,8 @@ class Selector:
             out.append("uncertain")
         if det.predicted != self.normal_class:
             out.append("faulty")
-        if (det.distance is not None and det.distance > 1.0) or (
-            self.ood_energy_above is not None and det.energy > self.ood_energy_above
+        if det.scores.get("distance", 0.0) > 1.0 or (
+            self.ood_energy_above is not None and det.scores["energy"] > self.ood_energy_above
         ):
             out.append("ood")
         return tuple(out)

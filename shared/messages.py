@@ -13,7 +13,14 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shared.errors import MessageError
 
@@ -135,6 +142,9 @@ class Heartbeat(Envelope):
     windows_seen: int = Field(ge=0)
     anomaly_rate: float = Field(ge=0.0, le=1.0)
     latency_ms_p50: float = Field(ge=0.0, allow_inf_nan=False)
+    buffer_evicted: int = Field(default=0, ge=0)  # dropped from a full buffer since first start
+    skipped_budget: int = Field(default=0, ge=0)  # candidates held back by the byte budget
+    skipped_duplicate: int = Field(default=0, ge=0)  # …and by the diversity rule
     online: bool = True
 
 
@@ -148,14 +158,22 @@ class Ack(Envelope):
 
 
 class UpdateNotice(Envelope):
-    """A new model for the device: for now the whole package, inline."""
+    """A command to a device's model slots: install a package (for now the whole package,
+    inline), or roll back to the previous slot."""
 
     kind: ClassVar[str] = "updates"
+    action: Literal["install", "rollback"] = "install"
     target_version: str
     base_version: str | None
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    package: str  # base64 of the package bytes
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    package: str | None = None  # base64 of the package bytes
     expires_at: datetime
+
+    @model_validator(mode="after")
+    def _install_carries_package(self) -> UpdateNotice:
+        if self.action == "install" and (self.package is None or self.sha256 is None):
+            raise ValueError("an install carries the package and its sha256")
+        return self
 
 
 class UpdateStatus(Envelope):
