@@ -175,7 +175,9 @@ def tensor_hashes(graph: bytes) -> dict[str, str]:
 
 
 def window_features(x: np.ndarray) -> np.ndarray:
-    """(N, T, C) → (N, 2C): each channel's level and spread over the window."""
+    """(N, T, C) → (N, 2C): each channel's level and spread over the window (float64, as
+    the device computes them)."""
+    x = x.astype(np.float64)
     return np.concatenate([x.mean(axis=1), x.std(axis=1)], axis=1)
 
 
@@ -189,7 +191,10 @@ def ood_calibration(x_normal: np.ndarray, quantile: float = 0.995) -> dict[str, 
     uploaded at all.
     """
     feats = window_features(x_normal).astype(np.float64)
-    mean, std = feats.mean(axis=0), feats.std(axis=0) + 1e-6
+    mean = feats.mean(axis=0)
+    # Floor each spread at float32 resolution: a nearly constant channel must not turn a
+    # rounding difference into an alarm.
+    std = np.maximum(feats.std(axis=0), 1e-5 * np.abs(mean) + 1e-6)
     score = np.mean(((feats - mean) / std) ** 2, axis=1)
     return {
         "feature_mean": mean.round(6).tolist(),

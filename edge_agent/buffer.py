@@ -41,17 +41,26 @@ class DurableBuffer:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._depth = self._count()  # kept in memory: COUNT(*) on every put is a table scan
 
     def put(self, message_id: str, topic: str, payload: bytes) -> None:
+        self.put_many([(message_id, topic, payload)])
+
+    def put_many(self, items: list[tuple[str, str, bytes]]) -> None:
+        """Store ``(message_id, topic, payload)`` items in one durable transaction (one
+        fsync for the lot); already-stored ids are ignored; evict the oldest when full."""
+        now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    "INSERT OR IGNORE INTO outbox(message_id, topic, payload, "
-                    "created_at) VALUES (?, ?, ?, ?)",
-                    (message_id, topic, payload, time.time()),
+                before = self._db.total_changes
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO outbox(message_id, topic, payload, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(m, t, p, now) for m, t, p in items],
                 )
-                over = self._count() - self.max_messages
+                depth = self._depth + self._db.total_changes - before
+                over = depth - self.max_messages
                 if over > 0:
                     self._db.execute(
                         "DELETE FROM outbox WHERE message_id IN (SELECT message_id "
@@ -59,10 +68,12 @@ class DurableBuffer:
                         (over,),
                     )
                     self._bump("evicted", over)
+                    depth -= over
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._depth = depth
 
     def pending(self, *, limit: int = 500) -> list[Pending]:
         """The oldest un-acked messages. Which of them are in flight is the sender's business:
@@ -81,11 +92,11 @@ class DurableBuffer:
             )
             if cur.rowcount > 0:
                 self._bump("acked", cur.rowcount)
+                self._depth -= cur.rowcount
             return cur.rowcount
 
     def depth(self) -> int:
-        with self._lock:
-            return self._count()
+        return self._depth
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -94,7 +94,8 @@ def run(
             stop.wait(1.0 / rate if feed is not None and i < len(feed) else 1.0)
     finally:
         agent.heartbeat()
-        depth = agent.buffer.depth()
+        agent.sync()
+        depth = agent.backlog()
         time.sleep(0.2)
         agent.stop()
         log.info("agent stopped cleanly; %d message(s) stay buffered for next start", depth)

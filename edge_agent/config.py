@@ -37,6 +37,10 @@ class EdgeSettings(BaseSettings):
     upload_bytes_per_hour: int = Field(50_000_000, ge=0)
     diversity_distance: float = Field(0.5, ge=0)  # see selection.Selector
     buffer_max_messages: int = Field(100_000, ge=10)
+    # Selected windows become durable in batches: at least every commit_interval_s, or as
+    # soon as commit_batch are queued (see EdgeAgent).
+    commit_interval_s: float = Field(0.05, gt=0, le=5)
+    commit_batch: int = Field(64, ge=1)
     resend_after_s: float = Field(10.0, gt=0)
     heartbeat_s: float = Field(30.0, gt=0)
 

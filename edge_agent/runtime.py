@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.scoring import scorers_for
+from edge_agent.scoring import scorers_for, window_features
 from shared.errors import PackageError
 from shared.package import ModelPackage
 
@@ -19,6 +19,7 @@ class Detection:
     predicted: str
     confidence: float  # max softmax probability
     scores: dict[str, float] = field(default_factory=dict)
+    features: np.ndarray | None = None  # (2C,) channel means and spreads, for selection
 
 
 class ModelRuntime:
@@ -61,12 +62,14 @@ class ModelRuntime:
         if not np.isfinite(logits).all():
             raise PackageError("the model produced non-finite logits", reason="bad_output")
         best = logits.argmax(axis=1)
-        scores = {name: fn(logits, windows) for name, fn in self.scorers.items()}
+        features = window_features(windows)
+        scores = {name: fn(logits, features) for name, fn in self.scorers.items()}
         return [
             Detection(
                 self.class_names[int(k)],
                 1.0 - float(scores["max_softmax"][i]),
                 {name: float(v[i]) for name, v in scores.items()},
+                features[i],
             )
             for i, k in enumerate(best)
         ]

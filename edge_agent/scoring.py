@@ -14,9 +14,21 @@ import numpy as np
 
 
 class Scorer(Protocol):
-    def __call__(self, logits: np.ndarray, windows: np.ndarray) -> np.ndarray:
-        """(B, K) logits and (B, T, C) windows → (B,) scores."""
+    def __call__(self, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """(B, K) logits and (B, 2C) window features (see window_features) → (B,) scores."""
         ...
+
+
+def window_features(windows: np.ndarray) -> np.ndarray:
+    """(B, T, C) → (B, 2C): each channel's mean and standard deviation over the window.
+
+    One pass of sums (float64) instead of mean() and std(): this runs on every window.
+    """
+    t = windows.shape[1]
+    s1 = windows.sum(axis=1, dtype=np.float64)
+    s2 = np.einsum("btc,btc->bc", windows, windows, dtype=np.float64)
+    mean = s1 / t
+    return np.concatenate([mean, np.sqrt(np.maximum(s2 / t - mean * mean, 0.0))], axis=1)
 
 
 def _logsumexp(logits: np.ndarray) -> np.ndarray:
@@ -24,12 +36,12 @@ def _logsumexp(logits: np.ndarray) -> np.ndarray:
     return top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
 
 
-def energy(logits: np.ndarray, windows: np.ndarray) -> np.ndarray:
+def energy(logits: np.ndarray, features: np.ndarray) -> np.ndarray:
     """-logsumexp(logits) (Liu et al. 2020): high when no class explains the window."""
     return -_logsumexp(logits.astype(np.float64))
 
 
-def max_softmax(logits: np.ndarray, windows: np.ndarray) -> np.ndarray:
+def max_softmax(logits: np.ndarray, features: np.ndarray) -> np.ndarray:
     """1 - max softmax probability (Hendrycks & Gimpel 2017): high when the model hesitates."""
     z = logits.astype(np.float64)
     return 1.0 - np.exp(z.max(axis=1) - _logsumexp(z))
@@ -48,9 +60,9 @@ class FeatureDistance:
         self.std = np.asarray(calibration["feature_std"], dtype=np.float64)
         self.threshold = float(calibration["threshold"])
 
-    def __call__(self, logits: np.ndarray, windows: np.ndarray) -> np.ndarray:
-        feats = np.concatenate([windows.mean(axis=1), windows.std(axis=1)], axis=1)
-        return np.mean(((feats - self.mean) / self.std) ** 2, axis=1) / self.threshold
+    def __call__(self, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+        z = (features - self.mean) / self.std
+        return np.einsum("bf,bf->b", z, z) / (z.shape[1] * self.threshold)
 
 
 def scorers_for(metadata: Mapping[str, Any]) -> dict[str, Scorer]:

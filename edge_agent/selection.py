@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections import deque
 
 import numpy as np
 
 from edge_agent.runtime import Detection
+from edge_agent.scoring import window_features
 
 
 class Selector:
@@ -18,8 +18,9 @@ class Selector:
 
     Two brakes stop one long event from filling the uplink: a byte budget per hour (a token
     bucket), and a diversity rule: a candidate whose channel-mean profile lies within
-    ``diversity_distance`` (RMS, in units of the window's own channel spread) of one of the
-    last ``memory`` sent windows with the same prediction is skipped as a near-duplicate.
+    ``diversity_distance`` (RMS, in units of the windows' own channel spread) of one of the
+    last ``memory`` sent windows with the same prediction is skipped as a near-duplicate
+    (0 turns the rule off).
     """
 
     def __init__(
@@ -40,7 +41,9 @@ class Selector:
         self.tokens = self.capacity
         self.last = time.monotonic()
         self.diversity_distance = diversity_distance
-        self.recent: deque[tuple[str, np.ndarray]] = deque(maxlen=memory)
+        self.memory = memory
+        # Per predicted class, the features of the last `memory` windows sent: (n, 2C).
+        self.recent: dict[str, np.ndarray] = {}
         self.skipped_budget = 0
         self.skipped_duplicate = 0
 
@@ -61,10 +64,12 @@ class Selector:
         reasons = self.reasons(det)
         if not reasons:
             return ()
-        sketch = np.stack([window.mean(axis=0), window.std(axis=0) + 1e-6])  # (2, C)
-        if any(
-            p == det.predicted and _distance(s, sketch) < self.diversity_distance
-            for p, s in self.recent
+        feats = det.features if det.features is not None else window_features(window[None])[0]
+        sent = self.recent.get(det.predicted)
+        if (
+            sent is not None
+            and self.diversity_distance > 0
+            and _nearest(sent, feats) < self.diversity_distance
         ):
             self.skipped_duplicate += 1
             return ()
@@ -75,11 +80,19 @@ class Selector:
             self.skipped_budget += 1
             return ()
         self.tokens -= nbytes
-        self.recent.append((det.predicted, sketch))
+        kept = (
+            feats[None]
+            if sent is None
+            else np.concatenate([sent[-(self.memory - 1) :], feats[None]])
+        )
+        self.recent[det.predicted] = kept
         return reasons
 
 
-def _distance(a: np.ndarray, b: np.ndarray) -> float:
-    """RMS gap between two windows' channel means, in units of their within-window spread."""
-    spread = 0.5 * (a[1] + b[1])
-    return float(np.sqrt(np.mean(((a[0] - b[0]) / spread) ** 2)))
+def _nearest(sent: np.ndarray, feats: np.ndarray) -> float:
+    """Smallest RMS gap between ``feats``' channel means and those of the windows sent,
+    in units of their within-window spread. Features are (…, 2C): means, then spreads."""
+    c = feats.shape[0] // 2
+    spread = 0.5 * (sent[:, c:] + feats[c:]) + 1e-6  # (n, C)
+    gap = (sent[:, :c] - feats[:c]) / spread
+    return float(np.sqrt(np.einsum("nc,nc->n", gap, gap) / c).min())

@@ -7,8 +7,10 @@ install shows only the edge commands.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from datetime import UTC, datetime
 from importlib.metadata import entry_points
 
 import typer
@@ -22,6 +24,21 @@ sends it back to the devices.
 Start with `edgeloop demo`, which runs the whole loop on one machine with embedded
 defaults (SQLite, in-process MQTT broker, local object store, MLflow sqlite store).
 """
+
+
+class JsonFormatter(logging.Formatter):
+    """Structured logs: time, level, logger, message, and the exception if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def build_app() -> typer.Typer:
@@ -38,10 +55,22 @@ def build_app() -> typer.Typer:
         verbose: bool = typer.Option(
             False, "--verbose", "-v", help="Log what each part does (INFO)."
         ),
+        log_json: bool = typer.Option(
+            os.environ.get("EDGELOOP_LOG_FORMAT") == "json",
+            "--log-json",
+            help="One JSON object per log line (for journald, Loki, ...); "
+            "also EDGELOOP_LOG_FORMAT=json.",
+        ),
     ) -> None:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            JsonFormatter()
+            if log_json
+            else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
         logging.basicConfig(
             level=logging.INFO if verbose else os.environ.get("EDGELOOP_LOG_LEVEL", "WARNING"),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            handlers=[handler],
         )
 
     for ep in sorted(entry_points(group="edgeloop.commands"), key=lambda e: e.name):

@@ -206,7 +206,7 @@ def run_demo(
             old = set(sim.faults_in_round(rnd - 1))
             before, uploaded, labelled = _stream(sim, agents, rnd, "stream")
             _wait(
-                lambda: all(a.buffer.depth() == 0 for a in agents),
+                lambda: all(a.backlog() == 0 for a in agents),
                 lambda: [a.tick() for a in agents],
                 120,
                 "uploads and labels to be acked",

@@ -136,3 +136,50 @@ def tiny_package(tep_small):
 def windows_of(data, label: str, n: int) -> np.ndarray:
     idx = np.flatnonzero(np.array(data.class_names)[data.y] == label)[:n]
     return data.x[idx]
+
+
+class SpareBroker:
+    """A Mosquitto of the test's own on a free port, which the test may stop and restart."""
+
+    def __init__(self, workdir: Path) -> None:
+        import shutil
+
+        self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            self.port = s.getsockname()[1]
+        self.conf = workdir / "mosquitto.conf"
+        lines = [f"listener {self.port} {HOST}", "allow_anonymous true", "persistence false"]
+        if os.geteuid() == 0:
+            lines.append("user root")
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc = None
+
+    def start(self) -> SpareBroker:
+        import subprocess
+        import time
+
+        self.proc = subprocess.Popen(
+            [self.exe, "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _answers(self.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError("spare mosquitto did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def spare_broker(tmp_path):
+    broker = SpareBroker(tmp_path).start()
+    yield broker
+    broker.stop()

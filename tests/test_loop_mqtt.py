@@ -104,7 +104,7 @@ def test_uploads_are_stored_once_and_acked(
             if (msg := agent.process(w)[1]) is not None
         ]
         assert len(sent) >= 10  # a fault the model knows is uploaded as "faulty"
-        wait_for(lambda: agent.buffer.depth() == 0, 30, agent.tick, "acks")
+        wait_for(lambda: agent.backlog() == 0, 30, agent.tick, "acks")
         assert count(cloud.sessions, Sample, Sample.device_id == "d1") == len(sent)
         with cloud.sessions() as s:
             keys = set(s.scalars(select(Sample.object_key)))
@@ -112,7 +112,7 @@ def test_uploads_are_stored_once_and_acked(
         stored = np.load(__import__("io").BytesIO(cloud.store.get(sorted(keys)[0])))
         assert stored.shape == (32, 53)
         agent.report_label([m.message_id for m in sent], "idv_01")
-        wait_for(lambda: agent.buffer.depth() == 0, 30, agent.tick, "label ack")
+        wait_for(lambda: agent.backlog() == 0, 30, agent.tick, "label ack")
         assert count(cloud.sessions, Label, Label.label == "idv_01") == len(sent)
         agent.heartbeat()
         wait_for(
@@ -141,7 +141,7 @@ def test_redelivery_and_shared_windows_change_nothing(
         _, m2 = a2.process(w)
         assert m1 is not None and m2 is not None
         wait_for(
-            lambda: a1.buffer.depth() == a2.buffer.depth() == 0,
+            lambda: a1.backlog() == a2.backlog() == 0,
             30,
             lambda: (a1.tick(), a2.tick()),
             "acks",
@@ -171,9 +171,10 @@ def test_buffer_holds_until_ingest_is_back(
         for _ in range(5):
             agent.tick()
             time.sleep(0.2)
-        assert agent.buffer.depth() == len(sent) > 0
+        agent.sync()
+        assert agent.backlog() == len(sent) > 0
         cloud.start()
-        wait_for(lambda: agent.buffer.depth() == 0, 30, agent.tick, "catch-up")
+        wait_for(lambda: agent.backlog() == 0, 30, agent.tick, "catch-up")
         assert count(cloud.sessions, Sample) == len(sent)
     finally:
         agent.stop()
@@ -189,7 +190,7 @@ def test_malformed_messages_are_dead_lettered(
     try:
         _, golden = tep_small
         good = json.loads(agent.process(windows_of(golden, "idv_01", 1)[0])[1].encode())
-        wait_for(lambda: agent.buffer.depth() == 0, 30, agent.tick, "first ack")
+        wait_for(lambda: agent.backlog() == 0, 30, agent.tick, "first ack")
 
         def variant(**changes):
             d = json.loads(json.dumps(good))
@@ -219,7 +220,7 @@ def test_malformed_messages_are_dead_lettered(
         assert reasons == sorted(r for *_, r in bad)
         assert all(cloud.store.exists(k) for k in keys)  # raw payloads kept for inspection
         agent.process(windows_of(golden, "idv_02", 1)[0])
-        wait_for(lambda: agent.buffer.depth() == 0, 30, agent.tick, "ack after bad input")
+        wait_for(lambda: agent.backlog() == 0, 30, agent.tick, "ack after bad input")
         assert count(cloud.sessions, Sample) == 2
     finally:
         agent.stop()

@@ -1,0 +1,391 @@
+"""The edge agent under failure: broker outages, SIGKILL, power cuts mid-update, bad
+updates reported to the cloud, and its scores and brakes."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from sqlalchemy import func, select
+
+from cloud.db import DeviceUpdate, Sample, session_factory
+from cloud.ingest import Ingestor, IngestService, register_device
+from edge_agent.agent import EdgeAgent
+from edge_agent.buffer import DurableBuffer
+from edge_agent.config import EdgeSettings
+from edge_agent.runtime import ModelRuntime
+from edge_agent.updater import ModelSlots
+from shared.errors import PackageError
+from shared.messages import UpdateNotice
+from shared.package import ModelPackage
+from shared.topics import topic
+
+from .conftest import HOST, ROOT, windows_of
+from .test_loop_mqtt import wait_for
+
+
+@pytest.fixture
+def cloud_on(pg_url, s3_store, fleet):
+    """Ingest (PostgreSQL + S3) on a given broker port, started on demand."""
+    sessions = session_factory(pg_url)
+    with sessions() as s:
+        register_device(session=s, device_id="d1", fleet=fleet, profile="cpu-fp32")
+    running = []
+
+    def start(port):
+        svc = IngestService(
+            Ingestor(sessions=sessions, store=s3_store),
+            host=HOST,
+            port=port,
+            fleet=fleet,
+            group=f"g{fleet}",
+        )
+        svc.start()
+        assert svc.ready.wait(10)
+        time.sleep(0.2)
+        running.append(svc)
+        return svc
+
+    yield sessions, start
+    for svc in running:
+        svc.stop()
+
+
+def samples_in(sessions) -> tuple[int, int]:
+    """(rows, distinct message ids) of stored samples."""
+    with sessions() as s:
+        return (
+            s.scalar(select(func.count()).select_from(Sample)),
+            s.scalar(select(func.count(func.distinct(Sample.id)))),
+        )
+
+
+def agent_on(tmp_path, fleet, port, package, **kw):
+    agent = EdgeAgent(
+        EdgeSettings(
+            fleet=fleet,
+            device_id="d1",
+            mqtt_port=port,
+            state_dir=tmp_path / "d1",
+            resend_after_s=1.0,
+            diversity_distance=0.0,
+            **kw,
+        )
+    )
+    agent.bootstrap(package)
+    agent.start()
+    wait_for(agent.link.connected.is_set, 10, what="connection")
+    return agent
+
+
+def test_broker_outage_loses_nothing(
+    tmp_path, spare_broker, cloud_on, fleet, tiny_package, tep_small
+):
+    """Mosquitto goes down mid-stream and comes back: every selected sample is stored
+    exactly once."""
+    sessions, start_ingest = cloud_on
+    start_ingest(spare_broker.port)
+    agent = agent_on(tmp_path, fleet, spare_broker.port, tiny_package[0])
+    _, golden = tep_small
+    faulty = np.concatenate([windows_of(golden, c, 10) for c in ("idv_01", "idv_02", "idv_07")])
+    try:
+        selected = [m for w in faulty[:10] if (m := agent.process(w)[1])]
+        wait_for(lambda: agent.backlog() == 0, 20, agent.tick, "first acks")
+        spare_broker.stop()
+        wait_for(lambda: not agent.link.connected.is_set(), 20, what="link down")
+        selected += [m for w in faulty[10:] if (m := agent.process(w)[1])]
+        agent.sync()
+        assert agent.backlog() == len(selected) - 10 > 0  # held on the device
+        spare_broker.start()
+        wait_for(lambda: agent.backlog() == 0, 60, agent.tick, "catch-up after outage")
+        assert samples_in(sessions) == (len(selected), len(selected))
+    finally:
+        agent.stop()
+
+
+def run_agent(args, env):
+    return subprocess.Popen(
+        [sys.executable, "-c", "from shared.cli import main; main()", "-v", "edge", "run", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_sigkill_with_unacked_samples_resends_them(
+    tmp_path, spare_broker, cloud_on, fleet, tiny_package, tep_small
+):
+    """An agent killed with SIGKILL while samples wait for acks sends them again after a
+    restart; each is stored once. SIGTERM then stops it cleanly."""
+    sessions, start_ingest = cloud_on
+    _, golden = tep_small
+    feed = tmp_path / "feed.npy"
+    np.save(feed, np.concatenate([windows_of(golden, c, 8) for c in ("idv_01", "idv_07")]))
+    pkg = tmp_path / "v1.edgepkg"
+    pkg.write_bytes(tiny_package[0])
+    state = tmp_path / "state"
+    env = {
+        **os.environ,
+        "EDGELOOP_EDGE_DIVERSITY_DISTANCE": "0",
+        "EDGELOOP_EDGE_RESEND_AFTER_S": "1",
+    }
+    common = [
+        "--fleet",
+        fleet,
+        "--device-id",
+        "d1",
+        "--mqtt-port",
+        str(spare_broker.port),
+        "--state-dir",
+        str(state),
+    ]
+    # No ingest yet: nothing is acked, everything selected piles up in the buffer.
+    proc = run_agent([*common, "--package", str(pkg), "--windows", str(feed), "--rate", "200"], env)
+    db = state / "buffer.sqlite3"
+
+    def depth():
+        try:
+            with sqlite3.connect(db) as conn:
+                return conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+    wait_for(lambda: depth() >= 12, 60, what="un-acked samples")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    pending = depth()
+    assert pending >= 12 and samples_in(sessions) == (0, 0)
+    start_ingest(spare_broker.port)
+    proc = run_agent(common, env)
+    try:
+        wait_for(lambda: samples_in(sessions)[0] >= pending, 60, what="resent samples")
+        wait_for(lambda: depth() == 0, 30, what="acks")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "stopped cleanly" in out
+    assert samples_in(sessions) == (pending, pending)
+
+
+CRASHER = """
+import os, sys
+from pathlib import Path
+from edge_agent import updater
+limit = int(sys.argv[2])
+calls = 0
+def step(fn):
+    def wrapped(*a, **k):
+        global calls
+        calls += 1
+        if calls > limit:
+            os._exit(9)  # the power goes: no cleanup, no finally
+        return fn(*a, **k)
+    return wrapped
+updater.os.replace = step(updater.os.replace)
+updater.os.fsync = step(updater.os.fsync)
+updater.ModelSlots(Path(sys.argv[1]), profile="cpu-fp32").install(Path(sys.argv[3]).read_bytes())
+print("completed")
+"""
+
+
+def test_power_cut_between_any_two_update_steps(tmp_path, tiny_package):
+    """For every step of an install (each fsync and rename), a process killed right there
+    restarts on a valid model, v1 or v2, never a broken one; after the last step it is v2."""
+    from cloud.training import package_model
+
+    pkg, model = tiny_package
+    m = ModelPackage(pkg).manifest
+    v2 = tmp_path / "v2.edgepkg"
+    v2.write_bytes(
+        package_model(
+            model,
+            name=m.name,
+            version="v2",
+            parent="v1",
+            profile="cpu-fp32",
+            class_names=list(m.class_names),
+            metadata=m.metadata,
+        )
+    )
+    step, outcomes = 0, []
+    while True:
+        slots_dir = tmp_path / f"slots-{step}"
+        ModelSlots(slots_dir, profile="cpu-fp32").install(pkg)
+        run = subprocess.run(
+            [sys.executable, "-c", CRASHER, str(slots_dir), str(step), str(v2)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        runtime = ModelSlots(slots_dir, profile="cpu-fp32").load_active()
+        assert runtime is not None, f"no valid model after a cut at step {step}"
+        runtime.smoke_check()
+        outcomes.append(runtime.version)
+        if run.returncode == 0:
+            assert "completed" in run.stdout
+            break
+        assert run.returncode == 9, run.stderr
+        step += 1
+    print("versions after a cut at each step:", outcomes)
+    assert step >= 6  # slot write, its fsyncs and rename, then the pointer's
+    assert outcomes[0] == "v1" and outcomes[-1] == "v2"
+    assert set(outcomes) == {"v1", "v2"}
+    flip = outcomes.index("v2")
+    assert all(v == "v2" for v in outcomes[flip:])  # once the pointer flipped, it stays
+
+
+def test_refused_updates_are_reported_to_the_cloud(
+    tmp_path, mqtt_port, cloud_on, fleet, tiny_package
+):
+    """Corrupt, mismatched and wrong-profile packages are refused on the device, each
+    reason reaches the cloud's update table, and v1 keeps serving; then a rollback
+    command returns to the previous slot."""
+    from cloud.training import package_model
+
+    sessions, start_ingest = cloud_on
+    start_ingest(mqtt_port)
+    pkg, model = tiny_package
+    m = ModelPackage(pkg).manifest
+
+    def pack(version, profile="cpu-fp32"):
+        return package_model(
+            model,
+            name=m.name,
+            version=version,
+            parent="v1",
+            profile=profile,
+            class_names=list(m.class_names),
+            metadata=m.metadata,
+        )
+
+    agent = agent_on(tmp_path, fleet, mqtt_port, pkg)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    pub.connect(HOST, mqtt_port)
+    pub.loop_start()
+
+    def send(version, data=None, sha=None, action="install"):
+        notice = UpdateNotice(
+            fleet=fleet,
+            device_id="d1",
+            action=action,
+            target_version=version,
+            base_version="v1",
+            sha256=sha or (ModelPackage(data).sha256 if data else None),
+            package=base64.b64encode(data).decode() if data else None,
+            expires_at=datetime.now(UTC) + timedelta(hours=1),
+        )
+        pub.publish(topic(fleet, "d1", "updates"), notice.encode(), qos=1).wait_for_publish()
+
+    try:
+        good = pack("v2")
+        truncated = good[: len(good) // 2]
+        send("v2-truncated", truncated, sha=ModelPackage(good).sha256)
+        send("v2-other", pack("v2-other"), sha=ModelPackage(good).sha256)
+        send("v2-mcu", pack("v2-mcu", profile="mcu-int4"))
+        wait_for(lambda: len(agent.update_events) == 3, 20, what="three refusals")
+        assert agent.model_version == "v1"
+        send("v2", good)
+        wait_for(lambda: agent.model_version == "v2", 20, what="v2 live")
+        send("v1", action="rollback")
+        wait_for(lambda: agent.model_version == "v1", 20, what="rollback")
+        wait_for(lambda: agent.backlog() == 0, 20, agent.tick, "status acks")
+        with sessions() as s:
+            rows = {r.target_version: (r.state, r.reason) for r in s.scalars(select(DeviceUpdate))}
+        assert rows == {
+            "v2-truncated": ("rejected", "sha_mismatch"),
+            "v2-other": ("rejected", "sha_mismatch"),
+            "v2-mcu": ("rejected", "wrong_profile"),
+            "v2": ("applied", None),
+            "v1": ("rolled_back", None),
+        }
+    finally:
+        pub.loop_stop()
+        agent.stop()
+
+
+def test_truncated_package_with_its_own_hash_is_corrupt(tmp_path, tiny_package):
+    """A truncated package announced with its own (matching) hash is refused as corrupt."""
+    slots = ModelSlots(tmp_path, profile="cpu-fp32")
+    slots.install(tiny_package[0])
+    cut = tiny_package[0][:-300]
+    with pytest.raises(PackageError) as err:
+        slots.install(cut, expected_sha256=hashlib.sha256(cut).hexdigest())
+    assert err.value.reason == "corrupt_package"
+    assert slots.load_active().version == "v1"
+
+
+def test_scores_flag_a_fault_the_model_never_saw(tiny_package, tep_small):
+    """Energy, max-softmax and feature distance are all reported; the feature distance
+    flags most windows of an unseen fault (idv_06) and few normal ones."""
+    from sim.tep import generate
+
+    from .conftest import TEP_CACHE
+
+    runtime = ModelRuntime(ModelPackage(tiny_package[0]))
+    _, golden = tep_small
+    unseen = generate(
+        classes=["idv_06"], runs_per_class=1, seed=5, horizon_h=4.0, cache_dir=TEP_CACHE
+    ).x
+    normal = windows_of(golden, "normal", 100)
+    det_unseen, det_normal = runtime.detect(unseen), runtime.detect(normal)
+    assert set(det_unseen[0].scores) == {"energy", "max_softmax", "distance"}
+    flagged = np.mean([d.scores["distance"] > 1 for d in det_unseen])
+    false_alarms = np.mean([d.scores["distance"] > 1 for d in det_normal])
+    print(f"distance flags {flagged:.0%} of idv_06, {false_alarms:.0%} of normal")
+    assert flagged >= 0.9 and false_alarms <= 0.1
+
+
+def test_brakes_and_eviction_are_counted(tmp_path, tiny_package, tep_small):
+    """Near-duplicates and over-budget candidates are skipped and counted; a full buffer
+    evicts its oldest messages and counts them; heartbeats carry the counts."""
+    _, golden = tep_small
+    window = windows_of(golden, "idv_01", 1)[0]
+    agent = EdgeAgent(
+        EdgeSettings(
+            fleet="f",
+            device_id="d1",
+            mqtt_port=9,
+            state_dir=tmp_path / "a",
+            diversity_distance=0.5,
+            buffer_max_messages=10,
+            upload_bytes_per_hour=6 * (window.nbytes * 4 // 3 + 600),
+        )
+    )
+    agent.bootstrap(tiny_package[0])
+    for _ in range(3):  # the same window three times: two are near-duplicates
+        agent.process(window)
+    assert agent.selector.skipped_duplicate == 2
+    agent.selector.diversity_distance = 0.0
+    for w in windows_of(golden, "idv_07", 10):
+        agent.process(w)
+    assert agent.selector.skipped_budget == 5  # 6 fit the hourly budget, 1 was used above
+    agent.sync()
+    for i in range(15):
+        agent.buffer.put(f"filler-{i}", "t", b"x")
+    hb = agent.heartbeat()
+    assert agent.buffer.depth() == 10
+    assert hb.buffer_evicted == agent.buffer.stats()["evicted"] == 6 + 15 - 10
+    assert (hb.skipped_duplicate, hb.skipped_budget) == (2, 5)
+    agent.stop()
+
+
+def test_buffer_survives_reopen(tmp_path):
+    """What was put is still there after the buffer is closed and opened again."""
+    buf = DurableBuffer(tmp_path / "b.sqlite3")
+    buf.put("m1", "t", b"payload")
+    buf.close()
+    again = DurableBuffer(tmp_path / "b.sqlite3")
+    assert [p.message_id for p in again.pending()] == ["m1"]
+    assert again.ack(["m1"]) == 1 and again.depth() == 0
