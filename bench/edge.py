@@ -27,8 +27,6 @@ sys.path.insert(0, str(ROOT))
 
 
 def child(package: Path, windows: Path, state: Path, repeats: int) -> dict:
-    import resource
-
     import numpy as np
 
     from edge_agent.agent import EdgeAgent
@@ -59,8 +57,13 @@ def child(package: Path, windows: Path, state: Path, repeats: int) -> dict:
                 selected += agent.process(w)[1] is not None
             agent_t += time.perf_counter() - t0
     n = len(stream) * repeats
+    agent.sync()
+    durable = agent.buffer.depth() + agent.buffer.stats().get("evicted", 0)
+    # VmHWM, not ru_maxrss: the latter inherits the parent's (torch-sized) peak at fork.
     with open("/proc/self/status") as fh:
-        rss_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+        status = dict(line.split(":", 1) for line in fh)
+    rss_kb = int(status["VmRSS"].split()[0])
+    peak_kb = int(status["VmHWM"].split()[0])
     heavy = [
         m for m in ("torch", "transformers", "mlflow", "celery", "sqlalchemy") if m in sys.modules
     ]
@@ -70,8 +73,10 @@ def child(package: Path, windows: Path, state: Path, repeats: int) -> dict:
         "agent_ms": 1e3 * agent_t / n,
         "overhead_ratio": agent_t / bare,
         "rss_mb": rss_kb / 1024,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_kb / 1024,
         "selected_share": selected / n,
+        "selected": selected,
+        "durable": durable,  # every selected window is in the buffer after sync()
         "heavy_modules_loaded": heavy,
     }
 
@@ -119,7 +124,7 @@ def main() -> None:
         parent=None,
         profile="cpu-fp32",
         class_names=classes,
-        metadata={"ood": ood_calibration(data.x[data.y == 0])},
+        ood=ood_calibration(data.x[data.y == 0]),
     )
     # A plant's day: mostly normal operation, with episodes of known and unknown faults.
     sim = FleetSimulator(

@@ -365,7 +365,8 @@ def _finish(
         parent=parent,
         profile=cfg.profile,
         class_names=class_names,
-        metadata={"new_classes": new_classes, "ood": ood_calibration(normal_windows)},
+        metadata={"new_classes": new_classes},
+        ood=ood_calibration(normal_windows),
     )
     save_checkpoint(store, checkpoint_key(cfg.fleet, version), model, class_names)
     pkg_key = f"packages/{cfg.fleet}/{cfg.profile}/{version}.edgepkg"

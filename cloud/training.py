@@ -141,9 +141,46 @@ def predict(model: WindowClassifier, x: np.ndarray, batch: int = 512) -> np.ndar
     return np.concatenate(out).argmax(1)
 
 
-def export_onnx(model: WindowClassifier) -> bytes:
-    """ONNX bytes with a dynamic batch axis; the TorchScript exporter gives stable bytes."""
+SCORE_OUTPUTS = ("energy", "confidence", "distance", "features")
+
+
+class EdgeGraph(nn.Module):
+    """The graph a device runs: the classifier plus its anomaly scores, computed by ONNX
+    Runtime in the same call instead of in Python on every window (see
+    edge_agent.scoring for the same scores in numpy, used for packages without them).
+
+    Outputs: logits (B, K); energy = -logsumexp(logits) (B,); confidence = max softmax
+    (B,); distance (B,) = mean squared z-score of the window's channel means and spreads
+    against normal operation, over the calibrated threshold (over 1: out of distribution);
+    features (B, 2C) = those channel means and spreads, which the device's diversity rule
+    compares.
+    """
+
+    def __init__(self, model: WindowClassifier, ood: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("f_mean", torch.tensor(ood["feature_mean"], dtype=torch.float32))
+        self.register_buffer("f_std", torch.tensor(ood["feature_std"], dtype=torch.float32))
+        self.threshold = float(ood["threshold"])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.model(x)  # (B, K)
+        lse = torch.logsumexp(logits, dim=1)  # (B,)
+        confidence = torch.exp(logits.max(dim=1).values - lse)
+        mean = x.mean(dim=1)  # (B, C)
+        spread = torch.sqrt(((x - mean[:, None, :]) ** 2).mean(dim=1))  # (B, C), two-pass
+        features = torch.cat([mean, spread], dim=1)  # (B, 2C)
+        z = (features - self.f_mean) / self.f_std
+        distance = (z * z).mean(dim=1) / self.threshold
+        return logits, -lse, confidence, distance, features
+
+
+def export_onnx(model: WindowClassifier, ood: dict[str, Any] | None = None) -> bytes:
+    """ONNX bytes with a dynamic batch axis; with ``ood`` calibration the graph also
+    outputs the anomaly scores (EdgeGraph). The TorchScript exporter gives stable bytes."""
     model.eval()
+    module: nn.Module = model if ood is None else EdgeGraph(model, ood).eval()
+    outputs = ["logits", *(SCORE_OUTPUTS if ood is not None else ())]
     dummy = torch.zeros(2, model.cfg.window, model.cfg.channels)
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -151,12 +188,12 @@ def export_onnx(model: WindowClassifier) -> bytes:
         # weights (canonical packages) and it is the one that exports DeepSeek-V3 MoE.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model,
+            module,
             (dummy,),
             buf,
             input_names=["window"],
-            output_names=["logits"],
-            dynamic_axes={"window": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in ["window", *outputs]},
             opset_version=17,
             dynamo=False,
         )
@@ -213,11 +250,17 @@ def package_model(
     profile: str,
     class_names: list[str],
     metadata: dict[str, Any] | None = None,
+    ood: dict[str, Any] | None = None,
 ) -> bytes:
-    """The exact bytes a device will run: ONNX graph + manifest, canonical."""
+    """The exact bytes a device will run: ONNX graph + manifest, canonical.
+
+    ``ood``: calibration from ood_calibration(); the graph then computes the anomaly
+    scores too, and the manifest keeps the calibration.
+    """
     if len(class_names) != model.cfg.n_classes:
         raise ValueError(f"{len(class_names)} class names for a {model.cfg.n_classes}-class model")
-    graph = export_onnx(model)
+    graph = export_onnx(model, ood)
+    metadata = {**(metadata or {}), **({"ood": ood} if ood is not None else {})}
     manifest = Manifest(
         name=name,
         version=version,

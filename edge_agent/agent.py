@@ -6,8 +6,12 @@ import base64
 import logging
 import threading
 import time
+import uuid
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 import numpy as np
 
@@ -33,6 +37,14 @@ from shared.messages import (
 log = logging.getLogger(__name__)
 # JSON and base64 make a window's message about 4/3 of its raw bytes plus the envelope.
 MESSAGE_OVERHEAD_BYTES = 600
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A window selected for upload: the id its message will carry, and why it was chosen."""
+
+    message_id: uuid.UUID
+    reasons: tuple[str, ...]
 
 
 class EdgeAgent:
@@ -77,7 +89,7 @@ class EdgeAgent:
         # `commit_interval_s`, then sends it. That keeps an fsync per upload off the path
         # that every window takes; the price is that a power cut may lose the selections
         # of the last `commit_interval_s` (never an accepted or acked one).
-        self._queue: deque[Envelope] = deque()
+        self._queue: deque[Envelope | Callable[[], Envelope]] = deque()
         self._queue_changed = threading.Condition()
         self._committing = 0
         self._stopping = False
@@ -124,8 +136,10 @@ class EdgeAgent:
     # -- the detect → select → buffer path --------------------------------------------------
     def process(
         self, window: np.ndarray, *, captured_at: datetime | None = None
-    ) -> tuple[Detection, SampleMessage | None]:
-        """Score one (T, C) window; if selected, it is in the durable buffer on return."""
+    ) -> tuple[Detection, Upload | None]:
+        """Score one (T, C) window and select it or not. A selected window's message is
+        built and made durable by the writer thread within ``commit_interval_s``
+        (``sync()`` waits for it): this path does no encoding and no disk I/O."""
         with self._model_lock:
             runtime = self.runtime
         if runtime is None:
@@ -143,21 +157,41 @@ class EdgeAgent:
         reasons = self.selector.admit(window, det, size)
         if not reasons:
             return det, None
+        upload = Upload(uuid.uuid4(), reasons)
+        self._enqueue(
+            partial(
+                self._sample_message,
+                upload,
+                window.copy(),  # the caller may reuse its array
+                det,
+                captured_at or utcnow(),
+                runtime.version,
+            )
+        )
+        return det, upload
+
+    def _sample_message(
+        self,
+        upload: Upload,
+        window: np.ndarray,
+        det: Detection,
+        captured_at: datetime,
+        version: str,
+    ) -> SampleMessage:
         score_name = self.settings.anomaly_score
-        msg = SampleMessage(
+        return SampleMessage(
+            message_id=upload.message_id,
             fleet=self.settings.fleet,
             device_id=self.settings.device_id,
             window=Tensor.from_array(window.astype(np.float32, copy=False)),
             channels=window.shape[1],
-            captured_at=captured_at or utcnow(),
-            model_version=runtime.version,
+            captured_at=captured_at,
+            model_version=version,
             predicted=det.predicted,
             confidence=min(1.0, det.confidence),
             score=det.scores.get(score_name, det.scores["energy"]),
-            reasons=reasons,  # type: ignore[arg-type]
+            reasons=upload.reasons,  # type: ignore[arg-type]
         )
-        self._enqueue(msg)
-        return det, msg
 
     def report_label(self, sample_ids: list, label: str) -> LabelMessage:
         """Ground truth known on the device later (a maintenance event) for uploaded windows."""
@@ -171,7 +205,7 @@ class EdgeAgent:
         self._enqueue(msg)
         return msg
 
-    def _enqueue(self, msg: Envelope) -> None:
+    def _enqueue(self, msg: Envelope | Callable[[], Envelope]) -> None:
         with self._queue_changed:
             self._queue.append(msg)
             if len(self._queue) >= self.settings.commit_batch:
@@ -188,16 +222,17 @@ class EdgeAgent:
                 self._committing = len(batch)
                 stopping = self._stopping
             if batch:
+                messages = [m if isinstance(m, Envelope) else m() for m in batch]
                 items = [
                     (str(m.message_id), self.link.topic(m.kind), m.encode())  # type: ignore[arg-type]
-                    for m in batch
+                    for m in messages
                 ]
                 try:
                     self.buffer.put_many(items)
                 except Exception:  # disk trouble: keep the batch and try again
                     log.exception("buffer commit failed; retrying")
                     with self._queue_changed:
-                        self._queue.extendleft(reversed(batch))
+                        self._queue.extendleft(reversed(messages))
                         self._committing = 0
                     time.sleep(interval)
                     continue

@@ -19,7 +19,7 @@ class Detection:
     predicted: str
     confidence: float  # max softmax probability
     scores: dict[str, float] = field(default_factory=dict)
-    features: np.ndarray | None = None  # (2C,) channel means and spreads, for selection
+    features: np.ndarray | None = None  # (2C,) channel means and spreads, when the graph has them
 
 
 class ModelRuntime:
@@ -43,36 +43,48 @@ class ModelRuntime:
         self.shape = (spec.window, spec.channels)
         self.class_names = package.manifest.class_names
         self.scorers = scorers_for(package.manifest.metadata)
+        outputs = [o.name for o in self.session.get_outputs()]
+        # Packages from edgeloop's cloud compute the scores in the graph (one ORT call, no
+        # per-window numpy); any other ONNX classifier gets them from edge_agent.scoring.
+        self.graph_scores = outputs[1:] == ["energy", "confidence", "distance", "features"]
 
     @property
     def version(self) -> str:
         return self.package.version
 
     def logits(self, windows: np.ndarray) -> np.ndarray:
+        return np.asarray(self._run(windows.astype(np.float32, copy=False))[0])
+
+    def detect(self, windows: np.ndarray) -> list[Detection]:
+        windows = windows.astype(np.float32, copy=False)
+        if self.graph_scores:
+            logits, energy, confidence, distance, features = self._run(windows)
+            scores = {"energy": energy, "max_softmax": 1.0 - confidence, "distance": distance}
+        else:
+            logits = self._run(windows)[0]
+            features = None
+            stats = window_features(windows)
+            scores = {name: fn(logits, stats) for name, fn in self.scorers.items()}
+            confidence = 1.0 - scores["max_softmax"]
+        if not np.isfinite(logits).all():
+            raise PackageError("the model produced non-finite logits", reason="bad_output")
+        best = logits.argmax(axis=1)
+        return [
+            Detection(
+                self.class_names[int(k)],
+                float(confidence[i]),
+                {name: float(v[i]) for name, v in scores.items()},
+                None if features is None else features[i],
+            )
+            for i, k in enumerate(best)
+        ]
+
+    def _run(self, windows: np.ndarray) -> list[np.ndarray]:
         if windows.ndim != 3 or windows.shape[1:] != self.shape:
             raise ValueError(
                 f"windows must be (B, {self.shape[0]}, {self.shape[1]}), got {windows.shape}"
             )
-        out = self.session.run(None, {self.input_name: windows.astype(np.float32, copy=False)})
-        return np.asarray(out[0])
-
-    def detect(self, windows: np.ndarray) -> list[Detection]:
-        windows = windows.astype(np.float32, copy=False)
-        logits = self.logits(windows)
-        if not np.isfinite(logits).all():
-            raise PackageError("the model produced non-finite logits", reason="bad_output")
-        best = logits.argmax(axis=1)
-        features = window_features(windows)
-        scores = {name: fn(logits, features) for name, fn in self.scorers.items()}
-        return [
-            Detection(
-                self.class_names[int(k)],
-                1.0 - float(scores["max_softmax"][i]),
-                {name: float(v[i]) for name, v in scores.items()},
-                features[i],
-            )
-            for i, k in enumerate(best)
-        ]
+        return self.session.run(None, {self.input_name: windows})
 
     def smoke_check(self) -> None:
         """Run one all-zero window; a package that cannot do this must not go live."""

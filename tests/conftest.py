@@ -128,7 +128,7 @@ def tiny_package(tep_small):
         parent=None,
         profile="cpu-fp32",
         class_names=data.class_names,
-        metadata={"ood": ood_calibration(data.x[data.y == 0])},
+        ood=ood_calibration(data.x[data.y == 0]),
     )
     return pkg, model
 

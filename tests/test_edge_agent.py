@@ -216,7 +216,8 @@ def test_power_cut_between_any_two_update_steps(tmp_path, tiny_package):
             parent="v1",
             profile="cpu-fp32",
             class_names=list(m.class_names),
-            metadata=m.metadata,
+            metadata={"new_classes": []},
+            ood=m.metadata["ood"],
         )
     )
     step, outcomes = 0, []
@@ -267,7 +268,8 @@ def test_refused_updates_are_reported_to_the_cloud(
             parent="v1",
             profile=profile,
             class_names=list(m.class_names),
-            metadata=m.metadata,
+            metadata={"new_classes": []},
+            ood=m.metadata["ood"],
         )
 
     agent = agent_on(tmp_path, fleet, mqtt_port, pkg)

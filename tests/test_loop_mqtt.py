@@ -19,7 +19,7 @@ from cloud.db import DeadLetter, Device, Label, Sample, session_factory
 from cloud.ingest import Ingestor, IngestService, register_device
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeSettings
-from shared.messages import UpdateNotice
+from shared.messages import SampleMessage, Tensor, UpdateNotice, utcnow
 from shared.package import ModelPackage
 from shared.topics import topic
 
@@ -140,6 +140,19 @@ def test_redelivery_and_shared_windows_change_nothing(
         _, m1 = a1.process(w)
         _, m2 = a2.process(w)
         assert m1 is not None and m2 is not None
+        # The same message again (same id, same window), as a resend would carry it.
+        replay = SampleMessage(
+            message_id=m1.message_id,
+            fleet=fleet,
+            device_id="d1",
+            window=Tensor.from_array(w),
+            channels=53,
+            captured_at=utcnow(),
+            model_version="v1",
+            predicted="idv_02",
+            confidence=0.9,
+            score=0.0,
+        ).encode()
         wait_for(
             lambda: a1.backlog() == a2.backlog() == 0,
             30,
@@ -148,7 +161,7 @@ def test_redelivery_and_shared_windows_change_nothing(
         )
         # Replay m1 three times, as a QoS 1 redelivery or a device resend would.
         for _ in range(3):
-            a1.link.client.publish(topic(fleet, "d1", "samples"), m1.encode(), qos=1)
+            a1.link.client.publish(topic(fleet, "d1", "samples"), replay, qos=1)
         wait_for(lambda: cloud.ingestor.counters.duplicates >= 3, 20, what="duplicates")
         assert count(cloud.sessions, Sample) == 2
         with cloud.sessions() as s:
@@ -189,7 +202,9 @@ def test_malformed_messages_are_dead_lettered(
     agent = make_agent(tmp_path, fleet, mqtt_port, tiny_package[0])
     try:
         _, golden = tep_small
-        good = json.loads(agent.process(windows_of(golden, "idv_01", 1)[0])[1].encode())
+        agent.process(windows_of(golden, "idv_01", 1)[0])
+        agent.sync()
+        good = json.loads(agent.buffer.pending()[0].payload)
         wait_for(lambda: agent.backlog() == 0, 30, agent.tick, "first ack")
 
         def variant(**changes):
@@ -240,7 +255,8 @@ def test_update_over_mqtt_and_refusals(tmp_path, fleet, mqtt_port, tiny_package)
         parent="v1",
         profile="cpu-fp32",
         class_names=list(m.class_names),
-        metadata=m.metadata,
+        metadata={"new_classes": []},
+        ood=m.metadata["ood"],
     )
     agent = make_agent(tmp_path, fleet, mqtt_port, pkg)
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)

@@ -23,7 +23,7 @@ def v1_v2(tiny_package):
         parent="v1",
         profile="cpu-fp32",
         class_names=list(manifest.class_names),
-        metadata=manifest.metadata,
+        ood=manifest.metadata["ood"],
     )
     return pkg, v2
 
