@@ -202,9 +202,21 @@ def test_malformed_messages_are_dead_lettered(
     agent = make_agent(tmp_path, fleet, mqtt_port, tiny_package[0])
     try:
         _, golden = tep_small
-        agent.process(windows_of(golden, "idv_01", 1)[0])
-        agent.sync()
-        good = json.loads(agent.buffer.pending()[0].payload)
+        window = windows_of(golden, "idv_01", 1)[0]
+        agent.process(window)
+        good = json.loads(
+            SampleMessage(
+                fleet=fleet,
+                device_id="d1",
+                window=Tensor.from_array(window),
+                channels=53,
+                captured_at=utcnow(),
+                model_version="v1",
+                predicted="idv_01",
+                confidence=0.9,
+                score=0.0,
+            ).encode()
+        )
         wait_for(lambda: agent.backlog() == 0, 30, agent.tick, "first ack")
 
         def variant(**changes):
