@@ -57,6 +57,7 @@ def child(package: Path, windows: Path, state: Path, repeats: int) -> dict:
                 selected += agent.process(w)[1] is not None
             agent_t += time.perf_counter() - t0
     n = len(stream) * repeats
+    candidates = sum(bool(agent.selector.reasons(d)) for d in runtime.detect(stream))
     agent.sync()
     durable = agent.buffer.depth() + agent.buffer.stats().get("evicted", 0)
     # VmHWM, not ru_maxrss: the latter inherits the parent's (torch-sized) peak at fork.
@@ -74,7 +75,8 @@ def child(package: Path, windows: Path, state: Path, repeats: int) -> dict:
         "overhead_ratio": agent_t / bare,
         "rss_mb": rss_kb / 1024,
         "peak_rss_mb": peak_kb / 1024,
-        "selected_share": selected / n,
+        "candidate_share": candidates / len(stream),  # uncertain, faulty or out of distribution
+        "selected_share": selected / n,  # after the diversity rule and the byte budget
         "selected": selected,
         "durable": durable,  # every selected window is in the buffer after sync()
         "heavy_modules_loaded": heavy,
@@ -106,7 +108,7 @@ def main() -> None:
         package_model,
         train,
     )
-    from sim.fleet import FleetSimulator
+    from sim.fleet import Episode, FleetSimulator
     from sim.tep import generate
 
     cache = ROOT / ".edgeloop" / "bench-cache"
@@ -126,16 +128,15 @@ def main() -> None:
         class_names=classes,
         ood=ood_calibration(data.x[data.y == 0]),
     )
-    # A plant's day: mostly normal operation, with episodes of known and unknown faults.
+    # A plant's day: mostly normal operation (3/4 of the episodes), with one episode of a
+    # known fault and one of a fault the model never saw.
     sim = FleetSimulator(
-        devices=1,
-        initial_faults=classes,
-        new_faults=["idv_06"],
-        episodes_per_round=4 if args.quick else 8,
-        horizon_h=5.0,
-        cache_dir=cache,
+        devices=1, initial_faults=classes, new_faults=["idv_06"], horizon_h=5.0, cache_dir=cache
     )
-    stream = np.stack([w for w, _ in sim.stream(0, 1)])
+    episodes = [Episode("normal", 500 + i, 5.0) for i in range(3 if args.quick else 6)]
+    episodes += [Episode("idv_01", 600, 5.0), Episode("idv_06", 601, 5.0)]
+    print(f"simulating {len(episodes)} episodes of the plant's day …", file=sys.stderr)
+    stream = np.concatenate([sim.windows(e) for e in episodes])
     with tempfile.TemporaryDirectory() as tmp:
         pkg, win = Path(tmp) / "v1.edgepkg", Path(tmp) / "stream.npy"
         pkg.write_bytes(package)

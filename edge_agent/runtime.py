@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +57,7 @@ class ModelRuntime:
         return np.asarray(self._run(windows.astype(np.float32, copy=False))[0])
 
     def detect(self, windows: np.ndarray) -> list[Detection]:
+        # This runs on every window: one ORT call, then plain Python on a few numbers.
         windows = windows.astype(np.float32, copy=False)
         if self.graph_scores:
             logits, energy, confidence, distance, features = self._run(windows)
@@ -66,14 +68,17 @@ class ModelRuntime:
             stats = window_features(windows)
             scores = {name: fn(logits, stats) for name, fn in self.scorers.items()}
             confidence = 1.0 - scores["max_softmax"]
-        if not np.isfinite(logits).all():
+        columns = {name: v.tolist() for name, v in scores.items()}
+        # A NaN or infinite logit makes the energy (-logsumexp) NaN or infinite too.
+        if not all(map(math.isfinite, columns["energy"])):
             raise PackageError("the model produced non-finite logits", reason="bad_output")
-        best = logits.argmax(axis=1)
+        best = logits.argmax(axis=1).tolist()
+        conf = confidence.tolist()
         return [
             Detection(
-                self.class_names[int(k)],
-                float(confidence[i]),
-                {name: float(v[i]) for name, v in scores.items()},
+                self.class_names[k],
+                conf[i],
+                {name: col[i] for name, col in columns.items()},
                 None if features is None else features[i],
             )
             for i, k in enumerate(best)

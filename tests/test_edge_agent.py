@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -113,9 +114,10 @@ def test_broker_outage_loses_nothing(
         agent.stop()
 
 
-def run_agent(args, env):
+def run_agent(args, env, json_logs=False):
+    flags = ["-v", "--log-json"] if json_logs else ["-v"]
     return subprocess.Popen(
-        [sys.executable, "-c", "from shared.cli import main; main()", "-v", "edge", "run", *args],
+        [sys.executable, "-c", "from shared.cli import main; main()", *flags, "edge", "run", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -167,7 +169,7 @@ def test_sigkill_with_unacked_samples_resends_them(
     pending = depth()
     assert pending >= 12 and samples_in(sessions) == (0, 0)
     start_ingest(spare_broker.port)
-    proc = run_agent(common, env)
+    proc = run_agent(common, env, json_logs=True)
     try:
         wait_for(lambda: samples_in(sessions)[0] >= pending, 60, what="resent samples")
         wait_for(lambda: depth() == 0, 30, what="acks")
@@ -175,7 +177,9 @@ def test_sigkill_with_unacked_samples_resends_them(
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
-    assert "stopped cleanly" in out
+    logs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any("stopped cleanly" in entry["msg"] for entry in logs), out
+    assert all({"ts", "level", "logger", "msg"} <= set(entry) for entry in logs)
     assert samples_in(sessions) == (pending, pending)
 
 
@@ -391,3 +395,33 @@ def test_buffer_survives_reopen(tmp_path):
     again = DurableBuffer(tmp_path / "b.sqlite3")
     assert [p.message_id for p in again.pending()] == ["m1"]
     assert again.ack(["m1"]) == 1 and again.depth() == 0
+
+
+def test_last_will_marks_a_vanished_device_offline(
+    tmp_path, mqtt_port, cloud_on, fleet, tiny_package
+):
+    """A device whose connection drops without a goodbye is marked offline by its Last Will;
+    its heartbeats carry model version, latency, buffer depth and anomaly rate."""
+    import socket as socketlib
+
+    from cloud.db import Device
+
+    sessions, start_ingest = cloud_on
+    start_ingest(mqtt_port)
+    agent = agent_on(tmp_path, fleet, mqtt_port, tiny_package[0])
+    try:
+        agent.process(np.zeros((32, 53), dtype=np.float32))
+        agent.heartbeat()
+
+        def device():
+            with sessions() as s:
+                return s.get(Device, "d1")
+
+        wait_for(lambda: device().online and device().model_version == "v1", 10, what="online")
+        health = device().health
+        assert {"buffer_depth", "windows_seen", "anomaly_rate", "latency_ms_p50"} <= set(health)
+        assert health["windows_seen"] == 1 and health["latency_ms_p50"] > 0
+        agent.link.client.socket().shutdown(socketlib.SHUT_RDWR)  # the line goes dead
+        wait_for(lambda: not device().online, 20, what="Last Will")
+    finally:
+        agent.stop()
