@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 
 import typer
@@ -53,6 +54,11 @@ def ingest(
     group: str = typer.Option(
         "ingest", help="MQTT shared-subscription group: processes in one group split the traffic."
     ),
+    client_id: str | None = typer.Option(
+        None,
+        help="MQTT client id, stable across restarts so that messages handed to a killed "
+        "ingest are delivered again (default: edgeloop-ingest-HOSTNAME).",
+    ),
 ) -> None:
     """Subscribe to device uploads, store them (object store + SQL), and ack. Runs until
     SIGTERM or Ctrl-C."""
@@ -68,6 +74,7 @@ def ingest(
         port=s.mqtt_port,
         fleet=fleet,
         group=group or None,
+        client_id=client_id or f"edgeloop-ingest-{socket.gethostname()}",
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -114,3 +121,64 @@ def champion(
     typer.echo(
         f"wrote {tags.get('edgeloop_version')} (sha256 {tags.get('sha256', '')[:12]}…) to {out}"
     )
+
+
+@app.command()
+def label(
+    sample_ids: list[str] = typer.Argument(..., help="Ids of uploaded samples (message ids)."),
+    as_: str = typer.Option(..., "--as", help="The class, e.g. normal or idv_06."),
+) -> None:
+    """Label uploaded windows by hand (source: operator); retraining prefers these labels."""
+    from cloud.config import get_settings
+    from cloud.db import session_factory
+    from cloud.fleet import label_samples
+    from shared.errors import EdgeloopError
+
+    sessions = session_factory(get_settings().resolved_database_url)
+    with sessions() as session:
+        try:
+            n = label_samples(session=session, sample_ids=sample_ids, label=as_)
+        except EdgeloopError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(2) from exc
+    typer.echo(f"labelled {n} sample(s) as {as_}")
+
+
+fleet_app = typer.Typer(
+    rich_markup_mode="markdown", help="What the fleet is doing.", no_args_is_help=True
+)
+
+
+@fleet_app.command("status")
+def fleet_status_cmd(
+    fleet: str | None = typer.Option(None, help="Only this fleet."),
+) -> None:
+    """Devices, profiles, model versions, last seen, samples and dead letters per device."""
+    from cloud.config import get_settings
+    from cloud.db import session_factory
+    from cloud.fleet import fleet_status, unknown_device_dead_letters
+
+    sessions = session_factory(get_settings().resolved_database_url)
+    with sessions() as session:
+        rows = fleet_status(session=session, fleet=fleet)
+        strangers = unknown_device_dead_letters(session=session)
+    head = (
+        f"{'fleet':<12} {'device':<14} {'profile':<11} {'model':<8} {'state':<8} "
+        f"{'last seen (UTC)':<20} {'samples':>8} {'labelled':>8} {'buffer':>6}  dead letters"
+    )
+    typer.echo(head)
+    typer.echo("-" * len(head))
+    for r in rows:
+        seen = r.last_seen.strftime("%Y-%m-%d %H:%M:%S") if r.last_seen else "never"
+        dead = ", ".join(f"{k}={v}" for k, v in sorted(r.dead_letters.items())) or "-"
+        typer.echo(
+            f"{r.fleet:<12} {r.device_id:<14} {r.profile:<11} "
+            f"{r.model_version or '-':<8} {'online' if r.online else 'offline':<8} "
+            f"{seen:<20} {r.samples:>8} {r.labelled:>8} "
+            f"{'-' if r.buffer_depth is None else r.buffer_depth:>6}  {dead}"
+        )
+    if strangers:
+        typer.echo(
+            "\nDead letters from unregistered ids: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(strangers.items()))
+        )

@@ -7,9 +7,10 @@ import io
 import json
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -64,6 +65,29 @@ def register_device(*, session: Session, device_id: str, fleet: str, profile: st
     return device
 
 
+# A device buffers for days offline, so old is fine up to a limit; the future is not.
+MAX_AGE = timedelta(days=30)
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+
+
+def check_timestamps(msg: object) -> None:
+    now = datetime.now(UTC)
+    for name in ("sent_at", "captured_at"):
+        value = getattr(msg, name, None)
+        if value is None:
+            continue
+        if value > now + MAX_CLOCK_SKEW:
+            raise MessageError(
+                f"{name} {value.isoformat()} is in the future (device clock?)",
+                reason="bad_timestamp",
+            )
+        if value < now - MAX_AGE:
+            raise MessageError(
+                f"{name} {value.isoformat()} is older than {MAX_AGE.days} days",
+                reason="bad_timestamp",
+            )
+
+
 class Ingestor:
     """The ingest logic, free of MQTT: ``handle(topic, payload)`` returns the ack to send.
 
@@ -91,6 +115,7 @@ class Ingestor:
             if kind not in UPLINK_KINDS:
                 raise MessageError(f"devices may not publish {kind}", reason="bad_kind")
             msg = decode(kind, payload)
+            check_timestamps(msg)
             if msg.device_id != device or msg.fleet != fleet:
                 raise MessageError(
                     f"message claims device {msg.fleet}/{msg.device_id} but was "
@@ -276,8 +301,12 @@ class IngestService:
         fleet: str = "+",
         group: str | None = "ingest",
         client_id: str | None = None,
+        retry_for_s: float = 20.0,
     ) -> None:
+        """``client_id``: a stable id gives a persistent session, so messages the broker
+        handed to a killed ingest are delivered again when it comes back."""
         self.ingestor = ingestor
+        self.retry_for_s = retry_for_s
         self.host, self.port = host, port
         self.subscriptions = [
             subscription(k, fleet=fleet, shared_group=group)  # type: ignore[arg-type]
@@ -291,6 +320,9 @@ class IngestService:
             protocol=mqtt.MQTTv311,
         )
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
+        # PUBACK only after the message is stored (or dead-lettered): a broker that saw no
+        # PUBACK delivers the message again after a reconnect.
+        self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
 
@@ -307,12 +339,20 @@ class IngestService:
         self.ready.set()
 
     def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
-        try:
-            ack = self.ingestor.handle(msg.topic, msg.payload)
-        except Exception as exc:  # noqa: BLE001 - the database or the store is down
-            log.warning(
-                "could not store %s now (%s); no ack, the device will resend", msg.topic, exc
-            )
-            return
+        delay, deadline = 0.2, time.monotonic() + self.retry_for_s
+        while True:
+            try:
+                ack = self.ingestor.handle(msg.topic, msg.payload)
+                break
+            except Exception as exc:  # noqa: BLE001 - the database or the store is down
+                if time.monotonic() + delay > deadline:
+                    # No ack either way: the device resends, the broker redelivers on the
+                    # next connection; meanwhile the ingest goes on with other messages.
+                    log.warning("could not store %s (%s); left un-acked", msg.topic, exc)
+                    return
+                log.info("store or database unavailable (%s); retrying in %.1f s", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
         if ack is not None:
             client.publish(topic(ack.fleet, ack.device_id, "acks"), ack.encode(), qos=1)
+        client.ack(msg.mid, msg.qos)
