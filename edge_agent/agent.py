@@ -112,6 +112,7 @@ class EdgeAgent:
             self._stopping = True
             self._queue_changed.notify_all()
         self._writer.join(timeout=30)
+        self.heartbeat(online=False, wait_s=2.0)  # a goodbye; the Last Will covers the rest
         self.link.stop()
         self.buffer.close()
 
@@ -271,7 +272,7 @@ class EdgeAgent:
         if time.monotonic() - self._last_heartbeat >= self.settings.heartbeat_s:
             self.heartbeat()
 
-    def heartbeat(self) -> Heartbeat:
+    def heartbeat(self, *, online: bool = True, wait_s: float = 0.0) -> Heartbeat:
         self._last_heartbeat = time.monotonic()
         lat = sorted(self.latencies_ms)
         hb = Heartbeat(
@@ -286,9 +287,10 @@ class EdgeAgent:
             buffer_evicted=self.buffer.stats().get("evicted", 0),
             skipped_budget=self.selector.skipped_budget,
             skipped_duplicate=self.selector.skipped_duplicate,
+            online=online,
         )
         # Heartbeats are state, not data: the next one supersedes a lost one, so no buffer.
-        self.link.publish(self.link.topic("heartbeat"), hb.encode())
+        self.link.publish(self.link.topic("heartbeat"), hb.encode(), wait_s=wait_s)
         return hb
 
     # -- from the cloud ---------------------------------------------------------------------

@@ -77,12 +77,22 @@ class MqttLink:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def publish(self, topic_name: str, payload: bytes, *, qos: int = 1) -> bool:
-        """Hand a message to paho; False when offline (the buffer will resend it)."""
+    def publish(
+        self, topic_name: str, payload: bytes, *, qos: int = 1, wait_s: float = 0.0
+    ) -> bool:
+        """Hand a message to paho; False when offline (the buffer will resend it). With
+        ``wait_s``, wait that long for the broker's PUBACK."""
         if not self.connected.is_set():
             return False
         info = self.client.publish(topic_name, payload, qos=qos)
-        return info.rc == mqtt.MQTT_ERR_SUCCESS
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        if wait_s > 0:
+            try:
+                info.wait_for_publish(wait_s)
+            except (RuntimeError, ValueError):  # disconnected meanwhile
+                return False
+        return True
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:

@@ -247,6 +247,12 @@ def run_demo(
                 f"{'promoted and rolled out' if result.promoted else 'held back by its gates'}"
                 f" ({row.round_seconds:.0f} s)"
             )
+        _wait(
+            lambda: all(a.backlog() == 0 for a in agents),
+            lambda: [a.tick() for a in agents],
+            120,
+            "the last uploads to be acked",
+        )
         for a in agents:
             a.heartbeat()
         time.sleep(0.5)

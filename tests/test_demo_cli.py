@@ -37,6 +37,14 @@ def test_demo_loop_learns_the_new_fault(tmp_path):
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
     for d in ("plant-01", "plant-02"):
         assert (home / "edge" / d / "models" / "current").read_text() in ("a", "b")
+    from cloud.db import session_factory
+    from cloud.fleet import fleet_status
+
+    with session_factory(f"sqlite:///{home / 'edgeloop.db'}")() as session:
+        status = fleet_status(session=session, fleet="demo")
+    # Every upload acked (nothing left on a device), every agent said goodbye, on v2.
+    assert [(r.model_version, r.online, r.buffer_depth) for r in status] == [("v2", False, 0)] * 2
+    assert sum(r.samples for r in status) >= row.uploaded
 
 
 def test_help_explains_itself():
