@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cloud.db import DeadLetter, Device, Label, Sample
+from cloud.ingest import upsert_labels
 from shared.errors import DataError
 
 
@@ -88,16 +89,5 @@ def label_samples(
             f"no uploaded sample with id {', '.join(missing[:5])}"
             + (" …" if len(missing) > 5 else "")
         )
-    existing = {
-        lab.sample_id: lab
-        for lab in session.scalars(
-            select(Label).where(Label.sample_id.in_(sample_ids), Label.source == source)
-        )
-    }
-    for sid in sample_ids:
-        if sid in existing:
-            existing[sid].label = label
-        else:
-            session.add(Label(sample_id=sid, label=label, source=source))
-    session.commit()
+    upsert_labels(session=session, sample_ids=sample_ids, label=label, source=source)
     return len(sample_ids)

@@ -54,6 +54,23 @@ def load_window(store: ObjectStore, key: str) -> np.ndarray:
     return np.load(io.BytesIO(store.get(key)), allow_pickle=False)
 
 
+def upsert_labels(*, session: Session, sample_ids: list[str], label: str, source: str) -> None:
+    """Set the label of each sample from ``source``; a later label from the same source
+    replaces the earlier one (one row per sample and source)."""
+    existing = {
+        lab.sample_id: lab
+        for lab in session.scalars(
+            select(Label).where(Label.sample_id.in_(sample_ids), Label.source == source)
+        )
+    }
+    for sid in sample_ids:
+        if sid in existing:
+            existing[sid].label = label
+        else:
+            session.add(Label(sample_id=sid, label=label, source=source))
+    session.commit()
+
+
 def register_device(*, session: Session, device_id: str, fleet: str, profile: str) -> Device:
     device = session.get(Device, device_id)
     if device is None:
@@ -200,18 +217,7 @@ class Ingestor:
             # The samples are still on their way (or in another ingest's transaction): no
             # ack, the device resends the label later.
             return None
-        existing = {
-            lab.sample_id: lab
-            for lab in session.scalars(
-                select(Label).where(Label.sample_id.in_(ids), Label.source == msg.source)
-            )
-        }
-        for sid in ids:
-            if sid in existing:
-                existing[sid].label = msg.label
-            else:
-                session.add(Label(sample_id=sid, label=msg.label, source=msg.source))
-        session.commit()
+        upsert_labels(session=session, sample_ids=ids, label=msg.label, source=msg.source)
         self.counters.labels += len(ids)
         return self._ack(msg, "stored")
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import sessionmaker
 from cloud.datasets import LabelledWindows, load_dataset
 from cloud.db import Label, ModelVersion, Sample
 from cloud.ingest import load_window
-from cloud.registry import Registry
+from cloud.registry import Registry, model_name
 from cloud.storage import ObjectStore
 from cloud.training import (
     ModelConfig,
@@ -34,6 +34,7 @@ from cloud.training import (
 from shared.errors import DataError
 
 log = logging.getLogger(__name__)
+NORMAL = "normal"  # class index 0 of every model: what the plant does when nothing is wrong
 
 
 @dataclass
@@ -169,7 +170,8 @@ def labelled_uploads(
 
 
 def _replay(base: LabelledWindows, per_class: int, rng: np.random.Generator) -> LabelledWindows:
-    """A class-balanced draw from history (reservoir-style uniform sample per class)."""
+    """A class-balanced draw from history: up to ``per_class`` windows of each class,
+    uniformly without replacement."""
     keep = []
     for c in np.unique(base.labels):
         idx = np.flatnonzero(base.labels == c)
@@ -184,7 +186,7 @@ def next_version(*, sessions: sessionmaker, fleet: str, profile: str) -> str:
             session.scalar(
                 select(func.count())
                 .select_from(ModelVersion)
-                .where(ModelVersion.name == f"edgeloop.{fleet}.{profile}")
+                .where(ModelVersion.name == model_name(fleet, profile))
             )
             or 0
         )
@@ -202,7 +204,12 @@ def train_initial(
     """Round 0: a model for the base data set's classes, registered as champion."""
     t0 = time.perf_counter()
     base = load_dataset(store=store, name=cfg.base_dataset)
-    class_names = sorted(set(base.labels.tolist()), key=lambda c: (c != "normal", c))
+    if NORMAL not in set(base.labels.tolist()):
+        raise DataError(
+            f"data set {cfg.base_dataset!r} has no {NORMAL!r} windows; the model "
+            "and its out-of-distribution score are calibrated on normal operation"
+        )
+    class_names = sorted(set(base.labels.tolist()), key=lambda c: (c != NORMAL, c))
     y = base.indices(class_names)
     mc = model_config or ModelConfig(
         window=base.x.shape[1], channels=base.x.shape[2], n_classes=len(class_names)
@@ -238,7 +245,7 @@ def run_round(
     with sessions() as session:
         parent_row = session.scalars(
             select(ModelVersion)
-            .where(ModelVersion.name == f"edgeloop.{cfg.fleet}.{cfg.profile}")
+            .where(ModelVersion.name == model_name(cfg.fleet, cfg.profile))
             .order_by(ModelVersion.id.desc())
         ).first()
         if parent_row is None:
@@ -360,7 +367,7 @@ def _finish(
     version = next_version(sessions=sessions, fleet=cfg.fleet, profile=cfg.profile)
     package = package_model(
         model,
-        name=f"edgeloop.{cfg.fleet}.{cfg.profile}",
+        name=model_name(cfg.fleet, cfg.profile),
         version=version,
         parent=parent,
         profile=cfg.profile,

@@ -183,3 +183,72 @@ def spare_broker(tmp_path):
     broker = SpareBroker(tmp_path).start()
     yield broker
     broker.stop()
+
+
+def sample_message(fleet: str, window: np.ndarray, **fields):
+    """A valid sample as a device sends it; ``fields`` override the defaults."""
+    from shared.messages import SampleMessage, Tensor, utcnow
+
+    base = dict(
+        fleet=fleet,
+        device_id="d1",
+        window=Tensor.from_array(window),
+        channels=window.shape[1],
+        captured_at=utcnow(),
+        model_version="v1",
+        predicted="normal",
+        confidence=0.5,
+        score=0.0,
+    )
+    return SampleMessage(**{**base, **fields})
+
+
+def repackage(tiny_package, version: str, *, profile: str = "cpu-fp32") -> bytes:
+    """The fixture's model packaged again under another version (or profile), parent v1."""
+    from cloud.training import package_model
+    from shared.package import ModelPackage
+
+    pkg, model = tiny_package
+    m = ModelPackage(pkg).manifest
+    return package_model(
+        model,
+        name=m.name,
+        version=version,
+        parent="v1",
+        profile=profile,
+        class_names=list(m.class_names),
+        ood=m.metadata["ood"],
+    )
+
+
+def make_agent(tmp_path, fleet, mqtt_port, package, device="d1", **kw):
+    """A connected edge agent with v1 installed; every selected window is uploaded."""
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.config import EdgeSettings
+
+    settings = {"resend_after_s": 0.5, "diversity_distance": 0.0, **kw}
+    agent = EdgeAgent(
+        EdgeSettings(
+            fleet=fleet,
+            device_id=device,
+            mqtt_port=mqtt_port,
+            state_dir=tmp_path / device,
+            **settings,
+        )
+    )
+    agent.bootstrap(package)
+    agent.start()
+    wait_for(agent.link.connected.is_set, 10, what="agent connection")
+    return agent
+
+
+def wait_for(predicate, timeout=30.0, tick=None, what="condition"):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        if tick:
+            tick()
+        time.sleep(0.05)

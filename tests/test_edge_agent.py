@@ -31,8 +31,7 @@ from shared.messages import UpdateNotice
 from shared.package import ModelPackage
 from shared.topics import topic
 
-from .conftest import HOST, ROOT, windows_of
-from .test_loop_mqtt import wait_for
+from .conftest import HOST, ROOT, make_agent, repackage, wait_for, windows_of
 
 
 @pytest.fixture
@@ -71,24 +70,6 @@ def samples_in(sessions) -> tuple[int, int]:
         )
 
 
-def agent_on(tmp_path, fleet, port, package, **kw):
-    agent = EdgeAgent(
-        EdgeSettings(
-            fleet=fleet,
-            device_id="d1",
-            mqtt_port=port,
-            state_dir=tmp_path / "d1",
-            resend_after_s=1.0,
-            diversity_distance=0.0,
-            **kw,
-        )
-    )
-    agent.bootstrap(package)
-    agent.start()
-    wait_for(agent.link.connected.is_set, 10, what="connection")
-    return agent
-
-
 def test_broker_outage_loses_nothing(
     tmp_path, spare_broker, cloud_on, fleet, tiny_package, tep_small
 ):
@@ -96,7 +77,7 @@ def test_broker_outage_loses_nothing(
     exactly once."""
     sessions, start_ingest = cloud_on
     start_ingest(spare_broker.port)
-    agent = agent_on(tmp_path, fleet, spare_broker.port, tiny_package[0])
+    agent = make_agent(tmp_path, fleet, spare_broker.port, tiny_package[0], resend_after_s=1.0)
     _, golden = tep_small
     faulty = np.concatenate([windows_of(golden, c, 10) for c in ("idv_01", "idv_02", "idv_07")])
     try:
@@ -207,23 +188,9 @@ print("completed")
 def test_power_cut_between_any_two_update_steps(tmp_path, tiny_package):
     """For every step of an install (each fsync and rename), a process killed right there
     restarts on a valid model, v1 or v2, never a broken one; after the last step it is v2."""
-    from cloud.training import package_model
-
-    pkg, model = tiny_package
-    m = ModelPackage(pkg).manifest
+    pkg, _ = tiny_package
     v2 = tmp_path / "v2.edgepkg"
-    v2.write_bytes(
-        package_model(
-            model,
-            name=m.name,
-            version="v2",
-            parent="v1",
-            profile="cpu-fp32",
-            class_names=list(m.class_names),
-            metadata={"new_classes": []},
-            ood=m.metadata["ood"],
-        )
-    )
+    v2.write_bytes(repackage(tiny_package, "v2"))
     step, outcomes = 0, []
     while True:
         slots_dir = tmp_path / f"slots-{step}"
@@ -257,26 +224,14 @@ def test_refused_updates_are_reported_to_the_cloud(
     """Corrupt, mismatched and wrong-profile packages are refused on the device, each
     reason reaches the cloud's update table, and v1 keeps serving; then a rollback
     command returns to the previous slot."""
-    from cloud.training import package_model
-
     sessions, start_ingest = cloud_on
     start_ingest(mqtt_port)
-    pkg, model = tiny_package
-    m = ModelPackage(pkg).manifest
+    pkg, _ = tiny_package
 
     def pack(version, profile="cpu-fp32"):
-        return package_model(
-            model,
-            name=m.name,
-            version=version,
-            parent="v1",
-            profile=profile,
-            class_names=list(m.class_names),
-            metadata={"new_classes": []},
-            ood=m.metadata["ood"],
-        )
+        return repackage(tiny_package, version, profile=profile)
 
-    agent = agent_on(tmp_path, fleet, mqtt_port, pkg)
+    agent = make_agent(tmp_path, fleet, mqtt_port, pkg, resend_after_s=1.0)
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     pub.connect(HOST, mqtt_port)
     pub.loop_start()
@@ -408,7 +363,7 @@ def test_last_will_marks_a_vanished_device_offline(
 
     sessions, start_ingest = cloud_on
     start_ingest(mqtt_port)
-    agent = agent_on(tmp_path, fleet, mqtt_port, tiny_package[0])
+    agent = make_agent(tmp_path, fleet, mqtt_port, tiny_package[0], resend_after_s=1.0)
     try:
         agent.process(np.zeros((32, 53), dtype=np.float32))
         agent.heartbeat()

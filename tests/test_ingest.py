@@ -13,13 +13,21 @@ from sqlalchemy import func, select
 from cloud.db import DeadLetter, Sample, session_factory
 from cloud.ingest import Ingestor, IngestService, register_device
 from cloud.storage import S3ObjectStore
-from shared.messages import SampleMessage, Tensor, utcnow
+from shared.messages import utcnow
 from shared.topics import topic
 
-from .conftest import HOST, PG_PORT, S3_KEY, S3_PORT, S3_SECRET, windows_of
+from .conftest import (
+    HOST,
+    PG_PORT,
+    S3_KEY,
+    S3_PORT,
+    S3_SECRET,
+    make_agent,
+    sample_message,
+    wait_for,
+    windows_of,
+)
 from .proxy import TcpProxy
-from .test_edge_agent import agent_on
-from .test_loop_mqtt import wait_for
 
 
 def stored(sessions) -> tuple[int, int]:
@@ -58,7 +66,7 @@ def test_outage_means_no_ack_then_catch_up(
     service.start()
     assert service.ready.wait(10)
     time.sleep(0.2)
-    agent = agent_on(tmp_path, fleet, mqtt_port, tiny_package[0])
+    agent = make_agent(tmp_path, fleet, mqtt_port, tiny_package[0])
     _, golden = tep_small
     faulty = np.concatenate([windows_of(golden, c, 6) for c in ("idv_01", "idv_07")])
     try:
@@ -89,19 +97,9 @@ def test_timestamps_from_a_broken_clock_are_dead_lettered(pg_url, s3_store, flee
     with sessions() as s:
         register_device(session=s, device_id="d1", fleet=fleet, profile="cpu-fp32")
     ingestor = Ingestor(sessions=sessions, store=s3_store)
-    window = Tensor.from_array(np.zeros((32, 53), dtype=np.float32))
+    window = np.zeros((32, 53), dtype=np.float32)
     for when in (utcnow() + timedelta(hours=2), datetime(2020, 1, 1, tzinfo=UTC)):
-        msg = SampleMessage(
-            fleet=fleet,
-            device_id="d1",
-            window=window,
-            channels=53,
-            captured_at=when,
-            model_version="v1",
-            predicted="normal",
-            confidence=1.0,
-            score=0.0,
-        )
+        msg = sample_message(fleet, window, captured_at=when)
         ack = ingestor.handle(topic(fleet, "d1", "samples"), msg.encode())
         assert ack is not None and ack.status == "rejected" and ack.reason == "bad_timestamp"
     with sessions() as s:
@@ -227,17 +225,7 @@ def test_fuzzed_payloads_are_dead_lettered(pg_url, s3_store, fleet):
         reasons = set(s.scalars(select(DeadLetter.reason)))
     assert {"bad_json", "bad_schema", "oversize"} <= reasons
     assert "" not in reasons
-    good = SampleMessage(
-        fleet=fleet,
-        device_id="d1",
-        window=Tensor.from_array(np.ones((32, 53), dtype=np.float32)),
-        channels=53,
-        captured_at=utcnow(),
-        model_version="v1",
-        predicted="normal",
-        confidence=0.5,
-        score=0.0,
-    )
+    good = sample_message(fleet, np.ones((32, 53), dtype=np.float32))
     ack = ingestor.handle(topic(fleet, "d1", "samples"), good.encode())
     assert ack is not None and ack.status == "stored"
 
@@ -254,17 +242,7 @@ def test_fleet_status_and_operator_labels(pg_url, s3_store, fleet):
     ingestor = Ingestor(sessions=sessions, store=s3_store)
     ids = []
     for i in range(3):
-        msg = SampleMessage(
-            fleet=fleet,
-            device_id="d1",
-            window=Tensor.from_array(np.full((32, 53), i, dtype=np.float32)),
-            channels=53,
-            captured_at=utcnow(),
-            model_version="v1",
-            predicted="normal",
-            confidence=0.5,
-            score=0.0,
-        )
+        msg = sample_message(fleet, np.full((32, 53), i, dtype=np.float32))
         assert ingestor.handle(topic(fleet, "d1", "samples"), msg.encode()).status == "stored"
         ids.append(str(msg.message_id))
     ingestor.handle(topic(fleet, "d1", "samples"), b"garbage")
@@ -324,20 +302,7 @@ def test_ingest_killed_mid_stream_stores_everything_once(
         return proc
 
     _, golden = tep_small
-    messages = [
-        SampleMessage(
-            fleet=fleet,
-            device_id="d1",
-            window=Tensor.from_array(w),
-            channels=53,
-            captured_at=utcnow(),
-            model_version="v1",
-            predicted="normal",
-            confidence=0.5,
-            score=0.0,
-        ).encode()
-        for w in golden.x[:150]
-    ]
+    messages = [sample_message(fleet, w).encode() for w in golden.x[:150]]
     ingest = start()
     device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dev-{fleet}")
     device.connect(HOST, mqtt_port)

@@ -17,23 +17,11 @@ from sqlalchemy import func, select
 
 from cloud.db import DeadLetter, Device, Label, Sample, session_factory
 from cloud.ingest import Ingestor, IngestService, register_device
-from edge_agent.agent import EdgeAgent
-from edge_agent.config import EdgeSettings
-from shared.messages import SampleMessage, Tensor, UpdateNotice, utcnow
+from shared.messages import UpdateNotice
 from shared.package import ModelPackage
 from shared.topics import topic
 
-from .conftest import HOST, windows_of
-
-
-def wait_for(predicate, timeout=30.0, tick=None, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        if tick:
-            tick()
-        time.sleep(0.05)
+from .conftest import HOST, make_agent, repackage, sample_message, wait_for, windows_of
 
 
 @pytest.fixture
@@ -64,24 +52,6 @@ def cloud(pg_url, s3_store, mqtt_port, fleet):
     )()
     for svc in services:
         svc.stop()
-
-
-def make_agent(tmp_path, fleet, mqtt_port, package, device="d1", **kw):
-    agent = EdgeAgent(
-        EdgeSettings(
-            fleet=fleet,
-            device_id=device,
-            mqtt_port=mqtt_port,
-            state_dir=tmp_path / device,
-            resend_after_s=0.5,
-            diversity_distance=0.0,
-            **kw,
-        )
-    )
-    agent.bootstrap(package)
-    agent.start()
-    wait_for(agent.link.connected.is_set, 10, what="agent connection")
-    return agent
 
 
 def count(sessions, model, *where):
@@ -141,18 +111,7 @@ def test_redelivery_and_shared_windows_change_nothing(
         _, m2 = a2.process(w)
         assert m1 is not None and m2 is not None
         # The same message again (same id, same window), as a resend would carry it.
-        replay = SampleMessage(
-            message_id=m1.message_id,
-            fleet=fleet,
-            device_id="d1",
-            window=Tensor.from_array(w),
-            channels=53,
-            captured_at=utcnow(),
-            model_version="v1",
-            predicted="idv_02",
-            confidence=0.9,
-            score=0.0,
-        ).encode()
+        replay = sample_message(fleet, w, message_id=m1.message_id, predicted="idv_02").encode()
         wait_for(
             lambda: a1.backlog() == a2.backlog() == 0,
             30,
@@ -205,17 +164,7 @@ def test_malformed_messages_are_dead_lettered(
         window = windows_of(golden, "idv_01", 1)[0]
         agent.process(window)
         good = json.loads(
-            SampleMessage(
-                fleet=fleet,
-                device_id="d1",
-                window=Tensor.from_array(window),
-                channels=53,
-                captured_at=utcnow(),
-                model_version="v1",
-                predicted="idv_01",
-                confidence=0.9,
-                score=0.0,
-            ).encode()
+            sample_message(fleet, window, predicted="idv_01", confidence=0.9).encode()
         )
         wait_for(lambda: agent.backlog() == 0, 30, agent.tick, "first ack")
 
@@ -256,20 +205,8 @@ def test_malformed_messages_are_dead_lettered(
 def test_update_over_mqtt_and_refusals(tmp_path, fleet, mqtt_port, tiny_package):
     """An update notice installs v2; a tampered or expired one is refused with a reason
     and v2 keeps serving."""
-    from cloud.training import package_model
-
-    pkg, model = tiny_package
-    m = ModelPackage(pkg).manifest
-    v2 = package_model(
-        model,
-        name=m.name,
-        version="v2",
-        parent="v1",
-        profile="cpu-fp32",
-        class_names=list(m.class_names),
-        metadata={"new_classes": []},
-        ood=m.metadata["ood"],
-    )
+    pkg, _ = tiny_package
+    v2 = repackage(tiny_package, "v2")
     agent = make_agent(tmp_path, fleet, mqtt_port, pkg)
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     pub.connect(HOST, mqtt_port)

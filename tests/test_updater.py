@@ -9,23 +9,12 @@ from edge_agent.updater import ModelSlots
 from shared.errors import PackageError
 from shared.package import ModelPackage
 
+from .conftest import repackage
+
 
 @pytest.fixture(scope="module")
 def v1_v2(tiny_package):
-    from cloud.training import package_model
-
-    pkg, model = tiny_package
-    manifest = ModelPackage(pkg).manifest
-    v2 = package_model(
-        model,
-        name=manifest.name,
-        version="v2",
-        parent="v1",
-        profile="cpu-fp32",
-        class_names=list(manifest.class_names),
-        ood=manifest.metadata["ood"],
-    )
-    return pkg, v2
+    return tiny_package[0], repackage(tiny_package, "v2")
 
 
 def test_install_swap_and_rollback(tmp_path, v1_v2):
