@@ -56,6 +56,8 @@ class Sample(Base):
     fleet: Mapped[str] = mapped_column(String(64), index=True)
     content_sha256: Mapped[str] = mapped_column(String(64), index=True)
     object_key: Mapped[str] = mapped_column(String(200))
+    # None: the object is this one window (.npy); else its row in a batch object (N, T, C).
+    object_index: Mapped[int | None] = mapped_column(Integer)
     dtype: Mapped[str] = mapped_column(String(16))
     shape: Mapped[list[Any]] = mapped_column()
     captured_at: Mapped[datetime]

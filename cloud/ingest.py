@@ -6,8 +6,8 @@ import hashlib
 import io
 import json
 import logging
+import queue
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,21 +37,22 @@ class IngestCounters:
     dead_letters: dict[str, int] = field(default_factory=dict)
 
 
-def window_key(sha: str) -> str:
-    return f"windows/{sha[:2]}/{sha}.npy"
-
-
-def encode_window(window: np.ndarray) -> tuple[str, bytes]:
-    """``(sha256, .npy bytes)``; the hash covers dtype, shape and values, so it names content."""
+def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(window), allow_pickle=False)
-    data = buf.getvalue()
-    return hashlib.sha256(data).hexdigest(), data
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
 
 
-def load_window(store: ObjectStore, key: str) -> np.ndarray:
+def content_sha256(window: np.ndarray) -> str:
+    """The window's identity: sha256 of its .npy bytes (dtype, shape and values)."""
+    return hashlib.sha256(npy_bytes(window)).hexdigest()
+
+
+def load_window(store: ObjectStore, key: str, index: int | None = None) -> np.ndarray:
+    """A stored window: a whole object, or row ``index`` of a batch object."""
     # allow_pickle=False: stored windows are data, never code.
-    return np.load(io.BytesIO(store.get(key)), allow_pickle=False)
+    array = np.load(io.BytesIO(store.get(key)), allow_pickle=False)
+    return array if index is None else array[index]
 
 
 def upsert_labels(*, session: Session, sample_ids: list[str], label: str, source: str) -> None:
@@ -126,36 +127,60 @@ class Ingestor:
         self.counters = IngestCounters()
 
     def handle(self, topic_name: str, payload: bytes) -> Ack | None:
-        fleet = device = None
-        try:
-            fleet, device, kind = parse_topic(topic_name)
-            if kind not in UPLINK_KINDS:
-                raise MessageError(f"devices may not publish {kind}", reason="bad_kind")
-            msg = decode(kind, payload)
-            check_timestamps(msg)
-            if msg.device_id != device or msg.fleet != fleet:
-                raise MessageError(
-                    f"message claims device {msg.fleet}/{msg.device_id} but was "
-                    f"published under {fleet}/{device}",
-                    reason="device_mismatch",
-                )
-            with self.sessions() as session:
-                known = session.get(Device, device)
-                if known is None or known.fleet != fleet:
-                    raise MessageError(
-                        f"device {fleet}/{device} is not registered", reason="unknown_device"
-                    )
-                if isinstance(msg, SampleMessage):
-                    return self._sample(session, msg)
-                if isinstance(msg, LabelMessage):
-                    return self._labels(session, msg)
-                if isinstance(msg, Heartbeat):
-                    return self._heartbeat(session, known, msg)
-                if isinstance(msg, UpdateStatus):
-                    return self._update_status(session, msg)
-                raise MessageError(f"unhandled kind {kind}", reason="bad_kind")
-        except MessageError as exc:
-            return self._dead_letter(topic_name, payload, fleet, device, exc)
+        """One message: validate, store, and the ack to send (None: send none)."""
+        return self.handle_batch([(topic_name, payload)])[0]
+
+    def handle_batch(self, items: list[tuple[str, bytes]]) -> list[Ack | None]:
+        """Many messages at once: samples share one object write per window shape and one
+        transaction; everything else goes one by one. Acks come back in input order."""
+        acks: list[Ack | None] = [None] * len(items)
+        samples: list[tuple[int, SampleMessage]] = []
+        with self.sessions() as session:
+            registered = self._registered(session, items)
+            for i, (topic_name, payload) in enumerate(items):
+                fleet = device = None
+                try:
+                    fleet, device, kind = parse_topic(topic_name)
+                    msg = self._validate(fleet, device, kind, payload, registered)
+                    if isinstance(msg, SampleMessage):
+                        samples.append((i, msg))
+                    elif isinstance(msg, LabelMessage):
+                        acks[i] = self._labels(session, msg)
+                    elif isinstance(msg, Heartbeat):
+                        acks[i] = self._heartbeat(session, session.get(Device, device), msg)
+                    else:
+                        acks[i] = self._update_status(session, msg)
+                except MessageError as exc:
+                    acks[i] = self._dead_letter(topic_name, payload, fleet, device, exc)
+            if samples:
+                for i, ack in self._samples(session, samples, items).items():
+                    acks[i] = ack
+        return acks
+
+    def _registered(self, session: Session, items: list[tuple[str, bytes]]) -> set[tuple]:
+        """(fleet, device) of every registered device among the topics of ``items``."""
+        names = {t.split("/")[3] for t, _ in items if t.count("/") == 4}
+        rows = session.execute(select(Device.fleet, Device.id).where(Device.id.in_(names)))
+        return {(f, d) for f, d in rows}
+
+    def _validate(  # type: ignore[no-untyped-def]
+        self, fleet: str, device: str, kind: str, payload: bytes, registered: set[tuple]
+    ):
+        if kind not in UPLINK_KINDS:
+            raise MessageError(f"devices may not publish {kind}", reason="bad_kind")
+        msg = decode(kind, payload)
+        check_timestamps(msg)
+        if msg.device_id != device or msg.fleet != fleet:
+            raise MessageError(
+                f"message claims device {msg.fleet}/{msg.device_id} but was "
+                f"published under {fleet}/{device}",
+                reason="device_mismatch",
+            )
+        if (fleet, device) not in registered:
+            raise MessageError(
+                f"device {fleet}/{device} is not registered", reason="unknown_device"
+            )
+        return msg
 
     def _ack(self, msg, status: str, reason: str | None = None) -> Ack:  # type: ignore[no-untyped-def]
         return Ack(
@@ -166,10 +191,90 @@ class Ingestor:
             reason=reason,
         )  # type: ignore[arg-type]
 
-    def _sample(self, session: Session, msg: SampleMessage) -> Ack:
-        if session.get(Sample, str(msg.message_id)) is not None:
-            self.counters.duplicates += 1
-            return self._ack(msg, "duplicate")
+    def _samples(
+        self,
+        session: Session,
+        samples: list[tuple[int, SampleMessage]],
+        items: list[tuple[str, bytes]],
+    ) -> dict[int, Ack | None]:
+        """Store a batch of samples: new windows in one object per shape, one transaction.
+
+        Idempotent: a message id already stored, or twice in the batch, is acked as a
+        duplicate; a window already stored (same content, any device) is linked, not
+        written again.
+        """
+        acks: dict[int, Ack | None] = {}
+        ids = [str(m.message_id) for _, m in samples]
+        seen = set(session.scalars(select(Sample.id).where(Sample.id.in_(ids))))
+        fresh: list[tuple[int, SampleMessage, np.ndarray, str]] = []
+        for i, msg in samples:
+            if str(msg.message_id) in seen:
+                self.counters.duplicates += 1
+                acks[i] = self._ack(msg, "duplicate")
+                continue
+            try:
+                window = self._window(msg)
+            except MessageError as exc:
+                acks[i] = self._dead_letter(items[i][0], items[i][1], msg.fleet, msg.device_id, exc)
+                continue
+            seen.add(str(msg.message_id))
+            fresh.append((i, msg, window, content_sha256(window)))
+        if not fresh:
+            return acks
+        shas = {sha for *_, sha in fresh}
+        located: dict[str, tuple[str, int | None]] = {
+            sha: (key, index)
+            for sha, key, index in session.execute(
+                select(Sample.content_sha256, Sample.object_key, Sample.object_index).where(
+                    Sample.content_sha256.in_(shas)
+                )
+            )
+        }
+        groups: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+        for _, _, window, sha in fresh:
+            if sha not in located:
+                located[sha] = ("", None)  # placeholder: written below
+                groups.setdefault((str(window.dtype), window.shape), []).append((sha, window))
+        for group in groups.values():
+            key = f"windows/batches/{datetime.now(UTC):%Y/%m/%d}/{uuid.uuid4()}.npy"
+            self.store.put(key, npy_bytes(np.stack([w for _, w in group])))
+            for index, (sha, _) in enumerate(group):
+                located[sha] = (key, index)
+        for _, msg, window, sha in fresh:
+            key, index = located[sha]
+            session.add(
+                Sample(
+                    id=str(msg.message_id),
+                    device_id=msg.device_id,
+                    fleet=msg.fleet,
+                    content_sha256=sha,
+                    object_key=key,
+                    object_index=index,
+                    dtype=str(window.dtype),
+                    shape=list(window.shape),
+                    captured_at=msg.captured_at,
+                    model_version=msg.model_version,
+                    predicted=msg.predicted,
+                    confidence=msg.confidence,
+                    score=msg.score,
+                    reasons=list(msg.reasons),
+                )
+            )
+        try:
+            session.commit()
+        except IntegrityError:
+            # Another ingest process stored some of them first: redo one by one, each
+            # in its own transaction, so the rest still lands.
+            session.rollback()
+            for i, _, _, _ in fresh:
+                acks[i] = self.handle(*items[i])
+            return acks
+        self.counters.stored += len(fresh)
+        for i, msg, _, _ in fresh:
+            acks[i] = self._ack(msg, "stored")
+        return acks
+
+    def _window(self, msg: SampleMessage) -> np.ndarray:
         window = msg.window.to_array()
         if window.ndim != 2 or window.shape[1] != msg.channels:
             raise MessageError(
@@ -180,35 +285,7 @@ class Ingestor:
                 f"window shape {window.shape} is not the fleet's {self.expected_window}",
                 reason="bad_shape",
             )
-        sha, data = encode_window(window)
-        key = window_key(sha)
-        if not self.store.exists(key):  # same window from two devices: stored once
-            self.store.put(key, data)
-        session.add(
-            Sample(
-                id=str(msg.message_id),
-                device_id=msg.device_id,
-                fleet=msg.fleet,
-                content_sha256=sha,
-                object_key=key,
-                dtype=str(window.dtype),
-                shape=list(window.shape),
-                captured_at=msg.captured_at,
-                model_version=msg.model_version,
-                predicted=msg.predicted,
-                confidence=msg.confidence,
-                score=msg.score,
-                reasons=list(msg.reasons),
-            )
-        )
-        try:
-            session.commit()
-        except IntegrityError:  # a second ingest process stored it first
-            session.rollback()
-            self.counters.duplicates += 1
-            return self._ack(msg, "duplicate")
-        self.counters.stored += 1
-        return self._ack(msg, "stored")
+        return window
 
     def _labels(self, session: Session, msg: LabelMessage) -> Ack | None:
         ids = [str(i) for i in msg.sample_ids]
@@ -296,7 +373,18 @@ def _peek_message_id(payload: bytes) -> uuid.UUID | None:
 
 
 class IngestService:
-    """Runs an Ingestor on an MQTT shared subscription and publishes its acks."""
+    """Runs an Ingestor on an MQTT shared subscription and publishes its acks.
+
+    paho's network thread only queues what arrives; a worker thread takes batches (up to
+    ``max_batch``, whatever has arrived), stores each batch with one object write per
+    window shape and one transaction, publishes one ack per device and outcome, and only
+    then sends the MQTT PUBACKs (manual acks). With a stable ``client_id`` (a persistent
+    session) the broker delivers again, to a restarted ingest, what a killed one had not
+    PUBACKed. When the store or the database is down, the batch is retried with backoff
+    (capped at 5 s) until it goes through: nothing is acked meanwhile, the broker holds
+    back further messages once its in-flight window is full, and everything flows again
+    when the store is back.
+    """
 
     def __init__(
         self,
@@ -307,18 +395,19 @@ class IngestService:
         fleet: str = "+",
         group: str | None = "ingest",
         client_id: str | None = None,
-        retry_for_s: float = 20.0,
+        max_batch: int = 500,
     ) -> None:
-        """``client_id``: a stable id gives a persistent session, so messages the broker
-        handed to a killed ingest are delivered again when it comes back."""
         self.ingestor = ingestor
-        self.retry_for_s = retry_for_s
+        self.max_batch = max_batch
         self.host, self.port = host, port
         self.subscriptions = [
             subscription(k, fleet=fleet, shared_group=group)  # type: ignore[arg-type]
             for k in UPLINK_KINDS
         ]
         self.ready = threading.Event()
+        self._inbox: queue.Queue = queue.Queue()
+        self._stopping = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="ingest-worker", daemon=True)
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id or f"edgeloop-ingest-{uuid.uuid4().hex[:8]}",
@@ -326,17 +415,18 @@ class IngestService:
             protocol=mqtt.MQTTv311,
         )
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
-        # PUBACK only after the message is stored (or dead-lettered): a broker that saw no
-        # PUBACK delivers the message again after a reconnect.
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
 
     def start(self) -> None:
+        self._worker.start()
         self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
 
     def stop(self) -> None:
+        self._stopping.set()
+        self._worker.join(timeout=30)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -345,20 +435,54 @@ class IngestService:
         self.ready.set()
 
     def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
-        delay, deadline = 0.2, time.monotonic() + self.retry_for_s
+        self._inbox.put((msg.topic, msg.payload, msg.mid, msg.qos))
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                batch = [self._inbox.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            acks = self._store(batch)
+            if acks is None:
+                return  # stopping: un-PUBACKed, so the broker delivers it again later
+            self._publish_acks(acks)
+            for *_, mid, qos in batch:
+                self.client.ack(mid, qos)
+
+    def _store(self, batch: list[tuple]) -> list[Ack | None] | None:
+        items = [(t, p) for t, p, _, _ in batch]
+        delay = 0.2
         while True:
             try:
-                ack = self.ingestor.handle(msg.topic, msg.payload)
-                break
+                return self.ingestor.handle_batch(items)
             except Exception as exc:  # noqa: BLE001 - the database or the store is down
-                if time.monotonic() + delay > deadline:
-                    # No ack either way: the device resends, the broker redelivers on the
-                    # next connection; meanwhile the ingest goes on with other messages.
-                    log.warning("could not store %s (%s); left un-acked", msg.topic, exc)
-                    return
-                log.info("store or database unavailable (%s); retrying in %.1f s", exc, delay)
-                time.sleep(delay)
+                if self._stopping.is_set():
+                    return None
+                log.warning(
+                    "cannot store %d message(s) now (%s); retrying in %.1f s",
+                    len(items),
+                    exc,
+                    delay,
+                )
+                self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
-        if ack is not None:
-            client.publish(topic(ack.fleet, ack.device_id, "acks"), ack.encode(), qos=1)
-        client.ack(msg.mid, msg.qos)
+
+    def _publish_acks(self, acks: list[Ack | None]) -> None:
+        """One ack message per device and outcome, listing every message id it covers."""
+        grouped: dict[tuple, list[uuid.UUID]] = {}
+        for ack in acks:
+            if ack is not None:
+                grouped.setdefault((ack.fleet, ack.device_id, ack.status, ack.reason), []).extend(
+                    ack.acked_ids
+                )
+        for (fleet, device, status, reason), ids in grouped.items():
+            ack = Ack(
+                fleet=fleet, device_id=device, acked_ids=tuple(ids), status=status, reason=reason
+            )
+            self.client.publish(topic(fleet, device, "acks"), ack.encode(), qos=1)

@@ -151,7 +151,14 @@ def labelled_uploads(
     rank = {"operator": 0, "device": 1, "teacher": 2}
     with sessions() as session:
         rows = session.execute(
-            select(Sample.id, Sample.object_key, Sample.content_sha256, Label.label, Label.source)
+            select(
+                Sample.id,
+                Sample.object_key,
+                Sample.object_index,
+                Sample.content_sha256,
+                Label.label,
+                Label.source,
+            )
             .join(Label, Label.sample_id == Sample.id)
             .where(Sample.fleet == fleet)
         ).all()
@@ -162,7 +169,15 @@ def labelled_uploads(
     chosen = sorted(best.values(), key=lambda r: r.id)
     if not chosen:
         return LabelledWindows(np.empty((0, 1, 1), np.float32), np.array([], dtype=str)), []
-    x = np.stack([load_window(store, r.object_key) for r in chosen]).astype(np.float32)
+    objects = {key: load_window(store, key) for key in {r.object_key for r in chosen}}
+    x = np.stack(
+        [
+            objects[r.object_key]
+            if r.object_index is None
+            else objects[r.object_key][r.object_index]
+            for r in chosen
+        ]
+    ).astype(np.float32)
     return (
         LabelledWindows(x, np.array([r.label for r in chosen])),
         [r.content_sha256 for r in chosen],

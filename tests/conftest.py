@@ -149,7 +149,12 @@ class SpareBroker:
             s.bind((HOST, 0))
             self.port = s.getsockname()[1]
         self.conf = workdir / "mosquitto.conf"
-        lines = [f"listener {self.port} {HOST}", "allow_anonymous true", "persistence false"]
+        lines = [
+            f"listener {self.port} {HOST}",
+            "allow_anonymous true",
+            "persistence false",
+            "max_queued_messages 100000",
+        ]  # the default, 1000, drops the rest
         if os.geteuid() == 0:
             lines.append("user root")
         self.conf.write_text("\n".join(lines) + "\n")

@@ -61,7 +61,6 @@ def test_outage_means_no_ack_then_catch_up(
         port=mqtt_port,
         fleet=fleet,
         group=f"g{fleet}",
-        retry_for_s=1.0,
     )
     service.start()
     assert service.ready.wait(10)
@@ -257,7 +256,7 @@ def test_fleet_status_and_operator_labels(pg_url, s3_store, fleet):
 
 
 def test_ingest_killed_mid_stream_stores_everything_once(
-    tmp_path, pg_url, s3_store, mqtt_port, fleet, tep_small
+    tmp_path, pg_url, s3_store, spare_broker, fleet, tep_small
 ):
     """Devices publish a stream QoS 1 (no device-side resend here); the ingest is killed
     with SIGKILL in the middle and restarted under the same client id: every message ends
@@ -280,7 +279,7 @@ def test_ingest_killed_mid_stream_stores_everything_once(
         "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
         "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
         "EDGELOOP_S3_BUCKET": s3_store.bucket,
-        "EDGELOOP_MQTT_PORT": str(mqtt_port),
+        "EDGELOOP_MQTT_PORT": str(spare_broker.port),
     }
     cmd = [
         sys.executable,
@@ -302,10 +301,15 @@ def test_ingest_killed_mid_stream_stores_everything_once(
         return proc
 
     _, golden = tep_small
-    messages = [sample_message(fleet, w).encode() for w in golden.x[:150]]
+    rng = np.random.default_rng(0)
+    windows = [
+        golden.x[i % len(golden.x)] + rng.normal(0, 1e-3, (32, 53)).astype("f4")
+        for i in range(2000)
+    ]  # enough that the kill lands mid-stream
+    messages = [sample_message(fleet, w).encode() for w in windows]
     ingest = start()
     device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dev-{fleet}")
-    device.connect(HOST, mqtt_port)
+    device.connect(HOST, spare_broker.port)
     device.loop_start()
     try:
         infos = [device.publish(topic(fleet, "d1", "samples"), m, qos=1) for m in messages]

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from cloud.datasets import LabelledWindows, register_dataset
 from cloud.db import Label, ModelVersion, Sample, session_factory
-from cloud.ingest import encode_window, register_device, window_key
+from cloud.ingest import content_sha256, npy_bytes, register_device
 from cloud.learning import RoundConfig, load_checkpoint, run_round, train_initial
 from cloud.registry import Registry, model_name
 from cloud.training import TrainConfig
@@ -56,8 +56,8 @@ def fleet_with_uploads(pg_url, s3_store, mlflow_uri, fleet, tep_small):
     with sessions() as s:
         register_device(session=s, device_id="d1", fleet=fleet, profile="cpu-fp32")
         for i, w in enumerate(new.x):
-            sha, data = encode_window(w)
-            s3_store.put(window_key(sha), data)
+            sha = content_sha256(w)
+            s3_store.put(f"windows/{sha}.npy", npy_bytes(w))
             sid = f"00000000-0000-4000-8000-{i:012d}"
             s.add(
                 Sample(
@@ -65,7 +65,7 @@ def fleet_with_uploads(pg_url, s3_store, mlflow_uri, fleet, tep_small):
                     device_id="d1",
                     fleet=fleet,
                     content_sha256=sha,
-                    object_key=window_key(sha),
+                    object_key=f"windows/{sha}.npy",
                     dtype="float32",
                     shape=[32, 53],
                     captured_at=datetime.now(UTC),

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from cloud.db import DeadLetter, Device, Label, Sample, session_factory
-from cloud.ingest import Ingestor, IngestService, register_device
+from cloud.ingest import Ingestor, IngestService, load_window, register_device
 from shared.messages import UpdateNotice
 from shared.package import ModelPackage
 from shared.topics import topic
@@ -77,10 +77,9 @@ def test_uploads_are_stored_once_and_acked(
         wait_for(lambda: agent.backlog() == 0, 30, agent.tick, "acks")
         assert count(cloud.sessions, Sample, Sample.device_id == "d1") == len(sent)
         with cloud.sessions() as s:
-            keys = set(s.scalars(select(Sample.object_key)))
-        assert all(cloud.store.exists(k) for k in keys)
-        stored = np.load(__import__("io").BytesIO(cloud.store.get(sorted(keys)[0])))
-        assert stored.shape == (32, 53)
+            rows = s.execute(select(Sample.object_key, Sample.object_index)).all()
+        assert all(cloud.store.exists(key) for key, _ in rows)
+        assert all(load_window(cloud.store, *row).shape == (32, 53) for row in rows)
         agent.report_label([m.message_id for m in sent], "idv_01")
         wait_for(lambda: agent.backlog() == 0, 30, agent.tick, "label ack")
         assert count(cloud.sessions, Label, Label.label == "idv_01") == len(sent)
