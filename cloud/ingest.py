@@ -11,10 +11,11 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,6 +36,25 @@ class IngestCounters:
     labels: int = 0
     heartbeats: int = 0
     dead_letters: dict[str, int] = field(default_factory=dict)
+
+
+class Receipt(NamedTuple):
+    """The outcome for one message; acks are built from these, grouped per device."""
+
+    fleet: str
+    device_id: str
+    message_id: uuid.UUID
+    status: str  # stored | duplicate | rejected
+    reason: str | None = None
+
+    def ack(self) -> Ack:
+        return Ack(
+            fleet=self.fleet,
+            device_id=self.device_id,
+            acked_ids=(self.message_id,),
+            status=self.status,
+            reason=self.reason,
+        )  # type: ignore[arg-type]
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -128,12 +148,13 @@ class Ingestor:
 
     def handle(self, topic_name: str, payload: bytes) -> Ack | None:
         """One message: validate, store, and the ack to send (None: send none)."""
-        return self.handle_batch([(topic_name, payload)])[0]
+        receipt = self.handle_batch([(topic_name, payload)])[0]
+        return None if receipt is None else receipt.ack()
 
-    def handle_batch(self, items: list[tuple[str, bytes]]) -> list[Ack | None]:
+    def handle_batch(self, items: list[tuple[str, bytes]]) -> list[Receipt | None]:
         """Many messages at once: samples share one object write per window shape and one
         transaction; everything else goes one by one. Acks come back in input order."""
-        acks: list[Ack | None] = [None] * len(items)
+        acks: list[Receipt | None] = [None] * len(items)
         samples: list[tuple[int, SampleMessage]] = []
         with self.sessions() as session:
             registered = self._registered(session, items)
@@ -182,28 +203,22 @@ class Ingestor:
             )
         return msg
 
-    def _ack(self, msg, status: str, reason: str | None = None) -> Ack:  # type: ignore[no-untyped-def]
-        return Ack(
-            fleet=msg.fleet,
-            device_id=msg.device_id,
-            acked_ids=(msg.message_id,),
-            status=status,
-            reason=reason,
-        )  # type: ignore[arg-type]
+    def _ack(self, msg, status: str, reason: str | None = None) -> Receipt:  # type: ignore[no-untyped-def]
+        return Receipt(msg.fleet, msg.device_id, msg.message_id, status, reason)
 
     def _samples(
         self,
         session: Session,
         samples: list[tuple[int, SampleMessage]],
         items: list[tuple[str, bytes]],
-    ) -> dict[int, Ack | None]:
+    ) -> dict[int, Receipt | None]:
         """Store a batch of samples: new windows in one object per shape, one transaction.
 
         Idempotent: a message id already stored, or twice in the batch, is acked as a
         duplicate; a window already stored (same content, any device) is linked, not
         written again.
         """
-        acks: dict[int, Ack | None] = {}
+        acks: dict[int, Receipt | None] = {}
         ids = [str(m.message_id) for _, m in samples]
         seen = set(session.scalars(select(Sample.id).where(Sample.id.in_(ids))))
         fresh: list[tuple[int, SampleMessage, np.ndarray, str]] = []
@@ -240,26 +255,31 @@ class Ingestor:
             self.store.put(key, npy_bytes(np.stack([w for _, w in group])))
             for index, (sha, _) in enumerate(group):
                 located[sha] = (key, index)
+        now = datetime.now(UTC)
+        rows = []
         for _, msg, window, sha in fresh:
             key, index = located[sha]
-            session.add(
-                Sample(
-                    id=str(msg.message_id),
-                    device_id=msg.device_id,
-                    fleet=msg.fleet,
-                    content_sha256=sha,
-                    object_key=key,
-                    object_index=index,
-                    dtype=str(window.dtype),
-                    shape=list(window.shape),
-                    captured_at=msg.captured_at,
-                    model_version=msg.model_version,
-                    predicted=msg.predicted,
-                    confidence=msg.confidence,
-                    score=msg.score,
-                    reasons=list(msg.reasons),
-                )
+            rows.append(
+                {
+                    "id": str(msg.message_id),
+                    "device_id": msg.device_id,
+                    "fleet": msg.fleet,
+                    "content_sha256": sha,
+                    "object_key": key,
+                    "object_index": index,
+                    "dtype": str(window.dtype),
+                    "shape": list(window.shape),
+                    "captured_at": msg.captured_at,
+                    "received_at": now,
+                    "model_version": msg.model_version,
+                    "predicted": msg.predicted,
+                    "confidence": msg.confidence,
+                    "score": msg.score,
+                    "reasons": list(msg.reasons),
+                }
             )
+        # One multi-row INSERT; the ORM's unit of work costs more than the database here.
+        session.execute(insert(Sample), rows)
         try:
             session.commit()
         except IntegrityError:
@@ -267,7 +287,7 @@ class Ingestor:
             # in its own transaction, so the rest still lands.
             session.rollback()
             for i, _, _, _ in fresh:
-                acks[i] = self.handle(*items[i])
+                acks[i] = self.handle_batch([items[i]])[0]
             return acks
         self.counters.stored += len(fresh)
         for i, msg, _, _ in fresh:
@@ -287,7 +307,7 @@ class Ingestor:
             )
         return window
 
-    def _labels(self, session: Session, msg: LabelMessage) -> Ack | None:
+    def _labels(self, session: Session, msg: LabelMessage) -> Receipt | None:
         ids = [str(i) for i in msg.sample_ids]
         found = set(session.scalars(select(Sample.id).where(Sample.id.in_(ids))))
         if len(found) != len(ids):
@@ -310,7 +330,7 @@ class Ingestor:
         self.counters.heartbeats += 1
         return None  # heartbeats are never buffered on the device, so never acked
 
-    def _update_status(self, session: Session, msg: UpdateStatus) -> Ack:
+    def _update_status(self, session: Session, msg: UpdateStatus) -> Receipt:
         row = session.scalars(
             select(DeviceUpdate).where(
                 DeviceUpdate.device_id == msg.device_id,
@@ -334,7 +354,7 @@ class Ingestor:
         fleet: str | None,
         device: str | None,
         exc: MessageError,
-    ) -> Ack | None:
+    ) -> Receipt | None:
         key = f"dead-letters/{datetime.now(UTC):%Y/%m/%d}/{uuid.uuid4()}.bin"
         self.store.put(key, payload)
         with self.sessions() as session:
@@ -354,13 +374,7 @@ class Ingestor:
         message_id = _peek_message_id(payload)
         if fleet and device and message_id and exc.reason not in ("device_mismatch",):
             # Rejected, so the device drops it from its buffer instead of resending forever.
-            return Ack(
-                fleet=fleet,
-                device_id=device,
-                acked_ids=(message_id,),
-                status="rejected",
-                reason=exc.reason,
-            )
+            return Receipt(fleet, device, message_id, "rejected", exc.reason)
         return None
 
 
@@ -396,6 +410,7 @@ class IngestService:
         group: str | None = "ingest",
         client_id: str | None = None,
         max_batch: int = 500,
+        workers: int = 1,
     ) -> None:
         self.ingestor = ingestor
         self.max_batch = max_batch
@@ -407,7 +422,12 @@ class IngestService:
         self.ready = threading.Event()
         self._inbox: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="ingest-worker", daemon=True)
+        # More than one worker lets one parse while another waits for the store; on two
+        # cores it measured no faster (docs/benchmarks.md), so one is the default.
+        self._workers = [
+            threading.Thread(target=self._work, name=f"ingest-worker-{i}", daemon=True)
+            for i in range(workers)
+        ]
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id or f"edgeloop-ingest-{uuid.uuid4().hex[:8]}",
@@ -420,13 +440,15 @@ class IngestService:
         self.client.on_message = self._on_message
 
     def start(self) -> None:
-        self._worker.start()
+        for worker in self._workers:
+            worker.start()
         self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
 
     def stop(self) -> None:
         self._stopping.set()
-        self._worker.join(timeout=30)
+        for worker in self._workers:
+            worker.join(timeout=30)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -455,7 +477,7 @@ class IngestService:
             for *_, mid, qos in batch:
                 self.client.ack(mid, qos)
 
-    def _store(self, batch: list[tuple]) -> list[Ack | None] | None:
+    def _store(self, batch: list[tuple]) -> list[Receipt | None] | None:
         items = [(t, p) for t, p, _, _ in batch]
         delay = 0.2
         while True:
@@ -473,13 +495,13 @@ class IngestService:
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _publish_acks(self, acks: list[Ack | None]) -> None:
+    def _publish_acks(self, receipts: list[Receipt | None]) -> None:
         """One ack message per device and outcome, listing every message id it covers."""
         grouped: dict[tuple, list[uuid.UUID]] = {}
-        for ack in acks:
-            if ack is not None:
-                grouped.setdefault((ack.fleet, ack.device_id, ack.status, ack.reason), []).extend(
-                    ack.acked_ids
+        for r in receipts:
+            if r is not None:
+                grouped.setdefault((r.fleet, r.device_id, r.status, r.reason), []).append(
+                    r.message_id
                 )
         for (fleet, device, status, reason), ids in grouped.items():
             ack = Ack(
