@@ -182,7 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="2,000 messages instead of 10,000")
+    parser.add_argument("--quick", action="store_true", help="5,000 messages instead of 10,000")
     args = parser.parse_args()
 
     import numpy as np
@@ -194,7 +194,7 @@ def main() -> None:
     from shared.topics import topic
     from sim.tep import generate
 
-    n = 2000 if args.quick else 10000
+    n = 5000 if args.quick else 10000
     devices = [f"plant-{i:02d}" for i in range(8)]
     print("simulating TEP windows …", file=sys.stderr)
     data = generate(
