@@ -105,7 +105,11 @@ def champion(
     from cloud.registry import Registry, model_name
 
     s = get_settings()
-    registry = Registry(s.resolved_mlflow_uri, experiment=f"edgeloop-{fleet}")
+    registry = Registry(
+        s.resolved_mlflow_uri,
+        experiment=f"edgeloop-{fleet}",
+        artifact_location=s.mlflow_artifact_location,
+    )
     found = registry.champion(fleet, profile)
     if found is None:
         typer.secho(

@@ -68,6 +68,11 @@ class CloudSettings(BaseSettings):
         return self.database_url or f"sqlite:///{(self.home / 'edgeloop.db').resolve()}"
 
     @property
+    def mlflow_artifact_location(self) -> str | None:
+        """With the embedded sqlite store, artifacts live under home (None: the server's)."""
+        return None if self.mlflow_tracking_uri else (self.home / "mlartifacts").resolve().as_uri()
+
+    @property
     def resolved_mlflow_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
 

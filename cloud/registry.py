@@ -29,7 +29,11 @@ def model_name(fleet: str, profile: str) -> str:
 
 
 class Registry:
-    def __init__(self, tracking_uri: str, *, experiment: str) -> None:
+    def __init__(
+        self, tracking_uri: str, *, experiment: str, artifact_location: str | None = None
+    ) -> None:
+        """``artifact_location``: where a new experiment keeps its artifacts; needed with a
+        file or sqlite store, which otherwise writes to ./mlruns of the current directory."""
         import mlflow
         from mlflow import MlflowClient
 
@@ -38,7 +42,9 @@ class Registry:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (
-            found.experiment_id if found is not None else self.client.create_experiment(experiment)
+            found.experiment_id
+            if found is not None
+            else self.client.create_experiment(experiment, artifact_location=artifact_location)
         )
 
     def log_training_run(

@@ -32,7 +32,11 @@ def _services():  # type: ignore[no-untyped-def]
     return (
         session_factory(s.resolved_database_url),
         open_store(s),
-        lambda fleet: Registry(s.resolved_mlflow_uri, experiment=f"edgeloop-{fleet}"),
+        lambda fleet: Registry(
+            s.resolved_mlflow_uri,
+            experiment=f"edgeloop-{fleet}",
+            artifact_location=s.mlflow_artifact_location,
+        ),
     )
 
 

@@ -143,7 +143,11 @@ def run_demo(
 
     sessions = session_factory(settings.resolved_database_url)
     store = LocalObjectStore(home / "objects")
-    registry = Registry(settings.resolved_mlflow_uri, experiment=f"edgeloop-{fleet}")
+    registry = Registry(
+        settings.resolved_mlflow_uri,
+        experiment=f"edgeloop-{fleet}",
+        artifact_location=settings.mlflow_artifact_location,
+    )
     register_dataset(store=store, name="base", data=_to_labelled(base))
     register_dataset(store=store, name="golden", data=_to_labelled(golden))
     cfg = RoundConfig(fleet=fleet, profile=PROFILE, seed=seed)

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from sim.demo import format_table, run_demo
 
-from .conftest import TEP_CACHE
+from .conftest import ROOT, TEP_CACHE
 
 EDGELOOP = [sys.executable, "-c", "from shared.cli import main; main()"]
 
@@ -32,6 +32,7 @@ def test_demo_loop_learns_the_new_fault(tmp_path):
     assert row.old_acc_after >= 0.9
     assert row.uploaded > 0 and row.labelled == row.uploaded
     assert format_table(rows) in "\n".join(lines)
+    assert (home / "mlartifacts").is_dir() and not (ROOT / "mlruns").exists()
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     versions = client.search_model_versions("name = 'edgeloop.demo.cpu-fp32'")
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
