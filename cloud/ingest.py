@@ -16,11 +16,11 @@ from typing import NamedTuple
 import numpy as np
 import paho.mqtt.client as mqtt
 from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.db import DeadLetter, Device, DeviceUpdate, Label, Sample
-from cloud.storage import ObjectStore
+from cloud.storage import ObjectStore, StorageError
 from shared.errors import MessageError
 from shared.messages import Ack, Heartbeat, LabelMessage, SampleMessage, UpdateStatus, decode
 from shared.topics import UPLINK_KINDS, parse_topic, subscription, topic
@@ -106,9 +106,12 @@ def register_device(*, session: Session, device_id: str, fleet: str, profile: st
 # A device buffers for days offline, so old is fine up to a limit; the future is not.
 MAX_AGE = timedelta(days=30)
 MAX_CLOCK_SKEW = timedelta(minutes=5)
+LABEL_PATIENCE = timedelta(hours=1)  # how long a label may wait for its samples
 
 
 def check_timestamps(msg: object) -> None:
+    if isinstance(msg, Heartbeat) and not msg.online:
+        return  # a Last Will is stamped when the device connected, maybe long ago
     now = datetime.now(UTC)
     for name in ("sent_at", "captured_at"):
         value = getattr(msg, name, None)
@@ -156,6 +159,7 @@ class Ingestor:
         transaction; everything else goes one by one. Acks come back in input order."""
         acks: list[Receipt | None] = [None] * len(items)
         samples: list[tuple[int, SampleMessage]] = []
+        labels: list[tuple[int, LabelMessage]] = []
         with self.sessions() as session:
             registered = self._registered(session, items)
             for i, (topic_name, payload) in enumerate(items):
@@ -166,7 +170,7 @@ class Ingestor:
                     if isinstance(msg, SampleMessage):
                         samples.append((i, msg))
                     elif isinstance(msg, LabelMessage):
-                        acks[i] = self._labels(session, msg)
+                        labels.append((i, msg))  # after the samples they may refer to
                     elif isinstance(msg, Heartbeat):
                         acks[i] = self._heartbeat(session, session.get(Device, device), msg)
                     else:
@@ -176,6 +180,11 @@ class Ingestor:
             if samples:
                 for i, ack in self._samples(session, samples, items).items():
                     acks[i] = ack
+            for i, label in labels:
+                try:
+                    acks[i] = self._labels(session, label)
+                except MessageError as exc:
+                    acks[i] = self._dead_letter(*items[i], label.fleet, label.device_id, exc)
         return acks
 
     def _registered(self, session: Session, items: list[tuple[str, bytes]]) -> set[tuple]:
@@ -308,18 +317,33 @@ class Ingestor:
         return window
 
     def _labels(self, session: Session, msg: LabelMessage) -> Receipt | None:
+        """Device labels: only for the device's own samples. Samples not here yet: no ack,
+        the device resends; still missing after LABEL_PATIENCE: dead-lettered (a sample
+        that was rejected or evicted will never come)."""
         ids = [str(i) for i in msg.sample_ids]
-        found = set(session.scalars(select(Sample.id).where(Sample.id.in_(ids))))
-        if len(found) != len(ids):
-            # The samples are still on their way (or in another ingest's transaction): no
-            # ack, the device resends the label later.
+        owners = dict(
+            session.execute(select(Sample.id, Sample.device_id).where(Sample.id.in_(ids))).all()
+        )
+        foreign = sorted(i for i, owner in owners.items() if owner != msg.device_id)
+        if foreign:
+            raise MessageError(
+                f"device {msg.device_id} labels samples of other devices: {foreign[:3]}",
+                reason="foreign_sample",
+            )
+        if len(owners) != len(ids):
+            if msg.sent_at < datetime.now(UTC) - LABEL_PATIENCE:
+                missing = sorted(set(ids) - set(owners))
+                raise MessageError(
+                    f"labelled samples never arrived: {missing[:3]}", reason="unknown_sample"
+                )
             return None
         upsert_labels(session=session, sample_ids=ids, label=msg.label, source=msg.source)
         self.counters.labels += len(ids)
         return self._ack(msg, "stored")
 
     def _heartbeat(self, session: Session, device: Device, msg: Heartbeat) -> None:
-        device.last_seen = msg.sent_at
+        # Receive time, not sent_at: a Last Will carries the time the device connected.
+        device.last_seen = datetime.now(UTC)
         device.online = msg.online
         if msg.model_version is not None:
             device.model_version = msg.model_version
@@ -347,6 +371,14 @@ class Ingestor:
         session.commit()
         return self._ack(msg, "stored")
 
+    def dead_letter(self, topic_name: str, payload: bytes, exc: MessageError) -> Receipt | None:
+        """Record a message that cannot be stored, whatever the reason."""
+        try:
+            fleet, device, _ = parse_topic(topic_name)
+        except MessageError:
+            fleet = device = None
+        return self._dead_letter(topic_name, payload, fleet, device, exc)
+
     def _dead_letter(
         self,
         topic_name: str,
@@ -364,7 +396,7 @@ class Ingestor:
                     device_id=device,
                     topic=topic_name[:300],
                     reason=exc.reason,
-                    detail=str(exc)[:2000],
+                    detail=str(exc)[:2000].replace("\x00", "\\x00"),  # PG text has no NUL
                     payload_key=key,
                 )
             )
@@ -384,6 +416,14 @@ def _peek_message_id(payload: bytes) -> uuid.UUID | None:
         return uuid.UUID(str(value["message_id"]))
     except (ValueError, KeyError, TypeError):
         return None
+
+
+# Outages (retry until they pass) as opposed to failures caused by a message's content.
+TRANSIENT = (OperationalError, InterfaceError, StorageError, OSError)
+
+
+class _Stopping(Exception):
+    pass
 
 
 class IngestService:
@@ -478,19 +518,43 @@ class IngestService:
                 self.client.ack(mid, qos)
 
     def _store(self, batch: list[tuple]) -> list[Receipt | None] | None:
+        """Store a batch, retrying while the database or the store is unreachable. Any
+        other failure is about the data: the batch is split, and the message that fails
+        on its own is dead-lettered (``internal_error``), so one bad message never blocks
+        the rest (None: stopping)."""
         items = [(t, p) for t, p, _, _ in batch]
+        try:
+            return self._retrying(lambda: self.ingestor.handle_batch(items))
+        except _Stopping:
+            return None
+        except Exception:  # noqa: BLE001 - not an outage: find the message that fails
+            log.exception("batch of %d failed; storing its messages one by one", len(items))
+        receipts: list[Receipt | None] = []
+        for item in items:
+            try:
+                receipts.append(self._retrying(lambda i=item: self.ingestor.handle_batch([i])[0]))
+            except _Stopping:
+                return None
+            except Exception as exc:  # noqa: BLE001
+                log.exception("message on %s cannot be stored", item[0])
+                error = MessageError(
+                    f"ingest failed on this message: {exc!r}"[:500], reason="internal_error"
+                )
+                receipts.append(
+                    self._retrying(lambda i=item, e=error: self.ingestor.dead_letter(*i, e))
+                )
+        return receipts
+
+    def _retrying(self, fn):  # type: ignore[no-untyped-def]
         delay = 0.2
         while True:
             try:
-                return self.ingestor.handle_batch(items)
-            except Exception as exc:  # noqa: BLE001 - the database or the store is down
+                return fn()
+            except TRANSIENT as exc:
                 if self._stopping.is_set():
-                    return None
+                    raise _Stopping from exc
                 log.warning(
-                    "cannot store %d message(s) now (%s); retrying in %.1f s",
-                    len(items),
-                    exc,
-                    delay,
+                    "database or object store unavailable (%s); retrying in %.1f s", exc, delay
                 )
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)

@@ -258,13 +258,18 @@ def run_round(
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     with sessions() as session:
-        parent_row = session.scalars(
+        # The parent is the newest model that passed its gates (the champion), never a
+        # challenger that failed them.
+        rows = session.scalars(
             select(ModelVersion)
             .where(ModelVersion.name == model_name(cfg.fleet, cfg.profile))
             .order_by(ModelVersion.id.desc())
-        ).first()
+        ).all()
+        parent_row = next((r for r in rows if (r.gates or {}).get("passed")), None)
         if parent_row is None:
-            raise DataError(f"fleet {cfg.fleet} has no model yet; train the initial one first")
+            raise DataError(
+                f"fleet {cfg.fleet} has no promoted model yet; train the initial one first"
+            )
         parent_version = parent_row.version
     parent_model, old_classes = load_checkpoint(store, checkpoint_key(cfg.fleet, parent_version))
     uploads, hashes = labelled_uploads(sessions=sessions, store=store, fleet=cfg.fleet)
@@ -272,10 +277,11 @@ def run_round(
         raise DataError(f"fleet {cfg.fleet} has no labelled uploads to learn from")
     new_classes = sorted(set(uploads.labels.tolist()) - set(old_classes))
     class_names = old_classes + new_classes
-    # Hold a slice of the new uploads out of training: the gate's evidence on new faults.
-    order = rng.permutation(len(uploads))
-    n_hold = int(len(uploads) * cfg.holdout_fraction)
-    hold, fit = order[:n_hold], order[n_hold:]
+    # Hold a slice of the uploads out of training: the gate's evidence on new faults. The
+    # split goes by content hash, so a window stays on the same side in every round and a
+    # parent never saw the windows its successor is judged on.
+    held = np.array([int(h[:8], 16) / 2**32 < cfg.holdout_fraction for h in hashes], dtype=bool)
+    hold, fit = np.flatnonzero(held), np.flatnonzero(~held)
     base = load_dataset(store=store, name=cfg.base_dataset)
     replay = _replay(base, cfg.replay_per_class, rng)
     x = np.concatenate([uploads.x[fit], replay.x])

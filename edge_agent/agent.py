@@ -21,7 +21,7 @@ from edge_agent.link import MqttLink
 from edge_agent.runtime import Detection, ModelRuntime
 from edge_agent.selection import Selector
 from edge_agent.updater import ModelSlots
-from shared.errors import EdgeloopError, PackageError
+from shared.errors import DataError, EdgeloopError, PackageError
 from shared.messages import (
     Envelope,
     Heartbeat,
@@ -33,6 +33,7 @@ from shared.messages import (
     decode,
     utcnow,
 )
+from shared.package import ModelPackage
 
 log = logging.getLogger(__name__)
 # JSON and base64 make a window's message about 4/3 of its raw bytes plus the envelope.
@@ -73,7 +74,8 @@ class EdgeAgent:
             password=s.mqtt_password,
             tls=s.mqtt_tls,
         )
-        self._model_lock = threading.Lock()
+        self._model_lock = threading.Lock()  # guards self.runtime
+        self._slots_lock = threading.Lock()  # one install or rollback at a time
         self.runtime: ModelRuntime | None = self.slots.load_active()
         # message id → when it was last handed to the broker, this process only: after a
         # restart the map is empty, so every un-acked message goes out again.
@@ -145,6 +147,8 @@ class EdgeAgent:
             runtime = self.runtime
         if runtime is None:
             raise PackageError("no model installed on this device", reason="no_model")
+        if not np.isfinite(window).all():  # a sensor fault, not a model fault
+            raise DataError("window holds NaN or infinity", reason="non_finite")
         t0 = time.perf_counter()
         try:
             det = runtime.detect(window[None])[0]
@@ -222,28 +226,39 @@ class EdgeAgent:
                 self._queue.clear()
                 self._committing = len(batch)
                 stopping = self._stopping
-            if batch:
-                messages = [m if isinstance(m, Envelope) else m() for m in batch]
-                items = [
-                    (str(m.message_id), self.link.topic(m.kind), m.encode())  # type: ignore[arg-type]
-                    for m in messages
-                ]
-                try:
-                    self.buffer.put_many(items)
-                except Exception:  # disk trouble: keep the batch and try again
-                    log.exception("buffer commit failed; retrying")
-                    with self._queue_changed:
-                        self._queue.extendleft(reversed(messages))
-                        self._committing = 0
-                    time.sleep(interval)
-                    continue
+            try:
+                self._commit(batch)
+            except Exception:  # disk trouble: keep the batch and try again
+                log.exception("buffer commit failed; retrying")
                 with self._queue_changed:
+                    self._queue.extendleft(reversed(batch))
                     self._committing = 0
-                    self._queue_changed.notify_all()
-                for message_id, topic, payload in items:
-                    self._send(message_id, topic, payload)
+                time.sleep(interval)
+                continue
             if stopping and not self._queue:
                 return
+
+    def _commit(self, batch: list[Envelope | Callable[[], Envelope]]) -> None:
+        items = []
+        for m in batch:
+            try:
+                msg = m if isinstance(m, Envelope) else m()
+                items.append((str(msg.message_id), self.link.topic(msg.kind), msg.encode()))  # type: ignore[arg-type]
+            except Exception:  # one message that cannot be built must not stop the rest
+                log.exception("dropping an upload that cannot be encoded")
+        if items:
+            self.buffer.put_many(items)
+        with self._queue_changed:
+            self._committing = 0
+            self._queue_changed.notify_all()
+        # In flight before the publish: a concurrent flush() must not send them again.
+        now = time.monotonic()
+        with self._inflight_lock:
+            self._inflight.update((message_id, now) for message_id, _, _ in items)
+        for message_id, topic, payload in items:
+            if not self.link.publish(topic, payload):
+                with self._inflight_lock:
+                    self._inflight.pop(message_id, None)  # offline: tick() sends it later
 
     def _send(self, message_id: str, topic: str, payload: bytes) -> bool:
         if not self.link.publish(topic, payload):
@@ -256,6 +271,9 @@ class EdgeAgent:
         """(Re)send buffered messages that are not in flight or whose ack is overdue."""
         now = time.monotonic()
         sent = 0
+        if self.buffer.depth() == 0:
+            with self._inflight_lock:  # what was evicted unacked leaves no trace here either
+                self._inflight.clear()
         for p in self.buffer.pending():
             with self._inflight_lock:
                 last = self._inflight.get(p.message_id)
@@ -314,27 +332,30 @@ class EdgeAgent:
                 raise PackageError(
                     f"update to {target} expired at {notice.expires_at}", reason="expired"
                 )
-            if notice.action == "rollback":
-                self._swap(self.slots.rollback())
-                status = "rolled_back"
-            elif notice.target_version == self.model_version:
-                status = "applied"  # redelivered: already live
-            else:
-                assert notice.package is not None  # the message validator guarantees it
-                data = base64.b64decode(notice.package, validate=True)
-                runtime = self.slots.install(data, expected_sha256=notice.sha256)
-                if runtime.version != notice.target_version:
-                    self.slots.rollback()
-                    raise PackageError(
-                        f"package holds version {runtime.version}, the update "
-                        f"names {notice.target_version}",
-                        reason="wrong_version",
-                    )
-                self._swap(runtime)
-                status = "applied"
+            with self._slots_lock:
+                if notice.target_version == self.model_version:
+                    status = "rolled_back" if notice.action == "rollback" else "applied"
+                elif notice.action == "rollback":
+                    self._swap(self.slots.rollback(expected_version=notice.target_version))
+                    status = "rolled_back"
+                else:
+                    assert notice.package is not None  # the message validator guarantees it
+                    data = base64.b64decode(notice.package, validate=True)
+                    version = ModelPackage(data, expected_sha256=notice.sha256).version
+                    if version != notice.target_version:
+                        raise PackageError(
+                            f"package holds version {version}, the update names "
+                            f"{notice.target_version}",
+                            reason="wrong_version",
+                        )
+                    self._swap(self.slots.install(data, expected_sha256=notice.sha256))
+                    status = "applied"
         except (EdgeloopError, ValueError) as exc:  # ValueError: bad base64
             reason = exc.reason if isinstance(exc, EdgeloopError) else "invalid_update"
             log.warning("update to %s refused (%s): %s", target, reason, exc)
+        except Exception:  # noqa: BLE001 - whatever it was, the cloud hears of it
+            reason = "internal_error"
+            log.exception("update to %s failed", target)
         return self._report(target, status, reason)
 
     def _swap(self, runtime: ModelRuntime) -> None:
@@ -343,7 +364,8 @@ class EdgeAgent:
 
     def _auto_rollback(self, failed: ModelRuntime, exc: PackageError) -> None:
         try:
-            self._swap(self.slots.rollback())
+            with self._slots_lock:
+                self._swap(self.slots.rollback())
         except PackageError as no_previous:
             log.error(
                 "model %s failed (%s) and cannot roll back: %s", failed.version, exc, no_previous

@@ -86,12 +86,20 @@ class DurableBuffer:
         return [Pending(*r) for r in rows]
 
     def ack(self, message_ids: list[str]) -> int:
+        """Drop acked messages: one transaction (one fsync) however many ids."""
         with self._lock:
-            cur = self._db.executemany(
-                "DELETE FROM outbox WHERE message_id = ?", [(m,) for m in message_ids]
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.executemany(
+                    "DELETE FROM outbox WHERE message_id = ?", [(m,) for m in message_ids]
+                )
+                if cur.rowcount > 0:
+                    self._bump("acked", cur.rowcount)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             if cur.rowcount > 0:
-                self._bump("acked", cur.rowcount)
                 self._depth -= cur.rowcount
             return cur.rowcount
 

@@ -81,14 +81,17 @@ def run(
     try:
         while not stop.is_set():
             if feed is not None and i < len(feed):
-                det, msg = agent.process(feed[i])
-                log.debug(
-                    "window %d: %s (%.2f)%s",
-                    i,
-                    det.predicted,
-                    det.confidence,
-                    " uploaded" if msg else "",
-                )
+                try:
+                    det, msg = agent.process(feed[i])
+                    log.debug(
+                        "window %d: %s (%.2f)%s",
+                        i,
+                        det.predicted,
+                        det.confidence,
+                        " uploaded" if msg else "",
+                    )
+                except EdgeloopError as exc:  # a bad window, or a model that just failed
+                    log.warning("window %d skipped (%s): %s", i, exc.reason, exc)
                 i += 1
             agent.tick()
             stop.wait(1.0 / rate if feed is not None and i < len(feed) else 1.0)

@@ -89,11 +89,17 @@ class ModelRuntime:
             raise ValueError(
                 f"windows must be (B, {self.shape[0]}, {self.shape[1]}), got {windows.shape}"
             )
-        return self.session.run(None, {self.input_name: windows})
+        try:
+            return self.session.run(None, {self.input_name: windows})
+        except Exception as exc:  # ORT's errors share no base class but Exception
+            raise PackageError(f"ONNX Runtime failed: {exc}", reason="bad_output") from exc
 
     def smoke_check(self) -> None:
         """Run one all-zero window; a package that cannot do this must not go live."""
-        logits = self.logits(np.zeros((1, *self.shape), dtype=np.float32))
+        try:
+            logits = self.logits(np.zeros((1, *self.shape), dtype=np.float32))
+        except PackageError as exc:
+            raise PackageError(f"smoke check failed: {exc}", reason="smoke_check_failed") from exc
         if logits.shape != (1, len(self.class_names)) or not np.isfinite(logits).all():
             raise PackageError(
                 f"smoke check gave logits of shape {logits.shape}, expected "

@@ -102,8 +102,9 @@ class ModelSlots:
         log.info("model %s live in slot %s", pkg.version, spare)
         return runtime
 
-    def rollback(self) -> ModelRuntime:
-        """Make the other slot live again, if it still holds a valid model."""
+    def rollback(self, *, expected_version: str | None = None) -> ModelRuntime:
+        """Make the other slot live again, if it still holds a valid model (and, when
+        ``expected_version`` is given, that version); otherwise nothing changes."""
         live = self.live_slot()
         if live is None:
             raise PackageError("no live slot to roll back from", reason="no_previous_model")
@@ -114,5 +115,10 @@ class ModelSlots:
             raise PackageError(
                 f"no valid previous model in slot {other}: {exc}", reason="no_previous_model"
             ) from exc
+        if expected_version is not None and runtime.version != expected_version:
+            raise PackageError(
+                f"the previous slot holds {runtime.version}, not {expected_version}",
+                reason="no_previous_model",
+            )
         _write_atomic(self.pointer, other.encode())
         return runtime

@@ -14,11 +14,11 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -30,6 +30,12 @@ MAX_UPDATE_BYTES = 64 << 20  # an update carries a whole model package
 MAX_TENSOR_ELEMENTS = 1 << 16
 ALLOWED_DTYPES = ("float32", "float64", "int32", "int64", "uint8")
 LabelSource = Literal["device", "operator", "teacher"]
+
+
+# Every name fits the database's String(64) columns and no text carries a NUL, which
+# PostgreSQL refuses: a message that passes here can always be stored.
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00]+$")]
+Text = Annotated[str, Field(max_length=2000, pattern=r"^[^\x00]*$")]
 
 
 def utcnow() -> datetime:
@@ -96,16 +102,9 @@ class Envelope(BaseModel):
 
     schema_version: Literal[1] = 1  # SCHEMA_VERSION
     message_id: uuid.UUID = Field(default_factory=uuid.uuid4)
-    fleet: str
-    device_id: str
-    sent_at: datetime = Field(default_factory=utcnow)
-
-    @field_validator("sent_at")
-    @classmethod
-    def _aware(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            raise ValueError("timestamps must carry a timezone (UTC)")
-        return value
+    fleet: Name
+    device_id: Name
+    sent_at: AwareDatetime = Field(default_factory=utcnow)
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode("utf-8")
@@ -117,9 +116,9 @@ class SampleMessage(Envelope):
     kind: ClassVar[str] = "samples"
     window: Tensor  # (T, C) float32
     channels: int = Field(ge=1, le=1024)
-    captured_at: datetime
-    model_version: str
-    predicted: str
+    captured_at: AwareDatetime
+    model_version: Name
+    predicted: Name
     confidence: float = Field(ge=0.0, le=1.0)
     score: float = Field(allow_inf_nan=False)
     reasons: tuple[Literal["uncertain", "faulty", "ood"], ...] = ()
@@ -130,14 +129,14 @@ class LabelMessage(Envelope):
 
     kind: ClassVar[str] = "labels"
     sample_ids: tuple[uuid.UUID, ...] = Field(min_length=1, max_length=1000)
-    label: str = Field(min_length=1, max_length=64)
+    label: Name
     source: LabelSource = "device"
 
 
 class Heartbeat(Envelope):
     kind: ClassVar[str] = "heartbeat"
-    model_version: str | None
-    profile: str
+    model_version: Name | None
+    profile: Name
     buffer_depth: int = Field(ge=0)
     windows_seen: int = Field(ge=0)
     anomaly_rate: float = Field(ge=0.0, le=1.0)
@@ -154,7 +153,7 @@ class Ack(Envelope):
     kind: ClassVar[str] = "acks"
     acked_ids: tuple[uuid.UUID, ...] = Field(min_length=1)
     status: Literal["stored", "duplicate", "rejected"]
-    reason: str | None = None
+    reason: Text | None = None
 
 
 class UpdateNotice(Envelope):
@@ -163,11 +162,11 @@ class UpdateNotice(Envelope):
 
     kind: ClassVar[str] = "updates"
     action: Literal["install", "rollback"] = "install"
-    target_version: str
-    base_version: str | None
+    target_version: Name
+    base_version: Name | None
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     package: str | None = None  # base64 of the package bytes
-    expires_at: datetime
+    expires_at: AwareDatetime
 
     @model_validator(mode="after")
     def _install_carries_package(self) -> UpdateNotice:
@@ -178,10 +177,10 @@ class UpdateNotice(Envelope):
 
 class UpdateStatus(Envelope):
     kind: ClassVar[str] = "update-status"
-    target_version: str
+    target_version: Name
     status: Literal["applied", "rejected", "rolled_back"]
-    reason: str | None = None
-    running_version: str | None = None
+    reason: Text | None = None
+    running_version: Name | None = None
 
 
 MESSAGE_TYPES: dict[str, type[Envelope]] = {

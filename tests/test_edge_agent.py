@@ -261,6 +261,10 @@ def test_refused_updates_are_reported_to_the_cloud(
         wait_for(lambda: agent.model_version == "v2", 20, what="v2 live")
         send("v1", action="rollback")
         wait_for(lambda: agent.model_version == "v1", 20, what="rollback")
+        send("v1", action="rollback")  # redelivered: must not flip back to v2
+        wait_for(lambda: len(agent.update_events) == 6, 20, what="the redelivered rollback")
+        assert agent.model_version == "v1"
+        assert agent.update_events[-1].status == "rolled_back"
         wait_for(lambda: agent.backlog() == 0, 20, agent.tick, "status acks")
         with sessions() as s:
             rows = {r.target_version: (r.state, r.reason) for r in s.scalars(select(DeviceUpdate))}
@@ -380,3 +384,27 @@ def test_last_will_marks_a_vanished_device_offline(
         wait_for(lambda: not device().online, 20, what="Last Will")
     finally:
         agent.stop()
+
+
+def test_bad_sensor_data_is_refused_without_touching_the_model(tmp_path, tiny_package):
+    """A window with NaN or infinity is refused as bad data; the model is not blamed, not
+    rolled back, and the next good window is scored as usual."""
+    from shared.errors import DataError
+
+    agent = EdgeAgent(
+        EdgeSettings(fleet="f", device_id="d1", mqtt_port=9, state_dir=tmp_path / "a")
+    )
+    agent.bootstrap(tiny_package[0])
+    agent.slots.install(repackage(tiny_package, "v2"))
+    agent.runtime = agent.slots.load_active()
+    window = np.zeros((32, 53), dtype=np.float32)
+    for bad in (np.nan, np.inf):
+        window[5, 7] = bad
+        with pytest.raises(DataError) as err:
+            agent.process(window)
+        assert err.value.reason == "non_finite"
+    assert agent.model_version == "v2" and agent.update_events == []
+    window[5, 7] = 0.0
+    det, _ = agent.process(window)
+    assert det.predicted in ModelPackage(tiny_package[0]).manifest.class_names
+    agent.stop()

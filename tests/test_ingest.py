@@ -4,6 +4,7 @@ mid-stream, and malformed payloads thrown at it."""
 from __future__ import annotations
 
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -329,3 +330,55 @@ def test_ingest_killed_mid_stream_stores_everything_once(
         device.loop_stop()
         ingest.send_signal(signal.SIGTERM)
         ingest.wait(20)
+
+
+def test_fields_the_database_would_refuse_and_stale_wills(pg_url, s3_store, fleet):
+    """Naive timestamps, over-long names and NUL bytes are dead-lettered before they reach
+    PostgreSQL; labels for another device's samples are refused; a Last Will stamped long
+    ago still marks its device offline."""
+    import json
+
+    from cloud.db import Device
+    from shared.messages import Heartbeat, LabelMessage
+
+    sessions = session_factory(pg_url)
+    with sessions() as s:
+        for d in ("d1", "d2"):
+            register_device(session=s, device_id=d, fleet=fleet, profile="cpu-fp32")
+    ingestor = Ingestor(sessions=sessions, store=s3_store)
+    good = json.loads(sample_message(fleet, np.zeros((32, 53), dtype=np.float32)).encode())
+    for field, value in (
+        ("captured_at", "2026-11-28T12:00:00"),
+        ("predicted", "x" * 65),
+        ("model_version", "v1\x00"),
+    ):
+        bad = {**good, field: value, "message_id": str(uuid.uuid4())}
+        ack = ingestor.handle(topic(fleet, "d1", "samples"), json.dumps(bad).encode())
+        assert ack is not None and (ack.status, ack.reason) == ("rejected", "bad_schema")
+    theirs = sample_message(fleet, np.ones((32, 53), dtype=np.float32), device_id="d2")
+    assert ingestor.handle(topic(fleet, "d2", "samples"), theirs.encode()).status == "stored"
+    steal = LabelMessage(
+        fleet=fleet, device_id="d1", sample_ids=(theirs.message_id,), label="normal"
+    )
+    ack = ingestor.handle(topic(fleet, "d1", "labels"), steal.encode())
+    assert (ack.status, ack.reason) == ("rejected", "foreign_sample")
+    will = Heartbeat(
+        fleet=fleet,
+        device_id="d1",
+        model_version=None,
+        profile="cpu-fp32",
+        buffer_depth=0,
+        windows_seen=0,
+        anomaly_rate=0.0,
+        latency_ms_p50=0.0,
+        online=False,
+        sent_at=utcnow() - timedelta(days=40),
+    )
+    with sessions() as s:
+        s.get(Device, "d1").online = True
+        s.commit()
+    assert ingestor.handle(topic(fleet, "d1", "heartbeat"), will.encode()) is None
+    with sessions() as s:
+        device = s.get(Device, "d1")
+        assert not device.online
+        assert device.last_seen > utcnow() - timedelta(minutes=1)

@@ -81,7 +81,9 @@ def fleet_with_uploads(pg_url, s3_store, mlflow_uri, fleet, tep_small):
     return sessions, s3_store, registry, cfg, first
 
 
-def test_round_registers_gated_version_with_lineage(fleet_with_uploads, mlflow_uri, fleet):
+def test_round_registers_gated_version_with_lineage(
+    fleet_with_uploads, mlflow_uri, fleet, tmp_path
+):
     """A round learns the new fault, keeps the old ones, and lands in MLflow as version 2
     with its tags, aliases, plots and lineage; the package rebuilds from its checkpoint."""
     sessions, store, registry, cfg, first = fleet_with_uploads
@@ -108,6 +110,26 @@ def test_round_registers_gated_version_with_lineage(fleet_with_uploads, mlflow_u
     )
     assert lineage["parent"] == "v1" and len(lineage["uploads"]) > 0
     assert registry.download_package(champion.run_id) == result.package
+    # An operator fetches the champion for a device's first start.
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from shared.cli import main; main()",
+            "cloud",
+            "champion",
+            "--fleet",
+            fleet,
+            "--out",
+            str(tmp_path / "champion.edgepkg"),
+        ],
+        env={**os.environ, "EDGELOOP_MLFLOW_TRACKING_URI": mlflow_uri},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "champion.edgepkg").read_bytes() == result.package
 
     model, classes = load_checkpoint(store, f"checkpoints/{fleet}/v2.safetensors")
     assert classes == result.class_names and model.cfg.n_classes == len(classes)
@@ -133,6 +155,14 @@ def test_mislabelled_round_is_stopped_by_the_gate(fleet_with_uploads, mlflow_uri
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     assert client.get_model_version_by_alias(name, "challenger").version == "2"
     assert client.get_model_version(name, "2").tags["gate_verdict"] == "fail"
+    # With the labels put right, the next round starts again from v1, not from failed v2.
+    with sessions() as s:
+        for lab in s.scalars(select(Label)):
+            lab.label = "idv_06"
+        s.commit()
+    cfg.holdout_fraction = 0.25
+    again = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
+    assert (again.version, again.parent, again.promoted) == ("v3", "v1", True)
 
 
 def test_retrain_task_runs_on_a_real_worker(
