@@ -46,6 +46,10 @@ def child(package: Path, windows: Path, state: Path, repeats: int) -> dict:
     selected = 0
     block = 50
     for _ in range(repeats):
+        # Each pass meets the stream as new: without this the diversity rule would skip the
+        # replayed windows and later passes would upload nothing, flattering the agent.
+        agent.selector.recent.clear()
+        agent.selector.tokens = agent.selector.capacity
         for start in range(0, len(stream), block):
             part = stream[start : start + block]
             t0 = time.perf_counter()
@@ -57,7 +61,7 @@ def child(package: Path, windows: Path, state: Path, repeats: int) -> dict:
                 selected += agent.process(w)[1] is not None
             agent_t += time.perf_counter() - t0
     n = len(stream) * repeats
-    candidates = sum(bool(agent.selector.reasons(d)) for d in runtime.detect(stream))
+    candidates = sum(bool(agent.selector.reasons(runtime.detect(w[None])[0])) for w in stream)
     agent.sync()
     durable = agent.buffer.depth() + agent.buffer.stats().get("evicted", 0)
     # VmHWM, not ru_maxrss: the latter inherits the parent's (torch-sized) peak at fork.
@@ -141,7 +145,7 @@ def main() -> None:
         pkg, win = Path(tmp) / "v1.edgepkg", Path(tmp) / "stream.npy"
         pkg.write_bytes(package)
         np.save(win, stream)
-        repeats = args.repeats or (3 if args.quick else 10)
+        repeats = args.repeats or (10 if args.quick else 20)  # short runs are noisy
         out = subprocess.run(
             [
                 sys.executable,

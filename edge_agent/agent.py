@@ -147,12 +147,14 @@ class EdgeAgent:
             runtime = self.runtime
         if runtime is None:
             raise PackageError("no model installed on this device", reason="no_model")
-        if not np.isfinite(window).all():  # a sensor fault, not a model fault
-            raise DataError("window holds NaN or infinity", reason="non_finite")
         t0 = time.perf_counter()
         try:
             det = runtime.detect(window[None])[0]
-        except PackageError as exc:  # the live model misbehaves on real data
+        except PackageError as exc:
+            # Checked only now, off the common path: NaN in, NaN out is a sensor fault;
+            # NaN from finite input is the model's, and it goes.
+            if not np.isfinite(window).all():
+                raise DataError("window holds NaN or infinity", reason="non_finite") from exc
             self._auto_rollback(runtime, exc)
             raise
         self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
