@@ -9,23 +9,14 @@ import numpy as np
 import pytest
 
 from shared.errors import MessageError
-from shared.messages import MAX_MESSAGE_BYTES, Ack, SampleMessage, Tensor, decode, utcnow
+from shared.messages import MAX_MESSAGE_BYTES, Ack, SampleMessage, Tensor, decode
 from shared.topics import parse_topic, subscription, topic
+
+from .conftest import sample_message
 
 
 def sample(window: np.ndarray) -> SampleMessage:
-    return SampleMessage(
-        fleet="f1",
-        device_id="d1",
-        window=Tensor.from_array(window),
-        channels=window.shape[1],
-        captured_at=utcnow(),
-        model_version="v1",
-        predicted="normal",
-        confidence=0.5,
-        score=-3.0,
-        reasons=("uncertain",),
-    )
+    return sample_message("f1", window, score=-3.0, reasons=("uncertain",))
 
 
 def test_topic_round_trip():
