@@ -103,6 +103,7 @@ def main() -> None:
         return
 
     import numpy as np
+    import torch
 
     from cloud.training import (
         ModelConfig,
@@ -115,6 +116,7 @@ def main() -> None:
     from sim.fleet import Episode, FleetSimulator
     from sim.tep import generate
 
+    torch.set_num_threads(1)  # multi-threaded CPU training is not bit-reproducible
     cache = ROOT / ".edgeloop" / "bench-cache"
     classes = ["normal", "idv_01", "idv_02", "idv_07"]
     print("simulating the plant and training the default model …", file=sys.stderr)

@@ -18,7 +18,7 @@ class Selector:
 
     Two brakes stop one long event from filling the uplink: a byte budget per hour (a token
     bucket), and a diversity rule: a candidate whose channel-mean profile lies within
-    ``diversity_distance`` (RMS, in units of the windows' own channel spread) of one of the
+    ``diversity_distance`` (RMS, in units of the candidate's own channel spread) of one of the
     last ``memory`` sent windows with the same prediction is skipped as a near-duplicate
     (0 turns the rule off).
     """
@@ -42,7 +42,7 @@ class Selector:
         self.last = time.monotonic()
         self.diversity_distance = diversity_distance
         self.memory = memory
-        # Per predicted class, the features of the last `memory` windows sent: (n, 2C).
+        # Per predicted class, the channel means of the last `memory` windows sent: (n, C).
         self.recent: dict[str, np.ndarray] = {}
         self.skipped_budget = 0
         self.skipped_duplicate = 0
@@ -80,19 +80,17 @@ class Selector:
             self.skipped_budget += 1
             return ()
         self.tokens -= nbytes
-        kept = (
-            feats[None]
-            if sent is None
-            else np.concatenate([sent[-(self.memory - 1) :], feats[None]])
-        )
+        means = feats[None, : feats.shape[0] // 2]  # only the means are compared later
+        kept = means if sent is None else np.concatenate([sent[-(self.memory - 1) :], means])
         self.recent[det.predicted] = kept
         return reasons
 
 
 def _nearest(sent: np.ndarray, feats: np.ndarray) -> float:
-    """Smallest RMS gap between ``feats``' channel means and those of the windows sent,
-    in units of their within-window spread. Features are (…, 2C): means, then spreads."""
+    """Smallest RMS gap between the channel means of ``feats`` and those of the windows
+    sent (rows of ``sent``: their means only), in units of this window's channel spread.
+    ``feats`` is (2C,): means, then spreads. Three array operations: it runs on every
+    candidate."""
     c = feats.shape[0] // 2
-    spread = 0.5 * (sent[:, c:] + feats[c:]) + 1e-6  # (n, C)
-    gap = (sent[:, :c] - feats[:c]) / spread
-    return float(np.sqrt(np.einsum("nc,nc->n", gap, gap) / c).min())
+    gap = (sent - feats[:c]) * (1.0 / (feats[c:] + 1e-6))  # (n, C)
+    return float(np.sqrt(np.einsum("nc,nc->n", gap, gap).min() / c))
