@@ -18,6 +18,7 @@ from sqlalchemy.orm import sessionmaker
 from cloud.datasets import LabelledWindows, load_dataset
 from cloud.db import Label, ModelVersion, Sample
 from cloud.ingest import load_window
+from cloud.metrics import Evaluation, classification_metrics
 from cloud.registry import Registry, model_name
 from cloud.storage import ObjectStore
 from cloud.training import (
@@ -37,37 +38,10 @@ log = logging.getLogger(__name__)
 NORMAL = "normal"  # class index 0 of every model: what the plant does when nothing is wrong
 
 
-@dataclass
-class Evaluation:
-    accuracy: float
-    macro_f1: float
-    recall: dict[str, float]
-    confusion: np.ndarray
-
-    def metrics(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}_accuracy": self.accuracy, f"{prefix}_macro_f1": self.macro_f1}
-        out.update({f"{prefix}_recall_{k}": v for k, v in self.recall.items()})
-        return out
-
-
 def evaluate(
     model: WindowClassifier, x: np.ndarray, y: np.ndarray, class_names: list[str]
 ) -> Evaluation:
-    pred = predict(model, x)
-    k = len(class_names)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (y, pred), 1)
-    present = confusion.sum(axis=1) > 0
-    tp = np.diag(confusion).astype(float)
-    recall = tp / np.maximum(confusion.sum(axis=1), 1)
-    precision = tp / np.maximum(confusion.sum(axis=0), 1)
-    f1 = np.where(recall + precision > 0, 2 * recall * precision / (recall + precision + 1e-12), 0)
-    return Evaluation(
-        accuracy=float((pred == y).mean()),
-        macro_f1=float(f1[present].mean()),
-        recall={c: float(recall[i]) for i, c in enumerate(class_names) if present[i]},
-        confusion=confusion,
-    )
+    return classification_metrics(y, predict(model, x), class_names)
 
 
 def detection_rate(

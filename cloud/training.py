@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -98,8 +99,8 @@ def extend_classes(model: WindowClassifier, n_classes: int) -> WindowClassifier:
 
 
 def train(
-    model: WindowClassifier, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, on_epoch: Any = None
-) -> WindowClassifier:
+    model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, on_epoch: Any = None
+) -> nn.Module:
     """Class-balanced cross-entropy with AdamW and a cosine schedule; ``on_epoch(i, loss)``."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -132,7 +133,7 @@ def train(
 
 
 @torch.no_grad()
-def predict(model: WindowClassifier, x: np.ndarray, batch: int = 512) -> np.ndarray:
+def predict(model: nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
     model.eval()
     out = [
         model(torch.as_tensor(x[i : i + batch], dtype=torch.float32)).numpy()
@@ -156,7 +157,7 @@ class EdgeGraph(nn.Module):
     compares.
     """
 
-    def __init__(self, model: WindowClassifier, ood: dict[str, Any]) -> None:
+    def __init__(self, model: nn.Module, ood: dict[str, Any]) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("f_mean", torch.tensor(ood["feature_mean"], dtype=torch.float32))
@@ -175,13 +176,33 @@ class EdgeGraph(nn.Module):
         return logits, -lse, confidence, distance, features
 
 
-def export_onnx(model: WindowClassifier, ood: dict[str, Any] | None = None) -> bytes:
+def export_onnx(model: nn.Module, ood: dict[str, Any] | None = None) -> bytes:
     """ONNX bytes with a dynamic batch axis; with ``ood`` calibration the graph also
     outputs the anomaly scores (EdgeGraph). The TorchScript exporter gives stable bytes."""
     model.eval()
     module: nn.Module = model if ood is None else EdgeGraph(model, ood).eval()
     outputs = ["logits", *(SCORE_OUTPUTS if ood is not None else ())]
     dummy = torch.zeros(2, model.cfg.window, model.cfg.channels)
+    if getattr(model.cfg, "backbone", None) == "patchtst":
+        # PatchTST's positional encoding does not trace with the TorchScript exporter; the
+        # dynamo exporter handles it and writes the same bytes for the same weights too.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # It logs a warning per torchvision op it cannot register; we need none of them.
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                module,
+                (dummy,),
+                input_names=["window"],
+                output_names=outputs,
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                opset_version=18,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
+        assert program is not None
+        return _scoped_names(program.model_proto).SerializeToString()
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated, but it writes the same bytes for the same
@@ -197,7 +218,59 @@ def export_onnx(model: WindowClassifier, ood: dict[str, Any] | None = None) -> b
             opset_version=17,
             dynamo=False,
         )
-    return buf.getvalue()
+    if getattr(model.cfg, "backbone", None) is None:
+        return buf.getvalue()
+    # The TorchScript graph of a transformer carries long chains of shape arithmetic;
+    # onnxscript's optimizer folds about half of its nodes away (same outputs, same bytes
+    # for the same input).
+    from onnxscript import optimizer
+
+    return optimizer.optimize(onnx.load_from_string(buf.getvalue())).SerializeToString()
+
+
+def compact_names(graph: bytes) -> bytes:
+    """The graph a device gets: nodes and intermediate values renamed n0…, v0… and doc
+    strings dropped. Exporters name them after module paths (about 10% of a small
+    transformer's bytes); inputs, outputs and weights keep their names, and the
+    package's report keeps the layer-by-layer table."""
+    proto = onnx.load_from_string(graph)
+    keep = {i.name for i in proto.graph.input} | {o.name for o in proto.graph.output}
+    keep |= {t.name for t in proto.graph.initializer}
+    rename: dict[str, str] = {}
+    for i, node in enumerate(proto.graph.node):
+        node.name = f"n{i}"
+        node.doc_string = ""
+        for j, name in enumerate(node.input):
+            if name in rename:
+                node.input[j] = rename[name]
+        for j, name in enumerate(node.output):
+            if name and name not in keep:
+                rename[name] = node.output[j] = f"v{len(rename)}"
+    del proto.graph.value_info[:]
+    proto.doc_string = ""
+    return proto.SerializeToString()
+
+
+def _scoped_names(proto: Any) -> Any:
+    """Name each node after the module it came from, as the TorchScript exporter does
+    (/model/net/…/q_proj/node_MatMul_38), and drop the dynamo exporter's per-node metadata
+    (scopes, stack traces): it doubled the graph's size and a device has no use for it."""
+    import ast
+
+    for node in proto.graph.node:
+        scopes = next(
+            (
+                ast.literal_eval(p.value)
+                for p in node.metadata_props
+                if p.key.endswith("name_scopes")
+            ),
+            [],
+        )
+        module = scopes[-2] if len(scopes) >= 2 else ""
+        if module:
+            node.name = "/" + module.replace(".", "/") + "/" + node.name
+        del node.metadata_props[:]
+    return proto
 
 
 def tensor_hashes(graph: bytes) -> dict[str, str]:
@@ -242,7 +315,7 @@ def ood_calibration(x_normal: np.ndarray, quantile: float = 0.995) -> dict[str, 
 
 
 def package_model(
-    model: WindowClassifier,
+    model: nn.Module,
     *,
     name: str,
     version: str,
@@ -259,8 +332,33 @@ def package_model(
     """
     if len(class_names) != model.cfg.n_classes:
         raise ValueError(f"{len(class_names)} class names for a {model.cfg.n_classes}-class model")
-    graph = export_onnx(model, ood)
     metadata = {**(metadata or {}), **({"ood": ood} if ood is not None else {})}
+    return package_graph(
+        export_onnx(model, ood),
+        model,
+        name=name,
+        version=version,
+        parent=parent,
+        profile=profile,
+        class_names=class_names,
+        metadata=metadata,
+    )
+
+
+def package_graph(
+    graph: bytes,
+    model: nn.Module,
+    *,
+    name: str,
+    version: str,
+    parent: str | None,
+    profile: str,
+    class_names: list[str],
+    metadata: dict[str, Any],
+) -> bytes:
+    """Package an exported (maybe quantized) graph of ``model``: compact names, manifest
+    with every hash, canonical zip."""
+    graph = compact_names(graph)
     manifest = Manifest(
         name=name,
         version=version,
@@ -270,6 +368,6 @@ def package_model(
         class_names=tuple(class_names),
         graph_sha256=sha256_hex(graph),
         tensor_sha256=tensor_hashes(graph),
-        metadata={"model_config": asdict(model.cfg), **(metadata or {})},
+        metadata={"model_config": asdict(model.cfg), **metadata},
     )
     return build_package(graph=graph, manifest=manifest)

@@ -4,7 +4,8 @@ EdgeloopError
 ├── MessageError        a wire message is malformed, too big or of the wrong schema
 ├── PackageError        a model package is corrupt, truncated or fails its checks
 ├── ConfigError         settings are unsafe or inconsistent
-└── DataError           a data set or generator was asked for something impossible
+├── DataError           a data set or generator was asked for something impossible
+└── BudgetError         no compression setting meets a hardware profile's budgets
 
 Each carries a short machine-readable ``reason`` (used for dead-letter counts and
 update-status reports) next to the human message.
@@ -38,6 +39,10 @@ class ConfigError(EdgeloopError):
 
 class DataError(EdgeloopError):
     reason = "invalid_data_request"
+
+
+class BudgetError(EdgeloopError):
+    reason = "budget_missed"
 
 
 class EdgeloopWarning(UserWarning):
