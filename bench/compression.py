@@ -44,7 +44,7 @@ def torch_ao_baseline(teacher, gx, gy, class_names, windows: int) -> dict:
     import torch
     from torch import nn
 
-    from cloud.compression import latency_ms
+    from cloud.evaluation import latency_ms
     from cloud.metrics import classification_metrics
 
     with __import__("warnings").catch_warnings():
@@ -66,7 +66,7 @@ def ort_dynamic_baseline(teacher, ood, gx, gy, class_names, threads, windows) ->
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from cloud.compression import evaluate_package, make_package
+    from cloud.evaluation import evaluate_package, make_package
     from cloud.training import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:

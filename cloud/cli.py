@@ -6,8 +6,11 @@ import logging
 import signal
 import socket
 import threading
+from pathlib import Path
 
 import typer
+
+from shared.errors import DataError, EdgeloopError
 
 app = typer.Typer(
     rich_markup_mode="markdown",
@@ -186,3 +189,196 @@ def fleet_status_cmd(
             "\nDead letters from unregistered ids: "
             + ", ".join(f"{k}={v}" for k, v in sorted(strangers.items()))
         )
+
+
+@app.command()
+def teacher(
+    data: Path = typer.Option(..., help="Training windows (.npz from `edgeloop data generate`)."),
+    out: Path = typer.Option(Path("teacher.safetensors"), help="Checkpoint to write."),
+    backbone: str = typer.Option("patchtst", help="patchtst, or deepseek (MLA + MoE)."),
+    layers: int = typer.Option(6, min=1),
+    d_model: int = typer.Option(64, min=8),
+    heads: int = typer.Option(4, min=1),
+    ffn: int = typer.Option(128, min=8),
+    epochs: int = typer.Option(40, min=1),
+) -> None:
+    """Train a transformer teacher on labelled windows; writes spec + weights (safetensors)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from cloud.datasets import read_windows_file
+    from cloud.models import BACKBONES, ModelSpec, build, to_bytes
+    from cloud.training import TrainConfig, train
+
+    if backbone not in BACKBONES:
+        raise typer.BadParameter(f"choose one of {BACKBONES}", param_hint="--backbone")
+    try:
+        x, y, names = read_windows_file(data)
+    except EdgeloopError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    spec = ModelSpec(
+        backbone=backbone,
+        window=x.shape[1],
+        channels=x.shape[2],
+        n_classes=len(names),
+        layers=layers,
+        d_model=d_model,
+        heads=heads,
+        ffn=ffn,
+    )
+    model = build(spec, x[y == 0])
+    with tqdm(total=epochs, desc=f"{backbone} teacher", unit="epoch") as bar:
+
+        def on_epoch(_e: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update()
+
+        train(model, x, y, TrainConfig(epochs=epochs, lr=2e-3), on_epoch=on_epoch)
+    out.write_bytes(to_bytes(model.eval(), names))
+    params = sum(int(np.prod(p.shape)) for p in model.parameters())
+    typer.echo(f"wrote {out}: {backbone}, {layers} layers, {params} parameters, {names}")
+
+
+def compress(
+    profile: str = typer.Option(..., help="Hardware profile, e.g. rpi4-int8, jetson-fp16."),
+    teacher: Path = typer.Option(..., help="Teacher checkpoint (`edgeloop cloud teacher`)."),
+    data: Path = typer.Option(..., help="Windows the student learns from (.npz)."),
+    golden: Path = typer.Option(..., help="Frozen golden windows that measure (.npz)."),
+    out: Path = typer.Option(Path("compressed"), help="Folder for the package and report."),
+    version: str = typer.Option("v1", help="Version written into the package manifest."),
+    fleet: str = typer.Option("default", help="Fleet, for the package's name."),
+    epochs: int = typer.Option(40, min=1, help="Distillation epochs per student setting."),
+    profiles_file: Path = typer.Option(None, help="Profiles TOML (default: the shipped one)."),
+) -> None:
+    """Compress a teacher for one class of device: prune (block influence, FFN channels),
+    distil, quantize per layer, and measure **the exact package** a device will load.
+
+    Writes `<profile>.edgepkg`, `report.json`, `report.md` (stages and the layer-by-layer
+    quantization table) and `stages.png`. Exits 2, naming the budget, when no student
+    setting of the profile meets its budgets.
+    """
+    from cloud.compression import DistillConfig, format_stages, write_report
+    from cloud.compression import compress as run_compress
+    from cloud.datasets import read_windows_file
+    from cloud.models import from_bytes
+    from cloud.profiles import get_profile
+    from cloud.quantization import format_table
+    from cloud.training import ood_calibration
+
+    try:
+        hw = get_profile(profile, profiles_file)
+        model, names = from_bytes(teacher.read_bytes())
+        x, y, data_names = read_windows_file(data)
+        gx, gy, golden_names = read_windows_file(golden)
+        if not names == data_names == golden_names:
+            raise DataError(
+                f"class names differ: teacher {names}, data {data_names}, golden {golden_names}"
+            )
+        result = run_compress(
+            model,
+            x=x,
+            y=y,
+            golden_x=gx,
+            golden_y=gy,
+            class_names=names,
+            profile=hw,
+            ood=ood_calibration(x[y == 0]),
+            name=f"edgeloop.{fleet}.{hw.name}",
+            version=version,
+            distill_cfg=DistillConfig(epochs=epochs),
+            progress=lambda msg: typer.echo(f"[{hw.name}] {msg}", err=True),
+        )
+    except (EdgeloopError, OSError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    paths = write_report(result, out)
+    s = result.summary()
+    typer.echo(format_stages(result))
+    typer.echo("\n" + format_table(result.table))
+    typer.echo(
+        f"\n{paths['package']}: {s['edge_bytes'] / 1024:.1f} KB "
+        f"({s['size_ratio']:.1f}x smaller than the teacher), p50 {s['edge_latency_ms']:.3f} ms "
+        f"({s['speedup']:.1f}x faster), macro-F1 {100 * s['edge_macro_f1']:.1f} "
+        f"(teacher {100 * s['teacher_macro_f1']:.1f}); sha256 {result.sha256[:16]}…\n"
+        f"report: {paths['markdown']}, plot: {paths['plot']}"
+    )
+
+
+@app.command()
+def worker(
+    concurrency: int = typer.Option(1, min=1, help="Rounds run in parallel on this host."),
+    loglevel: str = typer.Option("INFO"),
+) -> None:
+    """Run a Celery worker for learning rounds (broker: EDGELOOP_REDIS_URL)."""
+    import os
+    import sys
+
+    os.execvp(
+        sys.executable,
+        [sys.executable, "-m", "celery", "-A", "cloud.tasks", "worker",
+         "--concurrency", str(concurrency), "--loglevel", loglevel],
+    )  # fmt: skip
+
+
+@app.command()
+def beat(loglevel: str = typer.Option("INFO")) -> None:
+    """Run Celery beat: every EDGELOOP_TRIGGER_INTERVAL_S it checks each fleet's trigger
+    policy (new labels, anomaly-rate drift, schedule) and starts the rounds that are due."""
+    import os
+    import sys
+
+    from cloud.config import get_settings
+
+    home = get_settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    os.execvp(
+        sys.executable,
+        [sys.executable, "-m", "celery", "-A", "cloud.tasks", "beat", "--loglevel", loglevel,
+         "--schedule", str(home / "celerybeat-schedule")],
+    )  # fmt: skip
+
+
+def retrain(
+    fleet: str = typer.Option(..., help="The fleet whose model to retrain."),
+    profile: str = typer.Option("cpu-fp32", help="The hardware profile's model."),
+    timeout: float = typer.Option(3600, help="Seconds to wait for the round."),
+) -> None:
+    """Start a learning round by hand on the Celery workers and follow it to the end.
+    One round per fleet and profile runs at a time: if one is running, this says so."""
+    import time
+
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from cloud.tasks import retrain as retrain_task
+
+    try:
+        result = retrain_task.delay(fleet, profile, reason="manual")
+    except Exception as exc:  # kombu raises its own OperationalError family
+        typer.secho(f"error: cannot reach the Celery broker: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"round {result.id} queued for {fleet}/{profile}; waiting for a worker …")
+    t0, state = time.monotonic(), ""
+    while True:
+        if result.state != state:
+            state = result.state
+            typer.echo(f"  {time.monotonic() - t0:6.0f} s  {state.lower()}")
+        try:
+            out = result.get(timeout=2, propagate=False)
+            break
+        except CeleryTimeout:
+            if time.monotonic() - t0 > timeout:
+                typer.secho("timed out; the round goes on on the worker", fg="yellow", err=True)
+                raise typer.Exit(1) from None
+    if result.failed():
+        typer.secho(f"round failed: {out!r}", fg="red", err=True)
+        raise typer.Exit(1)
+    if "skipped" in out:
+        typer.echo(out["skipped"])
+        return
+    verdict = "promoted to champion" if out["promoted"] else "stopped by the gates"
+    typer.echo(
+        f"{out['version']} (parent {out['parent']}, new classes {out['new_classes']}): "
+        f"{verdict}; golden macro-F1 {out['gates']['golden_macro_f1']:.3f}, "
+        f"{out['seconds']:.0f} s"
+    )

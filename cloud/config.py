@@ -38,6 +38,13 @@ class CloudSettings(BaseSettings):
     mqtt_password: str | None = None
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Learning-round triggers, checked by Celery beat every trigger_interval_s (see
+    # cloud.triggers.TriggerPolicy for what each rule means).
+    celery_queue: str = "celery"  # where rounds and trigger checks are queued
+    trigger_interval_s: float = 300.0
+    trigger_min_new_labels: int = 50
+    trigger_anomaly_rate_jump: float = 0.2
+    trigger_max_age_h: float | None = 24 * 7
     mlflow_tracking_uri: str = ""  # default: sqlite store under home
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -58,3 +59,19 @@ def load_dataset(*, store: ObjectStore, name: str) -> LabelledWindows:
     # allow_pickle=False: a data set is data, never code.
     with np.load(io.BytesIO(store.get(dataset_key(name))), allow_pickle=False) as z:
         return LabelledWindows(z["x"], z["labels"].astype(str), json.loads(str(z["meta"])))
+
+
+def read_windows_file(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``x, y, class_names`` from an .npz written by `edgeloop data generate` (or by hand:
+    x (N, T, C) float32, y (N,) class indices, class_names)."""
+    try:
+        # allow_pickle=False: a data file is data, never code.
+        with np.load(path, allow_pickle=False) as z:
+            x, y, names = z["x"].astype(np.float32), z["y"].astype(np.int64), z["class_names"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{path}: not a windows file with x, y and class_names ({exc})") from exc
+    if x.ndim != 3 or len(x) != len(y):
+        raise DataError(f"{path}: x must be (N, T, C) with one label per window")
+    if len(y) and (y.min() < 0 or y.max() >= len(names)):
+        raise DataError(f"{path}: labels must index class_names ({len(names)} classes)")
+    return x, y, [str(n) for n in names]

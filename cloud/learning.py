@@ -32,6 +32,7 @@ from cloud.training import (
     predict,
     train,
 )
+from cloud.triggers import fleet_anomaly_rate
 from shared.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -403,7 +404,11 @@ def _finish(
                 parent=parent,
                 object_key=pkg_key,
                 class_names=class_names,
-                gates=gates,
+                # Not a gate: the fleet's anomaly rate now, the drift trigger's baseline.
+                gates={
+                    **gates,
+                    "fleet_anomaly_rate": fleet_anomaly_rate(session, cfg.fleet, cfg.profile),
+                },
             )
         )
         session.commit()

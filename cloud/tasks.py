@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+from datetime import UTC, datetime
 
 from celery import Celery
 
@@ -20,7 +21,25 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
     result_expires=7 * 24 * 3600,
+    task_default_queue=settings.celery_queue,
+    beat_schedule={
+        "edgeloop-check-triggers": {
+            "task": "edgeloop.check_triggers",
+            "schedule": settings.trigger_interval_s,
+        }
+    },
 )
+
+
+def _policy():  # type: ignore[no-untyped-def]
+    from cloud.triggers import TriggerPolicy
+
+    s = get_settings()
+    return TriggerPolicy(
+        min_new_labels=s.trigger_min_new_labels,
+        anomaly_rate_jump=s.trigger_anomaly_rate_jump,
+        max_age_h=s.trigger_max_age_h,
+    )
 
 
 def _services():  # type: ignore[no-untyped-def]
@@ -41,17 +60,61 @@ def _services():  # type: ignore[no-untyped-def]
 
 
 @app.task(name="edgeloop.retrain", bind=True)
-def retrain(self, fleet: str, profile: str = "cpu-fp32") -> dict:  # type: ignore[no-untyped-def]
-    """One retraining round for ``fleet`` / ``profile``; returns the new version and gates."""
-    from cloud.learning import RoundConfig, run_round
+def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual") -> dict:  # type: ignore[no-untyped-def]
+    """One retraining round for ``fleet`` / ``profile``; returns the new version and gates.
 
-    sessions, store, registry = _services()
-    result = run_round(
-        sessions=sessions,
-        store=store,
-        registry=registry(fleet),
-        cfg=RoundConfig(fleet=fleet, profile=profile),
+    At most one round per fleet and profile runs (a Redis lock). A round a trigger asked
+    for checks under the lock that it is still due, so two triggers that fire together,
+    or one that fires again while a round runs, give one round."""
+    import redis
+
+    from cloud.learning import RoundConfig, run_round
+    from cloud.triggers import RoundLock, check
+
+    lock = RoundLock(
+        redis.Redis.from_url(get_settings().redis_url), fleet, profile, token=self.request.id
     )
+    if not lock.acquire():
+        log.info("round for %s/%s skipped: another one is running", fleet, profile)
+        return {"skipped": f"a round for {fleet}/{profile} is already running"}
+    try:
+        sessions, store, registry = _services()
+        if reason != "manual":
+            with sessions() as session:
+                due = check(
+                    session=session,
+                    fleet=fleet,
+                    profile=profile,
+                    policy=_policy(),
+                    now=datetime.now(UTC),
+                )
+            if not due.reasons:
+                return {"skipped": f"{fleet}/{profile} is no longer due ({reason})"}
+            reason = "; ".join(due.reasons)
+        log.info("round for %s/%s starts: %s", fleet, profile, reason)
+        result = run_round(
+            sessions=sessions,
+            store=store,
+            registry=registry(fleet),
+            cfg=RoundConfig(fleet=fleet, profile=profile),
+        )
+    finally:
+        lock.release()
     out = asdict(result)
     out.pop("package")
+    out["reason"] = reason
     return out
+
+
+@app.task(name="edgeloop.check_triggers")
+def check_triggers() -> list[dict]:
+    """Beat's task: start a round for every fleet and profile whose policy fires."""
+    from cloud.triggers import due_rounds
+
+    sessions, _, _ = _services()
+    with sessions() as session:
+        due = due_rounds(session=session, policy=_policy())
+    for d in due:
+        log.info("trigger for %s/%s: %s", d.fleet, d.profile, "; ".join(d.reasons))
+        retrain.delay(d.fleet, d.profile, reason="; ".join(d.reasons))
+    return [asdict(d) for d in due]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
 import time
 import uuid
@@ -83,6 +84,7 @@ class EdgeAgent:
         self._inflight_lock = threading.Lock()
         self.latencies_ms: deque[float] = deque(maxlen=512)
         self.windows_seen = 0
+        self._id_pool: list[bytes] = []
         self.anomalies = 0
         self.update_events: list[UpdateStatus] = []
         self._last_heartbeat = 0.0
@@ -164,7 +166,7 @@ class EdgeAgent:
         reasons = self.selector.admit(window, det, size)
         if not reasons:
             return det, None
-        upload = Upload(uuid.uuid4(), reasons)
+        upload = Upload(self._new_id(), reasons)
         self._enqueue(
             partial(
                 self._sample_message,
@@ -176,6 +178,14 @@ class EdgeAgent:
             )
         )
         return det, upload
+
+    def _new_id(self) -> uuid.UUID:
+        """A random (version 4) message id. The random bytes are drawn 256 ids at a time:
+        one os.urandom call per id cost ~7 µs, a tenth of the model's time per window."""
+        if not self._id_pool:
+            pool = os.urandom(16 * 256)
+            self._id_pool = [pool[i : i + 16] for i in range(0, len(pool), 16)]
+        return uuid.UUID(bytes=self._id_pool.pop(), version=4)
 
     def _sample_message(
         self,

@@ -74,17 +74,20 @@ def generate_cmd(
     horizon_h: float = typer.Option(5.0, help="Hours simulated per episode."),
     cache_dir: Path = typer.Option(Path(".edgeloop/cache"), help="Simulation cache."),
     workers: int = typer.Option(2, min=1),
+    golden: bool = typer.Option(
+        False, "--golden", help="The frozen golden set's seeds (disjoint from training seeds)."
+    ),
 ) -> None:
     """Simulate episodes and write labelled windows (41 measurements + 12 MVs per step)."""
     import numpy as np
 
-    from sim.tep import generate
+    from sim.tep import GOLDEN_SEED, generate
 
     try:
         data = generate(
             classes=[c.strip() for c in classes.split(",")],
             runs_per_class=runs_per_class,
-            seed=seed,
+            seed=GOLDEN_SEED if golden else seed,
             horizon_h=horizon_h,
             cache_dir=cache_dir,
             workers=workers,

@@ -11,21 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.compression import (
-    DistillConfig,
-    block_influence,
-    compress,
-    distill,
-    evaluate_package,
-    ffn_importance,
-    make_package,
-    prune_ffn,
-    prune_layers,
-    write_report,
-)
+from cloud.compression import DistillConfig, compress, distill, write_report
+from cloud.evaluation import evaluate_package, make_package
 from cloud.metrics import classification_metrics
 from cloud.models import ModelSpec, build, from_bytes, to_bytes
 from cloud.profiles import HardwareProfile, load_profiles
+from cloud.pruning import block_influence, ffn_importance, prune_ffn, prune_layers
 from cloud.quantization import inspect_schemes, plan_table, quantize
 from cloud.training import TrainConfig, export_onnx, ood_calibration, predict, train
 from shared.errors import BudgetError, ConfigError, PackageError
@@ -308,3 +299,29 @@ def test_checkpoint_round_trip_rebuilds_the_model(teachers, tep_faults):
     with torch.no_grad():
         assert torch.equal(rebuilt(x), pruned(x))
     assert rebuilt.cfg == pruned.cfg and rebuilt.cfg.layers == 2 and rebuilt.cfg.dense_layers == 1
+
+
+def test_compress_command_exits_2_naming_the_budget(teachers, tep_faults, tmp_path):
+    """`edgeloop compress` with a profile nothing fits: exit 2, the budget named, no package."""
+    import subprocess
+    import sys
+
+    data, golden = tep_faults
+    for name, d in (("train", data), ("golden", golden)):
+        np.savez(tmp_path / f"{name}.npz", x=d.x, y=d.y, class_names=np.array(CLASSES))
+    (tmp_path / "teacher.safetensors").write_bytes(to_bytes(teachers["deepseek"], CLASSES))
+    (tmp_path / "profiles.toml").write_text(
+        '[watch]\nmax_package_kb = 2\nstudents = [[1, 0.5]]\nattention = "int8"\n'
+    )
+    edgeloop = [sys.executable, "-c", "from shared.cli import main; main()"]
+
+    out = subprocess.run(
+        [*edgeloop, "compress", "--profile", "watch", "--teacher", "teacher.safetensors",
+         "--data", "train.npz", "--golden", "golden.npz", "--profiles-file", "profiles.toml",
+         "--out", "out"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+    assert out.returncode == 2, out.stderr
+    assert "max_package_kb 2" in out.stderr and "'watch'" in out.stderr
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,7 +26,16 @@ from cloud.training import TrainConfig
 from shared.package import ModelPackage
 from sim.tep import generate
 
-from .conftest import HOST, REDIS_PORT, S3_KEY, S3_PORT, S3_SECRET, TEP_CACHE, require
+from .conftest import (
+    HOST,
+    REDIS_PORT,
+    S3_KEY,
+    S3_PORT,
+    S3_SECRET,
+    TEP_CACHE,
+    require,
+    wait_for,
+)
 
 
 def labelled(w):
@@ -163,6 +173,117 @@ def test_mislabelled_round_is_stopped_by_the_gate(fleet_with_uploads, mlflow_uri
     cfg.holdout_fraction = 0.25
     again = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
     assert (again.version, again.parent, again.promoted) == ("v3", "v1", True)
+
+
+def _celery_env(pg_url, store, mlflow_uri, fleet, **extra):
+    return {
+        **os.environ,
+        "EDGELOOP_DATABASE_URL": pg_url,
+        "EDGELOOP_STORE": "s3",
+        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
+        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
+        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
+        "EDGELOOP_S3_BUCKET": store.bucket,
+        "EDGELOOP_MLFLOW_TRACKING_URI": mlflow_uri,
+        "EDGELOOP_REDIS_URL": f"redis://{HOST}:{REDIS_PORT}/15",
+        "EDGELOOP_CELERY_QUEUE": f"q-{fleet}",  # this test's own queue
+        **extra,
+    }
+
+
+def _start(args, env, log):
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "cloud.tasks", *args],
+        env=env,
+        stdout=log.open("w"),  # noqa: SIM115 - the process keeps it
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _stop(*procs):
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _versions(sessions):
+    with sessions() as s:
+        return [r.version for r in s.scalars(select(ModelVersion).order_by(ModelVersion.id))]
+
+
+def test_two_triggers_at_once_start_one_round(
+    fleet_with_uploads, pg_url, mlflow_uri, fleet, tmp_path
+):
+    """Two trigger-started rounds for one fleet sent together to a worker that could run
+    both at once: one round runs, the other is skipped; one new version."""
+    require("Redis", REDIS_PORT)
+    sessions, store, _, _, _ = fleet_with_uploads
+    env = _celery_env(pg_url, store, mlflow_uri, fleet, EDGELOOP_TRIGGER_MIN_NEW_LABELS="10")
+    worker = _start(
+        ["worker", "-Q", f"q-{fleet}", "--pool", "threads", "--concurrency", "2",
+         "--loglevel", "INFO", "--hostname", f"{fleet}@%h"],
+        env, tmp_path / "worker.log",
+    )  # fmt: skip
+    try:
+        code = (
+            "from cloud.tasks import retrain; import json\n"
+            f"rs = [retrain.delay('{fleet}', reason='trigger {{}}'.format(i)) for i in (1, 2)]\n"
+            "print(json.dumps([r.get(timeout=240) for r in rs]))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-2000:] + (tmp_path / "worker.log").read_text()
+        results = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        _stop(worker)
+
+    ran = [r for r in results if "version" in r]
+    skipped = [r for r in results if "skipped" in r]
+    assert len(ran) == 1 and len(skipped) == 1, results
+    assert ran[0]["version"] == "v2" and "new_labels=" in ran[0]["reason"]
+    assert _versions(sessions) == ["v1", "v2"]
+
+
+def test_beat_policy_starts_a_gated_round_end_to_end(
+    fleet_with_uploads, pg_url, mlflow_uri, fleet, tmp_path
+):
+    """Celery beat checks the policy every second; enough new labels start one round on the
+    worker, which registers a gated version with plots and lineage in MLflow; the beats
+    after it start nothing (no new labels since)."""
+    require("Redis", REDIS_PORT)
+    sessions, store, _, _, _ = fleet_with_uploads
+    env = _celery_env(
+        pg_url, store, mlflow_uri, fleet,
+        EDGELOOP_TRIGGER_MIN_NEW_LABELS="10", EDGELOOP_TRIGGER_INTERVAL_S="1",
+    )  # fmt: skip
+    worker = _start(
+        ["worker", "-Q", f"q-{fleet}", "--pool", "threads", "--concurrency", "2",
+         "--loglevel", "INFO", "--hostname", f"{fleet}@%h"],
+        env, tmp_path / "worker.log",
+    )  # fmt: skip
+    beat = _start(
+        ["beat", "--loglevel", "INFO", "--schedule", str(tmp_path / "beat-schedule")],
+        env, tmp_path / "beat.log",
+    )  # fmt: skip
+    try:
+        wait_for(lambda: "v2" in _versions(sessions), timeout=240, what="a round started by beat")
+        time.sleep(6)  # several more beats: nothing is due any more
+    finally:
+        _stop(beat, worker)
+
+    assert _versions(sessions) == ["v1", "v2"]
+    log = (tmp_path / "worker.log").read_text()
+    assert "trigger for" in log and "new_labels=" in log
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    v2 = client.get_model_version_by_alias(model_name(fleet, "cpu-fp32"), "champion")
+    assert v2.tags["gate_verdict"] == "pass" and v2.tags["parent"] == "v1"
+    artifacts = {a.path for a in client.list_artifacts(v2.run_id)}
+    assert {"confusion.png", "recall.png", "lineage.json", "edge_package"} <= artifacts
 
 
 def test_retrain_task_runs_on_a_real_worker(
