@@ -258,6 +258,11 @@ class EdgeAgent:
                 items.append((str(msg.message_id), self.link.topic(msg.kind), msg.encode()))  # type: ignore[arg-type]
             except Exception:  # one message that cannot be built must not stop the rest
                 log.exception("dropping an upload that cannot be encoded")
+            # Hand the GIL back after each message: the detect path, returning from ONNX
+            # Runtime, would otherwise wait out the interpreter's 5 ms switch interval
+            # while this thread encodes a whole batch (measured: ORT calls took 2.5x as
+            # long in the agent as bare while uploads were being encoded).
+            time.sleep(0)
         if items:
             self.buffer.put_many(items)
         with self._queue_changed:
