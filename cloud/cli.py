@@ -275,6 +275,10 @@ def compress(
             raise DataError(
                 f"class names differ: teacher {names}, data {data_names}, golden {golden_names}"
             )
+        if names[0] != "normal":
+            raise DataError(
+                f"class 0 must be 'normal' (the anomaly scores calibrate on it), got {names[0]!r}"
+            )
         result = run_compress(
             model,
             x=x,
@@ -291,6 +295,14 @@ def compress(
         )
     except (EdgeloopError, OSError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    except (ValueError, KeyError, RuntimeError) as exc:  # e.g. a file that is no checkpoint
+        typer.secho(
+            f"error: cannot use {teacher} with {data}: {exc!r}; pass a checkpoint from "
+            "`edgeloop cloud teacher` and windows of the same shape",
+            fg="red",
+            err=True,
+        )
         raise typer.Exit(2) from exc
     paths = write_report(result, out)
     s = result.summary()

@@ -296,7 +296,8 @@ def compress(
                     "teacher_layers": teacher.cfg.layers,
                     "kept_layers": keep,
                     "ffn_keep": ffn_keep,
-                    "quantization": {r.module: r.scheme for r in rows},
+                    # One entry per weight: a module can hold several (an expert block).
+                    "quantization": [[r.module, r.weight, r.scheme] for r in rows],
                 }
             },
         )

@@ -38,9 +38,15 @@ class CloudSettings(BaseSettings):
     mqtt_password: str | None = None
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    celery_queue: str = "celery"  # where rounds and trigger checks are queued
+    # Seconds before Redis hands an unacknowledged round to another worker: longer than
+    # the longest round, or a slow round is delivered twice (the copy finds the round
+    # lock held, retries until the first is done, then returns its recorded result).
+    celery_visibility_timeout_s: int = 4 * 3600
+    # The per-fleet round lock lives this long unless its holder renews it (every third).
+    round_lock_ttl_s: int = 60
     # Learning-round triggers, checked by Celery beat every trigger_interval_s (see
     # cloud.triggers.TriggerPolicy for what each rule means).
-    celery_queue: str = "celery"  # where rounds and trigger checks are queued
     trigger_interval_s: float = 300.0
     trigger_min_new_labels: int = 50
     trigger_anomaly_rate_jump: float = 0.2

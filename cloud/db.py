@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+_MIGRATE_LOCK = threading.Lock()
 
 
 def _now() -> datetime:
@@ -113,6 +115,26 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
+class Round(Base):
+    """One learning round as Celery runs it: its version is reserved before training, so a
+    round redelivered after its worker died finishes under the same version, once."""
+
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("fleet", "profile", "version", name="uq_round_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(64), unique=True)
+    fleet: Mapped[str] = mapped_column(String(64))
+    profile: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="training")  # registering, done
+    reason: Mapped[str] = mapped_column(Text, default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+
+
 class Rollout(Base):
     __tablename__ = "rollouts"
 
@@ -166,7 +188,10 @@ def migrate(url: str, revision: str = "head", *, downgrade: bool = False) -> Non
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    (command.downgrade if downgrade else command.upgrade)(cfg, revision)
+    # Alembic keeps its running context in module globals: one migration at a time per
+    # process (a threads-pool Celery worker starts rounds side by side).
+    with _MIGRATE_LOCK:
+        (command.downgrade if downgrade else command.upgrade)(cfg, revision)
 
 
 def session_factory(url: str, *, upgrade: bool = True) -> sessionmaker:

@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -227,9 +228,18 @@ def train_initial(
 
 
 def run_round(
-    *, sessions: sessionmaker, store: ObjectStore, registry: Registry, cfg: RoundConfig
+    *,
+    sessions: sessionmaker,
+    store: ObjectStore,
+    registry: Registry,
+    cfg: RoundConfig,
+    version: str | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> RoundResult:
-    """Fine-tune the current teacher on new labelled uploads plus replay, gate, register."""
+    """Fine-tune the current teacher on new labelled uploads plus replay, gate, register.
+
+    ``version``: reserved by the caller (a Celery round); default: the next free one.
+    ``on_stage("registering")`` is called before anything is written or registered."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     with sessions() as session:
@@ -247,6 +257,10 @@ def run_round(
             )
         parent_version = parent_row.version
     parent_model, old_classes = load_checkpoint(store, checkpoint_key(cfg.fleet, parent_version))
+    with sessions() as session:
+        # Labels up to this id are what this round learns from; the triggers count what
+        # arrives after it (also while the round trains) as new.
+        watermark = session.scalar(select(func.max(Label.id))) or 0
     uploads, hashes = labelled_uploads(sessions=sessions, store=store, fleet=cfg.fleet)
     if len(uploads) == 0:
         raise DataError(f"fleet {cfg.fleet} has no labelled uploads to learn from")
@@ -267,6 +281,7 @@ def run_round(
     train(model, x, y, cfg.train, on_epoch=lambda _, v: history.append(v))
     holdout = LabelledWindows(uploads.x[hold], uploads.labels[hold])
     lineage = {
+        "label_watermark": watermark,
         "parent": parent_version,
         "base": base.sha256(),
         "uploads": sorted(set(hashes)),
@@ -289,6 +304,8 @@ def run_round(
         samples_used=len(x),
         t0=t0,
         parent_model=(parent_model, old_classes),
+        version=version,
+        on_stage=on_stage,
     )
 
 
@@ -309,6 +326,8 @@ def _finish(
     samples_used: int,
     t0: float,
     parent_model: tuple[WindowClassifier, list[str]] | None,
+    version: str | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> RoundResult:
     golden = load_dataset(store=store, name=cfg.golden_dataset)
     known = np.isin(golden.labels, class_names)
@@ -360,7 +379,9 @@ def _finish(
     gates["passed"] = bool(passed)
 
     normal_windows = base.x[base.labels == class_names[0]]
-    version = next_version(sessions=sessions, fleet=cfg.fleet, profile=cfg.profile)
+    version = version or next_version(sessions=sessions, fleet=cfg.fleet, profile=cfg.profile)
+    if on_stage is not None:
+        on_stage("registering")
     package = package_model(
         model,
         name=model_name(cfg.fleet, cfg.profile),
@@ -404,10 +425,12 @@ def _finish(
                 parent=parent,
                 object_key=pkg_key,
                 class_names=class_names,
-                # Not a gate: the fleet's anomaly rate now, the drift trigger's baseline.
+                # Not gates: the fleet's anomaly rate now and the last label learnt from, the
+                # triggers' baselines.
                 gates={
                     **gates,
                     "fleet_anomaly_rate": fleet_anomaly_rate(session, cfg.fleet, cfg.profile),
+                    "label_watermark": lineage.get("label_watermark"),
                 },
             )
         )

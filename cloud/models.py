@@ -68,7 +68,7 @@ class DenseExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * width, d_model))
         self.down_proj = nn.Parameter(torch.empty(experts, d_model, width))
         self.act_fn = nn.SiLU()
-        self.last_activation: torch.Tensor | None = None  # (E, I) mean |a|, when recording
+        self.last_activation: torch.Tensor | None = None  # (E, I) mean routed |a|, recording
         self.record = False
 
     def forward(
@@ -78,10 +78,12 @@ class DenseExperts(nn.Module):
         gate_up = hidden @ self.gate_up_proj.reshape(e * 2 * w, d).t()  # (N, E*2I)
         gate_up = gate_up.reshape(-1, e, 2 * w)
         act = self.act_fn(gate_up[..., :w]) * gate_up[..., w:]  # (N, E, I)
-        if self.record:
-            self.last_activation = act.detach().abs().mean(0)
         route = torch.zeros(hidden.shape[0], e, dtype=hidden.dtype, device=hidden.device)
         route = route.scatter(1, top_k_index, top_k_weights.to(hidden.dtype))  # (N, E)
+        if self.record:  # mean |a| over the tokens routed to each expert: what it really sees
+            routed = (route > 0).to(act.dtype)  # (N, E)
+            total = (act.detach().abs() * routed[..., None]).sum(0)  # (E, I)
+            self.last_activation = total / routed.sum(0).clamp_min(1)[:, None]
         mixed = (act * route[..., None]).reshape(-1, e * w)  # (N, E*I)
         down = self.down_proj.permute(0, 2, 1).reshape(e * w, d)  # (E*I, D)
         return mixed @ down  # (N, D)

@@ -109,6 +109,18 @@ class Registry:
         )
         return RegisteredVersion(name, str(mv.version), run_id, pkg.sha256)
 
+    def find_version(
+        self, fleet: str, profile: str, version: str
+    ) -> tuple[str, dict[str, str]] | None:
+        """``(mlflow version, tags)`` of the registered package with edgeloop ``version``."""
+        name = model_name(fleet, profile)
+        if self.client.search_registered_models(filter_string=f"name = '{name}'") == []:
+            return None
+        for mv in self.client.search_model_versions(filter_string=f"name = '{name}'"):
+            if mv.tags.get("edgeloop_version") == version:
+                return str(mv.version), dict(mv.tags)
+        return None
+
     def champion(self, fleet: str, profile: str) -> tuple[str, dict[str, str]] | None:
         """``(mlflow version, tags)`` of the champion, or None."""
         from mlflow.exceptions import MlflowException

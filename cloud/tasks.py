@@ -22,6 +22,7 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     result_expires=7 * 24 * 3600,
     task_default_queue=settings.celery_queue,
+    broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout_s},
     beat_schedule={
         "edgeloop-check-triggers": {
             "task": "edgeloop.check_triggers",
@@ -59,27 +60,43 @@ def _services():  # type: ignore[no-untyped-def]
     )
 
 
-@app.task(name="edgeloop.retrain", bind=True)
+# acks_late: the message stays in Redis until the round is recorded, so a round whose
+# worker was killed is delivered again (after the broker's visibility timeout) and
+# finishes under the version it reserved; the rounds table makes that idempotent.
+@app.task(name="edgeloop.retrain", bind=True, acks_late=True, reject_on_worker_lost=True)
 def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual") -> dict:  # type: ignore[no-untyped-def]
     """One retraining round for ``fleet`` / ``profile``; returns the new version and gates.
 
     At most one round per fleet and profile runs (a Redis lock). A round a trigger asked
     for checks under the lock that it is still due, so two triggers that fire together,
-    or one that fires again while a round runs, give one round."""
+    or one that fires again while a round runs, give one round. Its version is reserved
+    (the rounds table) before training, so a delivery after a worker died finishes the
+    same round under the same version instead of starting another."""
     import redis
+    from sqlalchemy import select
 
+    from cloud import rounds
+    from cloud.db import Round
     from cloud.learning import RoundConfig, run_round
     from cloud.triggers import RoundLock, check
 
-    lock = RoundLock(
-        redis.Redis.from_url(get_settings().redis_url), fleet, profile, token=self.request.id
-    )
+    task_id = self.request.id or "eager"
+    s = get_settings()
+    sessions, store, registry = _services()
+    with sessions() as session:
+        known = session.scalar(select(Round).where(Round.task_id == task_id))
+    if known is not None and known.state == "done" and known.result is not None:
+        return known.result  # delivered again after it finished: the same answer
+    lock = RoundLock(redis.Redis.from_url(s.redis_url), fleet, profile, ttl_s=s.round_lock_ttl_s)
     if not lock.acquire():
+        if known is not None:
+            # Delivered again after its worker died: the dead worker's lock expires within
+            # round_lock_ttl_s. Try again then, rather than lose the round.
+            raise self.retry(countdown=max(1, s.round_lock_ttl_s // 2), max_retries=20)
         log.info("round for %s/%s skipped: another one is running", fleet, profile)
         return {"skipped": f"a round for {fleet}/{profile} is already running"}
     try:
-        sessions, store, registry = _services()
-        if reason != "manual":
+        if known is None and reason != "manual":
             with sessions() as session:
                 due = check(
                     session=session,
@@ -91,18 +108,37 @@ def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual")
             if not due.reasons:
                 return {"skipped": f"{fleet}/{profile} is no longer due ({reason})"}
             reason = "; ".join(due.reasons)
-        log.info("round for %s/%s starts: %s", fleet, profile, reason)
-        result = run_round(
-            sessions=sessions,
-            store=store,
-            registry=registry(fleet),
-            cfg=RoundConfig(fleet=fleet, profile=profile),
+        row = rounds.reserve(
+            sessions=sessions, task_id=task_id, fleet=fleet, profile=profile, reason=reason
         )
+        log.info(
+            "round %s for %s/%s (attempt %d) starts: %s",
+            row.version, fleet, profile, row.attempts, reason,
+        )  # fmt: skip
+        out = None
+        if row.state == "registering":
+            out = rounds.recover_registered(sessions=sessions, registry=registry(fleet), row=row)
+        if out is None:
+            try:
+                result = run_round(
+                    sessions=sessions,
+                    store=store,
+                    registry=registry(fleet),
+                    cfg=RoundConfig(fleet=fleet, profile=profile),
+                    version=row.version,
+                    on_stage=lambda stage: rounds.set_state(sessions, task_id, stage),
+                )
+            except Exception as exc:
+                # Recorded, so the triggers back off instead of retrying every beat.
+                rounds.set_state(sessions, task_id, "failed", {"error": repr(exc)[:2000]})
+                raise
+            out = asdict(result)
+            out.pop("package")
+        out["reason"] = reason
+        out["attempts"] = row.attempts
+        rounds.set_state(sessions, task_id, "done", out)
     finally:
         lock.release()
-    out = asdict(result)
-    out.pop("package")
-    out["reason"] = reason
     return out
 
 

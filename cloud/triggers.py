@@ -3,6 +3,7 @@ the lock that lets only one round per fleet and profile run at a time."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -11,7 +12,7 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cloud.db import Device, Label, ModelVersion, Sample
+from cloud.db import Device, Label, ModelVersion, Round, Sample
 from cloud.registry import model_name
 
 
@@ -24,11 +25,15 @@ class TriggerPolicy:
       ``anomaly_rate_jump`` above the rate recorded when the last round ran;
     - schedule: ``max_age_h`` hours passed since the last round and at least one new label
       exists (a quiet fleet is not retrained for nothing).
+
+    Drift needs at least one new label too (a round learns from labels), and after a
+    failed round none starts for ``backoff_h``.
     """
 
     min_new_labels: int = 50
     anomaly_rate_jump: float = 0.2
     max_age_h: float | None = 24 * 7
+    backoff_h: float = 1.0  # after a failed round, wait this long before the next
 
 
 @dataclass
@@ -64,12 +69,21 @@ def check(
     if last is None:
         return due  # the initial model is trained by hand (`edgeloop demo`, an operator)
     since = _aware(last.created_at)
+    failed = session.scalars(
+        select(Round)
+        .where(Round.fleet == fleet, Round.profile == profile, Round.state == "failed")
+        .order_by(Round.updated_at.desc())
+    ).first()
+    if failed is not None and now - _aware(failed.updated_at) < timedelta(hours=policy.backoff_h):
+        return due  # the last round failed: not again every beat (its error is in the row)
+    watermark = (last.gates or {}).get("label_watermark")
+    newer = Label.id > watermark if watermark is not None else Label.created_at > since
     due.new_labels = (
         session.scalar(
             select(func.count())
             .select_from(Label)
             .join(Sample, Sample.id == Label.sample_id)
-            .where(Sample.fleet == fleet, Label.created_at > since)
+            .where(Sample.fleet == fleet, newer)
         )
         or 0
     )
@@ -80,6 +94,7 @@ def check(
     if (
         due.anomaly_rate is not None
         and baseline is not None
+        and due.new_labels > 0  # a round learns from labels: with none it can only fail
         and due.anomaly_rate - float(baseline) >= policy.anomaly_rate_jump
     ):
         due.reasons.append(f"drift: anomaly rate {float(baseline):.2f}→{due.anomaly_rate:.2f}")
@@ -107,37 +122,47 @@ def _aware(t: datetime) -> datetime:
 
 
 class RoundLock:
-    """One round per fleet and profile: a Redis key set only if absent (SET NX) with an
-    expiry, so a worker that dies holding it blocks the next round for ``ttl_s`` at most.
-    Released only by its holder (compare-and-delete in one Lua call)."""
+    """One round per fleet and profile: a Redis key set only if absent (SET NX) with a
+    short expiry that the holder renews while it works. A worker that dies holding it
+    blocks the next round for ``ttl_s`` at most; only the holder can renew or release it
+    (compare-and-act in one Lua call)."""
 
     _RELEASE = (
         "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
         "return 0"
     )
+    _RENEW = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('expire', KEYS[1], ARGV[2]) end return 0"
+    )
 
-    def __init__(
-        self,
-        client: redis.Redis,
-        fleet: str,
-        profile: str,
-        *,
-        token: str | None = None,
-        ttl_s: int = 3600,
-    ) -> None:
+    def __init__(self, client: redis.Redis, fleet: str, profile: str, *, ttl_s: int = 60) -> None:
         self.client = client
         self.key = f"edgeloop:round:{fleet}:{profile}"
-        # A Celery task passes its id: redelivered after its worker died, the same task
-        # takes its own lock back instead of waiting out the expiry.
-        self.token = token or uuid.uuid4().hex
+        self.token = uuid.uuid4().hex
         self.ttl_s = ttl_s
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     def acquire(self) -> bool:
-        if self.client.set(self.key, self.token, nx=True, ex=self.ttl_s):
-            return True
-        return self.holder() == self.token
+        """Take the lock and keep renewing it from a thread until release()."""
+        if not self.client.set(self.key, self.token, nx=True, ex=self.ttl_s):
+            return False
+        self._renewer = threading.Thread(target=self._renew_loop, daemon=True)
+        self._renewer.start()
+        return True
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.client.eval(self._RENEW, 1, self.key, self.token, self.ttl_s)
+            except redis.RedisError:  # Redis away for a moment: the next tick tries again
+                continue
 
     def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
         self.client.eval(self._RELEASE, 1, self.key, self.token)
 
     def holder(self) -> str | None:

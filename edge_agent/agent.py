@@ -86,6 +86,9 @@ class EdgeAgent:
         self.windows_seen = 0
         self._id_pool: list[bytes] = []
         self.anomalies = 0
+        # The last windows' verdicts (1: not normal): the heartbeat's anomaly rate is over
+        # these, so a jump shows at once and a restart does not reset a long average.
+        self.recent_anomalies: deque[bool] = deque(maxlen=1000)
         self.update_events: list[UpdateStatus] = []
         self._last_heartbeat = 0.0
         # Group commit: the detect path only queues a selected message; a writer thread
@@ -161,7 +164,9 @@ class EdgeAgent:
             raise
         self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
         self.windows_seen += 1
-        self.anomalies += det.predicted != self.settings.normal_class
+        anomalous = det.predicted != self.settings.normal_class
+        self.anomalies += anomalous
+        self.recent_anomalies.append(anomalous)
         size = window.nbytes * 4 // 3 + MESSAGE_OVERHEAD_BYTES
         reasons = self.selector.admit(window, det, size)
         if not reasons:
@@ -317,7 +322,7 @@ class EdgeAgent:
             profile=self.settings.profile,
             buffer_depth=self.backlog(),
             windows_seen=self.windows_seen,
-            anomaly_rate=self.anomalies / max(1, self.windows_seen),
+            anomaly_rate=sum(self.recent_anomalies) / max(1, len(self.recent_anomalies)),
             latency_ms_p50=lat[len(lat) // 2] if lat else 0.0,
             buffer_evicted=self.buffer.stats().get("evicted", 0),
             skipped_budget=self.selector.skipped_budget,

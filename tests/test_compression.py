@@ -112,9 +112,15 @@ def test_ffn_pruning_keeps_the_most_important_channels(teachers, tep_faults, bac
         assert torch.equal(new.gate_proj.weight, old.gate_proj.weight[top])
         assert torch.equal(new.down_proj.weight, old.down_proj.weight[:, top])
         experts = next(s for s in sites if s.kind == "experts")
+        e_old = teacher.get_submodule(experts.path)
         e_new = pruned.get_submodule(experts.path)
         assert e_new.gate_up_proj.shape == (4, 2 * 16, 32)
         assert e_new.down_proj.shape == (4, 32, 16)
+        for e in range(4):  # each expert keeps its own top channels, gate and up paired
+            idx = experts.score[e].topk(16).indices.sort().values
+            assert torch.equal(e_new.gate_up_proj[e, :16], e_old.gate_up_proj[e, idx])
+            assert torch.equal(e_new.gate_up_proj[e, 16:], e_old.gate_up_proj[e, 32 + idx])
+            assert torch.equal(e_new.down_proj[e], e_old.down_proj[e][:, idx])
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -187,10 +193,12 @@ def test_exported_package_matches_torch(teachers, tep_faults, backbone):
     assert (q_logits.argmax(1) == ref.argmax(1)).mean() >= 0.90
 
 
-def test_packaging_the_same_model_twice_gives_the_same_sha256(teachers, tep_faults):
-    """Export, quantize and package twice, and after a checkpoint round trip: same bytes."""
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_packaging_the_same_model_twice_gives_the_same_sha256(teachers, tep_faults, backbone):
+    """Export, quantize and package twice, and after a checkpoint round trip: same bytes
+    (TorchScript exporter for DeepSeek, dynamo for PatchTST)."""
     data, _ = tep_faults
-    teacher = teachers["deepseek"]
+    teacher = teachers[backbone]
     kw = dict(name="t", version="v1", parent=None, profile="p", class_names=CLASSES,
               metadata={"ood": ood(data)})  # fmt: skip
 

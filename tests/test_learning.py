@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from sqlalchemy import select
 
 from cloud.datasets import LabelledWindows, register_dataset
-from cloud.db import Label, ModelVersion, Sample, session_factory
+from cloud.db import Label, ModelVersion, Round, Sample, session_factory
 from cloud.ingest import content_sha256, npy_bytes, register_device
 from cloud.learning import RoundConfig, load_checkpoint, run_round, train_initial
 from cloud.registry import Registry, model_name
@@ -245,6 +245,7 @@ def test_two_triggers_at_once_start_one_round(
     ran = [r for r in results if "version" in r]
     skipped = [r for r in results if "skipped" in r]
     assert len(ran) == 1 and len(skipped) == 1, results
+    assert "already running" in skipped[0]["skipped"]  # turned away by the lock itself
     assert ran[0]["version"] == "v2" and "new_labels=" in ran[0]["reason"]
     assert _versions(sessions) == ["v1", "v2"]
 
@@ -347,3 +348,64 @@ def test_retrain_task_runs_on_a_real_worker(
             worker.kill()
     with sessions() as s:
         assert [r.version for r in s.scalars(select(ModelVersion))] == ["v1", "v2"]
+
+
+def test_worker_killed_mid_round_finishes_it_once(
+    fleet_with_uploads, pg_url, mlflow_uri, fleet, tmp_path
+):
+    """SIGKILL the worker while it trains: the round is delivered again to a new worker and
+    completes once, under the version it reserved: one new version in SQL and in MLflow."""
+    require("Redis", REDIS_PORT)
+    sessions, store, _, _, _ = fleet_with_uploads
+    env = _celery_env(
+        pg_url, store, mlflow_uri, fleet,
+        EDGELOOP_CELERY_VISIBILITY_TIMEOUT_S="5", EDGELOOP_ROUND_LOCK_TTL_S="4",
+    )  # fmt: skip
+
+    def worker(n):
+        return _start(
+            ["worker", "-Q", f"q-{fleet}", "--pool", "solo", "--loglevel", "INFO",
+             "--hostname", f"{fleet}-{n}@%h"],
+            env, tmp_path / f"worker{n}.log",
+        )  # fmt: skip
+
+    def round_state():
+        with sessions() as s:
+            row = s.scalar(select(Round).where(Round.fleet == fleet))
+            return None if row is None else (row.state, row.attempts, row.version)
+
+    first = worker(1)
+    code = f"from cloud.tasks import retrain; print(retrain.delay('{fleet}').id)"
+    send = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert send.returncode == 0, send.stderr
+    task_id = send.stdout.strip().splitlines()[-1]
+    wait_for(lambda: round_state() is not None, timeout=120, what="the round to start")
+    time.sleep(1.0)
+    state_at_kill = round_state()
+    first.kill()  # SIGKILL: no cleanup, no ack, the lock left to expire
+    first.wait(10)
+    second = worker(2)
+    try:
+        code = (
+            "from cloud.tasks import app; import json\n"
+            f"print(json.dumps(app.AsyncResult('{task_id}').get(timeout=240)))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+        logs = "".join((tmp_path / f"worker{n}.log").read_text() for n in (1, 2))
+        assert out.returncode == 0, out.stderr[-2000:] + logs
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        _stop(second)
+
+    assert state_at_kill == ("training", 1, "v2"), state_at_kill  # killed mid-training
+    assert result["version"] == "v2" and result["attempts"] >= 2
+    assert _versions(sessions) == ["v1", "v2"]
+    assert round_state()[0] == "done"
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    registered = client.search_model_versions(f"name = '{model_name(fleet, 'cpu-fp32')}'")
+    assert sorted(v.tags["edgeloop_version"] for v in registered) == ["v1", "v2"]

@@ -16,6 +16,7 @@ TABLES = {
     "dead_letters",
     "model_versions",
     "rollouts",
+    "rounds",
     "device_updates",
 }
 

@@ -1,0 +1,116 @@
+"""Trigger policies on a real PostgreSQL, and the round lock on a real Redis."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from cloud.db import Device, Label, ModelVersion, Round, Sample, session_factory
+from cloud.registry import model_name
+from cloud.triggers import RoundLock, TriggerPolicy, check, due_rounds
+
+from .conftest import HOST, REDIS_PORT, require, unique
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def fleet_db(pg_url):
+    """A fleet with one online device (anomaly rate 0.1), model v1 (trained on labels up to
+    id 3, fleet anomaly rate 0.1 then), and five labelled samples (ids 1–5)."""
+    sessions = session_factory(pg_url)
+    with sessions() as s:
+        s.add(Device(id="d1", fleet="f", profile="p", online=True, health={"anomaly_rate": 0.1}))
+        for i in range(5):
+            s.add(
+                Sample(
+                    id=f"s{i}", device_id="d1", fleet="f", content_sha256=f"{i:064d}",
+                    object_key="k", dtype="float32", shape=[32, 53], captured_at=NOW,
+                    model_version="v1", predicted="normal", confidence=0.5, score=0.0,
+                )
+            )  # fmt: skip
+        s.flush()
+        for i in range(5):
+            s.add(Label(sample_id=f"s{i}", label="idv_06", source="device"))
+        s.add(
+            ModelVersion(
+                name=model_name("f", "p"), version="v1", profile="p", sha256="0" * 64,
+                object_key="k", class_names=["normal"], created_at=NOW - timedelta(hours=2),
+                gates={"passed": True, "fleet_anomaly_rate": 0.1, "label_watermark": 3},
+            )
+        )  # fmt: skip
+        s.commit()
+        ids = [lab.id for lab in s.scalars(select(Label).order_by(Label.id))]
+    assert ids == [1, 2, 3, 4, 5]
+    return sessions
+
+
+def _check(sessions, **policy):
+    with sessions() as s:
+        return check(session=s, fleet="f", profile="p", policy=TriggerPolicy(**policy), now=NOW)
+
+
+def test_new_labels_count_from_the_last_round_watermark(fleet_db):
+    """Labels after the id the last round read are new, whenever they arrived."""
+    assert _check(fleet_db, min_new_labels=2).reasons == ["new_labels=2"]
+    assert _check(fleet_db, min_new_labels=3).reasons == []
+
+
+def test_drift_fires_on_an_anomaly_rate_jump_with_labels_only(fleet_db):
+    """0.1 → 0.5 fires drift; with no new label drift alone starts nothing."""
+    with fleet_db() as s:
+        s.get(Device, "d1").health = {"anomaly_rate": 0.5}
+        s.commit()
+    assert _check(fleet_db, min_new_labels=99)
+    assert any(r.startswith("drift") for r in _check(fleet_db, min_new_labels=99).reasons)
+    with fleet_db() as s:
+        s.query(Label).filter(Label.id > 3).delete()
+        s.commit()
+    assert _check(fleet_db, min_new_labels=99).reasons == []
+
+
+def test_schedule_fires_only_when_old_enough(fleet_db):
+    """Two hours since v1: due under a one-hour schedule, not under three, nor with none."""
+    assert _check(fleet_db, min_new_labels=99, max_age_h=1).reasons[0].startswith("schedule")
+    assert _check(fleet_db, min_new_labels=99, max_age_h=3).reasons == []
+    assert _check(fleet_db, min_new_labels=99, max_age_h=None).reasons == []
+
+
+def test_a_failed_round_backs_off(fleet_db):
+    """After a failed round the fleet is not due until backoff_h has passed."""
+    with fleet_db() as s:
+        s.add(
+            Round(task_id="t1", fleet="f", profile="p", version="v2", state="failed",
+                  reason="", attempts=1, updated_at=NOW - timedelta(minutes=10))
+        )  # fmt: skip
+        s.commit()
+    assert _check(fleet_db, min_new_labels=1, backoff_h=1).reasons == []
+    assert _check(fleet_db, min_new_labels=1, backoff_h=0.1).reasons == ["new_labels=2"]
+    with fleet_db() as s:
+        assert [
+            d.fleet for d in due_rounds(session=s, policy=TriggerPolicy(min_new_labels=1), now=NOW)
+        ] == []
+
+
+def test_round_lock_is_exclusive_renewed_and_released_only_by_its_holder():
+    """A second lock is refused; a held lock outlives its TTL while renewed; another
+    holder's release does nothing; after release it can be taken."""
+    require("Redis", REDIS_PORT)
+    client = redis.Redis(host=HOST, port=REDIS_PORT, db=15)
+    fleet = unique("f")
+    first, second = RoundLock(client, fleet, "p", ttl_s=1), RoundLock(client, fleet, "p", ttl_s=1)
+
+    assert first.acquire()
+    assert not second.acquire()
+    time.sleep(2.5)  # more than the TTL: only renewal keeps it
+    assert first.holder() == first.token
+    second.release()  # not the holder: nothing happens
+    assert first.holder() == first.token
+    first.release()
+    assert first.holder() is None
+    assert second.acquire()
+    second.release()
