@@ -105,12 +105,18 @@ def quantize(graph: bytes, rows: list[QuantRow]) -> bytes:
     """Apply the table: INT4 first (MatMulNBits), then FP16 storage, then INT8 dynamic."""
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    root = logging.getLogger()
-    level, root.level = root.level, logging.ERROR  # ORT's quantizer logs per node on root
-    try:
-        return _quantize(graph, rows)
-    finally:
-        root.setLevel(level)
+    return _quantize(graph, rows)
+
+
+class _QuietQuantizer(logging.Filter):
+    """ORT's quantizer logs per node, and its advice to pre-process, on the root logger;
+    this drops only those records (a filter, so other threads' logs are untouched)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and "quantiz" in record.pathname)
+
+
+logging.getLogger().addFilter(_QuietQuantizer())
 
 
 def _quantize(graph: bytes, rows: list[QuantRow]) -> bytes:

@@ -234,6 +234,9 @@ def compact_names(graph: bytes) -> bytes:
     transformer's bytes); inputs, outputs and weights keep their names, and the
     package's report keeps the layer-by-layer table."""
     proto = onnx.load_from_string(graph)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for n in proto.graph.node for a in n.attribute):  # fmt: skip
+        raise ValueError("compact_names handles flat graphs only; this one has subgraphs")
     keep = {i.name for i in proto.graph.input} | {o.name for o in proto.graph.output}
     keep |= {t.name for t in proto.graph.initializer}
     rename: dict[str, str] = {}

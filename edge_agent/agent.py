@@ -187,10 +187,13 @@ class EdgeAgent:
     def _new_id(self) -> uuid.UUID:
         """A random (version 4) message id. The random bytes are drawn 256 ids at a time:
         one os.urandom call per id cost ~7 µs, a tenth of the model's time per window."""
-        if not self._id_pool:
+        try:
+            raw = self._id_pool.pop()  # atomic under the GIL: safe from any thread
+        except IndexError:
             pool = os.urandom(16 * 256)
-            self._id_pool = [pool[i : i + 16] for i in range(0, len(pool), 16)]
-        return uuid.UUID(bytes=self._id_pool.pop(), version=4)
+            self._id_pool.extend(pool[i : i + 16] for i in range(16, len(pool), 16))
+            raw = pool[:16]
+        return uuid.UUID(bytes=raw, version=4)
 
     def _sample_message(
         self,
