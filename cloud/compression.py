@@ -32,7 +32,7 @@ from cloud.models import SensorTransformer
 from cloud.profiles import HardwareProfile
 from cloud.pruning import block_influence, ffn_importance, prune_ffn, prune_layers
 from cloud.quantization import QuantRow, plan_table, quantize
-from cloud.training import export_onnx
+from cloud.training import balanced_weights, export_onnx, one_cycle
 from shared.errors import BudgetError
 from shared.package import sha256_hex
 
@@ -79,13 +79,8 @@ def distill(
     soft = logits_of(teacher, x)  # the teacher is fixed: its logits are computed once
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.long)
-    k = soft.shape[1]
-    counts = torch.bincount(yt[yt >= 0], minlength=k).float()
-    weights = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
-    weights = weights / weights[counts > 0].mean()
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * max(1, -(-len(xt) // cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+    weights = balanced_weights(yt, soft.shape[1])
+    opt, sched = one_cycle(student, len(xt), cfg)
     t = cfg.temperature
     student.train()
     for epoch in range(cfg.epochs):

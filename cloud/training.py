@@ -98,6 +98,21 @@ def extend_classes(model: WindowClassifier, n_classes: int) -> WindowClassifier:
     return bigger
 
 
+def balanced_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Per-class loss weights inverse to frequency (mean 1 over the classes present; labels
+    below 0, unlabelled, are not counted)."""
+    counts = torch.bincount(y[y >= 0], minlength=n_classes).float()
+    weights = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
+    return weights / weights[counts > 0].mean()
+
+
+def one_cycle(model: nn.Module, n: int, cfg: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW with a one-cycle schedule over ``cfg.epochs`` passes of ``n`` windows."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * max(1, -(-n // cfg.batch_size))
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+
+
 def train(
     model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, on_epoch: Any = None
 ) -> nn.Module:
@@ -106,12 +121,8 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.long)
-    counts = torch.bincount(yt, minlength=model.cfg.n_classes).float()
-    weights = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
-    loss_fn = nn.CrossEntropyLoss(weight=weights / weights[counts > 0].mean())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * max(1, -(-len(xt) // cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+    loss_fn = nn.CrossEntropyLoss(weight=balanced_weights(yt, model.cfg.n_classes))
+    opt, sched = one_cycle(model, len(xt), cfg)
     model.train()
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(xt), generator=gen)

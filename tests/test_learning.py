@@ -293,46 +293,17 @@ def test_retrain_task_runs_on_a_real_worker(
     """`edgeloop.retrain` sent through Redis runs on a separate Celery worker process and
     registers v2."""
     require("Redis", REDIS_PORT)
-    sessions, store, registry, cfg, first = fleet_with_uploads
-    env = {
-        **os.environ,
-        "EDGELOOP_DATABASE_URL": pg_url,
-        "EDGELOOP_STORE": "s3",
-        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
-        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
-        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
-        "EDGELOOP_S3_BUCKET": store.bucket,
-        "EDGELOOP_MLFLOW_TRACKING_URI": mlflow_uri,
-        "EDGELOOP_REDIS_URL": f"redis://{HOST}:{REDIS_PORT}/15",
-    }
-    queue = f"q-{fleet}"
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "cloud.tasks",
-            "worker",
-            "-Q",
-            queue,
-            "--concurrency",
-            "1",
-            "--pool",
-            "solo",
-            "--loglevel",
-            "WARNING",
-            "--hostname",
-            f"{queue}@%h",
-        ],
-        env=env,
-        stdout=(tmp_path / "worker.log").open("w"),  # noqa: SIM115 - the worker keeps it
-        stderr=subprocess.STDOUT,
-    )
+    sessions, store, _, _, _ = fleet_with_uploads
+    env = _celery_env(pg_url, store, mlflow_uri, fleet)
+    worker = _start(
+        ["worker", "-Q", f"q-{fleet}", "--pool", "solo", "--loglevel", "WARNING",
+         "--hostname", f"{fleet}@%h"],
+        env, tmp_path / "worker.log",
+    )  # fmt: skip
     try:
         code = (
-            f"from cloud.tasks import retrain; r = retrain.apply_async(('{fleet}',), "
-            f"queue='{queue}'); import json; print(json.dumps(r.get(timeout=240)))"
+            f"from cloud.tasks import retrain; r = retrain.delay('{fleet}'); "
+            "import json; print(json.dumps(r.get(timeout=240)))"
         )
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
@@ -341,11 +312,7 @@ def test_retrain_task_runs_on_a_real_worker(
         result = json.loads(out.stdout.strip().splitlines()[-1])
         assert result["version"] == "v2" and result["new_classes"] == ["idv_06"]
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        _stop(worker)
     with sessions() as s:
         assert [r.version for r in s.scalars(select(ModelVersion))] == ["v1", "v2"]
 
