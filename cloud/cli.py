@@ -389,8 +389,9 @@ def retrain(
         typer.echo(out["skipped"])
         return
     verdict = "promoted to champion" if out["promoted"] else "stopped by the gates"
+    f1 = out["gates"].get("golden_macro_f1")
     typer.echo(
-        f"{out['version']} (parent {out['parent']}, new classes {out['new_classes']}): "
-        f"{verdict}; golden macro-F1 {out['gates']['golden_macro_f1']:.3f}, "
-        f"{out['seconds']:.0f} s"
+        f"{out['version']} (parent {out['parent']}, new classes {out.get('new_classes', '?')}): "
+        f"{verdict}; golden macro-F1 {'?' if f1 is None else f'{f1:.3f}'}"
+        + (f", {out['seconds']:.0f} s" if "seconds" in out else " (recovered after a crash)")
     )
