@@ -360,10 +360,23 @@ def retrain(
     One round per fleet and profile runs at a time: if one is running, this says so."""
     import time
 
+    import redis
     from celery.exceptions import TimeoutError as CeleryTimeout
 
+    from cloud.config import get_settings
     from cloud.tasks import retrain as retrain_task
 
+    url = get_settings().redis_url
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=3).ping()
+    except redis.RedisError as exc:
+        typer.secho(
+            f"error: the Celery broker (Redis at {url}) does not answer: {exc}. Start Redis "
+            "(scripts/services up) or set EDGELOOP_REDIS_URL, and run `edgeloop cloud worker`.",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(2) from exc
     try:
         result = retrain_task.delay(fleet, profile, reason="manual")
     except Exception as exc:  # kombu raises its own OperationalError family

@@ -114,3 +114,20 @@ def test_round_lock_is_exclusive_renewed_and_released_only_by_its_holder():
     assert first.holder() is None
     assert second.acquire()
     second.release()
+
+
+def test_retrain_command_without_a_broker_says_what_to_do():
+    """`edgeloop retrain` with Redis down exits 2 at once, saying what to start."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGELOOP_REDIS_URL": "redis://127.0.0.1:9/0"}  # nothing listens
+
+    out = subprocess.run(
+        [sys.executable, "-c", "from shared.cli import main; main()", "retrain", "--fleet", "f"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert out.returncode == 2
+    assert "does not answer" in out.stderr and "edgeloop cloud worker" in out.stderr
