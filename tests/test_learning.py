@@ -200,6 +200,24 @@ def _start(args, env, log):
     )
 
 
+def _worker(fleet, env, log, *, pool="solo", name=None):
+    """A Celery worker on this test's queue, logging to ``log``."""
+    return _start(
+        ["worker", "-Q", f"q-{fleet}", "--pool", pool, "--concurrency", "2" if pool == "threads"
+         else "1", "--loglevel", "INFO", "--hostname", f"{name or fleet}@%h"],
+        env, log,
+    )  # fmt: skip
+
+
+def _client(code, env, *logs, timeout=300):
+    """Run ``code`` as a separate Celery client; its last stdout line, parsed as JSON."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, out.stderr[-2000:] + "".join(p.read_text() for p in logs)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _stop(*procs):
     for p in procs:
         p.send_signal(signal.SIGTERM)
@@ -223,22 +241,14 @@ def test_two_triggers_at_once_start_one_round(
     require("Redis", REDIS_PORT)
     sessions, store, _, _, _ = fleet_with_uploads
     env = _celery_env(pg_url, store, mlflow_uri, fleet, EDGELOOP_TRIGGER_MIN_NEW_LABELS="10")
-    worker = _start(
-        ["worker", "-Q", f"q-{fleet}", "--pool", "threads", "--concurrency", "2",
-         "--loglevel", "INFO", "--hostname", f"{fleet}@%h"],
-        env, tmp_path / "worker.log",
-    )  # fmt: skip
+    worker = _worker(fleet, env, tmp_path / "worker.log", pool="threads")
     try:
         code = (
             "from cloud.tasks import retrain; import json\n"
             f"rs = [retrain.delay('{fleet}', reason='trigger {{}}'.format(i)) for i in (1, 2)]\n"
             "print(json.dumps([r.get(timeout=240) for r in rs]))"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert out.returncode == 0, out.stderr[-2000:] + (tmp_path / "worker.log").read_text()
-        results = json.loads(out.stdout.strip().splitlines()[-1])
+        results = _client(code, env, tmp_path / "worker.log")
     finally:
         _stop(worker)
 
@@ -262,11 +272,7 @@ def test_beat_policy_starts_a_gated_round_end_to_end(
         pg_url, store, mlflow_uri, fleet,
         EDGELOOP_TRIGGER_MIN_NEW_LABELS="10", EDGELOOP_TRIGGER_INTERVAL_S="1",
     )  # fmt: skip
-    worker = _start(
-        ["worker", "-Q", f"q-{fleet}", "--pool", "threads", "--concurrency", "2",
-         "--loglevel", "INFO", "--hostname", f"{fleet}@%h"],
-        env, tmp_path / "worker.log",
-    )  # fmt: skip
+    worker = _worker(fleet, env, tmp_path / "worker.log", pool="threads")
     beat = _start(
         ["beat", "--loglevel", "INFO", "--schedule", str(tmp_path / "beat-schedule")],
         env, tmp_path / "beat.log",
@@ -295,21 +301,13 @@ def test_retrain_task_runs_on_a_real_worker(
     require("Redis", REDIS_PORT)
     sessions, store, _, _, _ = fleet_with_uploads
     env = _celery_env(pg_url, store, mlflow_uri, fleet)
-    worker = _start(
-        ["worker", "-Q", f"q-{fleet}", "--pool", "solo", "--loglevel", "WARNING",
-         "--hostname", f"{fleet}@%h"],
-        env, tmp_path / "worker.log",
-    )  # fmt: skip
+    worker = _worker(fleet, env, tmp_path / "worker.log")
     try:
         code = (
             f"from cloud.tasks import retrain; r = retrain.delay('{fleet}'); "
             "import json; print(json.dumps(r.get(timeout=240)))"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert out.returncode == 0, out.stderr[-2000:] + (tmp_path / "worker.log").read_text()
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = _client(code, env, tmp_path / "worker.log")
         assert result["version"] == "v2" and result["new_classes"] == ["idv_06"]
     finally:
         _stop(worker)
@@ -330,11 +328,7 @@ def test_worker_killed_mid_round_finishes_it_once(
     )  # fmt: skip
 
     def worker(n):
-        return _start(
-            ["worker", "-Q", f"q-{fleet}", "--pool", "solo", "--loglevel", "INFO",
-             "--hostname", f"{fleet}-{n}@%h"],
-            env, tmp_path / f"worker{n}.log",
-        )  # fmt: skip
+        return _worker(fleet, env, tmp_path / f"worker{n}.log", name=f"{fleet}-{n}")
 
     def round_state():
         with sessions() as s:
@@ -342,13 +336,11 @@ def test_worker_killed_mid_round_finishes_it_once(
             return None if row is None else (row.state, row.attempts, row.version)
 
     first = worker(1)
-    code = f"from cloud.tasks import retrain; print(retrain.delay('{fleet}').id)"
-    send = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert send.returncode == 0, send.stderr
-    task_id = send.stdout.strip().splitlines()[-1]
+    code = (
+        "from cloud.tasks import retrain; import json; "
+        f"print(json.dumps(retrain.delay('{fleet}').id))"
+    )
+    task_id = _client(code, env, timeout=60)
     wait_for(lambda: round_state() is not None, timeout=120, what="the round to start")
     time.sleep(1.0)
     state_at_kill = round_state()
@@ -360,12 +352,7 @@ def test_worker_killed_mid_round_finishes_it_once(
             "from cloud.tasks import app; import json\n"
             f"print(json.dumps(app.AsyncResult('{task_id}').get(timeout=240)))"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-        )
-        logs = "".join((tmp_path / f"worker{n}.log").read_text() for n in (1, 2))
-        assert out.returncode == 0, out.stderr[-2000:] + logs
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = _client(code, env, tmp_path / "worker1.log", tmp_path / "worker2.log")
     finally:
         _stop(second)
 
