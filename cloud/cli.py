@@ -354,19 +354,29 @@ def beat(loglevel: str = typer.Option("INFO")) -> None:
 def retrain(
     fleet: str = typer.Option(..., help="The fleet whose model to retrain."),
     profile: str = typer.Option("cpu-fp32", help="The hardware profile's model."),
+    resume: int | None = typer.Option(
+        None,
+        help="Instead of a new round, run round N again from its first stage not done "
+        "(see `edgeloop cloud rounds`).",
+    ),
     timeout: float = typer.Option(3600, help="Seconds to wait for the round."),
 ) -> None:
-    """Start a learning round by hand on the Celery workers and follow it to the end.
-    One round per fleet and profile runs at a time: if one is running, this says so."""
+    """Start a learning round by hand on the Celery workers and follow it stage by stage
+    (train → recompress → evaluate → register) to the end. One round per fleet and profile
+    runs at a time: if one is running, this says so."""
     import time
 
     import redis
     from celery.exceptions import TimeoutError as CeleryTimeout
+    from sqlalchemy import select
 
     from cloud.config import get_settings
+    from cloud.db import Round, session_factory
+    from cloud.tasks import resume_round
     from cloud.tasks import retrain as retrain_task
 
-    url = get_settings().redis_url
+    settings = get_settings()
+    url = settings.redis_url
     try:
         redis.Redis.from_url(url, socket_connect_timeout=3).ping()
     except redis.RedisError as exc:
@@ -377,17 +387,35 @@ def retrain(
             err=True,
         )
         raise typer.Exit(2) from exc
+    sessions = session_factory(settings.resolved_database_url)
     try:
-        result = retrain_task.delay(fleet, profile, reason="manual")
+        if resume is not None:
+            result = resume_round.delay(resume)
+        else:
+            result = retrain_task.delay(fleet, profile, reason="manual")
     except Exception as exc:  # kombu raises its own OperationalError family
         typer.secho(f"error: cannot reach the Celery broker: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
-    typer.echo(f"round {result.id} queued for {fleet}/{profile}; waiting for a worker …")
-    t0, state = time.monotonic(), ""
+    typer.echo(f"task {result.id} queued for {fleet}/{profile}; waiting for a worker …")
+
+    def where() -> str:
+        with sessions() as s:
+            row = (
+                s.get(Round, resume)
+                if resume is not None
+                else s.scalar(select(Round).where(Round.task_id == result.id))
+            )
+            if row is None:
+                return "queued"
+            info = (row.stages or {}).get(row.state, {})
+            return f"round {row.id} {row.version}: {row.state} {info.get('progress', '')}".rstrip()
+
+    t0, seen = time.monotonic(), ""
     while True:
-        if result.state != state:
-            state = result.state
-            typer.echo(f"  {time.monotonic() - t0:6.0f} s  {state.lower()}")
+        now = where()
+        if now != seen:
+            seen = now
+            typer.echo(f"  {time.monotonic() - t0:6.0f} s  {now}")
         try:
             out = result.get(timeout=2, propagate=False)
             break
@@ -396,15 +424,64 @@ def retrain(
                 typer.secho("timed out; the round goes on on the worker", fg="yellow", err=True)
                 raise typer.Exit(1) from None
     if result.failed():
-        typer.secho(f"round failed: {out!r}", fg="red", err=True)
+        typer.secho(
+            f"round failed: {out!r}. `edgeloop cloud rounds --fleet {fleet}` shows the stage "
+            "and its error; fix the cause and run this again with --resume ROUND.",
+            fg="red",
+            err=True,
+        )
         raise typer.Exit(1)
     if "skipped" in out:
         typer.echo(out["skipped"])
         return
     verdict = "promoted to champion" if out["promoted"] else "stopped by the gates"
-    f1 = out["gates"].get("golden_macro_f1")
+    gates = out["gates"]
+    f1 = gates.get("golden_macro_f1")
     typer.echo(
         f"{out['version']} (parent {out['parent']}, new classes {out.get('new_classes', '?')}): "
         f"{verdict}; golden macro-F1 {'?' if f1 is None else f'{f1:.3f}'}"
-        + (f", {out['seconds']:.0f} s" if "seconds" in out else " (recovered after a crash)")
+        + (f", {out['seconds']:.0f} s" if "seconds" in out else "")
     )
+    for reason in gates.get("failed", []):
+        typer.echo(f"  gate: {reason}")
+
+
+@app.command()
+def rounds(
+    fleet: str | None = typer.Option(None, help="Only this fleet."),
+    last: int = typer.Option(20, help="How many of the newest rounds."),
+) -> None:
+    """Learning rounds, newest first: version, state, each stage's attempts and seconds,
+    and the error of a failed one (resume it with `edgeloop retrain --resume ROUND`)."""
+    from sqlalchemy import select
+
+    from cloud.config import get_settings
+    from cloud.db import Round, session_factory
+    from cloud.learning import STAGES
+
+    sessions = session_factory(get_settings().resolved_database_url)
+    with sessions() as s:
+        query = select(Round).order_by(Round.id.desc()).limit(last)
+        if fleet is not None:
+            query = query.where(Round.fleet == fleet)
+        rows = s.scalars(query).all()
+    head = f"{'round':>5} {'fleet/profile':<28} {'version':<8} {'state':<10} stages (attempts, s)"
+    typer.echo(head)
+    typer.echo("-" * len(head))
+    for r in rows:
+        stages = r.stages or {}
+        parts = []
+        for stage in STAGES:
+            info = stages.get(stage)
+            if info is None:
+                continue
+            mark = "✓" if info.get("done") else ("✗" if info.get("error") else "…")
+            secs = f" {info['seconds']:.0f}s" if "seconds" in info else ""
+            parts.append(f"{stage}{mark}×{info.get('attempts', 0)}{secs}")
+        typer.echo(
+            f"{r.id:>5} {r.fleet + '/' + r.profile:<28} {r.version:<8} {r.state:<10} "
+            + " ".join(parts)
+        )
+        errors = [f"{k}: {v['error']}" for k, v in stages.items() if v.get("error")]
+        for e in errors:
+            typer.echo(f"{'':>6}error in {e}")

@@ -51,6 +51,13 @@ class CloudSettings(BaseSettings):
     trigger_min_new_labels: int = 50
     trigger_anomaly_rate_jump: float = 0.2
     trigger_max_age_h: float | None = 24 * 7
+    # What a Celery round trains with (cloud.learning.RoundConfig): fine-tuning epochs,
+    # windows per class in the replay reservoir, the compression pipeline's distillation
+    # epochs, and the teacher's confidence bar for pseudo-labels (unset: none).
+    round_epochs: int = 25
+    round_replay_per_class: int = 120
+    round_distill_epochs: int = 30
+    round_pseudo_label_min_confidence: float | None = None
     mlflow_tracking_uri: str = ""  # default: sqlite store under home
 
     @model_validator(mode="after")

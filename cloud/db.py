@@ -127,10 +127,15 @@ class Round(Base):
     fleet: Mapped[str] = mapped_column(String(64))
     profile: Mapped[str] = mapped_column(String(64))
     version: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="training")  # registering, done
+    # The stage running or last run (train, recompress, evaluate, register), then done or
+    # failed.
+    state: Mapped[str] = mapped_column(String(16), default="train")
     reason: Mapped[str] = mapped_column(Text, default="")
-    attempts: Mapped[int] = mapped_column(Integer, default=1)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)  # deliveries of the round
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the round's answer, once done
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # RoundConfig, fixed at reserve
+    # stage → {"attempts": n, "done": bool, "output": {...}, "error": str}
+    stages: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=_now)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
 

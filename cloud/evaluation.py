@@ -101,10 +101,7 @@ def evaluate_package(
     pkg = ModelPackage(package)
     sess = session(pkg.graph, threads)
     name = sess.get_inputs()[0].name
-    logits = np.concatenate(
-        [sess.run(["logits"], {name: x[i : i + 256]})[0] for i in range(0, len(x), 256)]
-    )
-    ev = classification_metrics(y, logits.argmax(1), list(pkg.manifest.class_names))
+    ev = classification_metrics(y, _predict(sess, x), list(pkg.manifest.class_names))
     p50, p99 = latency_ms(lambda w: sess.run(None, {name: w}), x, latency_windows)
     return ArtifactMetrics(
         package_bytes=len(package),
@@ -116,6 +113,22 @@ def evaluate_package(
         threads=threads,
         peak_rss_mb=peak_memory_mb(pkg.graph, x, threads) if memory else None,
     )
+
+
+def _predict(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    if len(x) == 0:
+        return np.empty(0, dtype=np.int64)
+    logits = np.concatenate(
+        [sess.run(["logits"], {name: x[i : i + 256]})[0] for i in range(0, len(x), 256)]
+    )
+    return logits.argmax(1)
+
+
+def package_predict(package: bytes, x: np.ndarray, *, threads: int = 1) -> np.ndarray:
+    """Class indices (into the manifest's class names) that ``package`` gives ``x``, opened
+    and run as a device would."""
+    return _predict(session(ModelPackage(package).graph, threads), x)
 
 
 def make_package(graph: bytes, model: nn.Module, **kwargs: Any) -> bytes:

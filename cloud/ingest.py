@@ -84,10 +84,14 @@ def upsert_labels(*, session: Session, sample_ids: list[str], label: str, source
             select(Label).where(Label.sample_id.in_(sample_ids), Label.source == source)
         )
     }
-    for sid in sample_ids:
-        if sid in existing:
-            existing[sid].label = label
-        else:
+    changed = [lab for sid, lab in existing.items() if lab.label != label]
+    for lab in changed:
+        # A new row, not an edit: its new id is what tells the next round (and the
+        # triggers) that this sample has something new to teach.
+        session.delete(lab)
+    session.flush()
+    for sid in dict.fromkeys(sample_ids):
+        if sid not in existing or existing[sid] in changed:
             session.add(Label(sample_id=sid, label=label, source=source))
     session.commit()
 

@@ -1,25 +1,65 @@
-"""A Celery learning round's bookkeeping: its version reserved before training, its state,
-and recovery when a worker died after registering but before recording."""
+"""A learning round's bookkeeping in the ``rounds`` table: its version reserved before any
+work, its settings, and each stage's attempts, progress and output, so a round can be
+looked at stage by stage and resumed from the first stage not done.
+
+A stage that is done is never run again: a task delivered twice (its worker died before
+acknowledging it) finds the output and hands it on.
+"""
 
 from __future__ import annotations
 
-import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from cloud.db import ModelVersion, Round
-from cloud.learning import next_version
-from cloud.registry import Registry, model_name
+from cloud.db import Round
+from cloud.learning import (
+    STAGE_FUNCTIONS,
+    STAGES,
+    RoundConfig,
+    RoundState,
+    Services,
+    next_version,
+    summary,
+)
+
+log = logging.getLogger(__name__)
+FINISHED = ("done", "failed")
+
+
+def active_round(
+    sessions: sessionmaker, fleet: str, profile: str, *, stale_after_s: float
+) -> Round | None:
+    """The round of ``fleet``/``profile`` still under way, if any. A round that has not
+    written anything for ``stale_after_s`` is taken for dead (its chain lost): not active."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=stale_after_s)
+    with sessions() as s:
+        rows = s.scalars(
+            select(Round)
+            .where(Round.fleet == fleet, Round.profile == profile, Round.state.not_in(FINISHED))
+            .order_by(Round.id.desc())
+        ).all()
+    return next((r for r in rows if _aware(r.updated_at) > cutoff), None)
 
 
 def reserve(
-    *, sessions: sessionmaker, task_id: str, fleet: str, profile: str, reason: str
+    *,
+    sessions: sessionmaker,
+    task_id: str,
+    fleet: str,
+    profile: str,
+    reason: str,
+    config: dict[str, Any],
 ) -> Round:
     """The round row for ``task_id``: found again on redelivery (attempts + 1), or new with
-    the next version. Call it holding the fleet's round lock: a reservation left by a
-    round that died for good (its task lost) is taken over, so versions stay dense."""
+    the next version. Call it holding the fleet's round lock. A reservation of that version
+    left by a dead round is taken over: a failed one starts afresh, one whose chain was lost
+    keeps the stages it finished (so it resumes)."""
     with sessions() as s:
         row = s.scalar(select(Round).where(Round.task_id == task_id))
         if row is not None:
@@ -32,67 +72,135 @@ def reserve(
                 Round.fleet == fleet, Round.profile == profile, Round.version == version
             )
         )
-        if row is not None and row.state != "done":
-            row.task_id, row.state, row.reason, row.attempts = task_id, "training", reason, 1
-        else:
-            row = Round(
-                task_id=task_id, fleet=fleet, profile=profile, version=version, reason=reason
+        if row is not None and row.state == "done":
+            raise RuntimeError(
+                f"round {row.id} recorded {fleet}/{profile} {version} as done, but the model "
+                "versions table does not have it: restore that table before the next round"
             )
+        if row is None:
+            row = Round(task_id=task_id, fleet=fleet, profile=profile, version=version)
             s.add(row)
+        elif row.state == "failed":
+            row.stages = {}
+        row.task_id, row.reason, row.attempts, row.config = task_id, reason, 1, config
+        row.state = first_left(row) or STAGES[-1]
         s.commit()
         return row
 
 
-def set_state(
-    sessions: sessionmaker, task_id: str, state: str, result: dict[str, Any] | None = None
-) -> None:
+def first_left(row: Round) -> str | None:
+    """The first stage of ``row`` not done (None: all are)."""
+    stages = row.stages or {}
+    return next((st for st in STAGES if not stages.get(st, {}).get("done")), None)
+
+
+def state_of(sessions: sessionmaker, round_id: int) -> RoundState:
     with sessions() as s:
-        row = s.scalar(select(Round).where(Round.task_id == task_id))
-        assert row is not None, task_id
-        row.state = state
-        if result is not None:
-            row.result = result
+        row = s.get(Round, round_id)
+        if row is None:
+            raise LookupError(f"no round {round_id}")
+        return RoundState(
+            id=row.id,
+            fleet=row.fleet,
+            profile=row.profile,
+            version=row.version,
+            initial=row.reason == "initial",
+            cfg=RoundConfig.from_dict(row.config or {"fleet": row.fleet, "profile": row.profile}),
+            outputs={k: v["output"] for k, v in (row.stages or {}).items() if v.get("done")},
+        )
+
+
+def _update(sessions: sessionmaker, round_id: int, fn: Callable[[Round, dict], None]) -> None:
+    """Apply ``fn(row, stages)`` and write the row; ``stages`` is a fresh copy to change."""
+    with sessions() as s:
+        row = s.get(Round, round_id)
+        assert row is not None, round_id
+        stages = {k: dict(v) for k, v in (row.stages or {}).items()}
+        fn(row, stages)
+        row.stages = stages
         s.commit()
 
 
-def recover_registered(
-    *, sessions: sessionmaker, registry: Registry, row: Round
-) -> dict[str, Any] | None:
-    """A round that died between registering its package in MLflow and recording it here:
-    record it from the registry's tags (the package is already in the store), instead of
-    training again and registering a second version. None: nothing was registered."""
-    found = registry.find_version(row.fleet, row.profile, row.version)
-    if found is None:
-        return None
-    mlflow_version, tags = found
-    gates = json.loads(tags.get("gates", "{}"))
-    name = model_name(row.fleet, row.profile)
+def run_stage(
+    svc: Services,
+    round_id: int,
+    stage: str,
+    *,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run one stage of a round (or hand on its output if it is done): attempts, progress,
+    output, error and seconds recorded in the row. The last stage finishes the round."""
+    st = state_of(svc.sessions, round_id)
+    if stage in st.outputs:
+        return st.outputs[stage]
+    missing = [p for p in STAGES[: STAGES.index(stage)] if p not in st.outputs]
+    if missing:
+        raise RuntimeError(f"round {round_id}: stage {stage} needs {missing} done first")
+
+    def begin(row: Round, stages: dict) -> None:
+        info = stages.setdefault(stage, {})
+        info["attempts"] = info.get("attempts", 0) + 1
+        info["started_at"] = datetime.now(UTC).isoformat()
+        info.pop("error", None)
+        row.state = stage
+
+    _update(svc.sessions, round_id, begin)
+    label = f"{st.fleet}/{st.profile} {st.version} {stage}"
+
+    def progress(message: str) -> None:
+        log.info("%s: %s", label, message)
+        if say is not None:
+            say(message)
+        _update(svc.sessions, round_id, lambda _, stages: stages[stage].update(progress=message))
+
+    t0 = time.perf_counter()
+    try:
+        out = STAGE_FUNCTIONS[stage](svc, st, progress)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+
+        def fail(row: Round, stages: dict) -> None:
+            stages[stage]["error"] = error
+            row.state = "failed"  # the triggers back off; `edgeloop retrain --resume` retries
+            row.result = {"error": error, "stage": stage}
+
+        _update(svc.sessions, round_id, fail)
+        raise
+
+    def finish(row: Round, stages: dict) -> None:
+        stages[stage].update(done=True, output=out, seconds=time.perf_counter() - t0)
+
+    _update(svc.sessions, round_id, finish)
+    if stage == STAGES[-1]:
+        done = state_of(svc.sessions, round_id)
+
+        def close(row: Round, stages: dict) -> None:
+            row.state = "done"
+            row.result = {
+                **summary(done),
+                "reason": row.reason,
+                "attempts": {k: v.get("attempts", 0) for k, v in stages.items()},
+                "seconds": sum(v.get("seconds", 0.0) for v in stages.values()),
+            }
+
+        _update(svc.sessions, round_id, close)
+    return out
+
+
+def resume(sessions: sessionmaker, round_id: int) -> list[str]:
+    """Make a failed or stalled round runnable again; the stages it has left."""
     with sessions() as s:
-        exists = s.scalar(
-            select(ModelVersion).where(
-                ModelVersion.name == name, ModelVersion.version == row.version
-            )
-        )
-        if exists is None:
-            s.add(
-                ModelVersion(
-                    name=name,
-                    version=row.version,
-                    mlflow_version=mlflow_version,
-                    profile=row.profile,
-                    sha256=tags["sha256"],
-                    parent=tags.get("parent") or None,
-                    object_key=f"packages/{row.fleet}/{row.profile}/{row.version}.edgepkg",
-                    class_names=json.loads(tags.get("classes", "[]")),
-                    gates=gates,
-                )
-            )
-            s.commit()
-    return {
-        "version": row.version,
-        "parent": tags.get("parent") or None,
-        "mlflow_version": mlflow_version,
-        "gates": gates,
-        "promoted": bool(gates.get("passed")),
-        "recovered": True,
-    }
+        row = s.get(Round, round_id)
+        if row is None:
+            raise LookupError(f"no round {round_id}")
+        left = first_left(row)
+        if left is None:
+            return []
+        row.state = left
+        row.result = None
+        s.commit()
+        return list(STAGES[STAGES.index(left) :])
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)

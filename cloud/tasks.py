@@ -60,29 +60,54 @@ def _services():  # type: ignore[no-untyped-def]
     )
 
 
-# acks_late: the message stays in Redis until the round is recorded, so a round whose
-# worker was killed is delivered again (after the broker's visibility timeout) and
-# finishes under the version it reserved; the rounds table makes that idempotent.
+def round_config(fleet: str, profile: str) -> dict:
+    """The settings a round started now runs with (fixed in its row when it is reserved)."""
+    from cloud.learning import RoundConfig
+    from cloud.training import TrainConfig
+
+    s = get_settings()
+    return RoundConfig(
+        fleet=fleet,
+        profile=profile,
+        replay_per_class=s.round_replay_per_class,
+        pseudo_label_min_confidence=s.round_pseudo_label_min_confidence,
+        train=TrainConfig(epochs=s.round_epochs, lr=2e-3),
+        distill_epochs=s.round_distill_epochs,
+    ).to_dict()
+
+
+def round_chain(round_id: int, stages: list[str] | None = None):  # type: ignore[no-untyped-def]
+    """The chain of stage tasks of a round, from the first of ``stages`` (default: all)."""
+    from celery import chain
+
+    from cloud.learning import STAGES
+
+    todo = stages or list(STAGES)
+    return chain(*(STAGE_TASKS[stage].si(round_id) for stage in todo))
+
+
+# acks_late everywhere: a task's message stays in Redis until the task has finished, so a
+# stage whose worker was killed is delivered again (after the broker's visibility timeout)
+# with the rest of the chain; the rounds table makes each stage run to completion once.
 @app.task(name="edgeloop.retrain", bind=True, acks_late=True, reject_on_worker_lost=True)
 def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual") -> dict:  # type: ignore[no-untyped-def]
-    """One retraining round for ``fleet`` / ``profile``; returns the new version and gates.
+    """Start one learning round for ``fleet`` / ``profile``: reserve its version, then become
+    the chain train → recompress → evaluate → register (this task's result is the chain's:
+    the new version and its gates).
 
-    At most one round per fleet and profile runs (a Redis lock). A round a trigger asked
-    for checks under the lock that it is still due, so two triggers that fire together,
-    or one that fires again while a round runs, give one round. Its version is reserved
-    (the rounds table) before training, so a delivery after a worker died finishes the
-    same round under the same version instead of starting another."""
+    At most one round per fleet and profile is under way. A round a trigger asked for checks
+    under the lock that it is still due, so two triggers that fire together, or one that
+    fires again while a round runs, give one round."""
     import redis
     from sqlalchemy import select
 
     from cloud import rounds
     from cloud.db import Round
-    from cloud.learning import RoundConfig, run_round
     from cloud.triggers import RoundLock, check
 
     task_id = self.request.id or "eager"
     s = get_settings()
-    sessions, store, registry = _services()
+    sessions, _, _ = _services()
     with sessions() as session:
         known = session.scalar(select(Round).where(Round.task_id == task_id))
     if known is not None and known.state == "done" and known.result is not None:
@@ -96,50 +121,119 @@ def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual")
         log.info("round for %s/%s skipped: another one is running", fleet, profile)
         return {"skipped": f"a round for {fleet}/{profile} is already running"}
     try:
-        if known is None and reason != "manual":
-            with sessions() as session:
-                due = check(
-                    session=session,
-                    fleet=fleet,
-                    profile=profile,
-                    policy=_policy(),
-                    now=datetime.now(UTC),
-                )
-            if not due.reasons:
-                return {"skipped": f"{fleet}/{profile} is no longer due ({reason})"}
-            reason = "; ".join(due.reasons)
+        if known is None:
+            other = rounds.active_round(
+                sessions, fleet, profile, stale_after_s=s.celery_visibility_timeout_s + 600
+            )
+            if other is not None:
+                return {
+                    "skipped": f"a round for {fleet}/{profile} is already running "
+                    f"({other.version}, stage {other.state}, round {other.id})"
+                }
+            if reason != "manual":
+                with sessions() as session:
+                    due = check(
+                        session=session,
+                        fleet=fleet,
+                        profile=profile,
+                        policy=_policy(),
+                        now=datetime.now(UTC),
+                    )
+                if not due.reasons:
+                    return {"skipped": f"{fleet}/{profile} is no longer due ({reason})"}
+                reason = "; ".join(due.reasons)
         row = rounds.reserve(
-            sessions=sessions, task_id=task_id, fleet=fleet, profile=profile, reason=reason
+            sessions=sessions,
+            task_id=task_id,
+            fleet=fleet,
+            profile=profile,
+            reason=reason,
+            config=round_config(fleet, profile),
         )
-        log.info(
-            "round %s for %s/%s (attempt %d) starts: %s",
-            row.version, fleet, profile, row.attempts, reason,
-        )  # fmt: skip
-        out = None
-        if row.state == "registering":
-            out = rounds.recover_registered(sessions=sessions, registry=registry(fleet), row=row)
-        if out is None:
-            try:
-                result = run_round(
-                    sessions=sessions,
-                    store=store,
-                    registry=registry(fleet),
-                    cfg=RoundConfig(fleet=fleet, profile=profile),
-                    version=row.version,
-                    on_stage=lambda stage: rounds.set_state(sessions, task_id, stage),
-                )
-            except Exception as exc:
-                # Recorded, so the triggers back off instead of retrying every beat.
-                rounds.set_state(sessions, task_id, "failed", {"error": repr(exc)[:2000]})
-                raise
-            out = asdict(result)
-            out.pop("package")
-        out["reason"] = reason
-        out["attempts"] = row.attempts
-        rounds.set_state(sessions, task_id, "done", out)
     finally:
         lock.release()
-    return out
+    left = rounds.resume(sessions, row.id)
+    log.info("round %d (%s/%s %s) starts at %s: %s", row.id, fleet, profile, row.version,
+             left[0], reason)  # fmt: skip
+    raise self.replace(round_chain(row.id, left))
+
+
+def _stage(task, round_id: int, stage: str) -> dict:  # type: ignore[no-untyped-def]
+    """Run ``stage`` of round ``round_id`` holding the fleet's round lock (a copy of the same
+    task delivered while the first still runs waits for it, then finds the stage done)."""
+    import redis
+
+    from cloud import rounds
+    from cloud.learning import STAGES, Services
+    from cloud.triggers import RoundLock
+
+    s = get_settings()
+    sessions, store, registry = _services()
+    st = rounds.state_of(sessions, round_id)
+    lock = RoundLock(
+        redis.Redis.from_url(s.redis_url), st.fleet, st.profile, ttl_s=s.round_lock_ttl_s
+    )
+    if not lock.acquire():
+        raise task.retry(countdown=max(1, s.round_lock_ttl_s // 2), max_retries=None)
+    try:
+        out = rounds.run_stage(Services(sessions, store, registry(st.fleet)), round_id, stage)
+    finally:
+        lock.release()
+    if stage == STAGES[-1]:
+        from cloud.db import Round
+
+        with sessions() as session:
+            row = session.get(Round, round_id)
+            assert row is not None and row.result is not None
+            return row.result
+    return {"round": round_id, "stage": stage, "outputs": sorted(out)}
+
+
+@app.task(name="edgeloop.round.train", bind=True, acks_late=True, reject_on_worker_lost=True)
+def train_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
+    """Fine-tune the teacher on new labels + replay (cloud.learning.stage_train)."""
+    return _stage(self, round_id, "train")
+
+
+@app.task(name="edgeloop.round.recompress", bind=True, acks_late=True, reject_on_worker_lost=True)
+def recompress_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
+    """The teacher → the profile's edge package (cloud.learning.stage_recompress)."""
+    return _stage(self, round_id, "recompress")
+
+
+@app.task(name="edgeloop.round.evaluate", bind=True, acks_late=True, reject_on_worker_lost=True)
+def evaluate_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
+    """The package under ONNX Runtime against the gates (cloud.learning.stage_evaluate)."""
+    return _stage(self, round_id, "evaluate")
+
+
+@app.task(name="edgeloop.round.register", bind=True, acks_late=True, reject_on_worker_lost=True)
+def register_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
+    """MLflow run, model version, aliases; the round's answer (cloud.learning.stage_register)."""
+    return _stage(self, round_id, "register")
+
+
+STAGE_TASKS = {
+    "train": train_stage,
+    "recompress": recompress_stage,
+    "evaluate": evaluate_stage,
+    "register": register_stage,
+}
+
+
+@app.task(name="edgeloop.resume_round", bind=True)
+def resume_round(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
+    """Run a failed or stalled round again from its first stage not done."""
+    from cloud import rounds
+
+    sessions, _, _ = _services()
+    left = rounds.resume(sessions, round_id)
+    if not left:
+        st = rounds.state_of(sessions, round_id)
+        from cloud.learning import summary
+
+        return summary(st)
+    raise self.replace(round_chain(round_id, left))
 
 
 @app.task(name="edgeloop.check_triggers")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -80,21 +80,33 @@ def build_model(cfg: ModelConfig, x_normal: np.ndarray | None = None) -> WindowC
     return model
 
 
-def extend_classes(model: WindowClassifier, n_classes: int) -> WindowClassifier:
-    """The same model with room for new classes; old rows of the head are kept as they were."""
+def extend_classes(model: nn.Module, n_classes: int) -> nn.Module:
+    """The same model with room for new classes: every weight is kept, and the output rows
+    of the old classes are kept as they were. Any model whose ``cfg`` dataclass has
+    ``n_classes`` and rebuilds it (the CNN here, cloud.models' transformers)."""
     old = model.cfg.n_classes
     if n_classes < old:
         raise ValueError(f"cannot shrink the label space from {old} to {n_classes}")
     if n_classes == old:
         return model
-    cfg = ModelConfig(**{**asdict(model.cfg), "n_classes": n_classes})
-    bigger = WindowClassifier(cfg)
-    state = model.state_dict()
-    head_w, head_b = state.pop("head.weight"), state.pop("head.bias")
-    bigger.load_state_dict(state, strict=False)
+    torch.manual_seed(n_classes)  # the new rows' initial weights, the same on every run
+    bigger = type(model)(replace(model.cfg, n_classes=n_classes))
+    state = bigger.state_dict()
     with torch.no_grad():
-        bigger.head.weight[:old] = head_w
-        bigger.head.bias[:old] = head_b
+        for key, value in model.state_dict().items():
+            target = state[key]
+            if target.shape == value.shape:
+                target.copy_(value)
+            elif target.shape[1:] == value.shape[1:] and (target.shape[0], value.shape[0]) == (
+                n_classes,
+                old,
+            ):
+                target[:old] = value  # an output layer: the old classes' rows
+            else:
+                raise ValueError(
+                    f"{key}: cannot grow {tuple(value.shape)} to {tuple(target.shape)}"
+                )
+    bigger.load_state_dict(state)
     return bigger
 
 

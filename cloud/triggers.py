@@ -83,7 +83,9 @@ def check(
             select(func.count())
             .select_from(Label)
             .join(Sample, Sample.id == Label.sample_id)
-            .where(Sample.fleet == fleet, newer)
+            # A teacher's pseudo-labels are written by rounds themselves: never a reason
+            # for another one.
+            .where(Sample.fleet == fleet, newer, Label.source != "teacher")
         )
         or 0
     )
