@@ -8,7 +8,8 @@ An initial model learns normal operation and a base set of faults from a large h
 has never seen (labelled uploads), which then join the history. Per round, three models
 start from where they were:
   ours   the previous model, head extended to the new class, fine-tuned on the round's new
-         windows plus a class-balanced replay buffer drawn from the history
+         windows plus the class-balanced reservoir of the history (cloud.replay, as rounds
+         use it)
   naive  the same, fine-tuned on the new windows only
   full   a fresh model trained from scratch on the whole history plus the new windows
 Measured on the frozen golden set: recall of the new fault, macro-F1 of the old classes
@@ -45,6 +46,7 @@ def main() -> None:
     import torch
 
     from cloud.metrics import classification_metrics
+    from cloud.replay import ReplayBuffer
     from cloud.training import ModelConfig, TrainConfig, build_model, extend_classes, predict
     from cloud.training import train as fit
     from sim.tep import generate, golden_set
@@ -64,7 +66,6 @@ def main() -> None:
         for i, f in enumerate(NEW)
     }
     golden = golden_set(classes=classes, runs_per_class=2, cache_dir=cache, workers=2)
-    rng = np.random.default_rng(0)
     init_cfg = TrainConfig(epochs=30, lr=3e-3)
     tune_cfg = TrainConfig(epochs=30, lr=3e-3)
 
@@ -84,13 +85,15 @@ def main() -> None:
         out = fn()
         return out, time.perf_counter() - t0
 
-    def replay(x, y, per_class):
-        keep = []
-        for c in np.unique(y):
-            idx = np.flatnonzero(y == c)
-            keep.extend(rng.choice(idx, size=min(per_class, len(idx)), replace=False))
-        keep = np.sort(np.array(keep))
-        return x[keep], y[keep]
+    # The product's replay buffer (cloud.replay): a class-balanced reservoir over history,
+    # each window keyed by its position in the growing history.
+    buffer = ReplayBuffer(per_class=args.replay_per_class).offer_all(
+        (str(i), str(c)) for i, c in enumerate(hy)
+    )
+
+    def replay():
+        keep = np.array(sorted(int(k) for k, _ in buffer.windows()))
+        return hx[keep], hy[keep]
 
     print("initial model …", file=sys.stderr)
     names = list(BASE)
@@ -106,7 +109,7 @@ def main() -> None:
         before_naive = f1_on(naive, old_names, old_names)
 
         # ours: extend, fine-tune on new + class-balanced replay of the history
-        rx, ry = replay(hx, hy, args.replay_per_class)
+        rx, ry = replay()
         ours = extend_classes(copy.deepcopy(ours), len(names))
         _, t_ours = timed(
             lambda o=ours, rx=rx, ry=ry, nx=nx, ny=ny: fit(
@@ -146,6 +149,7 @@ def main() -> None:
         }
         rounds.append(row)
         print(json.dumps(row), file=sys.stderr)
+        buffer.offer_all((str(len(hx) + i), str(c)) for i, c in enumerate(ny))
         hx, hy = ax, ay  # the round's windows join the history
 
     last = rounds[-1]

@@ -405,8 +405,8 @@ def retrain(
                 if resume is not None
                 else s.scalar(select(Round).where(Round.task_id == result.id))
             )
-            if row is None:
-                return "queued"
+            if row is None or (resume is not None and row.state == "failed"):
+                return "queued"  # not yet picked up by a worker
             info = (row.stages or {}).get(row.state, {})
             return f"round {row.id} {row.version}: {row.state} {info.get('progress', '')}".rstrip()
 

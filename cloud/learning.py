@@ -327,7 +327,7 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> di
     fit = [u for u in new if u.sample_id not in held_ids]
 
     buffer = _load_buffer(svc.store, st.fleet, st.profile, parent) or _base_buffer(base, cfg)
-    replay = buffer.keys()
+    replay = buffer.windows()
     say(
         f"training {st.version} from {parent}: {len(fit)} new window(s) "
         f"({len(hold)} held out), {len(replay)} replayed, classes +{new_classes or '[]'}"
@@ -724,15 +724,9 @@ def stage_register(svc: Services, st: RoundState, say: Callable[[str], None]) ->
     else:
         package = svc.store.get(packaged["package_key"])
         metrics = dict(evaluated["metrics"])
-        if packaged["compression"]:
-            comp = packaged["compression"]
-            metrics.update(
-                {
-                    f"teacher_{k}": v
-                    for k, v in comp["teacher"].items()
-                    if isinstance(v, int | float) and v is not None
-                }
-            )
+        for k, v in (packaged["compression"] or {}).items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                metrics[f"compression_{k}"] = v  # teacher → edge: sizes, speed-up, F1
         run_id = svc.registry.log_training_run(
             run_name=f"{st.fleet}-{st.profile}-{st.version}",
             params={

@@ -38,9 +38,9 @@ class ReplayBuffer:
 
     def offer(self, key: str, label: str) -> None:
         held = self.items.setdefault(label, [])
-        self.seen[label] = self.seen.get(label, 0) + 1
         if any(k == key for _, k in held):
-            return
+            return  # offered before: already counted
+        self.seen[label] = self.seen.get(label, 0) + 1
         p = priority(key, self.seed)
         if len(held) < self.per_class:
             held.append((p, key))
@@ -55,7 +55,7 @@ class ReplayBuffer:
             self.offer(key, label)
         return self
 
-    def keys(self) -> list[tuple[str, str]]:
+    def windows(self) -> list[tuple[str, str]]:
         """(key, class) of every window in the buffer, class by class."""
         return [(k, c) for c in sorted(self.items) for _, k in self.items[c]]
 

@@ -14,15 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 from sqlalchemy import select
 
-from cloud.datasets import LabelledWindows, register_dataset
+from cloud.datasets import LabelledWindows, dataset_key, register_dataset
 from cloud.db import Label, ModelVersion, Round, Sample, session_factory
 from cloud.ingest import content_sha256, npy_bytes, register_device
-from cloud.learning import RoundConfig, load_checkpoint, run_round, train_initial
+from cloud.learning import RoundConfig, load_checkpoint, replay_key, run_round, train_initial
 from cloud.registry import Registry, model_name
+from cloud.replay import ReplayBuffer
 from cloud.training import TrainConfig
+from cloud.triggers import TriggerPolicy, check
 from shared.package import ModelPackage
 from sim.tep import generate
 
@@ -42,8 +45,40 @@ def labelled(w):
     return LabelledWindows(w.x, np.array(w.class_names)[w.y])
 
 
-@pytest.fixture
-def fleet_with_uploads(pg_url, s3_store, mlflow_uri, fleet, tep_small):
+def add_uploads(sessions, store, fleet, windows, label, *, first=0, device="d1"):
+    """Windows stored and recorded as ingest stores them; labelled by the device if
+    ``label`` is given. Returns their sample ids."""
+    ids = []
+    with sessions() as s:
+        for i, w in enumerate(windows, start=first):
+            sha = content_sha256(w)
+            store.put(f"windows/{sha}.npy", npy_bytes(w))
+            sid = f"00000000-0000-4000-8000-{i:012d}"
+            s.add(
+                Sample(
+                    id=sid,
+                    device_id=device,
+                    fleet=fleet,
+                    content_sha256=sha,
+                    object_key=f"windows/{sha}.npy",
+                    dtype="float32",
+                    shape=list(w.shape),
+                    captured_at=datetime.now(UTC),
+                    model_version="v1",
+                    predicted="normal",
+                    confidence=0.5,
+                    score=0.0,
+                )
+            )
+            s.flush()
+            if label is not None:
+                s.add(Label(sample_id=sid, label=label, source="device"))
+            ids.append(sid)
+        s.commit()
+    return ids
+
+
+def seed_fleet(pg_url, store, mlflow_uri, fleet, tep_small, cfg):
     """Base and golden sets registered, an initial model, and labelled uploads of a fault
     the model has never seen (as ingest would have stored them)."""
     train, golden = tep_small
@@ -53,42 +88,25 @@ def fleet_with_uploads(pg_url, s3_store, mlflow_uri, fleet, tep_small):
     new_golden = generate(
         classes=["idv_06"], runs_per_class=1, seed=99, horizon_h=4.0, cache_dir=TEP_CACHE
     )
-    register_dataset(store=s3_store, name="base", data=labelled(train))
+    register_dataset(store=store, name="base", data=labelled(train))
     gold = LabelledWindows(
         np.concatenate([golden.x, new_golden.x]),
         np.concatenate([labelled(golden).labels, np.array(["idv_06"] * len(new_golden))]),
     )
-    register_dataset(store=s3_store, name="golden", data=gold)
+    register_dataset(store=store, name="golden", data=gold)
     sessions = session_factory(pg_url)
     registry = Registry(mlflow_uri, experiment=f"edgeloop-{fleet}")
-    cfg = RoundConfig(fleet=fleet, train=TrainConfig(epochs=15, lr=2e-3))
-    first = train_initial(sessions=sessions, store=s3_store, registry=registry, cfg=cfg)
+    first = train_initial(sessions=sessions, store=store, registry=registry, cfg=cfg)
     with sessions() as s:
-        register_device(session=s, device_id="d1", fleet=fleet, profile="cpu-fp32")
-        for i, w in enumerate(new.x):
-            sha = content_sha256(w)
-            s3_store.put(f"windows/{sha}.npy", npy_bytes(w))
-            sid = f"00000000-0000-4000-8000-{i:012d}"
-            s.add(
-                Sample(
-                    id=sid,
-                    device_id="d1",
-                    fleet=fleet,
-                    content_sha256=sha,
-                    object_key=f"windows/{sha}.npy",
-                    dtype="float32",
-                    shape=[32, 53],
-                    captured_at=datetime.now(UTC),
-                    model_version="v1",
-                    predicted="normal",
-                    confidence=0.5,
-                    score=0.0,
-                )
-            )
-            s.flush()
-            s.add(Label(sample_id=sid, label="idv_06", source="device"))
-        s.commit()
-    return sessions, s3_store, registry, cfg, first
+        register_device(session=s, device_id="d1", fleet=fleet, profile=cfg.profile)
+    add_uploads(sessions, store, fleet, new.x, "idv_06")
+    return sessions, store, registry, cfg, first
+
+
+@pytest.fixture
+def fleet_with_uploads(pg_url, s3_store, mlflow_uri, fleet, tep_small):
+    cfg = RoundConfig(fleet=fleet, train=TrainConfig(epochs=15, lr=2e-3))
+    return seed_fleet(pg_url, s3_store, mlflow_uri, fleet, tep_small, cfg)
 
 
 def test_round_registers_gated_version_with_lineage(
@@ -173,6 +191,111 @@ def test_mislabelled_round_is_stopped_by_the_gate(fleet_with_uploads, mlflow_uri
     cfg.holdout_fraction = 0.25
     again = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
     assert (again.version, again.parent, again.promoted) == ("v3", "v1", True)
+
+
+def _train_output(sessions, fleet, version):
+    with sessions() as s:
+        row = s.scalar(select(Round).where(Round.fleet == fleet, Round.version == version))
+        return row.stages["train"]["output"]
+
+
+def test_round_pseudo_labels_above_the_bar_and_replays_a_reservoir(
+    fleet_with_uploads, fleet, tep_small
+):
+    """Unlabelled uploads of classes the teacher knows: those it is sure of get its label
+    (source teacher, with its confidence) and are learnt from, and the triggers do not count
+    them as new. The round replays its parent's class-balanced reservoir; its own reservoir
+    is the parent's plus what it learnt, at most replay_per_class windows a class."""
+    sessions, store, registry, cfg, first = fleet_with_uploads
+    extra = generate(
+        classes=["normal", "idv_01"], runs_per_class=1, seed=7, horizon_h=4.0, cache_dir=TEP_CACHE
+    )
+    ids = add_uploads(sessions, store, fleet, extra.x, None, first=10_000)
+    truth = dict(zip(ids, np.array(extra.class_names)[extra.y], strict=True))
+    cfg.pseudo_label_min_confidence = 0.9
+
+    result = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
+
+    with sessions() as s:
+        by_teacher = s.scalars(select(Label).where(Label.source == "teacher")).all()
+        due = check(
+            session=s,
+            fleet=fleet,
+            profile=cfg.profile,
+            policy=TriggerPolicy(min_new_labels=1, anomaly_rate_jump=1.0, max_age_h=None),
+            now=datetime.now(UTC),
+        )
+    assert result.promoted, result.gates
+    teacher, _ = load_checkpoint(store, f"checkpoints/{fleet}/cpu-fp32/v1.safetensors")
+    with torch.no_grad():
+        sure = torch.softmax(teacher(torch.as_tensor(extra.x)), 1).max(1).values.numpy() >= 0.9
+    # Exactly the windows the teacher is sure of, and some of them.
+    assert {lab.sample_id for lab in by_teacher} == set(np.array(ids)[sure]) and sure.any()
+    assert all(lab.confidence >= 0.9 for lab in by_teacher)
+    agree = np.mean([lab.label == truth[lab.sample_id] for lab in by_teacher])
+    assert agree >= 0.9, agree
+    trained = _train_output(sessions, fleet, "v2")
+    assert trained["lineage"]["pseudo_labelled"] == len(by_teacher)
+    assert trained["lineage"]["labels_by_source"]["teacher"] == len(by_teacher)
+    assert {lab.sample_id for lab in by_teacher} <= set(trained["fit"])  # never held out
+    assert due.new_labels == 0 and not due.reasons
+
+    parent = ReplayBuffer.from_json(store.get(replay_key(fleet, cfg.profile, "v1")))
+    mine = ReplayBuffer.from_json(store.get(replay_key(fleet, cfg.profile, "v2")))
+    assert [tuple(p) for p in trained["replay"]] == parent.windows()
+    assert {c: len(v) for c, v in parent.items.items()} == {
+        c: min(cfg.replay_per_class, n) for c, n in parent.seen.items()
+    }
+    learnt = dict(zip(trained["fit"], _labels(sessions, trained["fit"]), strict=True))
+    expected = parent.copy().offer_all((f"sample:{i}", c) for i, c in learnt.items())
+    assert mine.windows() == expected.windows()
+    assert all(len(v) <= cfg.replay_per_class for v in mine.items.values())
+    assert "idv_06" in mine.items and mine.seen["idv_06"] == sum(
+        c == "idv_06" for c in learnt.values()
+    )
+
+
+def _labels(sessions, ids):
+    with sessions() as s:
+        best = {}
+        for lab in s.scalars(select(Label).where(Label.sample_id.in_(ids))):
+            if lab.sample_id not in best or lab.source != "teacher":
+                best[lab.sample_id] = lab.label
+    return [best[i] for i in ids]
+
+
+def test_round_recompresses_a_transformer_teacher_for_its_profile(
+    pg_url, s3_store, mlflow_uri, fleet, tep_small
+):
+    """A fleet of rpi4-int8 devices with a PatchTST teacher: each round's recompress stage
+    runs the compression pipeline, and the gates judge the INT8 package it made."""
+    cfg = RoundConfig(
+        fleet=fleet,
+        profile="rpi4-int8",
+        train=TrainConfig(epochs=15, lr=2e-3),
+        distill_epochs=10,
+        teacher={"backbone": "patchtst", "d_model": 32, "layers": 2, "heads": 2, "ffn": 64},
+    )
+    sessions, store, registry, cfg, first = seed_fleet(
+        pg_url, s3_store, mlflow_uri, fleet, tep_small, cfg
+    )
+    result = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
+
+    with sessions() as s:
+        row = s.scalar(select(Round).where(Round.fleet == fleet, Round.version == "v2"))
+        comp = row.stages["recompress"]["output"]["compression"]
+    pkg = ModelPackage(result.package)
+    assert pkg.manifest.profile == "rpi4-int8" and pkg.manifest.parent == "v1"
+    quant = pkg.manifest.metadata["compression"]["quantization"]
+    assert quant and {scheme for _, _, scheme in quant} == {"int8"}
+    assert comp["kept_layers"] and comp["edge_bytes"] == len(result.package)
+    assert result.gates["passed"], result.gates
+    assert result.gates["holdout_new_recall"]["idv_06"] >= 0.9
+    model, classes = load_checkpoint(store, f"checkpoints/{fleet}/rpi4-int8/v2.safetensors")
+    assert type(model).__name__ == "SensorTransformer" and classes == result.class_names
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    v2 = client.get_model_version_by_alias(model_name(fleet, "rpi4-int8"), "champion")
+    assert v2.tags["profile"] == "rpi4-int8" and v2.tags["sha256"] == pkg.sha256
 
 
 def _celery_env(pg_url, store, mlflow_uri, fleet, **extra):
@@ -365,3 +488,47 @@ def test_worker_killed_mid_round_finishes_it_once(
     client = MlflowClient(tracking_uri=mlflow_uri)
     registered = client.search_model_versions(f"name = '{model_name(fleet, 'cpu-fp32')}'")
     assert sorted(v.tags["edgeloop_version"] for v in registered) == ["v1", "v2"]
+
+
+def test_a_failed_stage_is_resumed_where_it_stopped(
+    fleet_with_uploads, pg_url, mlflow_uri, fleet, tmp_path
+):
+    """The round runs as a chain of stage tasks on a worker. With the golden set gone it
+    fails at evaluate: `edgeloop cloud rounds` shows train and recompress done and the
+    error. With the golden set back, `edgeloop retrain --resume` runs evaluate and register
+    only, and follows the round to its new version."""
+    require("Redis", REDIS_PORT)
+    sessions, store, _, _, _ = fleet_with_uploads
+    golden = store.get(dataset_key("golden"))
+    store.delete(dataset_key("golden"))
+    env = _celery_env(pg_url, store, mlflow_uri, fleet)
+    worker = _worker(fleet, env, tmp_path / "worker.log")
+
+    def edgeloop(*args):
+        out = subprocess.run(
+            [sys.executable, "-c", "from shared.cli import main; main()", *args],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        return out.returncode, out.stdout + out.stderr
+
+    try:
+        rc, failed = edgeloop("retrain", "--fleet", fleet)
+        rc_list, listing = edgeloop("cloud", "rounds", "--fleet", fleet)
+        store.put(dataset_key("golden"), golden)
+        with sessions() as s:
+            row = s.scalars(select(Round).where(Round.fleet == fleet).order_by(Round.id.desc()))
+            round_id = row.first().id
+        rc_resume, resumed = edgeloop("retrain", "--fleet", fleet, "--resume", str(round_id))
+    finally:
+        _stop(worker)
+
+    assert rc == 1 and "round failed" in failed and "--resume" in failed, failed
+    assert rc_list == 0 and "train✓×1" in listing and "recompress✓×1" in listing, listing
+    assert "evaluate✗×1" in listing and "error in evaluate" in listing, listing
+    assert rc_resume == 0 and "v2 (parent v1" in resumed and "promoted" in resumed, resumed
+    with sessions() as s:
+        row = s.get(Round, round_id)
+        attempts = {k: v["attempts"] for k, v in row.stages.items()}
+    assert row.state == "done" and row.version == "v2"
+    assert attempts == {"train": 1, "recompress": 1, "evaluate": 2, "register": 1}
+    assert _versions(sessions) == ["v1", "v2"]
