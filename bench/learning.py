@@ -32,7 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 BASE = ["normal", "idv_01", "idv_02", "idv_04", "idv_05"]
-NEW = ["idv_06", "idv_10", "idv_11", "idv_14"]
+# Faults a 19-minute window can tell from normal operation. Fault 10 cannot reliably be
+# (measured: 67–72% recall for full retraining of the CNN, 39% for extra-trees on window
+# statistics): run it with --faults idv_06,idv_10,idv_11,idv_14 (docs/benchmarks.md).
+NEW = ["idv_06", "idv_07", "idv_11", "idv_14"]
 
 
 def main() -> None:
@@ -41,7 +44,13 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a smaller history (<5 min)")
     parser.add_argument("--replay-per-class", type=int, default=60)
+    parser.add_argument(
+        "--faults",
+        default=",".join(NEW),
+        help="the new faults, one a round, in order (default: %(default)s)",
+    )
     args = parser.parse_args()
+    new_faults = args.faults.split(",")
 
     import torch
 
@@ -53,7 +62,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     cache = ROOT / ".edgeloop" / "bench-cache"
-    classes = BASE + NEW
+    classes = BASE + new_faults
     history_runs = 8 if args.quick else 16
     print(f"simulating the history ({history_runs} episodes per base class) …", file=sys.stderr)
     hist = generate(
@@ -63,7 +72,7 @@ def main() -> None:
     hx, hy = hist.x, hist.y  # indices into BASE == indices into classes (same prefix)
     new_sets = {
         f: generate(classes=[f], runs_per_class=2, seed=20 + i, horizon_h=6.0, cache_dir=cache)
-        for i, f in enumerate(NEW)
+        for i, f in enumerate(new_faults)
     }
     golden = golden_set(classes=classes, runs_per_class=2, cache_dir=cache, workers=2)
     init_cfg = TrainConfig(epochs=30, lr=3e-3)
@@ -101,7 +110,7 @@ def main() -> None:
     _, t_init = timed(lambda: fit(initial, hx, hy, init_cfg))
     ours, naive = initial, copy.deepcopy(initial)
     rounds = []
-    for fault in NEW:
+    for fault in new_faults:
         new = new_sets[fault]
         nx, ny = new.x, np.full(len(new.x), classes.index(fault))
         old_names, names = list(names), names + [fault]
