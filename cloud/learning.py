@@ -814,32 +814,11 @@ def run_round(
     registry: Registry,
     cfg: RoundConfig,
     progress: Callable[[str], None] | None = None,
+    initial: bool = False,
 ) -> RoundResult:
     """One round with every stage in this process (the demo, which has no Celery worker):
-    the same stages and bookkeeping as the Celery chain."""
-    return _run_here(sessions, store, registry, cfg, "manual (in process)", progress)
-
-
-def train_initial(
-    *,
-    sessions: sessionmaker,
-    store: ObjectStore,
-    registry: Registry,
-    cfg: RoundConfig,
-    progress: Callable[[str], None] | None = None,
-) -> RoundResult:
-    """Round 0: a model for the base data set's classes, registered as champion."""
-    return _run_here(sessions, store, registry, cfg, "initial", progress)
-
-
-def _run_here(
-    sessions: sessionmaker,
-    store: ObjectStore,
-    registry: Registry,
-    cfg: RoundConfig,
-    reason: str,
-    progress: Callable[[str], None] | None,
-) -> RoundResult:
+    the same stages and bookkeeping as the Celery chain. ``initial``: round 0, a model for
+    the base data set's classes (train_initial)."""
     import uuid
 
     from cloud import rounds
@@ -851,10 +830,9 @@ def _run_here(
         task_id=f"local-{uuid.uuid4()}",
         fleet=cfg.fleet,
         profile=cfg.profile,
-        reason=reason,
+        reason="initial" if initial else "manual (in process)",
         config=cfg.to_dict(),
     )
-    assert row is not None
     for stage in STAGES:
         rounds.run_stage(svc, row.id, stage, say=progress)
     st = rounds.state_of(sessions, row.id)
@@ -871,3 +849,9 @@ def _run_here(
         mlflow_version=out["mlflow_version"],
         seconds=time.perf_counter() - t0,
     )
+
+
+def train_initial(**kwargs: Any) -> RoundResult:
+    """Round 0: a model for the base data set's classes, registered as champion (the
+    arguments of run_round)."""
+    return run_round(**kwargs, initial=True)

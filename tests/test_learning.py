@@ -18,10 +18,18 @@ import torch
 from mlflow import MlflowClient
 from sqlalchemy import select
 
+from cloud import rounds
 from cloud.datasets import LabelledWindows, dataset_key, register_dataset
 from cloud.db import Label, ModelVersion, Round, Sample, session_factory
 from cloud.ingest import content_sha256, npy_bytes, register_device
-from cloud.learning import RoundConfig, load_checkpoint, replay_key, run_round, train_initial
+from cloud.learning import (
+    RoundConfig,
+    Services,
+    load_checkpoint,
+    replay_key,
+    run_round,
+    train_initial,
+)
 from cloud.registry import Registry, model_name
 from cloud.replay import ReplayBuffer
 from cloud.training import TrainConfig
@@ -296,6 +304,35 @@ def test_round_recompresses_a_transformer_teacher_for_its_profile(
     client = MlflowClient(tracking_uri=mlflow_uri)
     v2 = client.get_model_version_by_alias(model_name(fleet, "rpi4-int8"), "champion")
     assert v2.tags["profile"] == "rpi4-int8" and v2.tags["sha256"] == pkg.sha256
+
+
+def test_register_after_a_crash_past_mlflow_records_without_registering_again(
+    fleet_with_uploads, mlflow_uri, fleet
+):
+    """A worker that died after MLflow registered v2 but before v2 was recorded here: the
+    register stage, run again, finds v2 in the registry by its tags and only records it;
+    MLflow keeps one v2."""
+    sessions, store, registry, cfg, first = fleet_with_uploads
+    result = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
+    with sessions() as s:  # the state such a crash leaves: registered, not recorded
+        s.delete(s.scalar(select(ModelVersion).where(ModelVersion.version == "v2")))
+        row = s.scalar(select(Round).where(Round.fleet == fleet, Round.version == "v2"))
+        row.stages = {**row.stages, "register": {"attempts": 1}}
+        row.state = "register"
+        s.commit()
+        round_id = row.id
+
+    out = rounds.run_stage(Services(sessions, store, registry), round_id, "register")
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    registered = client.search_model_versions(f"name = '{model_name(fleet, 'cpu-fp32')}'")
+    assert sorted(v.tags["edgeloop_version"] for v in registered) == ["v1", "v2"]
+    assert out == {"mlflow_version": result.mlflow_version, "promoted": True}
+    with sessions() as s:
+        v2 = s.scalar(select(ModelVersion).where(ModelVersion.version == "v2"))
+        row = s.get(Round, round_id)
+    assert v2.sha256 == ModelPackage(result.package).sha256 and v2.gates["passed"]
+    assert row.state == "done" and row.stages["register"]["attempts"] == 2
 
 
 def _celery_env(pg_url, store, mlflow_uri, fleet, **extra):
