@@ -107,6 +107,51 @@ def test_timestamps_from_a_broken_clock_are_dead_lettered(pg_url, s3_store, flee
         assert s.scalar(select(func.count()).select_from(Sample)) == 0
 
 
+def test_a_sample_another_ingest_stored_first_is_acked_once_and_the_rest_lands(
+    pg_url, s3_store, fleet, tep_small
+):
+    """Two ingests on one shared subscription can hold the same redelivered message: B
+    stores it between A's duplicate check and A's bulk write. A's write then fails on the
+    id; A stores the rest one by one and acks that one as a duplicate. Every window is
+    stored once, readable, with its own content hash."""
+    from sqlalchemy import event
+
+    from cloud.ingest import content_sha256, load_window
+
+    sessions_a, sessions_b = session_factory(pg_url), session_factory(pg_url)
+    with sessions_a() as s:
+        register_device(session=s, device_id="d1", fleet=fleet, profile="cpu-fp32")
+    a = Ingestor(sessions=sessions_a, store=s3_store)
+    b = Ingestor(sessions=sessions_b, store=s3_store)
+    train, _ = tep_small
+    items = [
+        (topic(fleet, "d1", "samples"), sample_message(fleet, w).encode()) for w in train.x[:6]
+    ]
+    engine = sessions_a.kw["bind"]
+    raced = []
+
+    def b_stores_one_first(conn, cursor, statement, params, context, executemany):
+        # A has checked which ids are new and now looks up content hashes: B wins here.
+        if "content_sha256" in statement and not raced:
+            raced.append(b.handle(*items[2]))
+
+    event.listen(engine, "before_cursor_execute", b_stores_one_first)
+    try:
+        receipts = a.handle_batch(items)
+    finally:
+        event.remove(engine, "before_cursor_execute", b_stores_one_first)
+
+    assert raced and raced[0].status == "stored"
+    assert [r.status for r in receipts] == ["stored"] * 2 + ["duplicate"] + ["stored"] * 3
+    assert stored(sessions_a) == (6, 6)
+    with sessions_a() as s:
+        rows = s.scalars(select(Sample).order_by(Sample.captured_at)).all()
+    for row in rows:
+        window = load_window(s3_store, row.object_key, row.object_index)
+        assert content_sha256(window) == row.content_sha256
+    assert sorted(r.content_sha256 for r in rows) == sorted(content_sha256(w) for w in train.x[:6])
+
+
 # -- fuzz: whatever arrives, the ingest dead-letters it with a reason and goes on ----------
 
 VALID = {
