@@ -30,6 +30,7 @@ from cloud.learning import (
     run_round,
     train_initial,
 )
+from cloud.quantization import inspect_schemes
 from cloud.registry import Registry, model_name
 from cloud.replay import ReplayBuffer
 from cloud.training import TrainConfig
@@ -296,6 +297,9 @@ def test_round_recompresses_a_transformer_teacher_for_its_profile(
     assert pkg.manifest.profile == "rpi4-int8" and pkg.manifest.parent == "v1"
     quant = pkg.manifest.metadata["compression"]["quantization"]
     assert quant and {scheme for _, _, scheme in quant} == {"int8"}
+    # What the manifest says each weight got, read back from the packaged graph's bytes
+    # (after the packaging renamed the graph's other tensors).
+    assert inspect_schemes(pkg.graph, [w for _, w, _ in quant]) == {w: q for _, w, q in quant}
     assert comp["kept_layers"] and comp["edge_bytes"] == len(result.package)
     assert result.gates["passed"], result.gates
     assert result.gates["holdout_new_recall"]["idv_06"] >= 0.9
