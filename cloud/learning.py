@@ -90,7 +90,10 @@ class RoundConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RoundConfig:
-        return cls(**{**raw, "train": TrainConfig(**raw["train"])})
+        raw = dict(raw)  # a row written before settings were kept has none: defaults
+        if "train" in raw:
+            raw["train"] = TrainConfig(**raw["train"])
+        return cls(**raw)
 
 
 @dataclass
