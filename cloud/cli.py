@@ -352,7 +352,7 @@ def beat(loglevel: str = typer.Option("INFO")) -> None:
 
 
 def retrain(
-    fleet: str = typer.Option(..., help="The fleet whose model to retrain."),
+    fleet: str | None = typer.Option(None, help="The fleet whose model to retrain."),
     profile: str = typer.Option("cpu-fp32", help="The hardware profile's model."),
     resume: int | None = typer.Option(
         None,
@@ -375,6 +375,9 @@ def retrain(
     from cloud.tasks import resume_round
     from cloud.tasks import retrain as retrain_task
 
+    if fleet is None and resume is None:
+        typer.secho("error: give --fleet F (a new round) or --resume N", fg="red", err=True)
+        raise typer.Exit(2)
     settings = get_settings()
     url = settings.redis_url
     try:
@@ -396,7 +399,8 @@ def retrain(
     except Exception as exc:  # kombu raises its own OperationalError family
         typer.secho(f"error: cannot reach the Celery broker: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
-    typer.echo(f"task {result.id} queued for {fleet}/{profile}; waiting for a worker …")
+    what = f"round {resume}" if resume is not None else f"a round for {fleet}/{profile}"
+    typer.echo(f"task {result.id} queued: {what}; waiting for a worker …")
 
     def where() -> str:
         with sessions() as s:
@@ -425,7 +429,7 @@ def retrain(
                 raise typer.Exit(1) from None
     if result.failed():
         typer.secho(
-            f"round failed: {out!r}. `edgeloop cloud rounds --fleet {fleet}` shows the stage "
+            f"round failed: {out!r}. `edgeloop cloud rounds` shows the stage "
             "and its error; fix the cause and run this again with --resume ROUND.",
             fg="red",
             err=True,

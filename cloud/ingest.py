@@ -18,6 +18,8 @@ from typing import NamedTuple
 import numpy as np
 import paho.mqtt.client as mqtt
 from psycopg import IntegrityError as PgIntegrityError
+from psycopg import InterfaceError as PgInterfaceError
+from psycopg import OperationalError as PgOperationalError
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -166,6 +168,9 @@ class Ingestor:
         self.expected_window = expected_window
         self.counters = IngestCounters()
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-store")
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
 
     def warm_up(self) -> None:
         """Open the database and object store connections before the first message, so the
@@ -356,6 +361,11 @@ class Ingestor:
         """Device labels: only for the device's own samples. Samples not here yet: no ack,
         the device resends; still missing after LABEL_PATIENCE: dead-lettered (a sample
         that was rejected or evicted will never come)."""
+        if msg.source == "teacher":
+            raise MessageError(
+                "a device may label as device or operator; teacher labels come from the cloud",
+                reason="bad_source",
+            )
         ids = [str(i) for i in msg.sample_ids]
         owners = dict(
             session.execute(select(Sample.id, Sample.device_id).where(Sample.id.in_(ids))).all()
@@ -457,12 +467,16 @@ def _insert_samples(session: Session, rows: list[dict]) -> None:
     columns = list(rows[0])
     as_json = {"shape", "reasons"}
     raw = conn.connection.driver_connection
-    with (
-        raw.cursor() as cursor,  # type: ignore[union-attr]
-        cursor.copy(f"COPY samples ({', '.join(columns)}) FROM STDIN") as copy,
-    ):
-        for row in rows:
-            copy.write_row([json.dumps(row[c]) if c in as_json else row[c] for c in columns])
+    try:
+        with (
+            raw.cursor() as cursor,  # type: ignore[union-attr]
+            cursor.copy(f"COPY samples ({', '.join(columns)}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row([json.dumps(row[c]) if c in as_json else row[c] for c in columns])
+    except (PgOperationalError, PgInterfaceError) as exc:
+        conn.invalidate(exc)  # the pool must not hand this connection out again
+        raise
 
 
 def _peek_message_id(payload: bytes) -> uuid.UUID | None:
@@ -474,7 +488,14 @@ def _peek_message_id(payload: bytes) -> uuid.UUID | None:
 
 
 # Outages (retry until they pass) as opposed to failures caused by a message's content.
-TRANSIENT = (OperationalError, InterfaceError, StorageError, OSError)
+TRANSIENT = (
+    OperationalError,
+    InterfaceError,
+    PgOperationalError,  # COPY runs on the driver's connection, unwrapped by SQLAlchemy
+    PgInterfaceError,
+    StorageError,
+    OSError,
+)
 
 
 class _Stopping(Exception):
@@ -547,6 +568,7 @@ class IngestService:
             worker.join(timeout=30)
         self.client.disconnect()
         self.client.loop_stop()
+        self.ingestor.close()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         client.subscribe([(s, 1) for s in self.subscriptions])

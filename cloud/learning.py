@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from sqlalchemy import exists, func, select
+from sqlalchemy import exists, func, select, text
 from sqlalchemy.orm import sessionmaker
 from torch import nn
 
@@ -292,6 +292,19 @@ def next_version(*, sessions: sessionmaker, fleet: str, profile: str) -> str:
     return f"v{n + 1}"
 
 
+def label_watermark(sessions: sessionmaker) -> int:
+    """The highest label id such that every label up to it is committed: what a round
+    learns from, and where the triggers start counting new labels. On PostgreSQL, ids are
+    handed out before commit, so a lower id can still be in flight when a higher one is
+    visible; a SHARE lock on the table waits for the writers that hold one."""
+    with sessions() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("LOCK TABLE labels IN SHARE MODE"))
+        watermark = session.scalar(select(func.max(Label.id))) or 0
+        session.commit()  # releases the lock
+    return int(watermark)
+
+
 # -- stage 1: train ---------------------------------------------------------------------------
 
 
@@ -304,16 +317,16 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> di
     if parent_row is None:
         raise DataError(f"fleet {st.fleet} has no promoted model yet; train the initial one first")
     parent = parent_row.version
+    _same_base(svc.sessions, st, parent, base)
     teacher, old_classes = load_checkpoint(svc.store, checkpoint_key(st.fleet, st.profile, parent))
     pseudo = 0
     if cfg.pseudo_label_min_confidence is not None:
         pseudo = pseudo_label(
             svc, st.fleet, teacher, old_classes, cfg.pseudo_label_min_confidence, say
         )
-    with svc.sessions() as session:
-        # Labels up to this id are what this round learns from; the triggers count what
-        # arrives after it (also while the round trains) as new.
-        watermark = session.scalar(select(func.max(Label.id))) or 0
+    # Labels up to this id are what this round learns from; the triggers count what
+    # arrives after it (also while the round trains) as new.
+    watermark = label_watermark(svc.sessions)
     since = int((parent_row.gates or {}).get("label_watermark") or 0)
     new = [
         u
@@ -359,8 +372,10 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> di
         "label_watermark": watermark,
         "history": history,
         "samples_used": len(x),
-        "fit": [u.sample_id for u in fit],
-        "holdout": [u.sample_id for u in hold],
+        # (sample id, the label learnt): later stages read these, never the labels
+        # table, which may have changed since
+        "fit": [[u.sample_id, u.label] for u in fit],
+        "holdout": [[u.sample_id, u.label] for u in hold],
         "replay": [list(p) for p in replay],
         "lineage": {
             "parent": parent,
@@ -435,37 +450,72 @@ def pseudo_label(
     class_names: list[str],
     min_confidence: float,
     say: Callable[[str], None],
+    *,
+    limit: int = 20_000,
+    batch: int = 512,
 ) -> int:
     """Label the fleet's unlabelled uploads that ``teacher`` is at least ``min_confidence``
-    sure of (softmax probability), as source ``teacher`` with that confidence."""
+    sure of (softmax probability), as source ``teacher`` with that confidence: the newest
+    ``limit`` of them, scored ``batch`` at a time. Pseudo-labels are the fleet's: a window
+    another profile's teacher labelled first keeps that label."""
     import torch
+    from sqlalchemy.dialects import postgresql, sqlite
 
     with svc.sessions() as session:
         ids = session.scalars(
             select(Sample.id)
             .where(Sample.fleet == fleet, ~exists().where(Label.sample_id == Sample.id))
-            .order_by(Sample.id)
+            .order_by(Sample.received_at.desc(), Sample.id)
+            .limit(limit)
         ).all()
-    if not ids:
-        return 0
-    x = load_samples(sessions=svc.sessions, store=svc.store, ids=list(ids))
+        dialect = session.get_bind().dialect.name
     teacher.eval()
-    with torch.no_grad():
-        prob = torch.softmax(teacher(torch.as_tensor(x)), dim=1).numpy()
-    sure = np.flatnonzero(prob.max(1) >= min_confidence)
-    with svc.sessions() as session:
-        for i in sure:
-            session.add(
-                Label(
-                    sample_id=ids[i],
-                    label=class_names[int(prob[i].argmax())],
-                    source="teacher",
-                    confidence=float(prob[i].max()),
-                )
+    rows = []
+    for start in range(0, len(ids), batch):
+        chunk = list(ids[start : start + batch])
+        x = load_samples(sessions=svc.sessions, store=svc.store, ids=chunk)
+        with torch.no_grad():
+            prob = torch.softmax(teacher(torch.as_tensor(x)), dim=1).numpy()
+        rows += [
+            {
+                "sample_id": chunk[i],
+                "label": class_names[int(prob[i].argmax())],
+                "source": "teacher",
+                "confidence": float(prob[i].max()),
+            }
+            for i in np.flatnonzero(prob.max(1) >= min_confidence)
+        ]
+    if rows:
+        dml = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+        with svc.sessions() as session:
+            # Another round of the fleet (another profile) may be labelling the same ones.
+            session.execute(dml(Label).values(rows).on_conflict_do_nothing())
+            session.commit()
+    say(f"pseudo-labelled {len(rows)} of {len(ids)} unlabelled upload(s) at ≥ {min_confidence}")
+    return len(rows)
+
+
+def _same_base(sessions: sessionmaker, st: RoundState, parent: str, base: LabelledWindows) -> None:
+    """Replay keys ``base:<i>`` are positions in the base data set the parent's reservoir
+    was drawn from: if the set registered under that name changed since, they no longer
+    name the same windows."""
+    from cloud.db import Round
+
+    with sessions() as session:
+        row = session.scalar(
+            select(Round).where(
+                Round.fleet == st.fleet, Round.profile == st.profile, Round.version == parent
             )
-        session.commit()
-    say(f"pseudo-labelled {len(sure)} of {len(ids)} unlabelled upload(s) at ≥ {min_confidence}")
-    return len(sure)
+        )
+    lineage = (
+        ((row.stages or {}).get("train", {}).get("output") or {}).get("lineage", {}) if row else {}
+    )
+    if lineage.get("base") not in (None, base.sha256()):
+        raise DataError(
+            f"data set {st.cfg.base_dataset!r} changed since {parent} drew its replay "
+            "reservoir from it; register the new history under another name (or restore "
+            "the old one)"
+        )
 
 
 def _base_buffer(base: LabelledWindows, cfg: RoundConfig) -> ReplayBuffer:
@@ -536,21 +586,13 @@ def stage_recompress(svc: Services, st: RoundState, say: Callable[[str], None]) 
         if trained.get("whole_base"):
             x, labels = base.x, base.labels
         else:
-            replay = trained["replay"]
-            fit = load_samples(sessions=svc.sessions, store=svc.store, ids=trained["fit"])
-            x = np.concatenate(
-                [
-                    fit,
-                    load_keys(
-                        sessions=svc.sessions,
-                        store=svc.store,
-                        base=base,
-                        keys=[k for k, _ in replay],
-                    ),
-                ]
+            pairs = [(f"sample:{i}", c) for i, c in trained["fit"]] + [
+                (k, c) for k, c in trained["replay"]
+            ]
+            x = load_keys(
+                sessions=svc.sessions, store=svc.store, base=base, keys=[k for k, _ in pairs]
             )
-            fit_labels = _labels_of(svc.sessions, trained["fit"], trained["label_watermark"])
-            labels = np.array(fit_labels + [c for _, c in replay])
+            labels = np.array([c for _, c in pairs])
         golden = _golden(svc, st.cfg, class_names)
         result = compress(
             teacher,  # type: ignore[arg-type]
@@ -578,21 +620,6 @@ def stage_recompress(svc: Services, st: RoundState, say: Callable[[str], None]) 
         "bytes": len(package),
         "compression": summary,
     }
-
-
-def _labels_of(sessions: sessionmaker, ids: list[str], upto: int) -> list[str]:
-    """The label each sample was trained with (the winning one up to ``upto``)."""
-    with sessions() as session:
-        rows = session.execute(
-            select(Label.sample_id, Label.label, Label.source).where(
-                Label.sample_id.in_(ids), Label.id <= upto
-            )
-        ).all()
-    best: dict[str, Any] = {}
-    for r in rows:
-        if r.sample_id not in best or SOURCE_RANK[r.source] < SOURCE_RANK[best[r.sample_id].source]:
-            best[r.sample_id] = r
-    return [best[i].label for i in ids]
 
 
 def _golden(svc: Services, cfg: RoundConfig, class_names: list[str]) -> LabelledWindows:
@@ -670,8 +697,10 @@ def stage_evaluate(svc: Services, st: RoundState, say: Callable[[str], None]) ->
             )
         metrics["old_f1_drop_pts"] = drop
     if trained["holdout"]:
-        hx = load_samples(sessions=svc.sessions, store=svc.store, ids=trained["holdout"])
-        hlabels = _labels_of(svc.sessions, trained["holdout"], trained["label_watermark"])
+        hx = load_samples(
+            sessions=svc.sessions, store=svc.store, ids=[i for i, _ in trained["holdout"]]
+        )
+        hlabels = [c for _, c in trained["holdout"]]
         hev = classification_metrics(
             LabelledWindows(hx, np.array(hlabels)).indices(class_names),
             package_predict(package, hx, threads=threads),
@@ -722,7 +751,14 @@ def stage_register(svc: Services, st: RoundState, say: Callable[[str], None]) ->
     gates = evaluated["gates"]
     found = svc.registry.find_version(st.fleet, st.profile, st.version)
     if found is not None:
-        mlflow_version = found[0]
+        mlflow_version, tags = found
+        if tags.get("sha256") != packaged["sha256"]:
+            raise RuntimeError(
+                f"MLflow already holds {model_name(st.fleet, st.profile)} {st.version} "
+                f"(version {mlflow_version}) with another package (sha256 "
+                f"{tags.get('sha256', '?')[:12]}…, this round's is {packaged['sha256'][:12]}…); "
+                "delete that model version in MLflow, then resume this round"
+            )
         say(f"{st.version} was registered before this attempt (MLflow version {mlflow_version})")
     else:
         package = svc.store.get(packaged["package_key"])

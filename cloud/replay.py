@@ -34,21 +34,41 @@ class ReplayBuffer:
     seed: int = 0
     # class → [(priority, key)], smallest priority first; at most per_class entries
     items: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
-    seen: dict[str, int] = field(default_factory=dict)  # offers per class, ever
+    # offers per class, ever (a window offered again after it was evicted counts again)
+    seen: dict[str, int] = field(default_factory=dict)
+    _index: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
     def offer(self, key: str, label: str) -> None:
-        held = self.items.setdefault(label, [])
-        if any(k == key for _, k in held):
+        """Consider window ``key`` of class ``label``. A key held under another class (the
+        window was relabelled) leaves that class first: a window is replayed with one
+        label, its latest."""
+        where = self._where()
+        before = where.get(key)
+        if before == label:
             return  # offered before: already counted
+        if before is not None:
+            self.items[before] = [(p, k) for p, k in self.items[before] if k != key]
+            del where[key]
+        held = self.items.setdefault(label, [])
         self.seen[label] = self.seen.get(label, 0) + 1
         p = priority(key, self.seed)
+        if self.per_class <= 0:
+            return
         if len(held) < self.per_class:
             held.append((p, key))
         elif p < held[-1][0]:
+            del where[held[-1][1]]
             held[-1] = (p, key)
         else:
             return
+        where[key] = label
         held.sort()
+
+    def _where(self) -> dict[str, str]:
+        """key → the class it is held under (built once, then kept up to date)."""
+        if self._index is None:
+            self._index = {k: c for c, entries in self.items.items() for _, k in entries}
+        return self._index
 
     def offer_all(self, pairs: Iterable[tuple[str, str]]) -> ReplayBuffer:
         for key, label in pairs:

@@ -80,8 +80,10 @@ def reserve(
         if row is None:
             row = Round(task_id=task_id, fleet=fleet, profile=profile, version=version)
             s.add(row)
-        elif row.state == "failed":
-            row.stages = {}
+        elif row.state == "failed" and "register" not in (row.stages or {}):
+            row.stages = {}  # a failed round starts afresh, on the labels there are now
+        # A round that failed while registering resumes instead: MLflow may already hold
+        # its package under this version, and a retrained one would not match it.
         row.task_id, row.reason, row.attempts, row.config = task_id, reason, 1, config
         row.state = first_left(row) or STAGES[-1]
         s.commit()
@@ -99,15 +101,19 @@ def state_of(sessions: sessionmaker, round_id: int) -> RoundState:
         row = s.get(Round, round_id)
         if row is None:
             raise LookupError(f"no round {round_id}")
-        return RoundState(
-            id=row.id,
-            fleet=row.fleet,
-            profile=row.profile,
-            version=row.version,
-            initial=row.reason == "initial",
-            cfg=RoundConfig.from_dict(row.config or {"fleet": row.fleet, "profile": row.profile}),
-            outputs={k: v["output"] for k, v in (row.stages or {}).items() if v.get("done")},
-        )
+        return _state(row, row.stages or {})
+
+
+def _state(row: Round, stages: dict) -> RoundState:
+    return RoundState(
+        id=row.id,
+        fleet=row.fleet,
+        profile=row.profile,
+        version=row.version,
+        initial=row.reason == "initial",
+        cfg=RoundConfig.from_dict(row.config or {"fleet": row.fleet, "profile": row.profile}),
+        outputs={k: v["output"] for k, v in stages.items() if v.get("done")},
+    )
 
 
 def _update(sessions: sessionmaker, round_id: int, fn: Callable[[Round, dict], None]) -> None:
@@ -132,6 +138,8 @@ def run_stage(
     output, error and seconds recorded in the row. The last stage finishes the round."""
     st = state_of(svc.sessions, round_id)
     if stage in st.outputs:
+        if stage == STAGES[-1]:
+            finish_if_done(svc.sessions, round_id)  # a crash may have come in between
         return st.outputs[stage]
     missing = [p for p in STAGES[: STAGES.index(stage)] if p not in st.outputs]
     if missing:
@@ -169,22 +177,37 @@ def run_stage(
 
     def finish(row: Round, stages: dict) -> None:
         stages[stage].update(done=True, output=out, seconds=time.perf_counter() - t0)
+        if stage == STAGES[-1]:
+            _close(row, stages)  # in the same commit: never done-but-open
 
     _update(svc.sessions, round_id, finish)
-    if stage == STAGES[-1]:
-        done = state_of(svc.sessions, round_id)
-
-        def close(row: Round, stages: dict) -> None:
-            row.state = "done"
-            row.result = {
-                **summary(done),
-                "reason": row.reason,
-                "attempts": {k: v.get("attempts", 0) for k, v in stages.items()},
-                "seconds": sum(v.get("seconds", 0.0) for v in stages.values()),
-            }
-
-        _update(svc.sessions, round_id, close)
     return out
+
+
+def _close(row: Round, stages: dict) -> None:
+    row.state = "done"
+    row.result = {
+        **summary(_state(row, stages)),
+        "reason": row.reason,
+        "attempts": {k: v.get("attempts", 0) for k, v in stages.items()},
+        "seconds": sum(v.get("seconds", 0.0) for v in stages.values()),
+    }
+
+
+def finish_if_done(sessions: sessionmaker, round_id: int) -> dict[str, Any]:
+    """The round's answer once every stage is done (closing it if that was not recorded)."""
+    with sessions() as s:
+        row = s.get(Round, round_id)
+        if row is None:
+            raise LookupError(f"no round {round_id}")
+        if row.state != "done":
+            if first_left(row) is not None:
+                raise RuntimeError(f"round {round_id} has stages left: {first_left(row)}")
+            stages = {k: dict(v) for k, v in (row.stages or {}).items()}
+            _close(row, stages)
+            s.commit()
+        assert row.result is not None
+        return row.result
 
 
 def resume(sessions: sessionmaker, round_id: int) -> list[str]:

@@ -153,6 +153,8 @@ def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual")
     finally:
         lock.release()
     left = rounds.resume(sessions, row.id)
+    if not left:  # delivered again after its chain finished the round
+        return rounds.finish_if_done(sessions, row.id)
     log.info("round %d (%s/%s %s) starts at %s: %s", row.id, fleet, profile, row.version,
              left[0], reason)  # fmt: skip
     raise self.replace(round_chain(row.id, left))
@@ -174,40 +176,61 @@ def _stage(task, round_id: int, stage: str) -> dict:  # type: ignore[no-untyped-
         redis.Redis.from_url(s.redis_url), st.fleet, st.profile, ttl_s=s.round_lock_ttl_s
     )
     if not lock.acquire():
-        raise task.retry(countdown=max(1, s.round_lock_ttl_s // 2), max_retries=None)
+        # Another copy of this round's work holds it (or a dead worker did, until its
+        # key expires): wait, then find the stage done or run it.
+        raise task.retry(countdown=max(1, s.round_lock_ttl_s // 2))
     try:
         out = rounds.run_stage(Services(sessions, store, registry(st.fleet)), round_id, stage)
     finally:
         lock.release()
     if stage == STAGES[-1]:
-        from cloud.db import Round
-
-        with sessions() as session:
-            row = session.get(Round, round_id)
-            assert row is not None and row.result is not None
-            return row.result
+        return rounds.finish_if_done(sessions, round_id)
     return {"round": round_id, "stage": stage, "outputs": sorted(out)}
 
 
-@app.task(name="edgeloop.round.train", bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(
+    name="edgeloop.round.train",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,  # waiting for the lock: as long as the holder works
+)
 def train_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
     """Fine-tune the teacher on new labels + replay (cloud.learning.stage_train)."""
     return _stage(self, round_id, "train")
 
 
-@app.task(name="edgeloop.round.recompress", bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(
+    name="edgeloop.round.recompress",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,  # waiting for the lock: as long as the holder works
+)
 def recompress_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
     """The teacher → the profile's edge package (cloud.learning.stage_recompress)."""
     return _stage(self, round_id, "recompress")
 
 
-@app.task(name="edgeloop.round.evaluate", bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(
+    name="edgeloop.round.evaluate",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,  # waiting for the lock: as long as the holder works
+)
 def evaluate_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
     """The package under ONNX Runtime against the gates (cloud.learning.stage_evaluate)."""
     return _stage(self, round_id, "evaluate")
 
 
-@app.task(name="edgeloop.round.register", bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(
+    name="edgeloop.round.register",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,  # waiting for the lock: as long as the holder works
+)
 def register_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
     """MLflow run, model version, aliases; the round's answer (cloud.learning.stage_register)."""
     return _stage(self, round_id, "register")
@@ -223,16 +246,32 @@ STAGE_TASKS = {
 
 @app.task(name="edgeloop.resume_round", bind=True)
 def resume_round(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
-    """Run a failed or stalled round again from its first stage not done."""
+    """Run a failed or stalled round again from its first stage not done; a round still
+    under way is left to its chain."""
+    import redis
+
     from cloud import rounds
+    from cloud.triggers import RoundLock
 
+    s = get_settings()
     sessions, _, _ = _services()
-    left = rounds.resume(sessions, round_id)
+    st = rounds.state_of(sessions, round_id)
+    lock = RoundLock(
+        redis.Redis.from_url(s.redis_url), st.fleet, st.profile, ttl_s=s.round_lock_ttl_s
+    )
+    if not lock.acquire():
+        return {"skipped": f"round {round_id} is running; nothing to resume"}
+    try:
+        running = rounds.active_round(
+            sessions, st.fleet, st.profile, stale_after_s=s.celery_visibility_timeout_s + 600
+        )
+        if running is not None and running.id == round_id:
+            return {"skipped": f"round {round_id} is running ({running.state}); nothing to resume"}
+        left = rounds.resume(sessions, round_id)
+    finally:
+        lock.release()
     if not left:
-        st = rounds.state_of(sessions, round_id)
-        from cloud.learning import summary
-
-        return summary(st)
+        return rounds.finish_if_done(sessions, round_id)
     raise self.replace(round_chain(round_id, left))
 
 

@@ -246,8 +246,33 @@ def test_round_pseudo_labels_above_the_bar_and_replays_a_reservoir(
     trained = _train_output(sessions, fleet, "v2")
     assert trained["lineage"]["pseudo_labelled"] == len(by_teacher)
     assert trained["lineage"]["labels_by_source"]["teacher"] == len(by_teacher)
-    assert {lab.sample_id for lab in by_teacher} <= set(trained["fit"])  # never held out
+    learnt = dict(trained["fit"])  # sample id → the label it was trained with
+    assert {lab.sample_id for lab in by_teacher} <= set(learnt)  # never held out
+    assert learnt == dict(zip(learnt, _labels(sessions, list(learnt)), strict=True))
     assert due.new_labels == 0 and not due.reasons
+    # Labels written after the round: a teacher's never counts for the triggers, a
+    # device's does.
+    unsure = [i for i, ok in zip(ids, sure, strict=True) if not ok]
+    with sessions() as s:
+        s.add(Label(sample_id=unsure[0], label="normal", source="teacher", confidence=0.95))
+        s.commit()
+        after_teacher = check(
+            session=s,
+            fleet=fleet,
+            profile=cfg.profile,
+            policy=TriggerPolicy(min_new_labels=1),
+            now=datetime.now(UTC),
+        )
+        s.add(Label(sample_id=unsure[1], label="normal", source="device"))
+        s.commit()
+        after_device = check(
+            session=s,
+            fleet=fleet,
+            profile=cfg.profile,
+            policy=TriggerPolicy(min_new_labels=1),
+            now=datetime.now(UTC),
+        )
+    assert (after_teacher.new_labels, after_device.new_labels) == (0, 1)
 
     parent = ReplayBuffer.from_json(store.get(replay_key(fleet, cfg.profile, "v1")))
     mine = ReplayBuffer.from_json(store.get(replay_key(fleet, cfg.profile, "v2")))
@@ -255,7 +280,6 @@ def test_round_pseudo_labels_above_the_bar_and_replays_a_reservoir(
     assert {c: len(v) for c, v in parent.items.items()} == {
         c: min(cfg.replay_per_class, n) for c, n in parent.seen.items()
     }
-    learnt = dict(zip(trained["fit"], _labels(sessions, trained["fit"]), strict=True))
     expected = parent.copy().offer_all((f"sample:{i}", c) for i, c in learnt.items())
     assert mine.windows() == expected.windows()
     assert all(len(v) <= cfg.replay_per_class for v in mine.items.values())
@@ -326,7 +350,25 @@ def test_register_after_a_crash_past_mlflow_records_without_registering_again(
         s.commit()
         round_id = row.id
 
-    out = rounds.run_stage(Services(sessions, store, registry), round_id, "register")
+    svc = Services(sessions, store, registry)
+    # Had the round been trained again since (another package under the same version),
+    # recording MLflow's v2 for it would be a lie: it stops and says so.
+    with sessions() as s:
+        row = s.get(Round, round_id)
+        real = row.stages
+        fake = {**real, "recompress": {**real["recompress"]}}
+        fake["recompress"]["output"] = {**real["recompress"]["output"], "sha256": "0" * 64}
+        row.stages = fake
+        s.commit()
+    with pytest.raises(RuntimeError, match="another package"):
+        rounds.run_stage(svc, round_id, "register")
+    with sessions() as s:
+        row = s.get(Round, round_id)
+        row.stages = {**real, "register": {"attempts": 1}}
+        row.state = "register"
+        s.commit()
+
+    out = rounds.run_stage(svc, round_id, "register")
 
     client = MlflowClient(tracking_uri=mlflow_uri)
     registered = client.search_model_versions(f"name = '{model_name(fleet, 'cpu-fp32')}'")
@@ -337,6 +379,7 @@ def test_register_after_a_crash_past_mlflow_records_without_registering_again(
         row = s.get(Round, round_id)
     assert v2.sha256 == ModelPackage(result.package).sha256 and v2.gates["passed"]
     assert row.state == "done" and row.stages["register"]["attempts"] == 2
+    assert row.result["version"] == "v2" and row.result["promoted"]
 
 
 def _celery_env(pg_url, store, mlflow_uri, fleet, **extra):

@@ -58,3 +58,14 @@ def test_every_window_of_a_class_is_equally_likely_to_be_kept():
     freq = kept / 400
     assert abs(freq.mean() - 0.2) < 1e-9
     assert np.all(np.abs(freq - 0.2) < 0.1), freq  # binomial sd 0.02: 5 sd
+
+
+def test_a_relabelled_window_is_replayed_with_its_new_label_only():
+    buf = ReplayBuffer(per_class=10).offer_all([("sample:a", "normal"), ("base:1", "normal")])
+    buf.offer("sample:a", "idv_06")
+    assert ("sample:a", "idv_06") in buf.windows()
+    assert ("sample:a", "normal") not in buf.windows() and ("base:1", "normal") in buf.windows()
+
+
+def test_no_room_means_no_replay():
+    assert ReplayBuffer(per_class=0).offer_all(STREAM).windows() == []

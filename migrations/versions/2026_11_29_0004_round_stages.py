@@ -18,6 +18,9 @@ def upgrade() -> None:
     with op.batch_alter_table("rounds") as batch:
         batch.add_column(sa.Column("config", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("stages", sa.JSON(), nullable=True))
+    # Rounds of the single-task era that never finished cannot be resumed stage by stage:
+    # mark them failed (their version is taken over by the next round).
+    op.execute("UPDATE rounds SET state = 'failed' WHERE state IN ('training', 'registering')")
 
 
 def downgrade() -> None:
