@@ -189,6 +189,7 @@ def test_mislabelled_round_is_stopped_by_the_gate(fleet_with_uploads, mlflow_uri
     name = model_name(fleet, "cpu-fp32")
     assert not result.promoted
     assert result.gates["detection_drop_pts"] > cfg.max_detection_drop_pts
+    assert any("detection rate fell" in reason for reason in result.gates["failed"])
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     assert client.get_model_version_by_alias(name, "challenger").version == "2"
     assert client.get_model_version(name, "2").tags["gate_verdict"] == "fail"
