@@ -568,7 +568,8 @@ class IngestService:
             worker.join(timeout=30)
         self.client.disconnect()
         self.client.loop_stop()
-        self.ingestor.close()
+        if not any(worker.is_alive() for worker in self._workers):
+            self.ingestor.close()  # a worker still in a batch may yet write through it
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         client.subscribe([(s, 1) for s in self.subscriptions])

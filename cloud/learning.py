@@ -297,9 +297,18 @@ def label_watermark(sessions: sessionmaker) -> int:
     learns from, and where the triggers start counting new labels. On PostgreSQL, ids are
     handed out before commit, so a lower id can still be in flight when a higher one is
     visible; a SHARE lock on the table waits for the writers that hold one."""
+    from sqlalchemy.exc import OperationalError
+
     with sessions() as session:
         if session.get_bind().dialect.name == "postgresql":
-            session.execute(text("LOCK TABLE labels IN SHARE MODE"))
+            session.execute(text("SET LOCAL lock_timeout = '15s'"))
+            try:
+                session.execute(text("LOCK TABLE labels IN SHARE MODE"))
+            except OperationalError as exc:
+                raise DataError(
+                    "the labels table stayed locked for 15 s (a transaction writing labels "
+                    "left open?); the round stops, resume it once that transaction ends"
+                ) from exc
         watermark = session.scalar(select(func.max(Label.id))) or 0
         session.commit()  # releases the lock
     return int(watermark)
@@ -343,7 +352,10 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> di
     fit = [u for u in new if u.sample_id not in held_ids]
 
     buffer = _load_buffer(svc.store, st.fleet, st.profile, parent) or _base_buffer(base, cfg)
-    replay = buffer.windows()
+    # A window with a new label (relabelled since it was learnt) is learnt, or held out,
+    # with that label this round: never replayed with its old one as well.
+    relabelled = {f"sample:{u.sample_id}" for u in new}
+    replay = [(k, c) for k, c in buffer.windows() if k not in relabelled]
     say(
         f"training {st.version} from {parent}: {len(fit)} new window(s) "
         f"({len(hold)} held out), {len(replay)} replayed, classes +{new_classes or '[]'}"
@@ -489,7 +501,11 @@ def pseudo_label(
         dml = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
         with svc.sessions() as session:
             # Another round of the fleet (another profile) may be labelling the same ones.
-            session.execute(dml(Label).values(rows).on_conflict_do_nothing())
+            # In pages: one statement may carry only so many values (SQLite: 32,766).
+            for start in range(0, len(rows), 1000):
+                session.execute(
+                    dml(Label).values(rows[start : start + 1000]).on_conflict_do_nothing()
+                )
             session.commit()
     say(f"pseudo-labelled {len(rows)} of {len(ids)} unlabelled upload(s) at ≥ {min_confidence}")
     return len(rows)
@@ -504,7 +520,10 @@ def _same_base(sessions: sessionmaker, st: RoundState, parent: str, base: Labell
     with sessions() as session:
         row = session.scalar(
             select(Round).where(
-                Round.fleet == st.fleet, Round.profile == st.profile, Round.version == parent
+                Round.fleet == st.fleet,
+                Round.profile == st.profile,
+                Round.version == parent,
+                Round.state == "done",
             )
         )
     lineage = (
@@ -759,6 +778,10 @@ def stage_register(svc: Services, st: RoundState, say: Callable[[str], None]) ->
                 f"{tags.get('sha256', '?')[:12]}…, this round's is {packaged['sha256'][:12]}…); "
                 "delete that model version in MLflow, then resume this round"
             )
+        # The aliases may not have been set before the crash: set them now.
+        svc.registry.set_aliases(
+            model_name(st.fleet, st.profile), mlflow_version, champion=bool(gates["passed"])
+        )
         say(f"{st.version} was registered before this attempt (MLflow version {mlflow_version})")
     else:
         package = svc.store.get(packaged["package_key"])

@@ -97,9 +97,7 @@ class Registry:
         mv = self.client.create_model_version(
             name, source=f"runs:/{run_id}/edge_package", run_id=run_id, tags=tags
         )
-        self.client.set_registered_model_alias(name, "challenger", mv.version)
-        if promote:
-            self.client.set_registered_model_alias(name, "champion", mv.version)
+        self.set_aliases(name, str(mv.version), champion=promote)
         log.info(
             "registered %s version %s (%s)%s",
             name,
@@ -108,6 +106,12 @@ class Registry:
             " as champion" if promote else "",
         )
         return RegisteredVersion(name, str(mv.version), run_id, pkg.sha256)
+
+    def set_aliases(self, name: str, mlflow_version: str, *, champion: bool) -> None:
+        """``challenger`` always; ``champion`` too if it passed its gates."""
+        self.client.set_registered_model_alias(name, "challenger", mlflow_version)
+        if champion:
+            self.client.set_registered_model_alias(name, "champion", mlflow_version)
 
     def find_version(
         self, fleet: str, profile: str, version: str

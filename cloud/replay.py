@@ -36,7 +36,7 @@ class ReplayBuffer:
     items: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
     # offers per class, ever (a window offered again after it was evicted counts again)
     seen: dict[str, int] = field(default_factory=dict)
-    _index: dict[str, str] | None = field(default=None, repr=False, compare=False)
+    _index: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def offer(self, key: str, label: str) -> None:
         """Consider window ``key`` of class ``label``. A key held under another class (the
@@ -57,7 +57,7 @@ class ReplayBuffer:
         if len(held) < self.per_class:
             held.append((p, key))
         elif p < held[-1][0]:
-            del where[held[-1][1]]
+            where.pop(held[-1][1], None)
             held[-1] = (p, key)
         else:
             return

@@ -30,6 +30,7 @@ from cloud.learning import (
 
 log = logging.getLogger(__name__)
 FINISHED = ("done", "failed")
+MAX_REGISTER_ATTEMPTS = 3  # a round failing to register this often is trained afresh
 
 
 def active_round(
@@ -77,14 +78,20 @@ def reserve(
                 f"round {row.id} recorded {fleet}/{profile} {version} as done, but the model "
                 "versions table does not have it: restore that table before the next round"
             )
+        fresh = row is None
         if row is None:
             row = Round(task_id=task_id, fleet=fleet, profile=profile, version=version)
             s.add(row)
-        elif row.state == "failed" and "register" not in (row.stages or {}):
-            row.stages = {}  # a failed round starts afresh, on the labels there are now
-        # A round that failed while registering resumes instead: MLflow may already hold
-        # its package under this version, and a retrained one would not match it.
-        row.task_id, row.reason, row.attempts, row.config = task_id, reason, 1, config
+        elif row.state == "failed":
+            register = (row.stages or {}).get("register", {})
+            # A round that failed while registering resumes instead (MLflow may already
+            # hold its package under this version, and a retrained one would not match
+            # it), unless registering failed again and again: then it starts afresh.
+            fresh = not register or register.get("attempts", 0) >= MAX_REGISTER_ATTEMPTS
+        if fresh:
+            row.stages, row.config = {}, config  # on the labels and settings there are now
+        # else: resumed with the settings its finished stages ran with
+        row.task_id, row.reason, row.attempts = task_id, reason, 1
         row.state = first_left(row) or STAGES[-1]
         s.commit()
         return row

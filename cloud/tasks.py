@@ -262,11 +262,17 @@ def resume_round(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
     if not lock.acquire():
         return {"skipped": f"round {round_id} is running; nothing to resume"}
     try:
+        # Holding the lock means no stage of this fleet and profile is running; a round
+        # whose chain died without a word is resumed at once. Another round under way is
+        # left alone.
         running = rounds.active_round(
             sessions, st.fleet, st.profile, stale_after_s=s.celery_visibility_timeout_s + 600
         )
-        if running is not None and running.id == round_id:
-            return {"skipped": f"round {round_id} is running ({running.state}); nothing to resume"}
+        if running is not None and running.id != round_id:
+            return {
+                "skipped": f"round {running.id} of {st.fleet}/{st.profile} is under way "
+                f"({running.state}); resume round {round_id} after it"
+            }
         left = rounds.resume(sessions, round_id)
     finally:
         lock.release()

@@ -407,6 +407,15 @@ def test_fields_the_database_would_refuse_and_stale_wills(pg_url, s3_store, flee
     )
     ack = ingestor.handle(topic(fleet, "d1", "labels"), steal.encode())
     assert (ack.status, ack.reason) == ("rejected", "foreign_sample")
+    # A device cannot pass its labels off as the cloud teacher's (which rank differently).
+    mine = sample_message(fleet, np.full((32, 53), 2, dtype=np.float32))
+    assert ingestor.handle(topic(fleet, "d1", "samples"), mine.encode()).status == "stored"
+    posing = LabelMessage(
+        fleet=fleet, device_id="d1", sample_ids=(mine.message_id,), label="normal",
+        source="teacher",
+    )  # fmt: skip
+    ack = ingestor.handle(topic(fleet, "d1", "labels"), posing.encode())
+    assert (ack.status, ack.reason) == ("rejected", "bad_source")
     will = Heartbeat(
         fleet=fleet,
         device_id="d1",

@@ -383,6 +383,41 @@ def test_register_after_a_crash_past_mlflow_records_without_registering_again(
     assert row.result["version"] == "v2" and row.result["promoted"]
 
 
+def test_a_round_failed_while_registering_resumes_and_one_failing_for_good_starts_afresh(
+    pg_url,
+):
+    """The next reservation of a round that failed at register keeps its finished stages
+    and the settings they ran with (MLflow may hold its package); after repeated register
+    failures it starts afresh with today's settings; one that failed earlier always does."""
+    sessions = session_factory(pg_url)
+    done = {"done": True, "attempts": 1, "output": {}}
+    with sessions() as s:
+        s.add(
+            Round(
+                task_id="t1", fleet="f", profile="cpu-fp32", version="v1", state="failed",
+                reason="r", config={"fleet": "f", "replay_per_class": 7},
+                stages={"train": done, "recompress": done, "evaluate": done,
+                        "register": {"attempts": 1, "error": "MLflow away"}},
+            )
+        )  # fmt: skip
+        s.commit()
+    row = rounds.reserve(
+        sessions=sessions, task_id="t2", fleet="f", profile="cpu-fp32", reason="again",
+        config={"fleet": "f", "replay_per_class": 99},
+    )  # fmt: skip
+    assert (row.version, row.state, row.config["replay_per_class"]) == ("v1", "register", 7)
+    assert set(row.stages) == {"train", "recompress", "evaluate", "register"}
+    with sessions() as s:
+        r = s.get(Round, row.id)
+        r.state, r.stages = "failed", {**r.stages, "register": {"attempts": 3, "error": "x"}}
+        s.commit()
+    row = rounds.reserve(
+        sessions=sessions, task_id="t3", fleet="f", profile="cpu-fp32", reason="again",
+        config={"fleet": "f", "replay_per_class": 99},
+    )  # fmt: skip
+    assert (row.state, row.stages, row.config["replay_per_class"]) == ("train", {}, 99)
+
+
 def _celery_env(pg_url, store, mlflow_uri, fleet, **extra):
     return {
         **os.environ,
