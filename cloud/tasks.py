@@ -188,49 +188,30 @@ def _stage(task, round_id: int, stage: str) -> dict:  # type: ignore[no-untyped-
     return {"round": round_id, "stage": stage, "outputs": sorted(out)}
 
 
-@app.task(
-    name="edgeloop.round.train",
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=None,  # waiting for the lock: as long as the holder works
-)
+# Every stage task: its message kept until it finished (redelivered with the rest of the
+# chain if its worker dies), and waiting for the lock as long as the holder works.
+STAGE_TASK = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None}
+
+
+@app.task(name="edgeloop.round.train", **STAGE_TASK)
 def train_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
     """Fine-tune the teacher on new labels + replay (cloud.learning.stage_train)."""
     return _stage(self, round_id, "train")
 
 
-@app.task(
-    name="edgeloop.round.recompress",
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=None,  # waiting for the lock: as long as the holder works
-)
+@app.task(name="edgeloop.round.recompress", **STAGE_TASK)
 def recompress_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
     """The teacher → the profile's edge package (cloud.learning.stage_recompress)."""
     return _stage(self, round_id, "recompress")
 
 
-@app.task(
-    name="edgeloop.round.evaluate",
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=None,  # waiting for the lock: as long as the holder works
-)
+@app.task(name="edgeloop.round.evaluate", **STAGE_TASK)
 def evaluate_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
     """The package under ONNX Runtime against the gates (cloud.learning.stage_evaluate)."""
     return _stage(self, round_id, "evaluate")
 
 
-@app.task(
-    name="edgeloop.round.register",
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=None,  # waiting for the lock: as long as the holder works
-)
+@app.task(name="edgeloop.round.register", **STAGE_TASK)
 def register_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
     """MLflow run, model version, aliases; the round's answer (cloud.learning.stage_register)."""
     return _stage(self, round_id, "register")
