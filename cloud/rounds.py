@@ -59,8 +59,8 @@ def reserve(
 ) -> Round:
     """The round row for ``task_id``: found again on redelivery (attempts + 1), or new with
     the next version. Call it holding the fleet's round lock. A reservation of that version
-    left by a dead round is taken over: a failed one starts afresh, one whose chain was lost
-    keeps the stages it finished (so it resumes)."""
+    left by a dead round is taken over: a failed one starts afresh (unless it failed while
+    registering), one whose chain was lost keeps the stages it finished (so it resumes)."""
     with sessions() as s:
         row = s.scalar(select(Round).where(Round.task_id == task_id))
         if row is not None:
