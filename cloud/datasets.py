@@ -27,16 +27,21 @@ class LabelledWindows:
         return len(self.labels)
 
     def indices(self, class_names: list[str]) -> np.ndarray:
-        lookup = {c: i for i, c in enumerate(class_names)}
-        missing = sorted(set(self.labels.tolist()) - set(lookup))
-        if missing:
-            raise DataError(f"labels {missing} are not among the model's classes {class_names}")
-        return np.array([lookup[str(v)] for v in self.labels], dtype=np.int64)
+        return label_indices(self.labels, class_names)
 
     def sha256(self) -> str:
         h = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())
         h.update("\n".join(self.labels.tolist()).encode())
         return h.hexdigest()
+
+
+def label_indices(labels: np.ndarray, class_names: list[str]) -> np.ndarray:
+    """Each label's index in ``class_names``; DataError names any label not among them."""
+    lookup = {c: i for i, c in enumerate(class_names)}
+    missing = sorted(set(labels.tolist()) - set(lookup))
+    if missing:
+        raise DataError(f"labels {missing} are not among the model's classes {class_names}")
+    return np.array([lookup[str(v)] for v in labels], dtype=np.int64)
 
 
 def dataset_key(name: str) -> str:

@@ -101,7 +101,7 @@ def evaluate_package(
     pkg = ModelPackage(package)
     sess = session(pkg.graph, threads)
     name = sess.get_inputs()[0].name
-    ev = classification_metrics(y, _predict(sess, x), list(pkg.manifest.class_names))
+    ev = classification_metrics(y, predict(sess, x), list(pkg.manifest.class_names))
     p50, p99 = latency_ms(lambda w: sess.run(None, {name: w}), x, latency_windows)
     return ArtifactMetrics(
         package_bytes=len(package),
@@ -115,7 +115,8 @@ def evaluate_package(
     )
 
 
-def _predict(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+def predict(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    """Class indices the open session ``sess`` gives ``x``, 256 windows a call."""
     name = sess.get_inputs()[0].name
     if len(x) == 0:
         return np.empty(0, dtype=np.int64)
@@ -128,7 +129,7 @@ def _predict(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
 def package_predict(package: bytes, x: np.ndarray, *, threads: int = 1) -> np.ndarray:
     """Class indices (into the manifest's class names) that ``package`` gives ``x``, opened
     and run as a device would."""
-    return _predict(session(ModelPackage(package).graph, threads), x)
+    return predict(session(ModelPackage(package).graph, threads), x)
 
 
 def make_package(graph: bytes, model: nn.Module, **kwargs: Any) -> bytes:

@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ from sqlalchemy import exists, func, select, text
 from sqlalchemy.orm import sessionmaker
 from torch import nn
 
-from cloud.datasets import LabelledWindows, load_dataset
+from cloud.datasets import LabelledWindows, label_indices, load_dataset
 from cloud.db import Label, ModelVersion, Sample
 from cloud.ingest import load_window
 from cloud.metrics import classification_metrics
@@ -558,10 +559,7 @@ def _epochs(history: list[float], epochs: int, say: Callable[[str], None]) -> An
 
 
 def _count(items: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for i in items:
-        out[i] = out.get(i, 0) + 1
-    return dict(sorted(out.items()))
+    return dict(sorted(Counter(items).items()))
 
 
 # -- stage 2: recompress ----------------------------------------------------------------------
@@ -654,7 +652,7 @@ def _golden(svc: Services, cfg: RoundConfig, class_names: list[str]) -> Labelled
 def stage_evaluate(svc: Services, st: RoundState, say: Callable[[str], None]) -> dict[str, Any]:
     """The gates, measured on the package a device will run (ONNX Runtime), never on the
     torch model it came from."""
-    from cloud.evaluation import latency_ms, package_predict, session
+    from cloud.evaluation import latency_ms, package_predict, predict, session
     from cloud.profiles import load_profiles
     from shared.package import ModelPackage
 
@@ -664,15 +662,16 @@ def stage_evaluate(svc: Services, st: RoundState, say: Callable[[str], None]) ->
     profile = load_profiles().get(st.profile)
     threads = profile.threads if profile is not None else 1
     golden = load_dataset(store=svc.store, name=cfg.golden_dataset)
-    pred = package_predict(package, golden.x, threads=threads)
+    # One ONNX Runtime session for every measure of the candidate.
+    sess = session(ModelPackage(package).graph, threads)
+    pred = predict(sess, golden.x)
     known = np.isin(golden.labels, class_names)
-    gy = LabelledWindows(golden.x[known], golden.labels[known]).indices(class_names)
+    gy = label_indices(golden.labels[known], class_names)
     ev = classification_metrics(gy, pred[known], class_names)
     metrics = ev.metrics("golden")
     faults = golden.labels != class_names[0]
     detection = float((pred[faults] != 0).mean()) if faults.any() else float("nan")
     metrics["golden_detection_rate"] = detection
-    sess = session(ModelPackage(package).graph, threads)
     name = sess.get_inputs()[0].name
     p50, p99 = latency_ms(lambda w: sess.run(["logits"], {name: w}), golden.x, 100)
     metrics.update(latency_p50_ms=p50, latency_p99_ms=p99, package_kb=len(package) / 1024)
@@ -698,10 +697,10 @@ def stage_evaluate(svc: Services, st: RoundState, say: Callable[[str], None]) ->
         old = np.isin(golden.labels, pclasses)
         old_labels = golden.labels[old]
         before = classification_metrics(
-            LabelledWindows(golden.x[old], old_labels).indices(pclasses), ppred[old], pclasses
+            label_indices(old_labels, pclasses), ppred[old], pclasses
         ).macro_f1
         after = classification_metrics(
-            LabelledWindows(golden.x[old], old_labels).indices(class_names), pred[old], class_names
+            label_indices(old_labels, class_names), pred[old], class_names
         ).macro_f1
         drop = 100 * (before - after)
         gates.update(
@@ -721,8 +720,8 @@ def stage_evaluate(svc: Services, st: RoundState, say: Callable[[str], None]) ->
         )
         hlabels = [c for _, c in trained["holdout"]]
         hev = classification_metrics(
-            LabelledWindows(hx, np.array(hlabels)).indices(class_names),
-            package_predict(package, hx, threads=threads),
+            label_indices(np.array(hlabels), class_names),
+            predict(sess, hx),
             class_names,
         )
         new_recall = {c: hev.recall[c] for c in trained["new_classes"] if c in hev.recall}
