@@ -35,6 +35,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from sqlalchemy import exists, func, select, text
 from sqlalchemy.orm import sessionmaker
+import torch
 from torch import nn
 
 from cloud.datasets import LabelledWindows, label_indices, load_dataset
@@ -418,6 +419,7 @@ def _train_initial(
     y = base.indices(class_names)
     model: nn.Module
     if cfg.teacher is None:
+        torch.manual_seed(cfg.seed)  # the initial weights: the same on every run
         model = build_model(
             ModelConfig(
                 window=base.x.shape[1], channels=base.x.shape[2], n_classes=len(class_names)
