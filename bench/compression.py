@@ -44,8 +44,8 @@ def torch_ao_baseline(teacher, gx, gy, class_names, windows: int) -> dict:
     import torch
     from torch import nn
 
-    from cloud.evaluation import latency_ms
-    from cloud.metrics import classification_metrics
+    from cloud.model.evaluation import latency_ms
+    from cloud.model.metrics import classification_metrics
 
     with __import__("warnings").catch_warnings():
         __import__("warnings").simplefilter("ignore")  # torch.ao is deprecated in favour of torchao
@@ -66,15 +66,15 @@ def ort_dynamic_baseline(teacher, ood, gx, gy, class_names, threads, windows) ->
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from cloud.evaluation import evaluate_package, make_package
-    from cloud.training import export_onnx
+    from cloud.model.evaluation import evaluate_package
+    from cloud.model.export import export_onnx, package_graph
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "teacher.onnx", Path(tmp) / "q.onnx"
         src.write_bytes(export_onnx(teacher, ood))
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
         graph = onnx.load(dst).SerializeToString()
-    pkg = make_package(
+    pkg = package_graph(
         graph,
         teacher,
         name="bench",
@@ -96,9 +96,12 @@ def ort_dynamic_baseline(teacher, ood, gx, gy, class_names, threads, windows) ->
 def run_backbone(backbone: str, data, golden, profile, quick: bool) -> dict:
     import torch
 
-    from cloud.compression import DistillConfig, compress
-    from cloud.models import ModelSpec, build
-    from cloud.training import TrainConfig, ood_calibration, train
+    from cloud.compress.distill import DistillConfig
+    from cloud.compress.pipeline import compress
+    from cloud.model.configs import TrainConfig
+    from cloud.model.ood import ood_calibration
+    from cloud.model.train import train
+    from cloud.model.transformer import ModelSpec, build
 
     normal = data.x[data.y == 0]
     spec = ModelSpec(backbone=backbone, n_classes=len(CLASSES), **TEACHERS[backbone])
@@ -164,7 +167,7 @@ def main() -> None:
 
     import torch
 
-    from cloud.profiles import get_profile
+    from cloud.compress.profiles import get_profile
     from sim.tep import generate, golden_set
 
     torch.set_num_threads(2)

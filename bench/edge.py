@@ -105,14 +105,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from cloud.training import (
-        ModelConfig,
-        TrainConfig,
-        build_model,
-        ood_calibration,
-        package_model,
-        train,
-    )
+    from cloud.model.cnn import ModelConfig, build_model
+    from cloud.model.configs import TrainConfig
+    from cloud.model.export import package_model
+    from cloud.model.ood import ood_calibration
+    from cloud.model.train import train
     from sim.fleet import Episode, FleetSimulator
     from sim.tep import generate
 

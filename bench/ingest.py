@@ -120,8 +120,8 @@ def ingest_rate(
     """(rate, rows, distinct ids, objects) with ``processes`` ingest processes."""
     from sqlalchemy import func, select
 
-    from cloud.db import Sample, session_factory
-    from cloud.storage import S3ObjectStore
+    from cloud.store.db import Sample, session_factory
+    from cloud.store.objects import S3ObjectStore
 
     env = {
         **os.environ,
@@ -154,7 +154,7 @@ def ingest_rate(
         )
         for i in range(processes)
     ]
-    sessions = session_factory(db_url, upgrade=False)
+    sessions = session_factory(db_url)
     try:
         time.sleep(3.0)  # connect and subscribe
         t0 = publish_all(port, messages)
@@ -191,8 +191,8 @@ def main() -> None:
     import numpy as np
     import psycopg
 
-    from cloud.db import migrate, session_factory
-    from cloud.ingest import register_device
+    from cloud.store.db import migrate, session_factory
+    from cloud.store.records import register_device
     from shared.messages import SampleMessage, Tensor, utcnow
     from shared.topics import topic
     from sim.tep import generate
@@ -247,7 +247,7 @@ def main() -> None:
                     conn.execute(f'CREATE DATABASE "{db}"')
                 url = f"postgresql+psycopg://postgres@{PG.split('@')[1]}/{db}"
                 migrate(url)
-                with session_factory(url, upgrade=False)() as s:
+                with session_factory(url)() as s:
                     for d in devices:
                         register_device(session=s, device_id=d, fleet=fleet, profile="cpu-fp32")
                 print(f"{procs} ingest process(es) …", file=sys.stderr)

@@ -54,10 +54,12 @@ def main() -> None:
 
     import torch
 
-    from cloud.metrics import classification_metrics
-    from cloud.replay import ReplayBuffer
-    from cloud.training import ModelConfig, TrainConfig, build_model, extend_classes, predict
-    from cloud.training import train as fit
+    from cloud.learn.replay import ReplayBuffer
+    from cloud.model.cnn import ModelConfig, build_model
+    from cloud.model.configs import TrainConfig
+    from cloud.model.metrics import classification_metrics
+    from cloud.model.train import extend_classes, predict
+    from cloud.model.train import train as fit
     from sim.tep import generate, golden_set
 
     torch.set_num_threads(2)

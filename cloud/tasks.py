@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_init
 
 from cloud.config import get_settings
 
@@ -32,8 +35,18 @@ app.conf.update(
 )
 
 
-def _policy():  # type: ignore[no-untyped-def]
-    from cloud.triggers import TriggerPolicy
+@worker_init.connect
+def _start(**_: Any) -> None:
+    """A worker brings the schema up to date once, when it starts, and loads the stages'
+    libraries (torch, transformers, ONNX): a round's first stage starts at once."""
+    from cloud.learn import runner  # noqa: F401
+    from cloud.store.db import migrate
+
+    migrate(get_settings().resolved_database_url)
+
+
+def _policy():
+    from cloud.learn.triggers import TriggerPolicy
 
     s = get_settings()
     return TriggerPolicy(
@@ -43,44 +56,33 @@ def _policy():  # type: ignore[no-untyped-def]
     )
 
 
-def _services():  # type: ignore[no-untyped-def]
-    from cloud.db import session_factory
-    from cloud.registry import Registry
-    from cloud.storage import open_store
+@lru_cache(maxsize=1)
+def _services():
+    """Sessions, object store and a registry per fleet: opened once per worker process."""
+    from cloud.store.db import session_factory
+    from cloud.store.objects import open_store
+    from cloud.tracking.registry import open_registry
 
     s = get_settings()
     return (
         session_factory(s.resolved_database_url),
         open_store(s),
-        lambda fleet: Registry(
-            s.resolved_mlflow_uri,
-            experiment=f"edgeloop-{fleet}",
-            artifact_location=s.mlflow_artifact_location,
-        ),
+        lambda fleet: open_registry(s, fleet),
     )
 
 
 def round_config(fleet: str, profile: str) -> dict:
     """The settings a round started now runs with (fixed in its row when it is reserved)."""
-    from cloud.learning import RoundConfig
-    from cloud.training import TrainConfig
+    from cloud.learn.state import RoundConfig
 
-    s = get_settings()
-    return RoundConfig(
-        fleet=fleet,
-        profile=profile,
-        replay_per_class=s.round_replay_per_class,
-        pseudo_label_min_confidence=s.round_pseudo_label_min_confidence,
-        train=TrainConfig(epochs=s.round_epochs, lr=2e-3),
-        distill_epochs=s.round_distill_epochs,
-    ).to_dict()
+    return RoundConfig.from_settings(get_settings(), fleet=fleet, profile=profile).to_dict()
 
 
-def round_chain(round_id: int, stages: list[str] | None = None):  # type: ignore[no-untyped-def]
+def round_chain(round_id: int, stages: list[str] | None = None):
     """The chain of stage tasks of a round, from the first of ``stages`` (default: all)."""
     from celery import chain
 
-    from cloud.learning import STAGES
+    from cloud.learn.state import STAGES
 
     todo = stages or list(STAGES)
     return chain(*(STAGE_TASKS[stage].si(round_id) for stage in todo))
@@ -90,7 +92,7 @@ def round_chain(round_id: int, stages: list[str] | None = None):  # type: ignore
 # stage whose worker was killed is delivered again (after the broker's visibility timeout)
 # with the rest of the chain; the rounds table makes each stage run to completion once.
 @app.task(name="edgeloop.retrain", bind=True, acks_late=True, reject_on_worker_lost=True)
-def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual") -> dict:  # type: ignore[no-untyped-def]
+def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual") -> dict:
     """Start one learning round for ``fleet`` / ``profile``: reserve its version, then become
     the chain train → recompress → evaluate → register (this task's result is the chain's:
     the new version and its gates).
@@ -101,9 +103,10 @@ def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual")
     import redis
     from sqlalchemy import select
 
-    from cloud import rounds
-    from cloud.db import Round
-    from cloud.triggers import RoundLock, check
+    from cloud.learn import rounds
+    from cloud.learn.lock import RoundLock
+    from cloud.learn.triggers import check
+    from cloud.store.db import Round
 
     task_id = self.request.id or "eager"
     s = get_settings()
@@ -160,18 +163,19 @@ def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual")
     raise self.replace(round_chain(row.id, left))
 
 
-def _stage(task, round_id: int, stage: str) -> dict:  # type: ignore[no-untyped-def]
+def _stage(task, round_id: int, stage: str) -> dict:
     """Run ``stage`` of round ``round_id`` holding the fleet's round lock (a copy of the same
     task delivered while the first still runs waits for it, then finds the stage done)."""
     import redis
 
-    from cloud import rounds
-    from cloud.learning import STAGES, Services
-    from cloud.triggers import RoundLock
+    from cloud.learn.lock import RoundLock
+    from cloud.learn.rounds import finish_if_done, state_of
+    from cloud.learn.runner import run_stage
+    from cloud.learn.state import STAGES, Services
 
     s = get_settings()
     sessions, store, registry = _services()
-    st = rounds.state_of(sessions, round_id)
+    st = state_of(sessions, round_id)
     lock = RoundLock(
         redis.Redis.from_url(s.redis_url), st.fleet, st.profile, ttl_s=s.round_lock_ttl_s
     )
@@ -180,40 +184,45 @@ def _stage(task, round_id: int, stage: str) -> dict:  # type: ignore[no-untyped-
         # key expires): wait, then find the stage done or run it.
         raise task.retry(countdown=max(1, s.round_lock_ttl_s // 2))
     try:
-        out = rounds.run_stage(Services(sessions, store, registry(st.fleet)), round_id, stage)
+        out = run_stage(Services(sessions, store, registry(st.fleet)), round_id, stage)
     finally:
         lock.release()
     if stage == STAGES[-1]:
-        return rounds.finish_if_done(sessions, round_id)
+        return finish_if_done(sessions, round_id)
     return {"round": round_id, "stage": stage, "outputs": sorted(out)}
 
 
 # Every stage task: its message kept until it finished (redelivered with the rest of the
 # chain if its worker dies), and waiting for the lock as long as the holder works.
-STAGE_TASK = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None}
+STAGE_TASK_OPTIONS = {
+    "bind": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "max_retries": None,
+}
 
 
-@app.task(name="edgeloop.round.train", **STAGE_TASK)
-def train_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
-    """Fine-tune the teacher on new labels + replay (cloud.learning.stage_train)."""
+@app.task(name="edgeloop.round.train", **STAGE_TASK_OPTIONS)
+def train_stage(self, round_id: int) -> dict:
+    """Fine-tune the teacher on new labels + replay (cloud.learn.train)."""
     return _stage(self, round_id, "train")
 
 
-@app.task(name="edgeloop.round.recompress", **STAGE_TASK)
-def recompress_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
-    """The teacher → the profile's edge package (cloud.learning.stage_recompress)."""
+@app.task(name="edgeloop.round.recompress", **STAGE_TASK_OPTIONS)
+def recompress_stage(self, round_id: int) -> dict:
+    """The teacher → the profile's edge package (cloud.learn.recompress)."""
     return _stage(self, round_id, "recompress")
 
 
-@app.task(name="edgeloop.round.evaluate", **STAGE_TASK)
-def evaluate_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
-    """The package under ONNX Runtime against the gates (cloud.learning.stage_evaluate)."""
+@app.task(name="edgeloop.round.evaluate", **STAGE_TASK_OPTIONS)
+def evaluate_stage(self, round_id: int) -> dict:
+    """The package under ONNX Runtime against the gates (cloud.learn.evaluate)."""
     return _stage(self, round_id, "evaluate")
 
 
-@app.task(name="edgeloop.round.register", **STAGE_TASK)
-def register_stage(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
-    """MLflow run, model version, aliases; the round's answer (cloud.learning.stage_register)."""
+@app.task(name="edgeloop.round.register", **STAGE_TASK_OPTIONS)
+def register_stage(self, round_id: int) -> dict:
+    """MLflow run, model version, aliases; the round's answer (cloud.learn.register)."""
     return _stage(self, round_id, "register")
 
 
@@ -226,13 +235,13 @@ STAGE_TASKS = {
 
 
 @app.task(name="edgeloop.resume_round", bind=True)
-def resume_round(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
+def resume_round(self, round_id: int) -> dict:
     """Run a failed or stalled round again from its first stage not done; a round still
     under way is left to its chain."""
     import redis
 
-    from cloud import rounds
-    from cloud.triggers import RoundLock
+    from cloud.learn import rounds
+    from cloud.learn.lock import RoundLock
 
     s = get_settings()
     sessions, _, _ = _services()
@@ -265,7 +274,7 @@ def resume_round(self, round_id: int) -> dict:  # type: ignore[no-untyped-def]
 @app.task(name="edgeloop.check_triggers")
 def check_triggers() -> list[dict]:
     """Beat's task: start a round for every fleet and profile whose policy fires."""
-    from cloud.triggers import due_rounds
+    from cloud.learn.triggers import due_rounds
 
     sessions, _, _ = _services()
     with sessions() as session:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.scoring import scorers_for, window_features
+from edge_agent.scoring import scorers_for
 from shared.errors import PackageError
+from shared.features import window_features
 from shared.package import ModelPackage
 
 

@@ -15,20 +15,8 @@ import numpy as np
 
 class Scorer(Protocol):
     def __call__(self, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
-        """(B, K) logits and (B, 2C) window features (see window_features) → (B,) scores."""
+        """(B, K) logits and (B, 2C) window features (shared.features) → (B,) scores."""
         ...
-
-
-def window_features(windows: np.ndarray) -> np.ndarray:
-    """(B, T, C) → (B, 2C): each channel's mean and standard deviation over the window.
-
-    One pass of sums (float64) instead of mean() and std(): this runs on every window.
-    """
-    t = windows.shape[1]
-    s1 = windows.sum(axis=1, dtype=np.float64)
-    s2 = np.einsum("btc,btc->bc", windows, windows, dtype=np.float64)
-    mean = s1 / t
-    return np.concatenate([mean, np.sqrt(np.maximum(s2 / t - mean * mean, 0.0))], axis=1)
 
 
 def _logsumexp(logits: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from edge_agent.runtime import Detection
-from edge_agent.scoring import window_features
+from shared.features import window_features
 
 
 class Selector:

@@ -3,7 +3,7 @@
 from alembic import context
 
 from cloud.config import CloudSettings
-from cloud.db import Base, make_engine
+from cloud.store.db import Base, make_engine
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or CloudSettings().resolved_database_url

@@ -20,6 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.errors import PackageError
 
 FORMAT_VERSION = 1
+
+
+def model_name(fleet: str, profile: str) -> str:
+    """The name of a fleet's model for one hardware profile: the package manifest's ``name``
+    and the registered model's name in MLflow."""
+    return f"edgeloop.{fleet}.{profile}"
+
+
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # zip cannot store earlier; fixed so bytes do not depend on time
 
 

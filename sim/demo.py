@@ -21,13 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from cloud.config import CloudSettings
-from cloud.datasets import LabelledWindows, register_dataset
-from cloud.db import session_factory
-from cloud.ingest import Ingestor, IngestService, register_device
-from cloud.learning import RoundConfig, run_round, train_initial
-from cloud.publisher import Publisher
-from cloud.registry import Registry
-from cloud.storage import LocalObjectStore
+from cloud.ingest.ingestor import Ingestor
+from cloud.ingest.service import IngestService
+from cloud.learn.runner import run_round, train_initial
+from cloud.learn.state import RoundConfig
+from cloud.rollout.publisher import Publisher
+from cloud.store.datasets import LabelledWindows, register_dataset
+from cloud.store.db import migrate, session_factory
+from cloud.store.objects import LocalObjectStore
+from cloud.store.records import register_device
+from cloud.tracking.registry import open_registry
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeSettings
 from shared.errors import DataError
@@ -141,13 +144,10 @@ def run_demo(
         f"({time.perf_counter() - t0:.0f} s)"
     )
 
+    migrate(settings.resolved_database_url)
     sessions = session_factory(settings.resolved_database_url)
     store = LocalObjectStore(home / "objects")
-    registry = Registry(
-        settings.resolved_mlflow_uri,
-        experiment=f"edgeloop-{fleet}",
-        artifact_location=settings.mlflow_artifact_location,
-    )
+    registry = open_registry(settings, fleet)
     register_dataset(store=store, name="base", data=_to_labelled(base))
     register_dataset(store=store, name="golden", data=_to_labelled(golden))
     cfg = RoundConfig(fleet=fleet, profile=PROFILE, seed=seed)

@@ -47,13 +47,17 @@ def unique(prefix: str) -> str:
 
 @pytest.fixture
 def pg_url():
-    """A fresh PostgreSQL database for this test, dropped after it."""
+    """A fresh PostgreSQL database for this test, at the newest schema, dropped after it."""
+    from cloud.store.db import migrate
+
     require("PostgreSQL", PG_PORT)
     name = unique("edgeloop_t_")
     admin = f"postgresql://postgres@{HOST}:{PG_PORT}/postgres"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@{HOST}:{PG_PORT}/{name}"
+    url = f"postgresql+psycopg://postgres@{HOST}:{PG_PORT}/{name}"
+    migrate(url)  # as a service does at its start: sessions never migrate by themselves
+    yield url
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -61,7 +65,7 @@ def pg_url():
 @pytest.fixture
 def s3_store():
     """An S3ObjectStore on SeaweedFS with a bucket of its own."""
-    from cloud.storage import S3ObjectStore
+    from cloud.store.objects import S3ObjectStore
 
     require("SeaweedFS S3", S3_PORT)
     store = S3ObjectStore(
@@ -114,12 +118,15 @@ def tep_small():
 @pytest.fixture(scope="session")
 def tiny_package(tep_small):
     """A trained, packaged model (bytes) and its torch twin, for edge and ingest tests."""
-    from cloud.training import ModelConfig, TrainConfig, build_model, package_model, train
+    from cloud.model.cnn import ModelConfig, build_model
+    from cloud.model.configs import TrainConfig
+    from cloud.model.export import package_model
+    from cloud.model.train import train
 
     data, _ = tep_small
     model = build_model(ModelConfig(n_classes=len(data.class_names)), data.x[data.y == 0])
     train(model, data.x, data.y, TrainConfig(epochs=15))
-    from cloud.training import ood_calibration
+    from cloud.model.ood import ood_calibration
 
     pkg = package_model(
         model,
@@ -210,7 +217,7 @@ def sample_message(fleet: str, window: np.ndarray, **fields):
 
 def repackage(tiny_package, version: str, *, profile: str = "cpu-fp32") -> bytes:
     """The fixture's model packaged again under another version (or profile), parent v1."""
-    from cloud.training import package_model
+    from cloud.model.export import package_model
     from shared.package import ModelPackage
 
     pkg, model = tiny_package

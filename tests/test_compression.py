@@ -11,14 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.compression import DistillConfig, compress, distill, write_report
-from cloud.evaluation import evaluate_package, make_package
-from cloud.metrics import classification_metrics
-from cloud.models import ModelSpec, build, from_bytes, to_bytes
-from cloud.profiles import HardwareProfile, load_profiles
-from cloud.pruning import block_influence, ffn_importance, prune_ffn, prune_layers
-from cloud.quantization import inspect_schemes, plan_table, quantize
-from cloud.training import TrainConfig, export_onnx, ood_calibration, predict, train
+from cloud.compress.distill import DistillConfig, distill
+from cloud.compress.pipeline import compress
+from cloud.compress.profiles import HardwareProfile, load_profiles
+from cloud.compress.pruning import block_influence, ffn_importance, prune_ffn, prune_layers
+from cloud.compress.quantization import inspect_schemes, plan_table, quantize
+from cloud.compress.report import write_report
+from cloud.model.checkpoint import from_bytes, to_bytes
+from cloud.model.configs import TrainConfig
+from cloud.model.evaluation import evaluate_package
+from cloud.model.export import export_onnx, package_graph
+from cloud.model.metrics import classification_metrics
+from cloud.model.ood import ood_calibration
+from cloud.model.train import predict, train
+from cloud.model.transformer import ModelSpec, build
 from shared.errors import BudgetError, ConfigError, PackageError
 from shared.package import ModelPackage
 
@@ -173,9 +179,9 @@ def test_exported_package_matches_torch(teachers, tep_faults, backbone):
     graph = export_onnx(teacher, ood(data))
     kw = dict(name="t", version="v1", parent=None, profile="p", class_names=CLASSES,
               metadata={"ood": ood(data)})  # fmt: skip
-    fp32 = ModelPackage(make_package(graph, teacher, **kw))
+    fp32 = ModelPackage(package_graph(graph, teacher, **kw))
     rows = plan_table(graph, {"attention": "int8", "ffn": "int8", "other": "int8"})
-    int8 = ModelPackage(make_package(quantize(graph, rows), teacher, **kw))
+    int8 = ModelPackage(package_graph(quantize(graph, rows), teacher, **kw))
     import onnxruntime as ort
 
     with torch.no_grad():
@@ -204,7 +210,7 @@ def test_packaging_the_same_model_twice_gives_the_same_sha256(teachers, tep_faul
 
     def package(model):
         graph = export_onnx(model, ood(data))
-        return make_package(quantize(graph, plan_table(graph, {"ffn": "int4"})), model, **kw)
+        return package_graph(quantize(graph, plan_table(graph, {"ffn": "int4"})), model, **kw)
 
     rebuilt, names = from_bytes(to_bytes(teacher, CLASSES))
     first, second, third = package(teacher), package(teacher), package(rebuilt)
@@ -269,7 +275,7 @@ def test_corrupt_or_truncated_edge_package_is_refused(teachers, tep_faults):
     data, golden = tep_faults
     teacher = teachers["patchtst"]
     graph = export_onnx(teacher, ood(data))
-    good = make_package(quantize(graph, plan_table(graph, {"ffn": "int8"})), teacher,
+    good = package_graph(quantize(graph, plan_table(graph, {"ffn": "int8"})), teacher,
                         name="t", version="v1", parent=None, profile="p", class_names=CLASSES,
                         metadata={})  # fmt: skip
     flipped = bytearray(good)

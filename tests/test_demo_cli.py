@@ -38,8 +38,8 @@ def test_demo_loop_learns_the_new_fault(tmp_path):
     assert sorted(str(v.version) for v in versions) == ["1", "2"]
     for d in ("plant-01", "plant-02"):
         assert (home / "edge" / d / "models" / "current").read_text() in ("a", "b")
-    from cloud.db import session_factory
-    from cloud.fleet import fleet_status
+    from cloud.rollout.fleet import fleet_status
+    from cloud.store.db import session_factory
 
     with session_factory(f"sqlite:///{home / 'edgeloop.db'}")() as session:
         status = fleet_status(session=session, fleet="demo")

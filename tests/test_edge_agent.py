@@ -19,8 +19,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import func, select
 
-from cloud.db import DeviceUpdate, Sample, session_factory
-from cloud.ingest import Ingestor, IngestService, register_device
+from cloud.ingest.ingestor import Ingestor
+from cloud.ingest.service import IngestService
+from cloud.store.db import DeviceUpdate, Sample, session_factory
+from cloud.store.records import register_device
 from edge_agent.agent import EdgeAgent
 from edge_agent.buffer import DurableBuffer
 from edge_agent.config import EdgeSettings
@@ -363,7 +365,7 @@ def test_last_will_marks_a_vanished_device_offline(
     its heartbeats carry model version, latency, buffer depth and anomaly rate."""
     import socket as socketlib
 
-    from cloud.db import Device
+    from cloud.store.db import Device
 
     sessions, start_ingest = cloud_on
     start_ingest(mqtt_port)

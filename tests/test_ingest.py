@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from cloud.db import DeadLetter, Sample, session_factory
-from cloud.ingest import Ingestor, IngestService, register_device
-from cloud.storage import S3ObjectStore
+from cloud.ingest.ingestor import Ingestor
+from cloud.ingest.service import IngestService
+from cloud.store.db import DeadLetter, Sample, session_factory
+from cloud.store.objects import S3ObjectStore
+from cloud.store.records import register_device
 from shared.messages import utcnow
 from shared.topics import topic
 
@@ -53,7 +55,7 @@ def test_outage_means_no_ack_then_catch_up(
         bucket=s3_store.bucket,
     )
     sessions = session_factory(pg_url)  # migrations straight, the ingest through the proxy
-    proxied = session_factory(pg_url.replace(f":{PG_PORT}/", f":{pg_proxy.port}/"), upgrade=False)
+    proxied = session_factory(pg_url.replace(f":{PG_PORT}/", f":{pg_proxy.port}/"))
     with sessions() as s:
         register_device(session=s, device_id="d1", fleet=fleet, profile="cpu-fp32")
     service = IngestService(
@@ -116,7 +118,7 @@ def test_a_sample_another_ingest_stored_first_is_acked_once_and_the_rest_lands(
     stored once, readable, with its own content hash."""
     from sqlalchemy import event
 
-    from cloud.ingest import content_sha256, load_window
+    from cloud.store.windows import content_sha256, load_window
 
     sessions_a, sessions_b = session_factory(pg_url), session_factory(pg_url)
     with sessions_a() as s:
@@ -278,7 +280,7 @@ def test_fuzzed_payloads_are_dead_lettered(pg_url, s3_store, fleet):
 def test_fleet_status_and_operator_labels(pg_url, s3_store, fleet):
     """The fleet view counts samples, labels and dead letters per device; operator labels
     replace earlier operator labels and refuse unknown samples."""
-    from cloud.fleet import fleet_status, label_samples
+    from cloud.rollout.fleet import fleet_status, label_samples
     from shared.errors import DataError
 
     sessions = session_factory(pg_url)
@@ -383,7 +385,7 @@ def test_fields_the_database_would_refuse_and_stale_wills(pg_url, s3_store, flee
     ago still marks its device offline."""
     import json
 
-    from cloud.db import Device
+    from cloud.store.db import Device
     from shared.messages import Heartbeat, LabelMessage
 
     sessions = session_factory(pg_url)

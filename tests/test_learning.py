@@ -18,24 +18,21 @@ import torch
 from mlflow import MlflowClient
 from sqlalchemy import select
 
-from cloud import rounds
-from cloud.datasets import LabelledWindows, dataset_key, register_dataset
-from cloud.db import Label, ModelVersion, Round, Sample, session_factory
-from cloud.ingest import content_sha256, npy_bytes, register_device
-from cloud.learning import (
-    RoundConfig,
-    Services,
-    load_checkpoint,
-    replay_key,
-    run_round,
-    train_initial,
-)
-from cloud.quantization import inspect_schemes
-from cloud.registry import Registry, model_name
-from cloud.replay import ReplayBuffer
-from cloud.training import TrainConfig
-from cloud.triggers import TriggerPolicy, check
-from shared.package import ModelPackage
+from cloud.compress.quantization import inspect_schemes
+from cloud.learn import rounds
+from cloud.learn.replay import ReplayBuffer
+from cloud.learn.runner import run_round, run_stage, train_initial
+from cloud.learn.state import RoundConfig, Services
+from cloud.learn.triggers import TriggerPolicy, check
+from cloud.model.checkpoint import from_bytes
+from cloud.model.configs import TrainConfig
+from cloud.store.datasets import LabelledWindows, register_dataset
+from cloud.store.db import Label, ModelVersion, Round, Sample, session_factory
+from cloud.store.keys import dataset_key, replay_key
+from cloud.store.records import register_device
+from cloud.store.windows import content_sha256, npy_bytes
+from cloud.tracking.registry import Registry
+from shared.package import ModelPackage, model_name
 from sim.tep import generate
 
 from .conftest import (
@@ -168,7 +165,7 @@ def test_round_registers_gated_version_with_lineage(
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "champion.edgepkg").read_bytes() == result.package
 
-    model, classes = load_checkpoint(store, f"checkpoints/{fleet}/cpu-fp32/v2.safetensors")
+    model, classes = from_bytes(store.get(f"checkpoints/{fleet}/cpu-fp32/v2.safetensors"))
     assert classes == result.class_names and model.cfg.n_classes == len(classes)
     with sessions() as s:
         rows = s.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
@@ -236,7 +233,7 @@ def test_round_pseudo_labels_above_the_bar_and_replays_a_reservoir(
             now=datetime.now(UTC),
         )
     assert result.promoted, result.gates
-    teacher, _ = load_checkpoint(store, f"checkpoints/{fleet}/cpu-fp32/v1.safetensors")
+    teacher, _ = from_bytes(store.get(f"checkpoints/{fleet}/cpu-fp32/v1.safetensors"))
     with torch.no_grad():
         sure = torch.softmax(teacher(torch.as_tensor(extra.x)), 1).max(1).values.numpy() >= 0.9
     # Exactly the windows the teacher is sure of, and some of them.
@@ -318,7 +315,7 @@ def test_round_recompresses_a_transformer_teacher_for_its_profile(
     assert comp["kept_layers"] and comp["edge_bytes"] == len(result.package)
     assert result.gates["passed"], result.gates
     assert result.gates["holdout_new_recall"]["idv_06"] >= 0.9
-    model, classes = load_checkpoint(store, f"checkpoints/{fleet}/rpi4-int8/v2.safetensors")
+    model, classes = from_bytes(store.get(f"checkpoints/{fleet}/rpi4-int8/v2.safetensors"))
     assert type(model).__name__ == "SensorTransformer" and classes == result.class_names
     client = MlflowClient(tracking_uri=mlflow_uri)
     v2 = client.get_model_version_by_alias(model_name(fleet, "rpi4-int8"), "champion")
@@ -352,14 +349,14 @@ def test_register_after_a_crash_past_mlflow_records_without_registering_again(
         row.stages = fake
         s.commit()
     with pytest.raises(RuntimeError, match="another package"):
-        rounds.run_stage(svc, round_id, "register")
+        run_stage(svc, round_id, "register")
     with sessions() as s:
         row = s.get(Round, round_id)
         row.stages = {**real, "register": {"attempts": 1}}
         row.state = "register"
         s.commit()
 
-    out = rounds.run_stage(svc, round_id, "register")
+    out = run_stage(svc, round_id, "register")
 
     client = MlflowClient(tracking_uri=mlflow_uri)
     registered = client.search_model_versions(f"name = '{model_name(fleet, 'cpu-fp32')}'")
@@ -570,14 +567,23 @@ def test_worker_killed_mid_round_finishes_it_once(
             row = row.first()
             return None if row is None else (row.state, row.attempts, row.version)
 
+    def train_progress():
+        with sessions() as s:
+            row = s.scalars(
+                select(Round).where(Round.fleet == fleet, Round.version == "v2")
+            ).first()
+            return None if row is None else (row.stages or {}).get("train", {}).get("progress")
+
     first = worker(1)
     code = (
         "from cloud.tasks import retrain; import json; "
         f"print(json.dumps(retrain.delay('{fleet}').id))"
     )
     task_id = _client(code, env, timeout=60)
-    wait_for(lambda: round_state()[2] == "v2", timeout=120, what="the round to start")
-    time.sleep(1.0)
+    # Killed once the train stage reports progress, not a fixed second after the round
+    # was reserved: a slow start would otherwise be killed before training began.
+    wait_for(lambda: train_progress() is not None, timeout=120, what="training to start")
+    time.sleep(0.5)
     state_at_kill = round_state()
     first.kill()  # SIGKILL: no cleanup, no ack, the lock left to expire
     first.wait(10)

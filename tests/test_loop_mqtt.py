@@ -15,8 +15,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import func, select
 
-from cloud.db import DeadLetter, Device, Label, Sample, session_factory
-from cloud.ingest import Ingestor, IngestService, load_window, register_device
+from cloud.ingest.ingestor import Ingestor
+from cloud.ingest.service import IngestService
+from cloud.store.db import DeadLetter, Device, Label, Sample, session_factory
+from cloud.store.records import register_device
+from cloud.store.windows import load_window
 from shared.messages import UpdateNotice
 from shared.package import ModelPackage
 from shared.topics import topic

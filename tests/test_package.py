@@ -16,7 +16,7 @@ from shared.package import ModelPackage
 
 def test_same_model_packs_to_same_sha256(tiny_package):
     """Packaging the same model twice gives identical bytes, hence the same sha256."""
-    from cloud.training import package_model
+    from cloud.model.export import package_model
 
     pkg, model = tiny_package
     again = package_model(

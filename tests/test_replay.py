@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 
-from cloud.replay import ReplayBuffer
+from cloud.learn.replay import ReplayBuffer
 
 STREAM = [(f"base:{i}", "normal" if i % 5 else "idv_01") for i in range(500)] + [
     (f"sample:{i}", "idv_06") for i in range(7)

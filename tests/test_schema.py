@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from cloud.config import CloudSettings
-from cloud.db import make_engine, migrate
+from cloud.store.db import make_engine, migrate, require_schema, session_factory
 from shared.errors import ConfigError
 
 TABLES = {
@@ -80,3 +82,46 @@ def test_edge_production_refuses_plain_mqtt(monkeypatch):
     monkeypatch.setenv("EDGELOOP_EDGE_MODE", "production")
     with pytest.raises(ConfigError, match="MQTT_TLS"):
         EdgeSettings()
+
+
+def test_sessions_do_not_migrate_and_commands_say_what_to_run(tmp_path):
+    """Opening sessions leaves a new database empty; require_schema names the command
+    that brings it up to date, and passes once it ran."""
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    session_factory(url)().close()
+    assert _tables(url) == set()
+    with pytest.raises(ConfigError, match="edgeloop cloud migrate"):
+        require_schema(url)
+
+    migrate(url)
+
+    require_schema(url)
+
+
+def test_trigger_baselines_move_out_of_the_gate_report_and_back(tmp_path):
+    """Revision 0005 moves a version's trigger baselines from ``gates`` to ``baselines``
+    (the gate report keeps only gates); its downgrade puts them back."""
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    migrate(url, "20261129_0004")
+    engine = make_engine(url)
+    gates = {"passed": True, "failed": [], "fleet_anomaly_rate": 0.25, "label_watermark": 7}
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO model_versions (name, version, profile, sha256, object_key, "
+                "class_names, gates, created_at) VALUES ('m', 'v1', 'cpu-fp32', 's', 'k', "
+                "'[]', :gates, '2026-11-30 00:00:00')"
+            ),
+            {"gates": json.dumps(gates)},
+        )
+
+    migrate(url)
+
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT gates, baselines FROM model_versions")).one()
+    assert json.loads(row.gates) == {"passed": True, "failed": []}
+    assert json.loads(row.baselines) == {"fleet_anomaly_rate": 0.25, "label_watermark": 7}
+    migrate(url, "20261129_0004", downgrade=True)
+    with engine.connect() as conn:
+        assert json.loads(conn.execute(text("SELECT gates FROM model_versions")).scalar()) == gates
+    engine.dispose()

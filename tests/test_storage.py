@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cloud.storage import LocalObjectStore, ObjectNotFound, StorageError
+from cloud.store.objects import LocalObjectStore, ObjectNotFound, StorageError
 
 
 class ObjectStoreContract:
@@ -63,7 +63,7 @@ class TestS3ObjectStore(ObjectStoreContract):
 
 def test_unreachable_s3_is_a_storage_error():
     """An S3 endpoint that does not answer raises StorageError quickly, not a hang."""
-    from cloud.storage import S3ObjectStore
+    from cloud.store.objects import S3ObjectStore
 
     with pytest.raises(StorageError):
         S3ObjectStore(endpoint="127.0.0.1:9", access_key="a", secret_key="b", bucket="nobucket")

@@ -9,9 +9,10 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from cloud.db import Device, Label, ModelVersion, Round, Sample, session_factory
-from cloud.registry import model_name
-from cloud.triggers import RoundLock, TriggerPolicy, check, due_rounds
+from cloud.learn.lock import RoundLock
+from cloud.learn.triggers import TriggerPolicy, check, due_rounds
+from cloud.store.db import Device, Label, ModelVersion, Round, Sample, session_factory
+from shared.package import model_name
 
 from .conftest import HOST, REDIS_PORT, require, unique
 
@@ -40,7 +41,8 @@ def fleet_db(pg_url):
             ModelVersion(
                 name=model_name("f", "p"), version="v1", profile="p", sha256="0" * 64,
                 object_key="k", class_names=["normal"], created_at=NOW - timedelta(hours=2),
-                gates={"passed": True, "fleet_anomaly_rate": 0.1, "label_watermark": 3},
+                gates={"passed": True},
+                baselines={"fleet_anomaly_rate": 0.1, "label_watermark": 3},
             )
         )  # fmt: skip
         s.commit()

@@ -1,0 +1,174 @@
+"""The ingest service: an Ingestor on an MQTT shared subscription (the ingest's one MQTT
+client), storing batches and publishing their acks."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+
+import paho.mqtt.client as mqtt
+
+from cloud.ingest.ingestor import TRANSIENT, Ingestor
+from cloud.ingest.validate import Receipt
+from shared.errors import MessageError
+from shared.messages import Ack
+from shared.topics import UPLINK_KINDS, subscription, topic
+
+log = logging.getLogger(__name__)
+
+
+class _Stopping(Exception):
+    pass
+
+
+class IngestService:
+    """Runs an Ingestor on an MQTT shared subscription and publishes its acks.
+
+    paho's network thread only queues what arrives; a worker thread takes batches (up to
+    ``max_batch``, whatever has arrived), stores each batch with one object write per
+    window shape and one transaction, publishes one ack per device and outcome, and only
+    then sends the MQTT PUBACKs (manual acks). With a stable ``client_id`` (a persistent
+    session) the broker delivers again, to a restarted ingest, what a killed one had not
+    PUBACKed. When the store or the database is down, the batch is retried with backoff
+    (capped at 5 s) until it goes through: nothing is acked meanwhile, the broker holds
+    back further messages once its in-flight window is full, and everything flows again
+    when the store is back.
+    """
+
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        *,
+        host: str,
+        port: int,
+        fleet: str = "+",
+        group: str | None = "ingest",
+        client_id: str | None = None,
+        max_batch: int = 500,
+        workers: int = 1,
+    ) -> None:
+        self.ingestor = ingestor
+        self.max_batch = max_batch
+        self.host, self.port = host, port
+        self.subscriptions = [
+            subscription(k, fleet=fleet, shared_group=group)  # type: ignore[arg-type]
+            for k in UPLINK_KINDS
+        ]
+        self.ready = threading.Event()
+        self._inbox: queue.Queue = queue.Queue()
+        self._stopping = threading.Event()
+        # More than one worker lets one parse while another waits for the store; on two
+        # cores it measured no faster (docs/benchmarks.md), so one is the default.
+        self._workers = [
+            threading.Thread(target=self._work, name=f"ingest-worker-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"edgeloop-ingest-{uuid.uuid4().hex[:8]}",
+            clean_session=client_id is None,
+            protocol=mqtt.MQTTv311,
+        )
+        self.client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self.client.manual_ack_set(True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    def start(self) -> None:
+        self.ingestor.warm_up()
+        for worker in self._workers:
+            worker.start()
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for worker in self._workers:
+            worker.join(timeout=30)
+        self.client.disconnect()
+        self.client.loop_stop()
+        if not any(worker.is_alive() for worker in self._workers):
+            self.ingestor.close()  # a worker still in a batch may yet write through it
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        client.subscribe([(s, 1) for s in self.subscriptions])
+        self.ready.set()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self._inbox.put((msg.topic, msg.payload, msg.mid, msg.qos))
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                batch = [self._inbox.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            acks = self._store(batch)
+            if acks is None:
+                return  # stopping: un-PUBACKed, so the broker delivers it again later
+            self._publish_acks(acks)
+            for *_, mid, qos in batch:
+                self.client.ack(mid, qos)
+
+    def _store(self, batch: list[tuple]) -> list[Receipt | None] | None:
+        """Store a batch, retrying while the database or the store is unreachable. Any
+        other failure is about the data: the batch is split, and the message that fails
+        on its own is dead-lettered (``internal_error``), so one bad message never blocks
+        the rest (None: stopping)."""
+        items = [(t, p) for t, p, _, _ in batch]
+        try:
+            return self._retrying(lambda: self.ingestor.handle_batch(items))
+        except _Stopping:
+            return None
+        except Exception:  # noqa: BLE001 - not an outage: find the message that fails
+            log.exception("batch of %d failed; storing its messages one by one", len(items))
+        receipts: list[Receipt | None] = []
+        for item in items:
+            try:
+                receipts.append(self._retrying(lambda i=item: self.ingestor.handle_batch([i])[0]))
+            except _Stopping:
+                return None
+            except Exception as exc:  # noqa: BLE001
+                log.exception("message on %s cannot be stored", item[0])
+                error = MessageError(
+                    f"ingest failed on this message: {exc!r}"[:500], reason="internal_error"
+                )
+                receipts.append(
+                    self._retrying(lambda i=item, e=error: self.ingestor.dead_letter(i[0], i[1], e))
+                )
+        return receipts
+
+    def _retrying(self, fn):
+        delay = 0.2
+        while True:
+            try:
+                return fn()
+            except TRANSIENT as exc:
+                if self._stopping.is_set():
+                    raise _Stopping from exc
+                log.warning(
+                    "database or object store unavailable (%s); retrying in %.1f s", exc, delay
+                )
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _publish_acks(self, receipts: list[Receipt | None]) -> None:
+        """One ack message per device and outcome, listing every message id it covers."""
+        grouped: dict[tuple, list[uuid.UUID]] = {}
+        for r in receipts:
+            if r is not None:
+                grouped.setdefault((r.fleet, r.device_id, r.status, r.reason), []).append(
+                    r.message_id
+                )
+        for (fleet, device, status, reason), ids in grouped.items():
+            ack = Ack(
+                fleet=fleet, device_id=device, acked_ids=tuple(ids), status=status, reason=reason
+            )
+            self.client.publish(topic(fleet, device, "acks"), ack.encode(), qos=1)

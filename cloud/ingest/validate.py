@@ -1,0 +1,87 @@
+"""What the ingest accepts: a message decoded from its topic's kind, from a registered
+device that names itself, with believable timestamps; and the receipt each message gets."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Literal, NamedTuple
+
+from shared.errors import MessageError
+from shared.messages import Ack, Heartbeat, LabelMessage, SampleMessage, UpdateStatus, decode
+from shared.topics import UPLINK_KINDS
+
+Message = SampleMessage | LabelMessage | Heartbeat | UpdateStatus
+Status = Literal["stored", "duplicate", "rejected"]
+
+
+class Receipt(NamedTuple):
+    """The outcome for one message; acks are built from these, grouped per device."""
+
+    fleet: str
+    device_id: str
+    message_id: uuid.UUID
+    status: Status
+    reason: str | None = None
+
+    def ack(self) -> Ack:
+        return Ack(
+            fleet=self.fleet,
+            device_id=self.device_id,
+            acked_ids=(self.message_id,),
+            status=self.status,
+            reason=self.reason,
+        )
+
+
+# A device buffers for days offline, so old is fine up to a limit; the future is not.
+MAX_AGE = timedelta(days=30)
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+LABEL_PATIENCE = timedelta(hours=1)  # how long a label may wait for its samples
+
+
+def check_timestamps(msg: object) -> None:
+    if isinstance(msg, Heartbeat) and not msg.online:
+        return  # a Last Will is stamped when the device connected, maybe long ago
+    now = datetime.now(UTC)
+    for name in ("sent_at", "captured_at"):
+        value = getattr(msg, name, None)
+        if value is None:
+            continue
+        if value > now + MAX_CLOCK_SKEW:
+            raise MessageError(
+                f"{name} {value.isoformat()} is in the future (device clock?)",
+                reason="bad_timestamp",
+            )
+        if value < now - MAX_AGE:
+            raise MessageError(
+                f"{name} {value.isoformat()} is older than {MAX_AGE.days} days",
+                reason="bad_timestamp",
+            )
+
+
+def validate(
+    fleet: str, device: str, kind: str, payload: bytes, registered: set[tuple[str, str]]
+) -> Message:
+    if kind not in UPLINK_KINDS:
+        raise MessageError(f"devices may not publish {kind}", reason="bad_kind")
+    msg = decode(kind, payload)
+    check_timestamps(msg)
+    if msg.device_id != device or msg.fleet != fleet:
+        raise MessageError(
+            f"message claims device {msg.fleet}/{msg.device_id} but was "
+            f"published under {fleet}/{device}",
+            reason="device_mismatch",
+        )
+    if (fleet, device) not in registered:
+        raise MessageError(f"device {fleet}/{device} is not registered", reason="unknown_device")
+    return msg
+
+
+def peek_message_id(payload: bytes) -> uuid.UUID | None:
+    try:
+        value = json.loads(payload)
+        return uuid.UUID(str(value["message_id"]))
+    except (ValueError, KeyError, TypeError):
+        return None

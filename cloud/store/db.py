@@ -1,0 +1,241 @@
+"""The SQL schema (SQLAlchemy 2) and session helpers; Alembic in migrations/ owns its history.
+
+Nothing here migrates as a side effect: `edgeloop cloud migrate` and each service at its
+start call ``migrate`` explicitly; operator commands call ``require_schema`` first."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from shared.errors import ConfigError
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+_MIGRATE_LOCK = threading.Lock()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(t: datetime) -> datetime:
+    """``t`` with a timezone: SQLite hands back naive datetimes of what was stored as UTC."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fleet: Mapped[str] = mapped_column(String(64), index=True)
+    profile: Mapped[str] = mapped_column(String(64), default="cpu-fp32")
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    last_seen: Mapped[datetime | None]
+    online: Mapped[bool] = mapped_column(default=False)
+    health: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class Sample(Base):
+    """One uploaded window; the bytes live in object storage under their content hash."""
+
+    __tablename__ = "samples"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # the message id
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    fleet: Mapped[str] = mapped_column(String(64), index=True)
+    content_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    object_key: Mapped[str] = mapped_column(String(200))
+    # None: the object is this one window (.npy); else its row in a batch object (N, T, C).
+    object_index: Mapped[int | None] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16))
+    shape: Mapped[list[Any]] = mapped_column()
+    captured_at: Mapped[datetime]
+    received_at: Mapped[datetime] = mapped_column(default=_now, index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    predicted: Mapped[str] = mapped_column(String(64))
+    confidence: Mapped[float] = mapped_column(Float)
+    score: Mapped[float] = mapped_column(Float)
+    reasons: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class Label(Base):
+    __tablename__ = "labels"
+    __table_args__ = (UniqueConstraint("sample_id", "source", name="uq_label_sample_source"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sample_id: Mapped[str] = mapped_column(ForeignKey("samples.id"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16))  # device | operator | teacher
+    confidence: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class DeadLetter(Base):
+    """A message that failed validation: why, and where its raw bytes are kept."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    fleet: Mapped[str | None] = mapped_column(String(64))
+    device_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    topic: Mapped[str] = mapped_column(String(300))
+    reason: Mapped[str] = mapped_column(String(64), index=True)
+    detail: Mapped[str] = mapped_column(Text)
+    payload_key: Mapped[str | None] = mapped_column(String(200))
+    received_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))  # MLflow registered model name
+    version: Mapped[str] = mapped_column(String(64))  # the version devices report
+    mlflow_version: Mapped[str | None] = mapped_column(String(32))
+    profile: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))
+    parent: Mapped[str | None] = mapped_column(String(64))
+    object_key: Mapped[str] = mapped_column(String(200))
+    class_names: Mapped[list[Any]] = mapped_column()
+    gates: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the round's gate report
+    # What the trigger policies compare against: the fleet's anomaly rate when the version
+    # was registered and the last label id its round learnt from.
+    baselines: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class Round(Base):
+    """One learning round as Celery runs it: its version is reserved before training, so a
+    round redelivered after its worker died finishes under the same version, once."""
+
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("fleet", "profile", "version", name="uq_round_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(64), unique=True)
+    fleet: Mapped[str] = mapped_column(String(64))
+    profile: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    # The stage running or last run (train, recompress, evaluate, register), then done or
+    # failed.
+    state: Mapped[str] = mapped_column(String(16), default="train")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=1)  # deliveries of the round
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the round's answer, once done
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # RoundConfig, fixed at reserve
+    # stage → {"attempts": n, "done": bool, "output": {...}, "error": str}
+    stages: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+
+
+class Rollout(Base):
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    fleet: Mapped[str] = mapped_column(String(64))
+    profile: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+
+
+class DeviceUpdate(Base):
+    """Where one device stands in one rollout."""
+
+    __tablename__ = "device_updates"
+    __table_args__ = (UniqueConstraint("device_id", "target_version", name="uq_update_device"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    target_version: Mapped[str] = mapped_column(String(64))
+    base_version: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="sent")
+    reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn: Any, _record: Any) -> None:  # WAL: readers never block the ingest
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.close()
+
+    return engine
+
+
+def migrate(url: str, revision: str = "head", *, downgrade: bool = False) -> None:
+    """Run Alembic on ``url`` (upgrade to, or downgrade to, ``revision``)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    # Alembic keeps its running context in module globals: one migration at a time per
+    # process (a threads-pool Celery worker starts rounds side by side).
+    with _MIGRATE_LOCK:
+        (command.downgrade if downgrade else command.upgrade)(cfg, revision)
+
+
+def session_factory(url: str) -> sessionmaker:
+    """Sessions on ``url``, as it is: migrate first (``migrate``) where the schema may lag."""
+    return sessionmaker(make_engine(url), expire_on_commit=False)
+
+
+def require_schema(url: str) -> None:
+    """ConfigError, saying what to run, unless the database at ``url`` is at the newest
+    revision."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+    if current != head:
+        raise ConfigError(
+            f"the database {url.split('@')[-1]} is at schema revision {current or 'none'}, "
+            f"not {head}: run `edgeloop cloud migrate` first"
+        )
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())

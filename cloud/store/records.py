@@ -1,0 +1,105 @@
+"""Rows other parts write and read: devices, labels, and the fleet's model versions."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud.store.db import Device, Label, ModelVersion
+from shared.errors import DataError
+
+
+def register_device(*, session: Session, device_id: str, fleet: str, profile: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        device = Device(id=device_id, fleet=fleet, profile=profile)
+        session.add(device)
+    else:
+        device.fleet, device.profile = fleet, profile
+    session.commit()
+    return device
+
+
+def upsert_labels(*, session: Session, sample_ids: list[str], label: str, source: str) -> None:
+    """Set the label of each sample from ``source``; a later label from the same source
+    replaces the earlier one (one row per sample and source)."""
+    existing = {
+        lab.sample_id: lab
+        for lab in session.scalars(
+            select(Label).where(Label.sample_id.in_(sample_ids), Label.source == source)
+        )
+    }
+    changed = [lab for sid, lab in existing.items() if lab.label != label]
+    for lab in changed:
+        # A new row, not an edit: its new id is what tells the next round (and the
+        # triggers) that this sample has something new to teach.
+        session.delete(lab)
+    session.flush()
+    for sid in dict.fromkeys(sample_ids):
+        if sid not in existing or existing[sid] in changed:
+            session.add(Label(sample_id=sid, label=label, source=source))
+    session.commit()
+
+
+# -- model versions: one row per version a round registered, newest last -----------------------
+
+
+def latest_version(session: Session, name: str) -> ModelVersion | None:
+    """The newest version of model ``name``, passed or not."""
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.name == name).order_by(ModelVersion.id.desc())
+    ).first()
+
+
+def find_version(session: Session, name: str, version: str) -> ModelVersion | None:
+    return session.scalar(
+        select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+    )
+
+
+def version_row(sessions: sessionmaker, name: str, version: str) -> ModelVersion:
+    """Version ``version`` of model ``name``; DataError if it was never registered."""
+    with sessions() as session:
+        row = find_version(session, name, version)
+    if row is None:
+        raise DataError(f"{name} has no version {version}")
+    return row
+
+
+def champion_row(sessions: sessionmaker, name: str) -> ModelVersion | None:
+    """The newest version of model ``name`` that passed its gates."""
+    with sessions() as session:
+        rows = session.scalars(
+            select(ModelVersion).where(ModelVersion.name == name).order_by(ModelVersion.id.desc())
+        )
+        return next((r for r in rows if (r.gates or {}).get("passed")), None)
+
+
+def next_version(sessions: sessionmaker, name: str) -> str:
+    """The version the next round of model ``name`` registers: v1, v2, …"""
+    with sessions() as session:
+        n = session.scalar(
+            select(func.count()).select_from(ModelVersion).where(ModelVersion.name == name)
+        )
+    return f"v{(n or 0) + 1}"
+
+
+def label_watermark(sessions: sessionmaker) -> int:
+    """The highest label id such that every label up to it is committed: what a round
+    learns from, and where the triggers start counting new labels. On PostgreSQL, ids are
+    handed out before commit, so a lower id can still be in flight when a higher one is
+    visible; a SHARE lock on the table waits for the writers that hold one."""
+    with sessions() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SET LOCAL lock_timeout = '15s'"))
+            try:
+                session.execute(text("LOCK TABLE labels IN SHARE MODE"))
+            except OperationalError as exc:
+                raise DataError(
+                    "the labels table stayed locked for 15 s (a transaction writing labels "
+                    "left open?); the round stops, resume it once that transaction ends"
+                ) from exc
+        watermark = session.scalar(select(func.max(Label.id))) or 0
+        session.commit()  # releases the lock
+    return int(watermark)

@@ -1,0 +1,2 @@
+"""MLflow, the operators' console: runs, metrics, plots and the model registry. The only
+package of edgeloop that imports mlflow."""
