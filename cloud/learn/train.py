@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from torch import nn
 
 from cloud.learn.data import (
+    Upload,
     base_buffer,
     check_same_base,
     class_order,
@@ -67,18 +69,10 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> Tr
     ]
     if not new:
         raise DataError(f"fleet {st.fleet} has no labelled uploads since {parent} to learn from")
-    new_classes = sorted({u.label for u in new} - set(old_classes))
-    class_names = old_classes + new_classes
-    # Ground truth only in the held-out slice: a teacher's label is no evidence.
-    hold = [u for u in new if u.source != "teacher" and held_out(u.sha256, cfg.holdout_fraction)]
-    held_ids = {u.sample_id for u in hold}
-    fit = [u for u in new if u.sample_id not in held_ids]
-
     buffer = load_buffer(svc.store, st.fleet, st.profile, parent) or base_buffer(base, cfg)
-    # A window with a new label (relabelled since it was learnt) is learnt, or held out,
-    # with that label this round: never replayed with its old one as well.
-    relabelled = {f"sample:{u.sample_id}" for u in new}
-    replay = [(k, c) for k, c in buffer.windows() if k not in relabelled]
+    plan = plan_round(new, buffer.windows(), old_classes, cfg.holdout_fraction)
+    fit, hold, replay, new_classes = plan.fit, plan.hold, plan.replay, plan.new_classes
+    class_names = old_classes + new_classes
     say(
         f"training {st.version} from {parent}: {len(fit)} new window(s) "
         f"({len(hold)} held out), {len(replay)} replayed, classes +{new_classes or '[]'}"
@@ -124,6 +118,36 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> Tr
             "replay_by_class": _count(c for _, c in replay),
         },
     }
+
+
+@dataclass
+class RoundPlan:
+    fit: list[Upload]  # new labelled windows the round learns from
+    hold: list[Upload]  # new labelled windows kept out, for the gates
+    replay: list[tuple[str, str]]  # (replay key, class) of history replayed
+    new_classes: list[str]  # classes the parent did not know, sorted
+
+
+def plan_round(
+    new: list[Upload],
+    reservoir: list[tuple[str, str]],
+    old_classes: list[str],
+    holdout_fraction: float,
+) -> RoundPlan:
+    """Which of the ``new`` labelled uploads a round learns from and which it holds out,
+    and which of the parent's ``reservoir`` it replays."""
+    # Ground truth only in the held-out slice: a teacher's label is no evidence.
+    hold = [u for u in new if u.source != "teacher" and held_out(u.sha256, holdout_fraction)]
+    held_ids = {u.sample_id for u in hold}
+    # A window with a new label (relabelled since it was learnt) is learnt, or held out,
+    # with that label this round: never replayed with its old one as well.
+    relabelled = {f"sample:{u.sample_id}" for u in new}
+    return RoundPlan(
+        fit=[u for u in new if u.sample_id not in held_ids],
+        hold=hold,
+        replay=[(k, c) for k, c in reservoir if k not in relabelled],
+        new_classes=sorted({u.label for u in new} - set(old_classes)),
+    )
 
 
 def _train_initial(
