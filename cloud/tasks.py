@@ -39,10 +39,15 @@ app.conf.update(
 def _start(**_: Any) -> None:
     """A worker brings the schema up to date once, when it starts, and loads the stages'
     libraries (torch, transformers, ONNX): a round's first stage starts at once."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from cloud.learn import runner  # noqa: F401
     from cloud.store.db import migrate
 
-    migrate(get_settings().resolved_database_url)
+    try:
+        migrate(get_settings().resolved_database_url)
+    except SQLAlchemyError as exc:  # the database may be down now and back later
+        log.error("schema not brought up to date at start (%s); run `edgeloop cloud migrate`", exc)
 
 
 def _policy():
