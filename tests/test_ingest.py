@@ -3,9 +3,10 @@ mid-stream, and malformed payloads thrown at it."""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -94,19 +95,24 @@ def test_outage_means_no_ack_then_catch_up(
 
 
 def test_timestamps_from_a_broken_clock_are_dead_lettered(pg_url, s3_store, fleet):
-    """A sample stamped in the future, or older than the retention window, is refused."""
+    """A sample stamped in the future, or older than the retention window, is refused; one
+    just inside the window is stored."""
+    from cloud.ingest.validate import MAX_AGE
+
     sessions = session_factory(pg_url)
     with sessions() as s:
         register_device(session=s, device_id="d1", fleet=fleet, profile="cpu-fp32")
     ingestor = Ingestor(sessions=sessions, store=s3_store)
     window = np.zeros((32, 53), dtype=np.float32)
-    for when in (utcnow() + timedelta(hours=2), datetime(2020, 1, 1, tzinfo=UTC)):
+    for when in (utcnow() + timedelta(hours=2), utcnow() - MAX_AGE - timedelta(hours=1)):
         msg = sample_message(fleet, window, captured_at=when)
         ack = ingestor.handle(topic(fleet, "d1", "samples"), msg.encode())
         assert ack is not None and ack.status == "rejected" and ack.reason == "bad_timestamp"
+    msg = sample_message(fleet, window, captured_at=utcnow() - MAX_AGE + timedelta(hours=1))
+    assert ingestor.handle(topic(fleet, "d1", "samples"), msg.encode()).status == "stored"
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(DeadLetter)) == 2
-        assert s.scalar(select(func.count()).select_from(Sample)) == 0
+        assert s.scalar(select(func.count()).select_from(Sample)) == 1
 
 
 def test_a_sample_another_ingest_stored_first_is_acked_once_and_the_rest_lands(
@@ -156,21 +162,30 @@ def test_a_sample_another_ingest_stored_first_is_acked_once_and_the_rest_lands(
 
 # -- fuzz: whatever arrives, the ingest dead-letters it with a reason and goes on ----------
 
-VALID = {
-    "schema_version": 1,
-    "message_id": "6f1c8a52-0000-4000-8000-000000000001",
-    "fleet": "F",
-    "device_id": "d1",
-    "sent_at": "2026-11-28T12:00:00+00:00",
-    "window": {"dtype": "float32", "shape": [2, 2], "data": "AACAPwAAgD8AAIA/AACAPw=="},
-    "channels": 2,
-    "captured_at": "2026-11-28T12:00:00+00:00",
-    "model_version": "v1",
-    "predicted": "normal",
-    "confidence": 0.5,
-    "score": 0.1,
-    "reasons": ["uncertain"],
-}
+
+def _valid() -> dict:
+    """A valid sample as raw JSON, stamped now: the fuzz mutates one thing at a time, so the
+    rest must pass every check, the age limit included (a fixed date here once aged out and
+    every mutation was refused for its age instead of for what it broke)."""
+    now = (utcnow() - timedelta(minutes=5)).isoformat()
+    return {
+        "schema_version": 1,
+        "message_id": str(uuid.uuid4()),
+        "fleet": "F",
+        "device_id": "d1",
+        "sent_at": now,
+        "window": {"dtype": "float32", "shape": [2, 2], "data": "AACAPwAAgD8AAIA/AACAPw=="},
+        "channels": 2,
+        "captured_at": now,
+        "model_version": "v1",
+        "predicted": "normal",
+        "confidence": 0.5,
+        "score": 0.1,
+        "reasons": ["uncertain"],
+    }
+
+
+VALID = _valid()  # its field names, for the strategies
 NAN_DATA = "AADAfwAAwH8AAMB/AADAfw=="  # four float32 NaNs
 INF_DATA = "AACAfwAAgH8AAIB/AACAfw=="  # four float32 +inf
 
@@ -209,14 +224,15 @@ def _mutations():
         st.tuples(st.just("shape"), st.lists(st.integers(1, 70000), min_size=1, max_size=5)),
         st.tuples(st.just("oversize"), st.integers(1 << 20, (1 << 20) + 5000)),
         st.tuples(st.just("stranger"), st.sampled_from(["ghost", "d2"])),
+        st.tuples(st.just("unknown"), st.just("ghost")),
     )
 
 
 def _payload(kind, arg, fleet):
-    import copy
+    """(device the topic names, payload bytes) for one mutation of a valid sample."""
     import json
 
-    msg = copy.deepcopy(VALID)
+    msg = _valid()
     msg["fleet"] = fleet
     device = "d1"
     if kind == "raw":
@@ -238,14 +254,62 @@ def _payload(kind, arg, fleet):
         msg["model_version"] = "v" * arg
     elif kind == "stranger":
         device = arg  # published under another id than the envelope's, or an unknown one
+    elif kind == "unknown":
+        device = msg["device_id"] = arg  # names itself truly, but was never registered
     return device, json.dumps(msg).encode()
+
+
+def _expected_reasons(kind, arg) -> set[str]:
+    """The dead-letter reasons a mutation may get: the check for what it broke, never an
+    earlier check tripping over something it left alone."""
+    from shared.messages import MAX_TENSOR_ELEMENTS
+
+    if kind in ("raw", "json"):  # rarely, random JSON is an object naming a version
+        return {"bad_json", "bad_schema", "bad_schema_version"}
+    if kind == "version" or (kind == "replace" and arg[0] == "schema_version"):
+        return {"bad_schema_version"}
+    if kind == "shape":
+        if len(arg) > 4 or max(arg) > MAX_TENSOR_ELEMENTS:
+            return {"bad_schema"}
+        return {"tensor_too_large" if math.prod(arg) > MAX_TENSOR_ELEMENTS else "bad_shape"}
+    return {
+        "drop": {"bad_schema"},
+        "replace": {"bad_schema"},
+        "nonfinite": {"non_finite"},
+        "oversize": {"oversize"},
+        "stranger": {"device_mismatch"},
+        "unknown": {"unknown_device"},
+    }[kind]
+
+
+# Each branch at least once, whatever Hypothesis draws.
+EVERY_BRANCH = [
+    ("raw", b"\xff\xfe not json"),
+    ("json", [1, "a"]),
+    ("version", 2),
+    ("drop", "window"),
+    ("replace", ("score", {"not": None})),
+    ("nonfinite", NAN_DATA),
+    ("nonfinite", INF_DATA),
+    ("shape", [3, 2]),  # 6 elements, the data holds 4
+    ("shape", [1, 4]),  # 4 elements, but not (T, channels)
+    ("shape", [300, 300]),
+    ("shape", [1, 1, 1, 1, 1]),
+    ("oversize", 1 << 20),
+    ("stranger", "d2"),
+    ("stranger", "ghost"),
+    ("unknown", "ghost"),
+]
 
 
 def test_fuzzed_payloads_are_dead_lettered(pg_url, s3_store, fleet):
     """Random bytes, random JSON, wrong versions, missing or wrong fields, NaN/inf, wrong
-    shapes, oversize payloads and impersonation: each becomes exactly one dead letter with
-    a reason, nothing is stored as a sample, and a valid sample still goes through."""
-    from hypothesis import HealthCheck, given, settings
+    shapes, oversize payloads, impersonation and unknown devices: each becomes exactly one
+    dead letter whose reason is the check for what was broken, nothing is stored as a
+    sample, and the unmutated message is stored."""
+    import json
+
+    from hypothesis import HealthCheck, example, given, settings
 
     sessions = session_factory(pg_url)
     with sessions() as s:
@@ -253,25 +317,41 @@ def test_fuzzed_payloads_are_dead_lettered(pg_url, s3_store, fleet):
             register_device(session=s, device_id=d, fleet=fleet, profile="cpu-fp32")
     ingestor = Ingestor(sessions=sessions, store=s3_store)
 
-    def dead_letters():
+    def dead_letters() -> tuple[int, str | None]:
         with sessions() as s:
-            return s.scalar(select(func.count()).select_from(DeadLetter))
+            newest = s.scalar(select(DeadLetter.reason).order_by(DeadLetter.id.desc()).limit(1))
+            return s.scalar(select(func.count()).select_from(DeadLetter)), newest
+
+    reached: dict[str, set[str]] = {}
 
     @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
     @given(_mutations())
     def check(mutation):
-        before = dead_letters()
+        before, _ = dead_letters()
         device, payload = _payload(*mutation, fleet)
         ack = ingestor.handle(topic(fleet, device, "samples"), payload)
-        assert ack is None or ack.status == "rejected"
-        assert dead_letters() == before + 1
+        after, reason = dead_letters()
+        assert after == before + 1
+        assert reason in _expected_reasons(*mutation), (mutation[0], reason)
+        assert ack is None or (ack.status, ack.reason) == ("rejected", reason)
         assert stored(sessions)[0] == 0
+        reached.setdefault(mutation[0], set()).add(reason)
 
+    for mutation in EVERY_BRANCH:
+        check = example(mutation)(check)
     check()
+
+    assert reached.keys() == {kind for kind, _ in EVERY_BRANCH}
+    assert reached["nonfinite"] == {"non_finite"}
+    assert {"bad_shape", "tensor_too_large", "bad_schema"} <= reached["shape"]
+    assert reached["stranger"] == {"device_mismatch"}
+    assert reached["unknown"] == {"unknown_device"}
     with sessions() as s:
-        reasons = set(s.scalars(select(DeadLetter.reason)))
-    assert {"bad_json", "bad_schema", "oversize"} <= reasons
-    assert "" not in reasons
+        assert "bad_timestamp" not in set(s.scalars(select(DeadLetter.reason)))
+    # The message every mutation started from passes every check.
+    unmutated = {**_valid(), "fleet": fleet}
+    ack = ingestor.handle(topic(fleet, "d1", "samples"), json.dumps(unmutated).encode())
+    assert ack is not None and ack.status == "stored"
     good = sample_message(fleet, np.ones((32, 53), dtype=np.float32))
     ack = ingestor.handle(topic(fleet, "d1", "samples"), good.encode())
     assert ack is not None and ack.status == "stored"
@@ -395,7 +475,7 @@ def test_fields_the_database_would_refuse_and_stale_wills(pg_url, s3_store, flee
     ingestor = Ingestor(sessions=sessions, store=s3_store)
     good = json.loads(sample_message(fleet, np.zeros((32, 53), dtype=np.float32)).encode())
     for field, value in (
-        ("captured_at", "2026-11-28T12:00:00"),
+        ("captured_at", (utcnow() - timedelta(minutes=5)).replace(tzinfo=None).isoformat()),
         ("predicted", "x" * 65),
         ("model_version", "v1\x00"),
     ):
