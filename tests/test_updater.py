@@ -80,15 +80,50 @@ def test_power_cut_before_pointer_flip(tmp_path, v1_v2, monkeypatch):
     assert ModelSlots(tmp_path, profile="cpu-fp32").load_active().version == "v1"
 
 
-def test_power_cut_mid_slot_write(tmp_path, v1_v2):
-    """A half-written spare slot (temp file left behind) never becomes live."""
+def test_power_cut_mid_slot_write(tmp_path, v1_v2, monkeypatch):
+    """Power cut while v2 is written into the spare slot, leaving a third of it there: on
+    restart v1 runs, the torn slot is read and refused wherever the updater would use it
+    (rollback, fallback), the pointer never names it, and the next install goes over it."""
     v1, v2 = v1_v2
     ModelSlots(tmp_path, profile="cpu-fp32").install(v1)
-    (tmp_path / "slot-b.pkg.tmp").write_bytes(v2[: len(v2) // 3])
-    (tmp_path / "slot-b.pkg").write_bytes(v2[: len(v2) // 3])
+    real = updater_mod._write_atomic
+
+    def cut(path, data):
+        if path.name == "slot-b.pkg":
+            path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 3])
+            raise SystemExit("power cut")
+        real(path, data)
+
+    monkeypatch.setattr(updater_mod, "_write_atomic", cut)
+    with pytest.raises(SystemExit):
+        ModelSlots(tmp_path, profile="cpu-fp32").install(v2)
+    monkeypatch.setattr(updater_mod, "_write_atomic", real)
+    torn = tmp_path / "slot-b.pkg"
+    torn.write_bytes(v2[: len(v2) // 3])  # as if the rename survived and the data did not
+
+    restarted = ModelSlots(tmp_path, profile="cpu-fp32")
+    assert restarted.load_active().version == "v1" and restarted.live_slot() == "a"
+    with pytest.raises(PackageError) as err:
+        ModelPackage.from_path(torn)
+    assert err.value.reason == "corrupt_package"
+    with pytest.raises(PackageError) as err:
+        restarted.rollback()  # onto the torn slot
+    assert err.value.reason == "no_previous_model"
+    assert restarted.live_slot() == "a"
     assert ModelSlots(tmp_path, profile="cpu-fp32").load_active().version == "v1"
-    # …and the next install over the debris still works.
-    assert ModelSlots(tmp_path, profile="cpu-fp32").install(v2).version == "v2"
+    # With the live slot gone bad as well, start-up tries the torn one and refuses it too:
+    # no model runs rather than half of one.
+    both = tmp_path / "both-bad"
+    both.mkdir()
+    for name in ("current", "slot-a.pkg", "slot-b.pkg"):
+        (both / name).write_bytes((tmp_path / name).read_bytes())
+    (both / "slot-a.pkg").write_bytes(v1[:500])
+    assert ModelSlots(both, profile="cpu-fp32").load_active() is None
+    assert ModelSlots(both, profile="cpu-fp32").live_slot() == "a"
+    # …and the next install over the debris works, with v1 still there to roll back to.
+    slots = ModelSlots(tmp_path, profile="cpu-fp32")
+    assert slots.install(v2).version == "v2" and slots.live_slot() == "b"
+    assert slots.rollback().version == "v1"
 
 
 def test_live_slot_damaged_falls_back(tmp_path, v1_v2):
