@@ -18,10 +18,18 @@ from .conftest import ROOT
 SCRIPT = str(ROOT / "scripts" / "services")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(below: int = 65536) -> int:
+    """A free loopback port under `below` (SeaweedFS also listens 10000 above its ports)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < below:
+            return port
+
+
+def free_weed_port() -> int:
+    return free_port(below=65536 - 10000)
 
 
 def pg_tool(name: str) -> str | None:
@@ -116,7 +124,7 @@ def test_failed_up_stops_what_it_started(tmp_path):
         "PATH": "/usr/bin:/bin",
         "EDGELOOP_SERVICES_DIR": str(tmp_path),
         "EDGELOOP_REDIS_PORT": str(free_port()),
-        "EDGELOOP_SEAWEEDFS_PORT": str(free_port()),
+        "EDGELOOP_SEAWEEDFS_PORT": str(free_weed_port()),
     }
     bare_python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
     out = run(["up", "redis", "seaweedfs"], env, python=bare_python)
@@ -130,7 +138,7 @@ def test_failure_names_the_service_and_the_reason(tmp_path):
     env = {
         "PATH": "/usr/bin:/bin",
         "EDGELOOP_SERVICES_DIR": str(tmp_path),
-        "EDGELOOP_SEAWEEDFS_PORT": str(free_port()),
+        "EDGELOOP_SEAWEEDFS_PORT": str(free_weed_port()),
     }
     bare_python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
     out = run(["up", "seaweedfs"], env, python=bare_python)
