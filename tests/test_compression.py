@@ -46,6 +46,17 @@ def tep_faults():
 
 
 @pytest.fixture(scope="session")
+def tep_validation():
+    """Other episodes of the same classes (seeds of neither training nor golden)."""
+    from sim.tep import generate
+    from tests.conftest import TEP_CACHE
+
+    return generate(
+        classes=CLASSES, runs_per_class=1, seed=41, horizon_h=4.0, cache_dir=TEP_CACHE, workers=2
+    )
+
+
+@pytest.fixture(scope="session")
 def teachers(tep_faults):
     """A small trained teacher per backbone, three layers each."""
     data, _ = tep_faults
@@ -219,15 +230,17 @@ def test_packaging_the_same_model_twice_gives_the_same_sha256(teachers, tep_faul
     assert ModelPackage(first).sha256 == ModelPackage(second).sha256 == ModelPackage(third).sha256
 
 
-def test_unmeetable_profile_names_the_budget(teachers, tep_faults):
+def test_unmeetable_profile_names_the_budget(teachers, tep_faults, tep_validation):
     """A profile no student can fit fails before any training, naming the missed budget."""
     data, golden = tep_faults
+    val = tep_validation
     tiny = HardwareProfile(name="toaster", max_package_kb=4, max_latency_ms=0.0001,
                            students=((1, 0.5), (1, 0.25)))  # fmt: skip
 
     with pytest.raises(BudgetError) as err:
         compress(
-            teachers["patchtst"], x=data.x, y=data.y, golden_x=golden.x, golden_y=golden.y,
+            teachers["patchtst"], x=data.x, y=data.y, val_x=val.x, val_y=val.y,
+            golden_x=golden.x, golden_y=golden.y,
             class_names=CLASSES, profile=tiny, ood=ood(data), name="t", version="v1",
             latency_windows=30,
         )  # fmt: skip
@@ -238,16 +251,21 @@ def test_unmeetable_profile_names_the_budget(teachers, tep_faults):
     assert "layers=1, ffn=25%" in msg  # every setting tried is accounted for
 
 
-def test_compress_ships_a_package_the_edge_agent_runs(teachers, tep_faults, tmp_path):
-    """End to end on one profile: budgets met, report written, and the edge runtime loads
-    the package and classifies golden windows as the evaluation said."""
+def test_compress_ships_a_package_the_edge_agent_runs(
+    teachers, tep_faults, tep_validation, tmp_path
+):
+    """End to end on one profile: budgets met on the validation set, report written, and
+    the edge runtime loads the package and classifies golden windows as the evaluation
+    said."""
     from edge_agent.runtime import ModelRuntime
 
     data, golden = tep_faults
+    val = tep_validation
     profile = replace(load_profiles()["mcu-int4"], max_package_kb=400, max_f1_drop_pts=15.0)
 
     result = compress(
-        teachers["deepseek"], x=data.x, y=data.y, golden_x=golden.x, golden_y=golden.y,
+        teachers["deepseek"], x=data.x, y=data.y, val_x=val.x, val_y=val.y,
+        golden_x=golden.x, golden_y=golden.y,
         class_names=CLASSES, profile=profile, ood=ood(data), name="edgeloop.t.mcu-int4",
         version="v2", parent="v1", distill_cfg=DistillConfig(epochs=10), latency_windows=50,
     )  # fmt: skip
@@ -258,6 +276,9 @@ def test_compress_ships_a_package_the_edge_agent_runs(teachers, tep_faults, tmp_
     assert pkg.manifest.metadata["compression"]["kept_layers"] == result.kept_layers
     assert sorted(result.kept_layers + result.removed_layers) == [0, 1, 2]
     assert result.edge.package_bytes == len(result.package) < result.teacher.package_bytes
+    # Chosen on validation: its drop there is within the budget; golden only reports.
+    assert result.summary()["val_f1_drop_pts"] <= profile.max_f1_drop_pts
+    assert result.edge_val.macro_f1 != result.edge.macro_f1
     assert result.edge.peak_rss_mb is not None and result.edge.peak_rss_mb < 150
     assert [s.name for s in result.stages][0] == "teacher fp32" and len(result.stages) == 5
     report = json.loads(paths["json"].read_text())
@@ -315,13 +336,13 @@ def test_checkpoint_round_trip_rebuilds_the_model(teachers, tep_faults):
     assert rebuilt.cfg == pruned.cfg and rebuilt.cfg.layers == 2 and rebuilt.cfg.dense_layers == 1
 
 
-def test_compress_command_exits_2_naming_the_budget(teachers, tep_faults, tmp_path):
+def test_compress_command_exits_2_naming_the_budget(teachers, tep_faults, tep_validation, tmp_path):
     """`edgeloop compress` with a profile nothing fits: exit 2, the budget named, no package."""
     import subprocess
     import sys
 
     data, golden = tep_faults
-    for name, d in (("train", data), ("golden", golden)):
+    for name, d in (("train", data), ("validation", tep_validation), ("golden", golden)):
         np.savez(tmp_path / f"{name}.npz", x=d.x, y=d.y, class_names=np.array(CLASSES))
     (tmp_path / "teacher.safetensors").write_bytes(to_bytes(teachers["deepseek"], CLASSES))
     (tmp_path / "profiles.toml").write_text(
@@ -331,11 +352,33 @@ def test_compress_command_exits_2_naming_the_budget(teachers, tep_faults, tmp_pa
 
     out = subprocess.run(
         [*edgeloop, "compress", "--profile", "watch", "--teacher", "teacher.safetensors",
-         "--data", "train.npz", "--golden", "golden.npz", "--profiles-file", "profiles.toml",
-         "--out", "out"],
+         "--data", "train.npz", "--validation", "validation.npz", "--golden", "golden.npz",
+         "--profiles-file", "profiles.toml", "--out", "out"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
     assert out.returncode == 2, out.stderr
     assert "max_package_kb 2" in out.stderr and "'watch'" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_sets_that_share_windows_are_refused(teachers, tep_faults, tep_validation, tmp_path):
+    """Validation or golden windows that are also training windows: refused, naming both."""
+    from cloud.compress.pipeline import read_inputs
+    from shared.errors import DataError
+
+    data, golden = tep_faults
+    leaky = np.concatenate([tep_validation.x, data.x[:3]])
+    files = {"train": (data.x, data.y), "validation": (leaky, np.concatenate(
+        [tep_validation.y, data.y[:3]])), "golden": (golden.x, golden.y)}  # fmt: skip
+    for name, (x, y) in files.items():
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y, class_names=np.array(CLASSES))
+    (tmp_path / "teacher.safetensors").write_bytes(to_bytes(teachers["patchtst"], CLASSES))
+
+    with pytest.raises(DataError, match="data and validation sets share windows"):
+        read_inputs(
+            teacher=tmp_path / "teacher.safetensors",
+            data=tmp_path / "train.npz",
+            validation=tmp_path / "validation.npz",
+            golden=tmp_path / "golden.npz",
+        )

@@ -1,6 +1,9 @@
 """Teacher → edge package for one hardware profile: prune, distil, quantize, evaluate.
 
-The stages, each measured on the golden set as an ONNX package under ONNX Runtime:
+Three disjoint sets: the student trains on the training windows, the pipeline chooses
+among the profile's student settings on the validation set (its macro-F1 against the
+teacher's there), and the golden set only measures what is reported. The stages, each
+measured on the golden set as an ONNX package under ONNX Runtime:
 
 1. **Layer pruning** by block influence (ShortGPT): a block whose output is nearly its
    input (cosine similarity close to 1) changes little and goes first.
@@ -57,8 +60,10 @@ class Attempt:
 class CompressionResult:
     profile: HardwareProfile
     package: bytes
-    teacher: ArtifactMetrics
+    teacher: ArtifactMetrics  # on the golden set (reported)
     edge: ArtifactMetrics
+    teacher_val: ArtifactMetrics  # on the validation set (what the choice was made on)
+    edge_val: ArtifactMetrics
     stages: list[Stage]
     table: list[QuantRow]
     block_influence: list[float]
@@ -87,6 +92,7 @@ class CompressionResult:
             "teacher_macro_f1": t.macro_f1,
             "edge_macro_f1": e.macro_f1,
             "f1_drop_pts": 100 * (t.macro_f1 - e.macro_f1),
+            "val_f1_drop_pts": 100 * (self.teacher_val.macro_f1 - self.edge_val.macro_f1),
             "edge_peak_rss_mb": e.peak_rss_mb,
             "kept_layers": self.kept_layers,
             "removed_layers": self.removed_layers,
@@ -98,17 +104,20 @@ class CompressionResult:
 
 @dataclass
 class Inputs:
-    """What `edgeloop compress` reads: the teacher, its training windows, the golden set."""
+    """What `edgeloop compress` reads: the teacher, its training windows, the validation
+    set the student is chosen on, the golden set it is reported on."""
 
     teacher: SensorTransformer
     class_names: list[str]
     x: np.ndarray
     y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
     golden_x: np.ndarray
     golden_y: np.ndarray
 
 
-def read_inputs(*, teacher: Path, data: Path, golden: Path) -> Inputs:
+def read_inputs(*, teacher: Path, data: Path, validation: Path, golden: Path) -> Inputs:
     """Read and check the files; DataError says what does not fit."""
     model, names = from_bytes(teacher.read_bytes())
     if not isinstance(model, SensorTransformer):
@@ -117,16 +126,34 @@ def read_inputs(*, teacher: Path, data: Path, golden: Path) -> Inputs:
             "teacher with `edgeloop cloud teacher`"
         )
     x, y, data_names = read_windows_file(data)
+    vx, vy, val_names = read_windows_file(validation)
     gx, gy, golden_names = read_windows_file(golden)
-    if not names == data_names == golden_names:
+    if not names == data_names == val_names == golden_names:
         raise DataError(
-            f"class names differ: teacher {names}, data {data_names}, golden {golden_names}"
+            f"class names differ: teacher {names}, data {data_names}, "
+            f"validation {val_names}, golden {golden_names}"
         )
+    _check_disjoint({"data": x, "validation": vx, "golden": gx})
     if names[0] != "normal":
         raise DataError(
             f"class 0 must be 'normal' (the anomaly scores calibrate on it), got {names[0]!r}"
         )
-    return Inputs(model, names, x, y, gx, gy)
+    return Inputs(model, names, x, y, vx, vy, gx, gy)
+
+
+def _check_disjoint(sets: dict[str, np.ndarray]) -> None:
+    """Refuse sets that share a window: a choice or a report on windows the student
+    trained on measures nothing."""
+    seen: dict[bytes, str] = {}
+    for name, windows in sets.items():
+        for w in windows:
+            key = np.ascontiguousarray(w).tobytes()
+            if key in seen and seen[key] != name:
+                raise DataError(
+                    f"the {seen[key]} and {name} sets share windows; they must be disjoint "
+                    "(split by episode or time, never by overlapping window)"
+                )
+            seen[key] = name
 
 
 def budget_misses(
@@ -147,8 +174,8 @@ def budget_misses(
         drop = 100 * (teacher_f1 - m.macro_f1)
         if drop > profile.max_f1_drop_pts:
             missed.append(
-                f"macro-F1 {100 * m.macro_f1:.1f} is {drop:.1f} pts below the teacher's "
-                f"> max_f1_drop_pts {profile.max_f1_drop_pts}"
+                f"macro-F1 on the validation set {100 * m.macro_f1:.1f} is {drop:.1f} pts "
+                f"below the teacher's > max_f1_drop_pts {profile.max_f1_drop_pts}"
             )
     return missed
 
@@ -158,6 +185,8 @@ def compress(
     *,
     x: np.ndarray,
     y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
     golden_x: np.ndarray,
     golden_y: np.ndarray,
     class_names: list[str],
@@ -173,7 +202,9 @@ def compress(
     """The smallest student in ``profile.students`` that meets every budget, as the exact
     package a device of that class will run; BudgetError names what no setting could meet.
 
-    ``x, y`` train the student (and calibrate importance); the golden set only measures.
+    ``x, y`` train the student (and calibrate importance); the settings are judged on the
+    validation set ``val_x, val_y`` (the macro-F1 budget against the teacher's there); the
+    golden set only measures what is reported and never decides anything.
     """
     say = progress or (lambda msg: log.info("%s", msg))
     distill_cfg = distill_cfg or DistillConfig()
@@ -197,8 +228,17 @@ def compress(
             pkg, golden_x, golden_y, threads=threads, latency_windows=latency_windows, memory=memory
         )
 
+    def validate(pkg: bytes, memory: bool = False) -> ArtifactMetrics:
+        return evaluate_package(
+            pkg, val_x, val_y, threads=threads, latency_windows=latency_windows, memory=memory
+        )
+
     say(f"teacher: exporting and measuring ({teacher.cfg.backbone}, {teacher.cfg.layers} layers)")
-    teacher_metrics = measure(package(teacher, export_onnx(teacher, ood), {}), memory=True)
+    teacher_pkg = package(teacher, export_onnx(teacher, ood), {})
+    teacher_val = validate(teacher_pkg)
+    # Golden-set figures (this, and each stage's) are for the report: nothing reads them
+    # to decide.
+    teacher_metrics = measure(teacher_pkg, memory=True)
     calib = x[np.random.default_rng(0).permutation(len(x))[:512]]
     influence = block_influence(teacher, calib)
     order = sorted(range(len(influence)), key=lambda i: -influence[i])
@@ -213,7 +253,7 @@ def compress(
         # Size, speed and memory do not depend on training: check them first, cheaply.
         graph = export_onnx(student, ood)
         rows = plan_table(graph, profile.schemes)
-        probe = measure(package(student, quantize(graph, rows), {}), memory=True)
+        probe = validate(package(student, quantize(graph, rows), {}), memory=True)
         missed = budget_misses(profile, probe, None)
         label = f"layers={layers}, ffn={ffn_keep:.0%}"
         if missed:
@@ -254,19 +294,24 @@ def compress(
                 }
             },
         )
-        edge = measure(final, memory=True)
-        stages.append(Stage(f"quantized ({profile.name})", edge))
-        missed = budget_misses(profile, edge, teacher_metrics.macro_f1)
-        attempts.append(Attempt(layers, ffn_keep, missed, edge))
+        # The choice, on the validation set: every budget of the package itself, and its
+        # macro-F1 against the teacher's there. The golden set measures it only once chosen.
+        edge_val = validate(final, memory=True)
+        missed = budget_misses(profile, edge_val, teacher_val.macro_f1)
+        attempts.append(Attempt(layers, ffn_keep, missed, edge_val))
         if missed:
             say(f"{label}: misses {'; '.join(missed)}")
             continue
-        say(f"{label}: meets every budget of {profile.name}")
+        say(f"{label}: meets every budget of {profile.name} (macro-F1 on validation)")
+        edge = measure(final, memory=True)
+        stages.append(Stage(f"quantized ({profile.name})", edge))
         return CompressionResult(
             profile=profile,
             package=final,
             teacher=teacher_metrics,
             edge=edge,
+            teacher_val=teacher_val,
+            edge_val=edge_val,
             stages=stages,
             table=rows,
             block_influence=influence,
