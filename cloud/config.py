@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
@@ -58,7 +58,27 @@ class CloudSettings(BaseSettings):
     round_replay_per_class: int = 120
     round_distill_epochs: int = 30
     round_pseudo_label_min_confidence: float | None = None
+    # A round's gates, set to the product's goals: each new class's recall on held-out
+    # uploads, the old classes' macro-F1 drop and the detection-rate drop on the golden set
+    # (points). Per fleet: EDGELOOP_ROUND_GATES_BY_FLEET='{"plant-a": {"min_new_recall": 0.8}}'.
+    round_min_new_recall: float = 0.9
+    round_max_old_f1_drop_pts: float = 1.0
+    round_max_detection_drop_pts: float = 3.0
+    round_gates_by_fleet: dict[str, dict[str, float]] = {}
     mlflow_tracking_uri: str = ""  # default: sqlite store under home
+
+    @field_validator("round_gates_by_fleet")
+    @classmethod
+    def _known_gates(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        known = {"min_new_recall", "max_old_f1_drop_pts", "max_detection_drop_pts"}
+        for fleet, gates in value.items():
+            unknown = set(gates) - known
+            if unknown:
+                raise ValueError(
+                    f"round_gates_by_fleet[{fleet!r}] names {sorted(unknown)}; "
+                    f"the gates are {sorted(known)}"
+                )
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> CloudSettings:

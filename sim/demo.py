@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -203,12 +204,15 @@ def run_demo(
             a.heartbeat()
 
         version = first.version
+        # The recorded history replays as if it had just happened: every round's plant
+        # time in the past, the last ending now (ingest refuses the future and the old).
+        plant_start = datetime.now(UTC) - timedelta(hours=rounds * sim.round_hours)
         echo(f"[4/4] Running {rounds} round(s) of the loop")
         for rnd in range(1, rounds + 1):
             t_round = time.perf_counter()
             new_fault = sim.new_faults[rnd - 1]
             old = set(sim.faults_in_round(rnd - 1))
-            before, uploaded, labelled = _stream(sim, agents, rnd, "stream")
+            before, uploaded, labelled = _stream(sim, agents, rnd, "stream", plant_start)
             _wait(
                 lambda: all(a.backlog() == 0 for a in agents),
                 lambda: [a.tick() for a in agents],
@@ -224,7 +228,7 @@ def run_demo(
                     120,
                     f"agents to run {result.version}",
                 )
-            after, _, _ = _stream(sim, agents, rnd, "eval")
+            after, _, _ = _stream(sim, agents, rnd, "eval", plant_start)
             row = RoundRow(
                 round=rnd,
                 new_fault=new_fault,
@@ -293,17 +297,20 @@ def _prefetch(sim: FleetSimulator, rounds: int, workers: int) -> None:
 
 
 def _stream(
-    sim: FleetSimulator, agents: list[EdgeAgent], rnd: int, phase: str
+    sim: FleetSimulator, agents: list[EdgeAgent], rnd: int, phase: str, plant_start: datetime
 ) -> tuple[list[tuple[str, str]], int, int]:
     """Every device runs its round; in the 'stream' phase, uploaded windows get their ground
-    truth afterwards, as a maintenance report would give it. Returns (prediction, truth)
+    truth afterwards, as a maintenance report would give it. Windows carry the plant time
+    of their last sample (round ``rnd`` runs from ``plant_start`` + (rnd - 1) rounds), as a
+    device stamps them: the rounds split hold-outs by time. Returns (prediction, truth)
     pairs, uploads and labelled windows."""
+    start = plant_start + timedelta(hours=(rnd - 1) * sim.round_hours)
 
     def one(i: int) -> tuple[list[tuple[str, str]], int, int]:
         agent = agents[i]
         pairs, truth_of = [], defaultdict(list)
-        for window, truth in sim.stream(i, rnd, phase=phase):
-            det, msg = agent.process(window)
+        for window, truth, at in sim.timed_stream(i, rnd, start=start, phase=phase):
+            det, msg = agent.process(window, captured_at=at)
             pairs.append((det.predicted, truth))
             if msg is not None and phase == "stream":
                 truth_of[truth].append(msg.message_id)

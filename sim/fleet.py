@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,31 @@ class FleetSimulator:
         for ep in self.schedule(device, rnd, phase=phase):
             for w in self.windows(ep):
                 yield w, ep.fault
+
+    @property
+    def round_hours(self) -> float:
+        """Plant time one round's episodes take, back to back."""
+        return self.episodes_per_round * self.horizon_h
+
+    def timed_stream(
+        self, device: int, rnd: int, *, start: datetime, phase: str = "stream"
+    ) -> Iterator[tuple[np.ndarray, str, datetime]]:
+        """As ``stream``, with each window's plant time (of its last sample) when the round's
+        episodes run back to back from ``start``: what a device stamps as captured_at."""
+        for e, ep in enumerate(self.schedule(device, rnd, phase=phase)):
+            ends = self.window_ends_h(ep)
+            # A run the plant shut down early has fewer windows than its horizon's ends.
+            for w, end_h in zip(self.windows(ep), ends, strict=False):
+                yield w, ep.fault, start + timedelta(hours=e * self.horizon_h + end_h)
+
+    def window_ends_h(self, episode: Episode) -> np.ndarray:
+        """Hours from the episode's start to the end of each window's last sample, as
+        sim.tep.cut_windows cuts them."""
+        run = RunSpec(fault=episode.fault, seed=episode.seed, horizon_h=episode.horizon_h,
+                      spec=self.spec)  # fmt: skip
+        dt = self.spec.sample_interval_h
+        # As sim.tep.simulate_run stamps its samples.
+        times = self.spec.control_interval_h + np.arange(int(round(episode.horizon_h / dt))) * dt
+        start_h = 0.0 if run.fault == NORMAL else run.onset_h + run.settle_h
+        first = int(np.searchsorted(times, start_h - 1e-9))
+        return times[first + self.spec.window - 1 :: self.spec.stride]

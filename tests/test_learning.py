@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +51,19 @@ def labelled(w):
     return LabelledWindows(w.x, np.array(w.class_names)[w.y])
 
 
-def add_uploads(sessions, store, fleet, windows, label, *, first=0, device="d1"):
-    """Windows stored and recorded as ingest stores them; labelled by the device if
-    ``label`` is given. Returns their sample ids."""
+# Plant time of the test fleet's uploads: rounds split their hold-outs by device and time
+# block, so the layout is fixed (and its sides' sizes asserted where a test relies on them).
+T0 = datetime(2026, 1, 4, tzinfo=UTC)
+STRIDE = timedelta(seconds=576)  # the sim's windows: 16 samples of 36 s apart
+
+
+def add_uploads(sessions, store, fleet, windows, label, *, first=0, device="d1", start=T0):
+    """Windows stored and recorded as ingest stores them, one stride apart in plant time
+    from ``start``; labelled by the device if ``label`` is given. Returns their ids."""
     ids = []
     with sessions() as s:
-        for i, w in enumerate(windows, start=first):
+        for k, w in enumerate(windows):
+            i = first + k
             sha = content_sha256(w)
             store.put(f"windows/{sha}.npy", npy_bytes(w))
             sid = f"00000000-0000-4000-8000-{i:012d}"
@@ -69,7 +76,7 @@ def add_uploads(sessions, store, fleet, windows, label, *, first=0, device="d1")
                     object_key=f"windows/{sha}.npy",
                     dtype="float32",
                     shape=list(w.shape),
-                    captured_at=datetime.now(UTC),
+                    captured_at=start + k * STRIDE,
                     model_version="v1",
                     predicted="normal",
                     confidence=0.5,
@@ -89,12 +96,18 @@ def seed_fleet(pg_url, store, mlflow_uri, fleet, tep_small, cfg):
     the model has never seen (as ingest would have stored them)."""
     train, golden = tep_small
     new = generate(
-        classes=["idv_06"], runs_per_class=2, seed=5, horizon_h=4.0, cache_dir=TEP_CACHE, workers=2
+        classes=["idv_06"], runs_per_class=4, seed=5, horizon_h=4.0, cache_dir=TEP_CACHE, workers=2
     )
     new_golden = generate(
         classes=["idv_06"], runs_per_class=1, seed=99, horizon_h=4.0, cache_dir=TEP_CACHE
     )
+    # Other episodes again (seeds of neither base nor golden): what compression chooses on.
+    validation = generate(
+        classes=train.class_names, runs_per_class=1, seed=41, horizon_h=4.0,
+        cache_dir=TEP_CACHE, workers=2,
+    )  # fmt: skip
     register_dataset(store=store, name="base", data=labelled(train))
+    register_dataset(store=store, name="validation", data=labelled(validation))
     gold = LabelledWindows(
         np.concatenate([golden.x, new_golden.x]),
         np.concatenate([labelled(golden).labels, np.array(["idv_06"] * len(new_golden))]),
@@ -104,8 +117,11 @@ def seed_fleet(pg_url, store, mlflow_uri, fleet, tep_small, cfg):
     registry = Registry(mlflow_uri, experiment=f"edgeloop-{fleet}")
     first = train_initial(sessions=sessions, store=store, registry=registry, cfg=cfg)
     with sessions() as s:
-        register_device(session=s, device_id="d1", fleet=fleet, profile=cfg.profile)
-    add_uploads(sessions, store, fleet, new.x, "idv_06")
+        for device in ("d1", "d2"):
+            register_device(session=s, device_id=device, fleet=fleet, profile=cfg.profile)
+    half = len(new.x) // 2  # two runs on each plant, back to back
+    add_uploads(sessions, store, fleet, new.x[:half], "idv_06", device="d1")
+    add_uploads(sessions, store, fleet, new.x[half:], "idv_06", first=half, device="d2")
     return sessions, store, registry, cfg, first
 
 
@@ -127,7 +143,13 @@ def test_round_registers_gated_version_with_lineage(
     assert result.new_classes == ["idv_06"]
     assert result.gates["passed"], result.gates
     assert result.gates["holdout_new_recall"]["idv_06"] >= 0.9
-    assert result.gates["old_f1_drop_pts"] <= cfg.max_old_f1_drop_pts
+    assert result.gates["old_f1_drop_pts"] <= cfg.max_old_f1_drop_pts == 1.0
+    # The hold-out: whole time blocks, a window's gap from what was learnt (this layout's
+    # sizes, fixed by the plant times); and the golden set's own episodes of the new fault.
+    trained = _train_output(sessions, fleet, "v2")
+    assert (len(trained["fit"]), len(trained["validation"]), len(trained["holdout"])) == (30, 7, 12)
+    assert trained["lineage"]["gap_windows"] == 7
+    assert _evaluate_output(sessions, fleet, "v2")["metrics"]["golden_recall_idv_06"] >= 0.9
 
     client = MlflowClient(tracking_uri=mlflow_uri)
     name = model_name(fleet, "cpu-fp32")
@@ -204,6 +226,38 @@ def _train_output(sessions, fleet, version):
     with sessions() as s:
         row = s.scalar(select(Round).where(Round.fleet == fleet, Round.version == version))
         return row.stages["train"]["output"]
+
+
+def _evaluate_output(sessions, fleet, version):
+    with sessions() as s:
+        row = s.scalar(select(Round).where(Round.fleet == fleet, Round.version == version))
+        return row.stages["evaluate"]["output"]
+
+
+def test_a_round_that_misses_a_goal_is_registered_but_not_promoted(
+    fleet_with_uploads, mlflow_uri, fleet
+):
+    """The gates are the goals (new-class recall ≥ 0.9, old classes' macro-F1 drop ≤ 1 pt):
+    a round trained too briefly to learn the new fault misses the first, one whose training
+    diverged misses the second; both are registered, neither is promoted."""
+    sessions, store, registry, cfg, first = fleet_with_uploads
+    assert (cfg.min_new_recall, cfg.max_old_f1_drop_pts) == (0.9, 1.0)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    name = model_name(fleet, "cpu-fp32")
+
+    cfg.train = TrainConfig(epochs=1, lr=1e-4)
+    brief = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
+    cfg.train = TrainConfig(epochs=3, lr=1.0)
+    diverged = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
+
+    assert brief.gates["holdout_new_recall"]["idv_06"] < 0.9
+    assert any("held-out recall of idv_06" in r for r in brief.gates["failed"])
+    assert diverged.gates["old_f1_drop_pts"] > 1.0
+    assert any("old classes' macro-F1 fell" in r for r in diverged.gates["failed"])
+    for result, mlflow_version in ((brief, "2"), (diverged, "3")):
+        assert not result.promoted and result.parent == "v1"
+        assert client.get_model_version(name, mlflow_version).tags["gate_verdict"] == "fail"
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
 
 
 def test_round_pseudo_labels_above_the_bar_and_replays_a_reservoir(

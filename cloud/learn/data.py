@@ -4,6 +4,7 @@ out), its teacher's checkpoint, its replay reservoir, and the golden set."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,10 @@ from cloud.learn.state import NORMAL, RoundConfig, RoundState
 from cloud.model.checkpoint import from_bytes, to_bytes
 from cloud.model.classifier import Classifier
 from cloud.store.datasets import LabelledWindows, load_dataset
-from cloud.store.db import Label, Round, Sample
+from cloud.store.db import Label, Round, Sample, aware
 from cloud.store.keys import checkpoint_key, replay_key
-from cloud.store.objects import ObjectStore
+from cloud.store.objects import ObjectNotFound, ObjectStore
+from cloud.store.windows import load_samples
 from shared.errors import DataError
 
 SOURCE_RANK = {"operator": 0, "device": 1, "teacher": 2}  # whose label wins
@@ -33,6 +35,8 @@ class Upload:
     label: str
     source: str
     label_id: int
+    device_id: str
+    captured_at: datetime  # the window's last sample (cloud.learn.split)
 
 
 def labelled_uploads(*, sessions: sessionmaker, fleet: str, upto: int) -> list[Upload]:
@@ -48,6 +52,8 @@ def labelled_uploads(*, sessions: sessionmaker, fleet: str, upto: int) -> list[U
                 Label.label,
                 Label.source,
                 Label.id.label("label_id"),
+                Sample.device_id,
+                Sample.captured_at,
             )
             .join(Label, Label.sample_id == Sample.id)
             .where(Sample.fleet == fleet, Label.id <= upto)
@@ -57,15 +63,19 @@ def labelled_uploads(*, sessions: sessionmaker, fleet: str, upto: int) -> list[U
         if r.id not in best or SOURCE_RANK[r.source] < SOURCE_RANK[best[r.id].source]:
             best[r.id] = r
     return [
-        Upload(r.id, r.content_sha256, r.object_key, r.object_index, r.label, r.source, r.label_id)
+        Upload(
+            r.id,
+            r.content_sha256,
+            r.object_key,
+            r.object_index,
+            r.label,
+            r.source,
+            r.label_id,
+            r.device_id,
+            aware(r.captured_at),
+        )
         for r in sorted(best.values(), key=lambda r: r.id)
     ]
-
-
-def held_out(sha256: str, fraction: float) -> bool:
-    """By content hash: a window stays on the same side in every round, so a parent never
-    saw the windows its successor is judged on."""
-    return int(sha256[:8], 16) / 2**32 < fraction
 
 
 def class_order(labels: list[str]) -> list[str]:
@@ -123,6 +133,39 @@ def check_same_base(
             "reservoir from it; register the new history under another name (or restore "
             "the old one)"
         )
+
+
+def validation_set(
+    *,
+    sessions: sessionmaker,
+    store: ObjectStore,
+    cfg: RoundConfig,
+    class_names: list[str],
+    uploads: list[list[str]],
+) -> LabelledWindows:
+    """What a round chooses on: the registered validation set's windows of the classes the
+    model knows, plus the round's own validation uploads ([sample id, label]: the new
+    classes' only windows there)."""
+    if cfg.validation_dataset is None:
+        raise DataError(
+            f"profile {cfg.profile!r} compresses, and the compression chooses its student on a "
+            "validation set: set the round's validation_dataset and register that data set"
+        )
+    try:
+        registered = load_dataset(store=store, name=cfg.validation_dataset)
+    except ObjectNotFound as exc:
+        raise DataError(
+            f"no data set {cfg.validation_dataset!r} is registered: register one of other "
+            f"episodes than {cfg.base_dataset!r} and {cfg.golden_dataset!r} (the compression "
+            "chooses its student on it)"
+        ) from exc
+    known = np.isin(registered.labels, class_names)
+    x = [registered.x[known]]
+    labels = [registered.labels[known]]
+    if uploads:
+        x.append(load_samples(sessions=sessions, store=store, ids=[i for i, _ in uploads]))
+        labels.append(np.array([c for _, c in uploads]))
+    return LabelledWindows(np.concatenate(x), np.concatenate(labels))
 
 
 def golden_known(store: ObjectStore, cfg: RoundConfig, class_names: list[str]) -> LabelledWindows:

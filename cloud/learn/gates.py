@@ -14,9 +14,11 @@ from cloud.store.datasets import label_indices
 
 @dataclass(frozen=True)
 class GateLimits:
-    max_old_f1_drop_pts: float = 3.0
+    """Defaults: the product's goals, as cloud.config's round_* settings have them."""
+
+    max_old_f1_drop_pts: float = 1.0
     max_detection_drop_pts: float = 3.0
-    min_new_recall: float = 0.5
+    min_new_recall: float = 0.9
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 from cloud.compress.distill import DistillConfig
 from cloud.compress.pipeline import compress
 from cloud.compress.profiles import load_profiles
-from cloud.learn.data import golden_known, load_teacher
+from cloud.learn.data import golden_known, load_teacher, validation_set
 from cloud.learn.state import RecompressOutput, RoundState, Services
 from cloud.model.export import package_model
 from cloud.model.ood import ood_calibration
@@ -61,10 +61,19 @@ def stage_recompress(svc: Services, st: RoundState, say: Callable[[str], None]) 
             )
             labels = np.array([c for _, c in pairs])
         golden = golden_known(svc.store, st.cfg, class_names)
+        val = validation_set(
+            sessions=svc.sessions,
+            store=svc.store,
+            cfg=st.cfg,
+            class_names=class_names,
+            uploads=trained.get("validation", []),
+        )
         result = compress(
             teacher,
             x=x,
             y=LabelledWindows(x, labels).indices(class_names),
+            val_x=val.x,
+            val_y=val.indices(class_names),
             golden_x=golden.x,
             golden_y=golden.indices(class_names),
             class_names=class_names,

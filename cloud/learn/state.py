@@ -10,6 +10,7 @@ from typing import Any, NotRequired, TypedDict
 from sqlalchemy.orm import sessionmaker
 
 from cloud.config import CloudSettings
+from cloud.learn.split import SplitConfig
 from cloud.model.configs import TrainConfig
 from cloud.store.objects import ObjectStore
 from cloud.tracking.registry import Registry
@@ -28,14 +29,24 @@ class RoundConfig:
     fleet: str
     profile: str = "cpu-fp32"
     base_dataset: str = "base"  # the registered history the first replay buffer holds
+    # Registered sets of other episodes than base: validation chooses (the compression
+    # pipeline's student), golden only judges and reports. None: no validation set, for a
+    # profile that ships the teacher as it is (nothing to choose).
+    validation_dataset: str | None = "validation"
     golden_dataset: str = "golden"
     replay_per_class: int = _setting("round_replay_per_class")
-    holdout_fraction: float = 0.25  # of new labelled samples, kept out of training for gates
-    max_old_f1_drop_pts: float = 3.0
+    # The new labelled uploads are split by device and time block (cloud.learn.split):
+    # these shares of (device, block)s are held out for the gates and for validation.
+    holdout_fraction: float = 0.25
+    validation_fraction: float = 0.15
+    holdout_block_s: float = 3600.0
+    window_s: float = 1152.0  # what one window spans: the gap kept between the sides
+    # The gates equal the product's goals (cloud.config; per fleet: round_gates_by_fleet).
+    max_old_f1_drop_pts: float = _setting("round_max_old_f1_drop_pts")
     # Share of the golden set's fault windows (of any fault, known or not) that the model
     # flags as not normal: a missed alarm is the costliest error in a plant.
-    max_detection_drop_pts: float = 3.0
-    min_new_recall: float = 0.5
+    max_detection_drop_pts: float = _setting("round_max_detection_drop_pts")
+    min_new_recall: float = _setting("round_min_new_recall")
     # None: no pseudo-labels. Else unlabelled uploads the teacher classifies with at least
     # this softmax probability are labelled by it (source "teacher") before training.
     pseudo_label_min_confidence: float | None = _setting("round_pseudo_label_min_confidence")
@@ -47,6 +58,15 @@ class RoundConfig:
     # fields (a transformer, which the compression pipeline can prune).
     teacher: dict[str, Any] | None = None
     seed: int = 0
+
+    @property
+    def split(self) -> SplitConfig:
+        return SplitConfig(
+            holdout_fraction=self.holdout_fraction,
+            validation_fraction=self.validation_fraction,
+            block_s=self.holdout_block_s,
+            window_s=self.window_s,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,9 +81,18 @@ class RoundConfig:
     @classmethod
     def from_settings(cls, settings: CloudSettings, *, fleet: str, profile: str) -> RoundConfig:
         """What a round started now by a worker runs with (EDGELOOP_ROUND_*)."""
+        gates = {
+            "min_new_recall": settings.round_min_new_recall,
+            "max_old_f1_drop_pts": settings.round_max_old_f1_drop_pts,
+            "max_detection_drop_pts": settings.round_max_detection_drop_pts,
+            **settings.round_gates_by_fleet.get(fleet, {}),
+        }
         return cls(
             fleet=fleet,
             profile=profile,
+            min_new_recall=gates["min_new_recall"],
+            max_old_f1_drop_pts=gates["max_old_f1_drop_pts"],
+            max_detection_drop_pts=gates["max_detection_drop_pts"],
             replay_per_class=settings.round_replay_per_class,
             pseudo_label_min_confidence=settings.round_pseudo_label_min_confidence,
             train=TrainConfig(epochs=settings.round_epochs, lr=2e-3),
@@ -91,6 +120,7 @@ class TrainOutput(TypedDict):
     # [sample id, the label learnt]: later stages read these, never the labels table,
     # which may have changed since
     fit: list[list[str]]
+    validation: NotRequired[list[list[str]]]  # the round's uploads kept for choices
     holdout: list[list[str]]
     replay: list[list[str]]  # [replay key, class]
     whole_base: NotRequired[bool]  # the initial round: it learnt the whole base data set

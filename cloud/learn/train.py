@@ -23,12 +23,12 @@ from cloud.learn.data import (
     base_buffer,
     check_same_base,
     class_order,
-    held_out,
     labelled_uploads,
     load_buffer,
     load_teacher,
     save_teacher,
 )
+from cloud.learn.split import SplitConfig, split_uploads
 from cloud.learn.state import NORMAL, RoundState, Services, TrainOutput
 from cloud.model.cnn import ModelConfig, build_model
 from cloud.model.train import extend_classes, train
@@ -70,12 +70,13 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> Tr
     if not new:
         raise DataError(f"fleet {st.fleet} has no labelled uploads since {parent} to learn from")
     buffer = load_buffer(svc.store, st.fleet, st.profile, parent) or base_buffer(base, cfg)
-    plan = plan_round(new, buffer.windows(), old_classes, cfg.holdout_fraction)
+    plan = plan_round(new, buffer.windows(), old_classes, cfg.split)
     fit, hold, replay, new_classes = plan.fit, plan.hold, plan.replay, plan.new_classes
     class_names = old_classes + new_classes
     say(
         f"training {st.version} from {parent}: {len(fit)} new window(s) "
-        f"({len(hold)} held out), {len(replay)} replayed, classes +{new_classes or '[]'}"
+        f"({len(hold)} held out, {len(plan.val)} for validation, {len(plan.gap)} in gaps), "
+        f"{len(replay)} replayed, classes +{new_classes or '[]'}"
     )
     x = np.concatenate(
         [
@@ -104,6 +105,7 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> Tr
         # (sample id, the label learnt): later stages read these, never the labels
         # table, which may have changed since
         "fit": [[u.sample_id, u.label] for u in fit],
+        "validation": [[u.sample_id, u.label] for u in plan.val],
         "holdout": [[u.sample_id, u.label] for u in hold],
         "replay": [list(p) for p in replay],
         "lineage": {
@@ -111,7 +113,9 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> Tr
             "label_watermark": watermark,
             "base": base.sha256(),
             "uploads": sorted({u.sha256 for u in fit}),
+            "validation": sorted({u.sha256 for u in plan.val}),
             "holdout": sorted({u.sha256 for u in hold}),
+            "gap_windows": len(plan.gap),
             "labels_by_source": _count(u.source for u in fit),
             "pseudo_labelled": pseudo,
             "replay_windows": len(replay),
@@ -123,7 +127,9 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> Tr
 @dataclass
 class RoundPlan:
     fit: list[Upload]  # new labelled windows the round learns from
+    val: list[Upload]  # new labelled windows for choices (the compression's student)
     hold: list[Upload]  # new labelled windows kept out, for the gates
+    gap: list[Upload]  # left out of this round: too close in time to another side
     replay: list[tuple[str, str]]  # (replay key, class) of history replayed
     new_classes: list[str]  # classes the parent did not know, sorted
 
@@ -132,19 +138,25 @@ def plan_round(
     new: list[Upload],
     reservoir: list[tuple[str, str]],
     old_classes: list[str],
-    holdout_fraction: float,
+    split: SplitConfig,
 ) -> RoundPlan:
-    """Which of the ``new`` labelled uploads a round learns from and which it holds out,
-    and which of the parent's ``reservoir`` it replays."""
-    # Ground truth only in the held-out slice: a teacher's label is no evidence.
-    hold = [u for u in new if u.source != "teacher" and held_out(u.sha256, holdout_fraction)]
-    held_ids = {u.sample_id for u in hold}
+    """Which of the ``new`` labelled uploads a round learns from, which it keeps for
+    validation and which it holds out (by device and time block, no sample shared:
+    cloud.learn.split), and which of the parent's ``reservoir`` it replays."""
+    split.check()
+    sides = split_uploads(new, split)
+    # Ground truth only on the validation and held-out sides: a teacher's label is no
+    # evidence. A pseudo-labelled window there is left out, not learnt: it shares samples
+    # with the windows beside it.
+    dropped = [u for u in sides.hold + sides.val if u.source == "teacher"]
     # A window with a new label (relabelled since it was learnt) is learnt, or held out,
     # with that label this round: never replayed with its old one as well.
     relabelled = {f"sample:{u.sample_id}" for u in new}
     return RoundPlan(
-        fit=[u for u in new if u.sample_id not in held_ids],
-        hold=hold,
+        fit=sides.fit,
+        val=[u for u in sides.val if u.source != "teacher"],
+        hold=[u for u in sides.hold if u.source != "teacher"],
+        gap=sides.gap + dropped,
         replay=[(k, c) for k, c in reservoir if k not in relabelled],
         new_classes=sorted({u.label for u in new} - set(old_classes)),
     )
