@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from cloud.commands.common import sessions as _sessions
+from cloud.commands.datasets import register_dataset_cmd
 from cloud.commands.models import compress, teacher
 from cloud.commands.rounds import beat, retrain, rounds, worker
 from shared.errors import EdgeloopError
@@ -23,6 +24,9 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 log = logging.getLogger("edgeloop.cloud")
+
+
+app.command("register-dataset")(register_dataset_cmd)
 
 
 @app.command()
