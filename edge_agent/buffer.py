@@ -23,6 +23,8 @@ CREATE INDEX IF NOT EXISTS outbox_created ON outbox(created_at);
 CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
+CHUNK = 64  # rows per INSERT statement: 256 parameters, far under SQLite's limit
+
 
 @dataclass(frozen=True)
 class Pending:
@@ -37,8 +39,15 @@ class DurableBuffer:
         self.max_messages = max_messages
         self._lock = threading.Lock()  # one connection, shared by the MQTT and agent threads
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        # A window's message (~9.4 kB) fits in one 64 KiB page, where 4 KiB pages split it
+        # over three (measured: 26 against 42 µs of CPU per message put, batches of 64).
+        # Only a new file takes the setting; an existing buffer keeps its page size.
+        self._db.execute("PRAGMA page_size=65536")
         # WAL + synchronous=FULL: a committed put survives a power cut.
         self._db.execute("PRAGMA journal_mode=WAL")
+        # Checkpoint after 64 pages (4 MiB of 64 KiB pages), as the default 1000 pages do
+        # with 4 KiB ones: the WAL stays small on the device's disk.
+        self._db.execute("PRAGMA wal_autocheckpoint=64")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._depth = self._count()  # kept in memory: COUNT(*) on every put is a table scan
@@ -54,11 +63,15 @@ class DurableBuffer:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 before = self._db.total_changes
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO outbox(message_id, topic, payload, created_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    [(m, t, p, now) for m, t, p in items],
-                )
+                # One statement per chunk rather than executemany's step per row: the writer
+                # thread gives the GIL back and takes it again around every step.
+                for at in range(0, len(items), CHUNK):
+                    chunk = items[at : at + CHUNK]
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO outbox(message_id, topic, payload, created_at) "
+                        "VALUES " + ",".join(["(?, ?, ?, ?)"] * len(chunk)),
+                        [v for m, t, p in chunk for v in (m, t, p, now)],
+                    )
                 depth = self._depth + self._db.total_changes - before
                 over = depth - self.max_messages
                 if over > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -42,8 +43,10 @@ class Selector:
         self.last = time.monotonic()
         self.diversity_distance = diversity_distance
         self.memory = memory
-        # Per predicted class, the channel means of the last `memory` windows sent: (n, C).
-        self.recent: dict[str, np.ndarray] = {}
+        # Per predicted class, the channel means of the last `memory` windows sent, as a
+        # ring: (memory, C) rows, of which the first `filled` hold windows, `at` the next
+        # to overwrite. A ring, not a growing concatenation: one row write per upload.
+        self.recent: dict[str, _Ring] = {}
         self.skipped_budget = 0
         self.skipped_duplicate = 0
 
@@ -69,7 +72,7 @@ class Selector:
         if (
             sent is not None
             and self.diversity_distance > 0
-            and _nearest(sent, feats) < self.diversity_distance
+            and _nearest(sent.rows(), feats) < self.diversity_distance
         ):
             self.skipped_duplicate += 1
             return ()
@@ -80,17 +83,41 @@ class Selector:
             self.skipped_budget += 1
             return ()
         self.tokens -= nbytes
-        means = feats[None, : feats.shape[0] // 2]  # only the means are compared later
-        kept = means if sent is None else np.concatenate([sent[-(self.memory - 1) :], means])
-        self.recent[det.predicted] = kept
+        if sent is None:
+            sent = self.recent[det.predicted] = _Ring(self.memory, feats.shape[0] // 2, feats.dtype)
+        sent.add(feats[: feats.shape[0] // 2])  # only the means are compared later
         return reasons
+
+    def forget(self) -> None:
+        """Forget the windows sent and refill the byte budget, as on a fresh start."""
+        self.recent.clear()
+        self.tokens = self.capacity
+        self.last = time.monotonic()
+
+
+class _Ring:
+    """The channel means of the last ``size`` windows sent for one class."""
+
+    def __init__(self, size: int, channels: int, dtype: np.dtype) -> None:
+        self.data = np.empty((size, channels), dtype=dtype)
+        self.filled = 0
+        self.at = 0
+
+    def add(self, means: np.ndarray) -> None:
+        self.data[self.at] = means
+        self.at = (self.at + 1) % len(self.data)
+        self.filled = min(self.filled + 1, len(self.data))
+
+    def rows(self) -> np.ndarray:
+        return self.data if self.filled == len(self.data) else self.data[: self.filled]
 
 
 def _nearest(sent: np.ndarray, feats: np.ndarray) -> float:
     """Smallest RMS gap between the channel means of ``feats`` and those of the windows
     sent (rows of ``sent``: their means only), in units of this window's channel spread.
-    ``feats`` is (2C,): means, then spreads. Three array operations: it runs on every
+    ``feats`` is (2C,): means, then spreads. Five array operations: it runs on every
     candidate."""
     c = feats.shape[0] // 2
-    gap = (sent - feats[:c]) * (1.0 / (feats[c:] + 1e-6))  # (n, C)
-    return float(np.sqrt(np.einsum("nc,nc->n", gap, gap).min() / c))
+    gap = sent - feats[:c]  # (n, C)
+    gap /= feats[c:] + 1e-6
+    return math.sqrt(float(np.einsum("nc,nc->n", gap, gap).min()) / c)

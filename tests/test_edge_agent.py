@@ -410,3 +410,42 @@ def test_bad_sensor_data_is_refused_without_touching_the_model(tmp_path, tiny_pa
     det, _ = agent.process(window)
     assert det.predicted in ModelPackage(tiny_package[0]).manifest.class_names
     agent.stop()
+
+
+def test_selected_windows_are_buffered_as_the_cloud_decodes_them(tmp_path, tiny_package, tep_small):
+    """Every window process() selects is in the buffer after sync(), under its upload's id,
+    as a sample the cloud's decoder accepts, with the window bit for bit even though the
+    caller reuses its array; windows not selected leave nothing behind."""
+    from shared.messages import decode
+
+    _, golden = tep_small
+    windows = np.concatenate([windows_of(golden, c, 20) for c in ("idv_01", "idv_07", "normal")])
+    agent = EdgeAgent(
+        EdgeSettings(
+            fleet="f", device_id="d1", mqtt_port=9, state_dir=tmp_path / "a", diversity_distance=0
+        )
+    )
+    agent.bootstrap(tiny_package[0])
+    reused = np.empty_like(windows[0])
+    uploads = {}
+    try:
+        for w in windows:
+            reused[:] = w  # a sensor source that fills the same buffer each time
+            det, up = agent.process(reused)
+            if up is not None:
+                uploads[str(up.message_id)] = (w, det, up)
+        agent.sync()
+        pending = {p.message_id: p for p in agent.buffer.pending(limit=1000)}
+        assert len(uploads) >= 20 and set(pending) == set(uploads)
+        for message_id, (w, det, up) in uploads.items():
+            msg = decode("samples", pending[message_id].payload)
+            assert msg.window.to_array().tobytes() == w.tobytes()
+            assert (msg.message_id, msg.predicted, msg.reasons) == (
+                up.message_id,
+                det.predicted,
+                up.reasons,
+            )
+            assert msg.message_id.version == 7  # time-ordered: the buffer's index appends
+            assert pending[message_id].topic == topic("f", "d1", "samples")
+    finally:
+        agent.stop()
