@@ -37,7 +37,7 @@ from edge_agent.config import EdgeSettings
 from shared.errors import DataError
 from sim.broker import EmbeddedBroker
 from sim.fleet import FleetSimulator
-from sim.tep import NORMAL, Windows, generate, golden_set
+from sim.tep import NORMAL, VALIDATION_SEED, Windows, generate, golden_set
 
 log = logging.getLogger(__name__)
 DEFAULT_INITIAL = ("normal", "idv_01", "idv_02", "idv_07")
@@ -133,6 +133,15 @@ def run_demo(
         cache_dir=cache,
         workers=workers,
     )
+    # Other episodes of the base classes: training keeps its best epoch on them.
+    validation = generate(
+        classes=list(initial_faults),
+        runs_per_class=1,
+        seed=VALIDATION_SEED,
+        horizon_h=horizon_h,
+        cache_dir=cache,
+        workers=workers,
+    )
     golden = golden_set(
         classes=[*initial_faults, *list(new_faults)[:rounds]],
         cache_dir=cache,
@@ -141,7 +150,7 @@ def run_demo(
     )
     _prefetch(sim, rounds, workers)
     echo(
-        f"      {len(base)} base windows, {len(golden)} golden windows "
+        f"      {len(base)} base, {len(validation)} validation and {len(golden)} golden windows "
         f"({time.perf_counter() - t0:.0f} s)"
     )
 
@@ -150,6 +159,7 @@ def run_demo(
     store = LocalObjectStore(home / "objects")
     registry = open_registry(settings, fleet)
     register_dataset(store=store, name="base", data=_to_labelled(base))
+    register_dataset(store=store, name="validation", data=_to_labelled(validation))
     register_dataset(store=store, name="golden", data=_to_labelled(golden))
     cfg = RoundConfig(fleet=fleet, profile=PROFILE, seed=seed)
 

@@ -3,6 +3,7 @@ out), its teacher's checkpoint, its replay reservoir, and the golden set."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -142,30 +143,34 @@ def validation_set(
     cfg: RoundConfig,
     class_names: list[str],
     uploads: list[list[str]],
+    required: bool = True,
 ) -> LabelledWindows:
     """What a round chooses on: the registered validation set's windows of the classes the
     model knows, plus the round's own validation uploads ([sample id, label]: the new
-    classes' only windows there)."""
-    if cfg.validation_dataset is None:
+    classes' only windows there). Not ``required`` (early stopping): without a registered
+    set, the uploads alone (maybe nothing)."""
+    registered = None
+    if cfg.validation_dataset is not None:
+        with contextlib.suppress(ObjectNotFound):
+            registered = load_dataset(store=store, name=cfg.validation_dataset)
+    if registered is None and required:
         raise DataError(
-            f"profile {cfg.profile!r} compresses, and the compression chooses its student on a "
-            "validation set: set the round's validation_dataset and register that data set"
+            f"profile {cfg.profile!r} compresses, and the compression chooses its student on "
+            f"a validation set: register data set {cfg.validation_dataset or 'validation'!r} "
+            f"(episodes of neither {cfg.base_dataset!r} nor {cfg.golden_dataset!r}) with "
+            "`edgeloop cloud register-dataset` and name it in the round's validation_dataset"
         )
-    try:
-        registered = load_dataset(store=store, name=cfg.validation_dataset)
-    except ObjectNotFound as exc:
-        raise DataError(
-            f"no data set {cfg.validation_dataset!r} is registered: register one of other "
-            f"episodes than {cfg.base_dataset!r} and {cfg.golden_dataset!r} (the compression "
-            "chooses its student on it)"
-        ) from exc
-    known = np.isin(registered.labels, class_names)
-    x = [registered.x[known]]
-    labels = [registered.labels[known]]
+    xs, labels = [], []
+    if registered is not None:
+        known = np.isin(registered.labels, class_names)
+        xs.append(registered.x[known])
+        labels.append(registered.labels[known])
     if uploads:
-        x.append(load_samples(sessions=sessions, store=store, ids=[i for i, _ in uploads]))
+        xs.append(load_samples(sessions=sessions, store=store, ids=[i for i, _ in uploads]))
         labels.append(np.array([c for _, c in uploads]))
-    return LabelledWindows(np.concatenate(x), np.concatenate(labels))
+    if not xs:
+        return LabelledWindows(np.empty((0, 0, 0), np.float32), np.array([], dtype=str))
+    return LabelledWindows(np.concatenate(xs), np.concatenate(labels))
 
 
 def golden_known(store: ObjectStore, cfg: RoundConfig, class_names: list[str]) -> LabelledWindows:

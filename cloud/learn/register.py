@@ -55,6 +55,7 @@ def stage_register(svc: Services, st: RoundState, say: Callable[[str], None]) ->
                 **asdict(st.cfg.train),
             },
             history=trained["history"],
+            val_history=trained.get("val_f1", []),
             metrics=metrics,
             class_names=evaluated["class_names"],
             confusion=np.array(evaluated["confusion"]),

@@ -116,6 +116,7 @@ class TrainOutput(TypedDict):
     new_classes: list[str]
     label_watermark: int | None
     history: list[float]  # loss per epoch
+    val_f1: NotRequired[list[float]]  # validation macro-F1 per epoch (the best one is kept)
     samples_used: int
     # [sample id, the label learnt]: later stages read these, never the labels table,
     # which may have changed since

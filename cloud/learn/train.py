@@ -27,6 +27,7 @@ from cloud.learn.data import (
     load_buffer,
     load_teacher,
     save_teacher,
+    validation_set,
 )
 from cloud.learn.split import SplitConfig, split_uploads
 from cloud.learn.state import NORMAL, RoundState, Services, TrainOutput
@@ -90,7 +91,23 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> Tr
     y = LabelledWindows(x, labels).indices(class_names)
     model = extend_classes(copy.deepcopy(teacher), len(class_names))
     history: list[float] = []
-    train(model, x, y, cfg.train, on_epoch=_epochs(history, cfg.train.epochs, say))
+    val = validation_set(
+        sessions=svc.sessions,
+        store=svc.store,
+        cfg=cfg,
+        class_names=class_names,
+        uploads=[[u.sample_id, u.label] for u in plan.val],
+        required=False,
+    )
+    val_f1: list[float] = []
+    train(
+        model,
+        x,
+        y,
+        cfg.train,
+        on_epoch=_epochs(history, cfg.train.epochs, say),
+        **_early_stopping(val, class_names, val_f1, say),
+    )
     save_teacher(svc.store, st, model, class_names)
     # What this round learnt joins history: its own buffer is the parent's plus these.
     mine = buffer.copy().offer_all((f"sample:{u.sample_id}", u.label) for u in fit)
@@ -101,6 +118,7 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> Tr
         "new_classes": new_classes,
         "label_watermark": watermark,
         "history": history,
+        "val_f1": val_f1,
         "samples_used": len(x),
         # (sample id, the label learnt): later stages read these, never the labels
         # table, which may have changed since
@@ -195,7 +213,23 @@ def _train_initial(
         model = build(spec, base.x[y == 0])
     say(f"training the initial model {st.version}: {len(base)} windows, {len(class_names)} classes")
     history: list[float] = []
-    train(model, base.x, y, cfg.train, on_epoch=_epochs(history, cfg.train.epochs, say))
+    val = validation_set(
+        sessions=svc.sessions,
+        store=svc.store,
+        cfg=cfg,
+        class_names=class_names,
+        uploads=[],
+        required=False,
+    )
+    val_f1: list[float] = []
+    train(
+        model,
+        base.x,
+        y,
+        cfg.train,
+        on_epoch=_epochs(history, cfg.train.epochs, say),
+        **_early_stopping(val, class_names, val_f1, say),
+    )
     save_teacher(svc.store, st, model, class_names)
     svc.store.put(replay_key(st.fleet, st.profile, st.version), base_buffer(base, cfg).to_json())
     return {
@@ -204,6 +238,7 @@ def _train_initial(
         "new_classes": class_names,
         "label_watermark": None,
         "history": history,
+        "val_f1": val_f1,
         "samples_used": len(base),
         "fit": [],
         "holdout": [],
@@ -273,6 +308,20 @@ def _epochs(history: list[float], epochs: int, say: Callable[[str], None]) -> An
             say(f"  epoch {i + 1}/{epochs} loss {loss:.4f}")
 
     return on_epoch
+
+
+def _early_stopping(
+    val: LabelledWindows, class_names: list[str], scores: list[float], say: Callable[[str], None]
+) -> dict[str, Any]:
+    """train()'s arguments to keep the epoch that scores best on ``val`` (none: no set)."""
+    if not len(val):
+        say("  no validation windows: the last epoch's weights are kept")
+        return {}
+
+    def on_validate(epoch: int, f1: float) -> None:
+        scores.append(f1)
+
+    return {"val": (val.x, val.indices(class_names)), "on_validate": on_validate}
 
 
 def _count(items: Any) -> dict[str, int]:

@@ -3,6 +3,7 @@ one-cycle schedule, growing the label space, and predictions in torch."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from cloud.model.classifier import Classifier
 from cloud.model.configs import TrainConfig
+from cloud.model.metrics import classification_metrics
 
 
 def extend_classes(model: Classifier, n_classes: int) -> Classifier:
@@ -60,15 +62,29 @@ def one_cycle(model: nn.Module, n: int, cfg: Any) -> tuple[torch.optim.Optimizer
 
 
 def train(
-    model: Classifier, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, *, on_epoch: Any = None
+    model: Classifier,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    on_epoch: Any = None,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    on_validate: Any = None,
 ) -> Classifier:
-    """Class-balanced cross-entropy with AdamW and a cosine schedule; ``on_epoch(i, loss)``."""
+    """Class-balanced cross-entropy with AdamW and a cosine schedule; ``on_epoch(i, loss)``.
+
+    With a validation set ``val`` (windows, class indices; disjoint from ``x``), the model
+    is scored on it after every epoch (macro-F1 over the classes it holds,
+    ``on_validate(i, f1)``) and the best epoch's weights are kept: the latest of equals,
+    which the schedule has annealed furthest. Early stopping by selection, never on what a
+    report or gate reads."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.long)
     loss_fn = nn.CrossEntropyLoss(weight=balanced_weights(yt, model.cfg.n_classes))
     opt, sched = one_cycle(model, len(xt), cfg)
+    best: tuple[float, dict[str, Any]] | None = None
     model.train()
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(xt), generator=gen)
@@ -85,8 +101,22 @@ def train(
             total += loss.item() * len(idx)
         if on_epoch is not None:
             on_epoch(epoch, total / len(xt))
+        if val is not None and len(val[0]):
+            f1 = _macro_f1(model, val[0], val[1])
+            if on_validate is not None:
+                on_validate(epoch, f1)
+            if best is None or f1 >= best[0]:
+                best = (f1, copy.deepcopy(model.state_dict()))
+            model.train()
+    if best is not None:
+        model.load_state_dict(best[1])
     model.eval()
     return model
+
+
+def _macro_f1(model: Classifier, x: np.ndarray, y: np.ndarray) -> float:
+    n = model.cfg.n_classes
+    return classification_metrics(y, predict(model, x), [str(i) for i in range(n)]).macro_f1
 
 
 @torch.no_grad()

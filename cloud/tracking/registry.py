@@ -65,12 +65,16 @@ class Registry:
         confusion: np.ndarray,
         lineage: dict[str, Any],
         package: bytes,
+        val_history: list[float] = (),  # type: ignore[assignment]
     ) -> str:
-        """One run: params, loss per epoch, final metrics, plots, lineage, the package."""
+        """One run: params, loss and validation macro-F1 per epoch, final metrics, plots,
+        lineage, the package."""
         with self.mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name) as run:
             self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             for epoch, loss in enumerate(history):
                 self.mlflow.log_metric("train_loss", loss, step=epoch)
+            for epoch, f1 in enumerate(val_history):
+                self.mlflow.log_metric("val_macro_f1", f1, step=epoch)
             self.mlflow.log_metrics(metrics)
             self.mlflow.log_dict(lineage, "lineage.json")
             self.mlflow.log_figure(confusion_figure(confusion, class_names), "confusion.png")
