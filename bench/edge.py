@@ -262,7 +262,7 @@ def main() -> None:
             realistic_fault_share=np.float64(sum(map(len, cuts)) / len(realistic)),
         )
         repeats = args.repeats or (10 if args.quick else 20)  # short runs are noisy
-        passes = args.passes or (10 if args.quick else 30)
+        passes = args.passes or (20 if args.quick else 80)  # noisy on a shared machine
         out = subprocess.run(
             [
                 sys.executable,
