@@ -163,6 +163,10 @@ def child(package: Path, streams: Path, state: Path, repeats: int, passes: int) 
     out["process"] = whole
     out["process_cpu_ratio"] = whole["process_cpu_ratio"]
     out["upload_share"] = whole["upload_share"]
+    # Memory of one running agent, read before the second one (realistic stream) is made.
+    # VmHWM, not ru_maxrss: the latter inherits the parent's (torch-sized) peak at fork.
+    with open("/proc/self/status") as fh:
+        status = dict(line.split(":", 1) for line in fh)
     agent.stop()
 
     agent = _agent(package, state / "realistic")
@@ -174,9 +178,6 @@ def child(package: Path, streams: Path, state: Path, repeats: int, passes: int) 
     real["durable"] = durable(agent) - warm
     real["fault_share"] = float(data["realistic_fault_share"])
     out["realistic"] = real
-    # VmHWM, not ru_maxrss: the latter inherits the parent's (torch-sized) peak at fork.
-    with open("/proc/self/status") as fh:
-        status = dict(line.split(":", 1) for line in fh)
     agent.stop()
     heavy = [
         m for m in ("torch", "transformers", "mlflow", "celery", "sqlalchemy") if m in sys.modules
