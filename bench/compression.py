@@ -41,8 +41,8 @@ Rows, each measured on the golden set under ONNX Runtime (batch 1, the profile's
 Goals, each met only when the worst seed meets it: edge >= 8x smaller and >= 3x faster
 (p50) than the teacher with golden macro-F1 at most 1 pt below it; and against `direct`
 edge macro-F1 >= 1 pt higher, or a package no larger at equal or higher macro-F1.
-Latency (p50, ms) is timed with every ONNX row taking turns call by call, in a fresh
-random order each round, so load from other jobs slows every row alike
+Latency (p50, ms) is timed with every ONNX row taking turns (20 calls at a time, in a
+fresh random order each round), so load from other jobs slows every row alike
 ("latency_ms_alone" keeps each package's own sequential timing); the JSON keeps the load
 average. The profile's p99 latency budget is left out of the student choice here (on a
 shared machine it measures the neighbours; the speedup goal reports latency instead).
@@ -99,6 +99,7 @@ TEACHER_BASE = {
 }
 TRAIN_EPISODES, VAL_EPISODES, GOLDEN_EPISODES = 2, 1, 2
 POOL_SEED = 500  # pool episode e simulates with generate(seed=POOL_SEED + e)
+BLOCK = 20  # consecutive timed calls per package per turn (interleaved_latency)
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,10 @@ def row(pkg: bytes, params: int, golden, threads: int, windows: int, **extra: An
 def interleaved_latency(
     pkgs: dict[str, bytes], x: np.ndarray, n: int, threads: int
 ) -> dict[str, tuple[float, float]]:
-    """p50 and p99 (ms) of batch-1 calls with the packages taking turns call by call, in a
-    fresh random order each round: load from other jobs slows every row alike."""
+    """p50 and p99 (ms) of batch-1 calls with the packages taking turns, ``BLOCK`` calls
+    at a time in a fresh random order each round: load from other jobs slows every row
+    alike, and each turn runs warm (one call per turn measured every row cache-cold,
+    about 30% slower than alone)."""
     from cloud.model.evaluation import ort_session
     from shared.package import ModelPackage
 
@@ -162,11 +165,12 @@ def interleaved_latency(
             s.run(None, {feed[k]: w})
     times = {k: np.empty(n) for k in sess}
     order = np.random.default_rng(0)
-    for i, w in enumerate(windows):
+    for start in range(0, n, BLOCK):
         for k in order.permutation(list(sess)):
-            t0 = time.perf_counter()
-            sess[k].run(None, {feed[k]: w})
-            times[k][i] = time.perf_counter() - t0
+            for i in range(start, min(start + BLOCK, n)):
+                t0 = time.perf_counter()
+                sess[k].run(None, {feed[k]: windows[i]})
+                times[k][i] = time.perf_counter() - t0
     return {
         k: (float(np.percentile(t, 50) * 1e3), float(np.percentile(t, 99) * 1e3))
         for k, t in times.items()
