@@ -110,6 +110,7 @@ class EdgeAgent:
         self._queue: deque[Queued] = deque()
         self._queue_changed = threading.Condition()
         self._committing = 0
+        self._syncing = 0
         self._stopping = False
         self._encoder = SampleEncoder(fleet=s.fleet, device_id=s.device_id)
         self._sample_topic = self.link.topic("samples")
@@ -145,10 +146,14 @@ class EdgeAgent:
         """Block until everything queued so far is durable in the buffer."""
         deadline = time.monotonic() + timeout
         with self._queue_changed:
-            self._queue_changed.notify_all()
-            while self._queue or self._committing:
-                if not self._queue_changed.wait(max(0.0, deadline - time.monotonic())):
-                    raise TimeoutError("the buffer writer did not catch up")
+            self._syncing += 1  # the writer commits at once while anyone waits here
+            try:
+                self._queue_changed.notify_all()
+                while self._queue or self._committing:
+                    if not self._queue_changed.wait(max(0.0, deadline - time.monotonic())):
+                        raise TimeoutError("the buffer writer did not catch up")
+            finally:
+                self._syncing -= 1
 
     @property
     def model_version(self) -> str | None:
@@ -238,16 +243,30 @@ class EdgeAgent:
     def _enqueue(self, msg: Queued) -> None:
         # No lock to append: deque.append is atomic and the writer drains with popleft.
         self._queue.append(msg)
-        if len(self._queue) >= self.settings.commit_batch:
+        # Once, at the threshold: the writer checks the queue's length before it waits.
+        if len(self._queue) == self.settings.commit_batch:
             with self._queue_changed:
                 self._queue_changed.notify_all()
 
     def _write_loop(self) -> None:
-        interval = self.settings.commit_interval_s
+        interval, batch_size = self.settings.commit_interval_s, self.settings.commit_batch
+        drained = time.monotonic()
         while True:
             with self._queue_changed:
-                if not self._queue and not self._stopping:
-                    self._queue_changed.wait(interval)
+                # Wait out the interval since the last drain unless a full batch is queued
+                # or someone waits for it: each commit then takes what came in the whole
+                # interval. Committing whatever was queued as soon as the last commit ended
+                # made batches as small as one fsync lets them be (~26 messages in the
+                # bench), and a put cost 32 µs of CPU per message; in batches of 64, 23.
+                while not self._stopping:
+                    queued = len(self._queue)
+                    left = drained + interval - time.monotonic()
+                    if queued and (left <= 0 or self._syncing or queued >= batch_size):
+                        break
+                    if left <= 0:  # nothing queued: its first message waits one interval
+                        drained, left = time.monotonic(), interval
+                    self._queue_changed.wait(left)
+                drained = time.monotonic()
                 # popleft, not list() then clear(): the detect path appends without the lock.
                 batch = [self._queue.popleft() for _ in range(len(self._queue))]
                 self._committing = len(batch)
