@@ -213,11 +213,12 @@ class EdgeAgent:
             self._id_pool.extend(fresh)
             return self._id_pool.pop()
 
-    def _encode_sample(self, job: SampleJob) -> tuple[str, str, bytes]:
+    def _encode_sample(self, job: SampleJob, sent_at: datetime) -> tuple[str, str, bytes]:
         """(message id, topic, payload) of a selected window's sample message."""
         upload, window, det, captured_at, version = job
+        message_id = str(upload.message_id)
         payload = self._encoder.encode(
-            message_id=upload.message_id,
+            message_id=message_id,
             window=window,
             captured_at=captured_at,
             model_version=version,
@@ -225,8 +226,9 @@ class EdgeAgent:
             confidence=min(1.0, det.confidence),
             score=det.scores.get(self.settings.anomaly_score, det.scores["energy"]),
             reasons=upload.reasons,
+            sent_at=sent_at,
         )
-        return str(upload.message_id), self._sample_topic, payload
+        return message_id, self._sample_topic, payload
 
     def report_label(self, sample_ids: list, label: str) -> LabelMessage:
         """Ground truth known on the device later (a maintenance event) for uploaded windows."""
@@ -286,10 +288,11 @@ class EdgeAgent:
     def _commit(self, batch: list[Queued]) -> None:
         items = []
         yielded = time.perf_counter()
+        sent_at = utcnow()  # one batch, one sending
         for m in batch:
             try:
                 if isinstance(m, tuple):  # a selected window; not isinstance(m, Envelope),
-                    items.append(self._encode_sample(m))  # which goes through ABCMeta
+                    items.append(self._encode_sample(m, sent_at))  # which goes through ABCMeta
                 else:
                     items.append((str(m.message_id), self.link.topic(m.kind), m.encode()))  # type: ignore[arg-type]
             except Exception:  # one message that cannot be built must not stop the rest

@@ -28,7 +28,6 @@ from shared.messages import SCHEMA_VERSION, Name, utcnow
 
 _NAME = TypeAdapter(Name)
 _F32 = np.dtype("<f4")
-_DATA_SLOT = b'"data":""'
 _REASONS = frozenset({"uncertain", "faulty", "ood"})
 
 
@@ -38,12 +37,12 @@ class SampleEncoder:
     def __init__(self, *, fleet: str, device_id: str) -> None:
         self.fleet = _name(fleet, "fleet")
         self.device_id = _name(device_id, "device_id")
-        self._names: set[str] = set()  # model versions and class names already checked
+        self._templates: dict[tuple, tuple[bytes, ...]] = {}  # see _template
 
     def encode(
         self,
         *,
-        message_id: uuid.UUID,
+        message_id: uuid.UUID | str,
         window: np.ndarray,
         captured_at: datetime,
         model_version: str,
@@ -53,12 +52,10 @@ class SampleEncoder:
         reasons: tuple[str, ...],
         sent_at: datetime | None = None,
     ) -> bytes:
-        """The JSON of ``SampleMessage(...)`` with these fields; ``sent_at`` defaults to now."""
+        """The JSON of ``SampleMessage(...)`` with these fields; ``sent_at`` defaults to now.
+        ``message_id`` may be given as its canonical string (``str(uuid)``)."""
         if window.ndim != 2 or not 1 <= window.shape[1] <= 1024:
             raise MessageError(f"a sample window is (T, C), got {window.shape}", reason="bad_shape")
-        for value in (model_version, predicted):
-            if value not in self._names:
-                self._names.add(_name(value, "name"))
         if not math.isfinite(score) or not 0.0 <= confidence <= 1.0:
             raise MessageError(
                 f"score {score} must be finite and confidence {confidence} in [0, 1]",
@@ -66,31 +63,62 @@ class SampleEncoder:
             )
         if captured_at.tzinfo is None:
             raise MessageError("captured_at must carry a time zone", reason="bad_schema")
-        if not _REASONS.issuperset(reasons):
-            raise MessageError(f"unknown upload reasons {reasons}", reason="bad_schema")
+        key = (model_version, predicted, reasons, window.shape)
+        parts = self._templates.get(key) or self._template(key)
         # Little-endian float32 on the wire: no copy when the window is that already.
         raw = np.ascontiguousarray(window, dtype=_F32)
-        data = binascii.b2a_base64(raw.data, newline=False)
-        head = to_json(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "message_id": message_id,
-                "fleet": self.fleet,
-                "device_id": self.device_id,
-                "sent_at": sent_at or utcnow(),
-                "window": {"dtype": "float32", "shape": window.shape, "data": ""},
-                "channels": window.shape[1],
-                "captured_at": captured_at,
-                "model_version": model_version,
-                "predicted": predicted,
-                "confidence": confidence,
-                "score": score,
-                "reasons": reasons,
-            }
+        # The four fields that change per message in one call; none of their JSON holds a
+        # comma (two quoted timestamps, two numbers), so splitting on commas cuts them apart.
+        sent, captured, conf, sc = to_json((sent_at or utcnow(), captured_at, confidence, score))[
+            1:-1
+        ].split(b",")
+        return b"".join(
+            (
+                parts[0],
+                str(message_id).encode(),
+                parts[1],
+                sent,
+                parts[2],
+                binascii.b2a_base64(raw.data, newline=False),
+                parts[3],
+                captured,
+                parts[4],
+                conf,
+                parts[5],
+                sc,
+                parts[6],
+            )
         )
-        # Names are escaped in JSON, so the first `"data":""` is the window's own slot.
-        cut = head.index(_DATA_SLOT) + len(_DATA_SLOT) - 1
-        return b"".join((head[:cut], data, head[cut:]))
+
+    def _template(self, key: tuple) -> tuple[bytes, ...]:
+        """The constant stretches of the message for one (model version, class, reasons,
+        shape), checked as the model would check them, each made by pydantic-core's own
+        serialiser so that names are escaped exactly as the model escapes them."""
+        model_version, predicted, reasons, shape = key
+        for value in (model_version, predicted):
+            _name(value, "name")
+        if not _REASONS.issuperset(reasons):
+            raise MessageError(f"unknown upload reasons {reasons}", reason="bad_schema")
+        parts = (
+            b'{"schema_version":' + to_json(SCHEMA_VERSION) + b',"message_id":"',
+            b'","fleet":'
+            + to_json(self.fleet)
+            + b',"device_id":'
+            + to_json(self.device_id)
+            + b',"sent_at":',
+            b',"window":{"dtype":"float32","shape":' + to_json(shape) + b',"data":"',
+            b'"},"channels":' + to_json(shape[1]) + b',"captured_at":',
+            b',"model_version":'
+            + to_json(model_version)
+            + b',"predicted":'
+            + to_json(predicted)
+            + b',"confidence":',
+            b',"score":',
+            b',"reasons":' + to_json(reasons) + b"}",
+        )
+        if len(self._templates) < 1024:  # a handful of versions × classes × reason sets
+            self._templates[key] = parts
+        return parts
 
 
 def _name(value: str, field: str) -> str:
