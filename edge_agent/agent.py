@@ -54,8 +54,10 @@ class Upload(NamedTuple):
 
 
 # A selected window, as the detect path hands it to the writer thread: the upload, a copy
-# of the window, its detection, when it was captured, and the model version that saw it.
-SampleJob = tuple[Upload, np.ndarray, Detection, datetime, str]
+# of the window (little-endian float32 bytes, C order) and its shape, its detection, when it
+# was captured, and the model version that saw it.
+SampleJob = tuple[Upload, bytes, tuple[int, ...], Detection, datetime, str]
+_F32 = np.dtype("<f4")
 # What the writer thread makes durable: a selected window, or another message.
 Queued = SampleJob | Envelope
 
@@ -189,8 +191,11 @@ class EdgeAgent:
         if not reasons:
             return det, None
         upload = Upload(self._new_id(), reasons)
-        # The writer encodes it; the copy because the caller may reuse its array.
-        self._enqueue((upload, window.copy(), det, captured_at or utcnow(), runtime.version))
+        # The writer encodes it; the copy because the caller may reuse its array. As bytes:
+        # tobytes() copies holding the GIL, where ndarray.copy() hands it to the writer
+        # thread for the memcpy and waits to get it back.
+        raw = np.ascontiguousarray(window, dtype=_F32).tobytes()
+        self._enqueue((upload, raw, window.shape, det, captured_at or utcnow(), runtime.version))
         return det, upload
 
     def _new_id(self) -> uuid.UUID:
@@ -215,11 +220,12 @@ class EdgeAgent:
 
     def _encode_sample(self, job: SampleJob, sent_at: datetime) -> tuple[str, str, bytes]:
         """(message id, topic, payload) of a selected window's sample message."""
-        upload, window, det, captured_at, version = job
+        upload, raw, shape, det, captured_at, version = job
         message_id = str(upload.message_id)
-        payload = self._encoder.encode(
+        payload = self._encoder.encode_raw(
             message_id=message_id,
-            window=window,
+            data=raw,
+            shape=shape,
             captured_at=captured_at,
             model_version=version,
             predicted=det.predicted,

@@ -54,8 +54,38 @@ class SampleEncoder:
     ) -> bytes:
         """The JSON of ``SampleMessage(...)`` with these fields; ``sent_at`` defaults to now.
         ``message_id`` may be given as its canonical string (``str(uuid)``)."""
-        if window.ndim != 2 or not 1 <= window.shape[1] <= 1024:
-            raise MessageError(f"a sample window is (T, C), got {window.shape}", reason="bad_shape")
+        # Little-endian float32 on the wire: no copy when the window is that already.
+        raw = np.ascontiguousarray(window, dtype=_F32)
+        return self.encode_raw(
+            message_id=message_id,
+            data=raw.data,
+            shape=window.shape,
+            captured_at=captured_at,
+            model_version=model_version,
+            predicted=predicted,
+            confidence=confidence,
+            score=score,
+            reasons=reasons,
+            sent_at=sent_at,
+        )
+
+    def encode_raw(
+        self,
+        *,
+        message_id: uuid.UUID | str,
+        data: bytes | memoryview,
+        shape: tuple[int, ...],
+        captured_at: datetime,
+        model_version: str,
+        predicted: str,
+        confidence: float,
+        score: float,
+        reasons: tuple[str, ...],
+        sent_at: datetime | None = None,
+    ) -> bytes:
+        """As ``encode``, the window given as its little-endian float32 bytes, C order."""
+        if len(shape) != 2 or not 1 <= shape[1] <= 1024:
+            raise MessageError(f"a sample window is (T, C), got {shape}", reason="bad_shape")
         if not math.isfinite(score) or not 0.0 <= confidence <= 1.0:
             raise MessageError(
                 f"score {score} must be finite and confidence {confidence} in [0, 1]",
@@ -63,10 +93,8 @@ class SampleEncoder:
             )
         if captured_at.tzinfo is None:
             raise MessageError("captured_at must carry a time zone", reason="bad_schema")
-        key = (model_version, predicted, reasons, window.shape)
+        key = (model_version, predicted, reasons, shape)
         parts = self._templates.get(key) or self._template(key)
-        # Little-endian float32 on the wire: no copy when the window is that already.
-        raw = np.ascontiguousarray(window, dtype=_F32)
         # The four fields that change per message in one call; none of their JSON holds a
         # comma (two quoted timestamps, two numbers), so splitting on commas cuts them apart.
         sent, captured, conf, sc = to_json((sent_at or utcnow(), captured_at, confidence, score))[
@@ -79,7 +107,7 @@ class SampleEncoder:
                 parts[1],
                 sent,
                 parts[2],
-                binascii.b2a_base64(raw.data, newline=False),
+                binascii.b2a_base64(data, newline=False),
                 parts[3],
                 captured,
                 parts[4],
