@@ -191,9 +191,8 @@ class EdgeAgent:
         if not reasons:
             return det, None
         upload = Upload(self._new_id(), reasons)
-        # The writer encodes it; the copy because the caller may reuse its array. As bytes:
-        # tobytes() copies holding the GIL, where ndarray.copy() hands it to the writer
-        # thread for the memcpy and waits to get it back.
+        # The writer encodes it; the copy because the caller may reuse its array. As bytes,
+        # which the encoder takes as they are (tobytes ~0.2 µs, ndarray.copy ~0.5).
         raw = np.ascontiguousarray(window, dtype=_F32).tobytes()
         self._enqueue((upload, raw, window.shape, det, captured_at or utcnow(), runtime.version))
         return det, upload
