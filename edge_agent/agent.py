@@ -193,7 +193,7 @@ class EdgeAgent:
         upload = Upload(self._new_id(), reasons)
         # The writer encodes it; the copy because the caller may reuse its array. As bytes,
         # which the encoder takes as they are (tobytes ~0.2 µs, ndarray.copy ~0.5).
-        raw = np.ascontiguousarray(window, dtype=_F32).tobytes()
+        raw = (window if window.dtype is _F32 else window.astype(_F32)).tobytes()  # C order
         self._enqueue((upload, raw, window.shape, det, captured_at or utcnow(), runtime.version))
         return det, upload
 

@@ -449,3 +449,32 @@ def test_selected_windows_are_buffered_as_the_cloud_decodes_them(tmp_path, tiny_
             assert pending[message_id].topic == topic("f", "d1", "samples")
     finally:
         agent.stop()
+
+
+def test_any_layout_of_a_selected_window_is_buffered_as_float32(tmp_path, tiny_package, tep_small):
+    """A float64 or Fortran-ordered window the agent selects is buffered as its float32
+    copy in C order, the bytes the cloud decodes."""
+    from shared.messages import decode
+
+    _, golden = tep_small
+    agent = EdgeAgent(
+        EdgeSettings(
+            fleet="f", device_id="d1", mqtt_port=9, state_dir=tmp_path / "a", diversity_distance=0
+        )
+    )
+    agent.bootstrap(tiny_package[0])
+    sent = {}
+    try:
+        for w in windows_of(golden, "idv_01", 10):
+            for variant in (w.astype(np.float64), np.asfortranarray(w)):
+                _, up = agent.process(variant)
+                if up is not None:
+                    sent[str(up.message_id)] = w.astype(np.float32)
+        agent.sync()
+        pending = {p.message_id: p for p in agent.buffer.pending(limit=1000)}
+        assert sent and set(pending) == set(sent)
+        for message_id, w in sent.items():
+            got = decode("samples", pending[message_id].payload).window.to_array()
+            assert got.tobytes() == np.ascontiguousarray(w).tobytes()
+    finally:
+        agent.stop()
