@@ -191,7 +191,7 @@ def run_seed(seed: int, plan: dict[str, list[Episodes]], new_faults: list[str], 
     teacher, _ = load_teacher(cloud.store, fleet, PROFILE, first.version)
     naive = (teacher, list(first.class_names))
     learnt_x, learnt_y = [base.x], [base.labels]  # what full retraining learns from
-    clock = PlantClock(plant_start(len(new_faults)))
+    clock = PlantClock(plant_start(seed))
     uploads = iter(plan["uploads"])
     rounds = []
     for k, fault in enumerate(new_faults, start=1):

@@ -159,6 +159,9 @@ def add_uploads(
     return ids
 
 
-def plant_start(rounds: int) -> datetime:
-    """Device clocks start far enough back that the last episode ends before now."""
-    return datetime.now(UTC).replace(microsecond=0) - timedelta(hours=HORIZON_H * (rounds + 2))
+def plant_start(seed: int) -> datetime:
+    """Where seed ``seed``'s device clocks start: fixed, so a rerun splits its uploads the
+    same way (the hold-out's blocks are drawn from the device and the block's absolute
+    number), and a week and 1,237 s on per seed, so each seed draws its own layout. The
+    rows are written as ingest stores them, not through its 30-day age check."""
+    return datetime(2026, 1, 5, tzinfo=UTC) + seed * timedelta(days=7, seconds=1237)
