@@ -141,22 +141,29 @@ def test_ffn_pruning_keeps_the_most_important_channels(teachers, tep_faults, bac
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_distillation_beats_training_the_pruned_student_alone(teachers, tep_faults, backbone):
-    """With a quarter of the windows labelled, the distilled one-layer student beats the same
-    architecture trained alone on the labels by a wide margin on the golden set."""
+def test_a_student_pruned_from_the_teacher_beats_a_fresh_one_of_its_size(
+    teachers, tep_faults, backbone
+):
+    """What the pipeline's recovery step really gains, on the same labels (a quarter of the
+    windows) and the same 10 epochs: the student pruned from the teacher's layers and
+    distilled beats the same architecture from fresh weights by a wide margin. Claimed no
+    further: against the same pruned student fine-tuned on the labels alone, distillation
+    measured −1.9 pts (PatchTST) and +3.7 pts (DeepSeek) macro-F1 here, and with every
+    label it does not beat a same-size model trained directly (bench/compression.py)."""
     teacher = teachers[backbone]
     data, golden = tep_faults
     labelled = np.random.default_rng(0).random(len(data.y)) < 0.25
     keep = [int(np.argmax(block_influence(teacher, data.x)))]
     shallow = prune_layers(teacher, keep)
     student = prune_ffn(shallow, ffn_importance(shallow, data.x), 0.5)
-    alone = build(student.cfg, data.x[data.y == 0])
+    torch.manual_seed(0)
+    fresh = build(student.cfg, data.x[data.y == 0])
 
     distill(student, teacher, data.x, np.where(labelled, data.y, -1), DistillConfig(epochs=10))
-    train(alone, data.x[labelled], data.y[labelled], TrainConfig(epochs=10, lr=2e-3))
+    train(fresh, data.x[labelled], data.y[labelled], TrainConfig(epochs=10, lr=2e-3))
 
-    # Measured: 0.83–0.88 distilled against 0.60–0.63 alone, over two seeds per backbone.
-    assert f1(student, golden) >= f1(alone.eval(), golden) + 0.10
+    # Measured: 0.83–0.88 pruned and distilled against 0.60–0.63 fresh.
+    assert f1(student, golden) >= f1(fresh.eval(), golden) + 0.10
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
