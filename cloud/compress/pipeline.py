@@ -245,8 +245,9 @@ def compress(
     say("block influence: " + ", ".join(f"{i}:{b:.4f}" for i, b in enumerate(influence)))
 
     attempts: list[Attempt] = []
-    for layers, ffn_keep in profile.students:
-        layers = min(layers, len(influence))
+    # A teacher shallower than a setting caps it: the same student is tried once.
+    settings = dict.fromkeys((min(n, len(influence)), ffn) for n, ffn in profile.students)
+    for layers, ffn_keep in settings:
         keep = sorted(order[:layers])
         shallow = prune_layers(teacher, keep)
         student = prune_ffn(shallow, ffn_importance(shallow, calib), ffn_keep)
