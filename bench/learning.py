@@ -6,9 +6,10 @@ registration, over paired seeds.
 
     python bench/learning.py [--quick]
 
---quick: 2 seeds, a history of 8 episodes per base class; the full run: 5 seeds, 16. On a
-2-core machine shared with others (load ~6) --quick took 33 min the first time, 9 of them
-simulating its 150 episodes (cached after), and 15.5 min of CPU time.
+--quick: 2 seeds, a history of 8 episodes per base class; the full run: 5 seeds, 16. On 2
+idle cores --quick takes 75 s once its 150 episodes are cached (simulating them first takes
+~9 min); the full run took 10 min 20 s, mostly simulating 400 more episodes. Under a
+neighbours' load of ~6 on those cores --quick took 33 min.
 
 Per seed, an embedded cloud (SQLite, a local object directory, MLflow's sqlite store, as
 `edgeloop demo` opens them) gets four disjoint data sets, each from its own TEP episodes:
