@@ -135,16 +135,8 @@ def row(pkg: bytes, params: int, golden, threads: int, windows: int, **extra: An
     from cloud.model.evaluation import evaluate_package
 
     m = evaluate_package(pkg, golden.x, golden.y, threads=threads, latency_windows=windows)
-    return {
-        "_package": pkg,  # timed again with every other row, interleaved (see run_seed)
-        "params": params,
-        "bytes": m.package_bytes,
-        "latency_ms": m.latency_p50_ms,
-        "latency_p99_ms": m.latency_p99_ms,
-        "macro_f1": m.macro_f1,
-        "recall": m.recall,
-        **extra,
-    }
+    # The package is timed again with every other row, interleaved (see run_seed).
+    return {"_package": pkg, **_from_metrics(m, params), **extra}
 
 
 def interleaved_latency(
