@@ -29,9 +29,9 @@ class RoundConfig:
     fleet: str
     profile: str = "cpu-fp32"
     base_dataset: str = "base"  # the registered history the first replay buffer holds
-    # Registered sets of other episodes than base: validation chooses (the compression
-    # pipeline's student), golden only judges and reports. None: no validation set, for a
-    # profile that ships the teacher as it is (nothing to choose).
+    # Registered sets of other episodes than base: validation chooses (the training's best
+    # epoch, the compression pipeline's student), golden only judges and reports. None, or
+    # not registered: training keeps its last epoch, and a compressing profile refuses.
     validation_dataset: str | None = "validation"
     golden_dataset: str = "golden"
     replay_per_class: int = _setting("round_replay_per_class")
