@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import threading
 import time
 import uuid
@@ -21,6 +20,7 @@ from edge_agent.runtime import Detection, ModelRuntime
 from edge_agent.selection import Selector
 from edge_agent.updater import ModelSlots
 from edge_agent.wire import SampleEncoder
+from edge_agent.writer import BufferWriter, MessageIds
 from shared.errors import DataError, EdgeloopError, PackageError
 from shared.messages import (
     Envelope,
@@ -36,13 +36,6 @@ from shared.package import ModelPackage
 log = logging.getLogger(__name__)
 # JSON and base64 make a window's message about 4/3 of its raw bytes plus the envelope.
 MESSAGE_OVERHEAD_BYTES = 600
-
-
-# Version 7 UUID (RFC 9562): version nibble 7, variant bits 10 before the 62 random bits.
-_V7_BITS = 7 << 76 | 0b10 << 62
-_RAND_62 = (1 << 62) - 1
-# The writer thread holds the GIL for at most this long between yields (see _commit).
-YIELD_EVERY_S = 0.0002
 
 
 class Upload(NamedTuple):
@@ -97,27 +90,24 @@ class EdgeAgent:
         self._inflight_lock = threading.Lock()
         self.latencies_ms: deque[float] = deque(maxlen=512)
         self.windows_seen = 0
-        self._id_pool: list[uuid.UUID] = []
+        self._ids = MessageIds()
         self.anomalies = 0
         # The last windows' verdicts (1: not normal): the heartbeat's anomaly rate is over
         # these, so a jump shows at once and a restart does not reset a long average.
         self.recent_anomalies: deque[bool] = deque(maxlen=1000)
         self.update_events: list[UpdateStatus] = []
         self._last_heartbeat = 0.0
-        # Group commit: the detect path only queues a selected message; a writer thread
-        # makes a batch durable in one SQLite transaction (one fsync) at least every
-        # `commit_interval_s`, then sends it. That keeps an fsync per upload off the path
-        # that every window takes; the price is that a power cut may lose the selections
-        # of the last `commit_interval_s` (never an accepted or acked one).
-        self._queue: deque[Queued] = deque()
-        self._queue_changed = threading.Condition()
-        self._committing = 0
-        self._syncing = 0
-        self._stopping = False
+        # Group commit (edge_agent.writer): the detect path only queues a selected window;
+        # a writer thread encodes and commits batches, then sends them.
         self._encoder = SampleEncoder(fleet=s.fleet, device_id=s.device_id)
         self._sample_topic = self.link.topic("samples")
-        self._writer = threading.Thread(target=self._write_loop, name="buffer-writer", daemon=True)
-        self._writer.start()
+        self.writer: BufferWriter[Queued] = BufferWriter(
+            self.buffer,
+            encode=self._encode,
+            committed=self._send_committed,
+            interval_s=s.commit_interval_s,
+            batch_size=s.commit_batch,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
     def bootstrap(self, package: bytes) -> None:
@@ -131,10 +121,7 @@ class EdgeAgent:
 
     def stop(self) -> None:
         """Commit what is queued, then close the link and the buffer."""
-        with self._queue_changed:
-            self._stopping = True
-            self._queue_changed.notify_all()
-        self._writer.join(timeout=30)
+        self.writer.stop()
         self.heartbeat(online=False, wait_s=2.0)  # a goodbye; the Last Will covers the rest
         self.link.stop()
         self.buffer.close()
@@ -142,20 +129,11 @@ class EdgeAgent:
     def backlog(self) -> int:
         """Messages not yet acked by the cloud: queued for the buffer, or in it (while a
         batch commits it may count twice; after sync() it is exact)."""
-        return len(self._queue) + self._committing + self.buffer.depth()
+        return self.writer.pending() + self.buffer.depth()
 
     def sync(self, timeout: float = 10.0) -> None:
         """Block until everything queued so far is durable in the buffer."""
-        deadline = time.monotonic() + timeout
-        with self._queue_changed:
-            self._syncing += 1  # the writer commits at once while anyone waits here
-            try:
-                self._queue_changed.notify_all()
-                while self._queue or self._committing:
-                    if not self._queue_changed.wait(max(0.0, deadline - time.monotonic())):
-                        raise TimeoutError("the buffer writer did not catch up")
-            finally:
-                self._syncing -= 1
+        self.writer.sync(timeout)
 
     @property
     def model_version(self) -> str | None:
@@ -190,32 +168,12 @@ class EdgeAgent:
         reasons = self.selector.admit(window, det, size)
         if not reasons:
             return det, None
-        upload = Upload(self._new_id(), reasons)
+        upload = Upload(self._ids.next(), reasons)
         # The writer encodes it; the copy because the caller may reuse its array. As bytes,
         # which the encoder takes as they are (tobytes ~0.2 µs, ndarray.copy ~0.5).
         raw = (window if window.dtype is _F32 else window.astype(_F32)).tobytes()  # C order
-        self._enqueue((upload, raw, window.shape, det, captured_at or utcnow(), runtime.version))
+        self.writer.put((upload, raw, window.shape, det, captured_at or utcnow(), runtime.version))
         return det, upload
-
-    def _new_id(self) -> uuid.UUID:
-        """A time-ordered (version 7, RFC 9562) message id: 48 bits of Unix milliseconds,
-        a 12-bit counter, 62 random bits. Time order keeps the buffer's primary-key index
-        growing at its end: with random (version 4) ids every batch rewrote pages all over
-        the index, and a put cost 29 µs of CPU on an empty buffer, 63 µs on one holding
-        30,000 messages (a device offline for a while), against a flat 26 µs now. Drawn
-        256 at a time: one os.urandom call per id cost ~7 µs."""
-        try:
-            return self._id_pool.pop()  # atomic under the GIL: safe from any thread
-        except IndexError:
-            stamp = (time.time_ns() // 1_000_000) << 80 | _V7_BITS
-            rand = os.urandom(8 * 256)
-            fresh = [
-                uuid.UUID(int=stamp | i << 64 | int.from_bytes(rand[8 * i : 8 * i + 8]) & _RAND_62)
-                for i in range(256)
-            ]
-            fresh.reverse()  # pop() hands them out in counter order
-            self._id_pool.extend(fresh)
-            return self._id_pool.pop()
 
     def _encode_sample(self, job: SampleJob, sent_at: datetime) -> tuple[str, str, bytes]:
         """(message id, topic, payload) of a selected window's sample message."""
@@ -244,77 +202,16 @@ class EdgeAgent:
             label=label,
             source="device",
         )
-        self._enqueue(msg)
+        self.writer.put(msg)
         return msg
 
-    def _enqueue(self, msg: Queued) -> None:
-        # No lock to append: deque.append is atomic and the writer drains with popleft.
-        self._queue.append(msg)
-        # Once, at the threshold: the writer checks the queue's length before it waits.
-        if len(self._queue) == self.settings.commit_batch:
-            with self._queue_changed:
-                self._queue_changed.notify_all()
+    def _encode(self, m: Queued, sent_at: datetime) -> tuple[str, str, bytes]:
+        if isinstance(m, tuple):  # a selected window; not isinstance(m, Envelope),
+            return self._encode_sample(m, sent_at)  # which goes through ABCMeta
+        return str(m.message_id), self.link.topic(m.kind), m.encode()  # type: ignore[arg-type]
 
-    def _write_loop(self) -> None:
-        interval, batch_size = self.settings.commit_interval_s, self.settings.commit_batch
-        drained = time.monotonic()
-        while True:
-            with self._queue_changed:
-                # Wait out the interval since the last drain unless a full batch is queued
-                # or someone waits for it: each commit then takes what came in the whole
-                # interval. Committing whatever was queued as soon as the last commit ended
-                # made batches as small as one fsync lets them be (~26 messages in the
-                # bench), and a put cost 32 µs of CPU per message; in batches of 64, 23.
-                while not self._stopping:
-                    queued = len(self._queue)
-                    left = drained + interval - time.monotonic()
-                    if queued and (left <= 0 or self._syncing or queued >= batch_size):
-                        break
-                    if left <= 0:  # nothing queued: its first message waits one interval
-                        drained, left = time.monotonic(), interval
-                    self._queue_changed.wait(left)
-                drained = time.monotonic()
-                # popleft, not list() then clear(): the detect path appends without the lock.
-                batch = [self._queue.popleft() for _ in range(len(self._queue))]
-                self._committing = len(batch)
-                stopping = self._stopping
-            try:
-                self._commit(batch)
-            except Exception:  # disk trouble: keep the batch and try again
-                log.exception("buffer commit failed; retrying")
-                with self._queue_changed:
-                    self._queue.extendleft(reversed(batch))
-                    self._committing = 0
-                time.sleep(interval)
-                continue
-            if stopping and not self._queue:
-                return
-
-    def _commit(self, batch: list[Queued]) -> None:
-        items = []
-        yielded = time.perf_counter()
-        sent_at = utcnow()  # one batch, one sending
-        for m in batch:
-            try:
-                if isinstance(m, tuple):  # a selected window; not isinstance(m, Envelope),
-                    items.append(self._encode_sample(m, sent_at))  # which goes through ABCMeta
-                else:
-                    items.append((str(m.message_id), self.link.topic(m.kind), m.encode()))  # type: ignore[arg-type]
-            except Exception:  # one message that cannot be built must not stop the rest
-                log.exception("dropping an upload that cannot be encoded")
-            # Hand the GIL back now and then: the detect path, returning from ONNX Runtime,
-            # would otherwise wait out the interpreter's 5 ms switch interval while this
-            # thread encodes a whole batch (measured: ORT calls took 2.5x as long in the
-            # agent as bare). Not after every message: a sleep(0) costs ~14 µs of CPU
-            # here, more than encoding one window.
-            if time.perf_counter() - yielded > YIELD_EVERY_S:
-                time.sleep(0)
-                yielded = time.perf_counter()
-        if items:
-            self.buffer.put_many(items)
-        with self._queue_changed:
-            self._committing = 0
-            self._queue_changed.notify_all()
+    def _send_committed(self, items: list[tuple[str, str, bytes]]) -> None:
+        """Send a batch the writer just made durable."""
         if not self.link.connected.is_set():
             return  # offline: tick() sends them once the link is back
         # In flight before the publish: a concurrent flush() must not send them again.
@@ -455,5 +352,5 @@ class EdgeAgent:
             running_version=self.model_version,
         )
         self.update_events.append(report)
-        self._enqueue(report)
+        self.writer.put(report)
         return report
