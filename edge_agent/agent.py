@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
@@ -21,17 +20,15 @@ from edge_agent.selection import Selector
 from edge_agent.updater import ModelSlots
 from edge_agent.wire import SampleEncoder
 from edge_agent.writer import BufferWriter, MessageIds
-from shared.errors import DataError, EdgeloopError, PackageError
+from shared.errors import DataError, PackageError
 from shared.messages import (
     Envelope,
     Heartbeat,
     LabelMessage,
-    UpdateNotice,
     UpdateStatus,
     decode,
     utcnow,
 )
-from shared.package import ModelPackage
 
 log = logging.getLogger(__name__)
 # JSON and base64 make a window's message about 4/3 of its raw bytes plus the envelope.
@@ -285,41 +282,10 @@ class EdgeAgent:
         elif kind == "updates":
             self.apply_update(payload)
 
-    def apply_update(self, payload: bytes) -> UpdateStatus:
-        """Verify and install (or roll back); report the outcome; keep serving on failure."""
-        target, status, reason = "unknown", "rejected", None
-        try:
-            notice: UpdateNotice = decode("updates", payload)
-            target = notice.target_version
-            if notice.expires_at < utcnow():
-                raise PackageError(
-                    f"update to {target} expired at {notice.expires_at}", reason="expired"
-                )
-            with self._slots_lock:
-                if notice.target_version == self.model_version:
-                    status = "rolled_back" if notice.action == "rollback" else "applied"
-                elif notice.action == "rollback":
-                    self._swap(self.slots.rollback(expected_version=notice.target_version))
-                    status = "rolled_back"
-                else:
-                    assert notice.package is not None  # the message validator guarantees it
-                    data = base64.b64decode(notice.package, validate=True)
-                    version = ModelPackage(data, expected_sha256=notice.sha256).version
-                    if version != notice.target_version:
-                        raise PackageError(
-                            f"package holds version {version}, the update names "
-                            f"{notice.target_version}",
-                            reason="wrong_version",
-                        )
-                    self._swap(self.slots.install(data, expected_sha256=notice.sha256))
-                    status = "applied"
-        except (EdgeloopError, ValueError) as exc:  # ValueError: bad base64
-            reason = exc.reason if isinstance(exc, EdgeloopError) else "invalid_update"
-            log.warning("update to %s refused (%s): %s", target, reason, exc)
-        except Exception:  # noqa: BLE001 - whatever it was, the cloud hears of it
-            reason = "internal_error"
-            log.exception("update to %s failed", target)
-        return self._report(target, status, reason)
+    def apply_update(self, payload: bytes) -> UpdateStatus | None:
+        """Signed updates arrive with issue 13's transfer (edge_agent.transfer)."""
+        decode("updates", payload)
+        return None
 
     def _swap(self, runtime: ModelRuntime) -> None:
         with self._model_lock:

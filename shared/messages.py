@@ -19,15 +19,16 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
-    model_validator,
 )
 
 from shared.errors import MessageError
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # samples, labels, heartbeats, acks
-MAX_UPDATE_BYTES = 64 << 20  # an update carries a whole model package
+MAX_UPDATE_MESSAGE_BYTES = 4 << 20  # an offer (metadata) or one chunk
+MAX_PACKAGE_BYTES = 64 << 20  # the largest target a device downloads
 MAX_TENSOR_ELEMENTS = 1 << 16
 ALLOWED_DTYPES = ("float32", "float64", "int32", "int64", "uint8")
 LabelSource = Literal["device", "operator", "teacher"]
@@ -137,6 +138,9 @@ class LabelMessage(Envelope):
 
 
 class Heartbeat(Envelope):
+    """The device's state, every ``heartbeat_s``: what it runs, how it is doing, what it can
+    take. Not buffered: the next one supersedes a lost one."""
+
     kind: ClassVar[str] = "heartbeat"
     model_version: Name | None
     profile: Name
@@ -148,6 +152,18 @@ class Heartbeat(Envelope):
     skipped_budget: int = Field(default=0, ge=0)  # candidates held back by the byte budget
     skipped_duplicate: int = Field(default=0, ge=0)  # …and by the diversity rule
     online: bool = True
+    # What the rollout judges canaries on. The anomaly rate is over the last
+    # ``recent_windows`` windows of the model now live (the count resets on a swap), so
+    # rate × windows is a count a two-proportion test can use.
+    recent_windows: int = Field(default=0, ge=0)
+    latency_ms_p99: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    memory_mb: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # peak resident set
+    inference_errors: int = Field(default=0, ge=0)  # windows the live model failed on
+    agent_version: Name | None = None
+    # What the agent can take: "tuf" (signed releases) and the payload kinds it applies
+    # ("package"; the delta issue adds "delta").
+    capabilities: tuple[Name, ...] = Field(default=(), max_length=32)
+    release: int | None = Field(default=None, ge=0)  # the newest signed release it has seen
 
 
 class Ack(Envelope):
@@ -159,36 +175,85 @@ class Ack(Envelope):
     reason: Text | None = None
 
 
-class UpdateNotice(Envelope):
-    """A command to a device's model slots: install a package (for now the whole package,
-    inline), or roll back to the previous slot."""
+PayloadKind = Literal["package", "delta"]
+UPDATE_REASONS = (
+    # Every reason a device refuses or fails an update with (UpdateStatus.reason).
+    "bad_signature",  # a signature is missing, bad, or below its role's threshold
+    "missing_metadata",  # the offer lacks metadata the device needs
+    "rollback_attack",  # metadata older than what the device has seen
+    "expired_metadata",  # metadata past its expiry (a freeze), by the device's clock
+    "mix_and_match",  # the target is for another fleet, profile or device
+    "endless_data",  # the download is longer than the signed length
+    "bad_hash",  # the download does not match the signed hashes
+    "transfer_failed",  # chunks stopped arriving or were corrupt
+    "smoke_check_failed",  # the package loaded but failed its check on the device
+    "corrupt_package",
+    "inference_error",  # the live model failed on real windows: rolled back at once
+    "internal_error",
+)
+
+
+class UpdateOffer(Envelope):
+    """The cloud's nudge: a signed release may assign this device a new model. It carries the
+    TUF metadata (file name → JSON text) the device's updater reads, so a device that
+    reaches only the broker can verify; the device itself finds its target in the signed
+    metadata, so a replayed or forged offer can name nothing the release does not assign."""
 
     kind: ClassVar[str] = "updates"
-    action: Literal["install", "rollback"] = "install"
-    target_version: Name
-    base_version: Name | None
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    package: str | None = None  # base64 of the package bytes
-    expires_at: AwareDatetime
+    type: Literal["offer"] = "offer"
+    release: int = Field(ge=1)  # the releases role's version: the release counter
+    target: Text  # the TUF target path the cloud expects this device to fetch
+    payload_kind: PayloadKind = "package"
+    length: int = Field(ge=1, le=MAX_PACKAGE_BYTES)  # as offered; the signed length binds
+    chunk_size: int = Field(ge=1024, le=256 << 10)
+    metadata: dict[Annotated[str, Field(max_length=128)], str] = Field(max_length=64)
+    url: Text | None = None  # a presigned S3 URL, where the device can reach object storage
 
-    @model_validator(mode="after")
-    def _install_carries_package(self) -> UpdateNotice:
-        if self.action == "install" and (self.package is None or self.sha256 is None):
-            raise ValueError("an install carries the package and its sha256")
-        return self
+
+class UpdateChunk(Envelope):
+    """One piece of a target, answering a ChunkRequest: the device writes it at
+    ``index × chunk_size`` of its partial file and checks its hash first."""
+
+    kind: ClassVar[str] = "updates"
+    type: Literal["chunk"] = "chunk"
+    target: Text
+    index: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of this chunk: transport, not trust
+    data: str  # base64
 
 
 class UpdateStatus(Envelope):
+    """An update's outcome on the device (buffered until the cloud acks it)."""
+
     kind: ClassVar[str] = "update-status"
+    type: Literal["status"] = "status"
     target_version: Name
-    status: Literal["applied", "rejected", "rolled_back"]
-    reason: Text | None = None
+    status: Literal["applied", "rejected", "rolled_back", "failed"]
+    reason: Text | None = None  # one of UPDATE_REASONS when rejected, failed or rolled back
     running_version: Name | None = None
+    release: int | None = Field(default=None, ge=0)
 
 
-MESSAGE_TYPES: dict[str, type[Envelope]] = {
-    m.kind: m for m in (SampleMessage, LabelMessage, Heartbeat, Ack, UpdateNotice, UpdateStatus)
-}
+class ChunkRequest(Envelope):
+    """The device asks for chunks ``first`` … ``first + count - 1`` of a target (not
+    buffered: it asks again when they do not come)."""
+
+    kind: ClassVar[str] = "update-status"
+    type: Literal["chunks"] = "chunks"
+    target: Text
+    release: int = Field(ge=1)
+    first: int = Field(ge=0)
+    count: int = Field(ge=1, le=64)
+
+
+MESSAGE_TYPES: dict[str, Any] = {m.kind: m for m in (SampleMessage, LabelMessage, Heartbeat, Ack)}
+# Two topics carry two message types each, told apart by their ``type`` field.
+MESSAGE_TYPES["updates"] = TypeAdapter(
+    Annotated[UpdateOffer | UpdateChunk, Field(discriminator="type")]
+)
+MESSAGE_TYPES["update-status"] = TypeAdapter(
+    Annotated[UpdateStatus | ChunkRequest, Field(discriminator="type")]
+)
 
 
 def decode(kind: str, raw: bytes) -> Any:
@@ -196,10 +261,12 @@ def decode(kind: str, raw: bytes) -> Any:
     model = MESSAGE_TYPES.get(kind)
     if model is None:
         raise MessageError(f"no message kind {kind!r}", reason="bad_kind")
-    limit = MAX_UPDATE_BYTES if kind == "updates" else MAX_MESSAGE_BYTES
+    limit = MAX_UPDATE_MESSAGE_BYTES if kind == "updates" else MAX_MESSAGE_BYTES
     if len(raw) > limit:
         raise MessageError(f"{kind} message of {len(raw)} bytes exceeds {limit}", reason="oversize")
     try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_json(raw)
         return model.model_validate_json(raw)
     except ValidationError as exc:
         version = _peek_version(raw)

@@ -31,10 +31,29 @@ from cloud.store.objects import ObjectStore, StorageError
 from cloud.store.records import upsert_labels
 from cloud.store.windows import content_sha256, npy_bytes
 from shared.errors import MessageError
-from shared.messages import Ack, Heartbeat, LabelMessage, SampleMessage, UpdateStatus
+from shared.messages import (
+    Ack,
+    ChunkRequest,
+    Heartbeat,
+    LabelMessage,
+    SampleMessage,
+    UpdateStatus,
+)
 from shared.topics import parse_topic
 
 log = logging.getLogger(__name__)
+# What a heartbeat leaves in devices.health: what `fleet status` shows and the rollout judges.
+HEALTH_FIELDS = {
+    "buffer_depth",
+    "windows_seen",
+    "anomaly_rate",
+    "recent_windows",
+    "latency_ms_p50",
+    "latency_ms_p99",
+    "memory_mb",
+    "inference_errors",
+    "release",
+}
 
 
 @dataclass
@@ -105,6 +124,8 @@ class Ingestor:
                         labels.append((i, msg))  # after the samples they may refer to
                     elif isinstance(msg, Heartbeat):
                         self._heartbeat(session, session.get(Device, device), msg)  # no ack
+                    elif isinstance(msg, ChunkRequest):
+                        continue  # the rollout transport's; never buffered, never acked
                     else:
                         acks[i] = self._update_status(session, msg)
                 except MessageError as exc:
@@ -272,24 +293,35 @@ class Ingestor:
         device.online = msg.online
         if msg.model_version is not None:
             device.model_version = msg.model_version
-        device.health = msg.model_dump(
-            mode="json", include={"buffer_depth", "windows_seen", "anomaly_rate", "latency_ms_p50"}
-        )
+        # beats: heartbeats received while online, which the rollout's dwell counts.
+        beats = int((device.health or {}).get("beats", 0)) + int(msg.online)
+        device.health = {**msg.model_dump(mode="json", include=HEALTH_FIELDS), "beats": beats}
+        if msg.agent_version is not None:
+            device.agent_version = msg.agent_version
+        if msg.capabilities:
+            device.capabilities = list(msg.capabilities)
         session.commit()
         self.counters.heartbeats += 1
         return None  # heartbeats are never buffered on the device, so never acked
 
     def _update_status(self, session: Session, msg: UpdateStatus) -> Receipt:
+        # The device's newest update to that version: a version can come back in a later
+        # rollout (champion moved back), and only the newest row is live.
         row = session.scalars(
-            select(DeviceUpdate).where(
+            select(DeviceUpdate)
+            .where(
                 DeviceUpdate.device_id == msg.device_id,
                 DeviceUpdate.target_version == msg.target_version,
             )
+            .order_by(DeviceUpdate.id.desc())
         ).first()
         if row is None:
             row = DeviceUpdate(device_id=msg.device_id, target_version=msg.target_version)
             session.add(row)
-        row.state, row.reason = msg.status, msg.reason
+        row.state = "installed" if msg.status == "applied" else msg.status
+        row.reason = msg.reason
+        if msg.status == "applied" and row.installed_at is None:
+            row.installed_at = datetime.now(UTC)
         device = session.get(Device, msg.device_id)
         if device is not None and msg.running_version:
             device.model_version = msg.running_version

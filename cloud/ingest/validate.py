@@ -9,10 +9,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal, NamedTuple
 
 from shared.errors import MessageError
-from shared.messages import Ack, Heartbeat, LabelMessage, SampleMessage, UpdateStatus, decode
+from shared.messages import (
+    Ack,
+    ChunkRequest,
+    Heartbeat,
+    LabelMessage,
+    SampleMessage,
+    UpdateStatus,
+    decode,
+)
 from shared.topics import UPLINK_KINDS
 
-Message = SampleMessage | LabelMessage | Heartbeat | UpdateStatus
+# Chunk requests travel on update-status too; the rollout transport answers them.
+Message = SampleMessage | LabelMessage | Heartbeat | UpdateStatus | ChunkRequest
 Status = Literal["stored", "duplicate", "rejected"]
 
 

@@ -56,6 +56,25 @@ class Device(Base):
     online: Mapped[bool] = mapped_column(default=False)
     health: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=_now)
+    # Enrollment (`edgeloop fleet enroll`): where it stands and how operators group it.
+    site: Mapped[str | None] = mapped_column(String(64))
+    tags: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What the agent says of itself in every heartbeat.
+    agent_version: Mapped[str | None] = mapped_column(String(64))
+    capabilities: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class Fleet(Base):
+    """A fleet: the classes its devices may label, its rollout settings and the counter of
+    its signed releases (the TUF ``releases`` role's version)."""
+
+    __tablename__ = "fleets"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    classes: Mapped[list[Any]] = mapped_column(default=list)  # the label allow-list
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # per-fleet overrides
+    release: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
 class Sample(Base):
@@ -154,31 +173,53 @@ class Round(Base):
 
 
 class Rollout(Base):
+    """One move of a profile's ``champion`` alias, carried to the devices in waves."""
+
     __tablename__ = "rollouts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
-    fleet: Mapped[str] = mapped_column(String(64))
+    fleet: Mapped[str] = mapped_column(String(64), index=True)
     profile: Mapped[str] = mapped_column(String(64))
+    # pending → wave (sending / dwelling) → done; or paused, aborted (canaries rolled
+    # back), superseded (champion moved again).
     state: Mapped[str] = mapped_column(String(16), default="pending")
     created_at: Mapped[datetime] = mapped_column(default=_now)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+    target_version: Mapped[str] = mapped_column(String(64), default="")
+    mlflow_version: Mapped[str | None] = mapped_column(String(32))
+    trigger: Mapped[str] = mapped_column(String(32), default="alias")  # alias | reconcile | init
+    wave: Mapped[int] = mapped_column(Integer, default=0)  # the wave under way (0: canaries)
+    plan: Mapped[list[Any]] = mapped_column(default=list)  # device ids per wave
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the settings it runs with
+    health: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the last judgement
+    reason: Mapped[str] = mapped_column(Text, default="")
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    release: Mapped[int | None] = mapped_column(Integer)  # the last release it signed
+    wave_started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
 
 
 class DeviceUpdate(Base):
-    """Where one device stands in one rollout."""
+    """Where one device stands in one rollout: pending, sent, installed, failed, rolled_back."""
 
     __tablename__ = "device_updates"
-    __table_args__ = (UniqueConstraint("device_id", "target_version", name="uq_update_device"),)
+    __table_args__ = (UniqueConstraint("rollout_id", "device_id", name="uq_update_rollout_device"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    rollout_id: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id"))
+    rollout_id: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id"), index=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
     target_version: Mapped[str] = mapped_column(String(64))
     base_version: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default="sent")
     reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(default=_now, onupdate=_now)
+    wave: Mapped[int] = mapped_column(Integer, default=0)
+    sent_at: Mapped[datetime | None]
+    installed_at: Mapped[datetime | None]
+    # The device's heartbeat health before it installed, and the heartbeats counted since.
+    before: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    beats_after: Mapped[int] = mapped_column(Integer, default=0)
 
 
 def make_engine(url: str) -> Engine:
