@@ -1,6 +1,6 @@
 """The model package a device runs: ONNX graph + manifest in one canonical, hashable file.
 
-Layout: an uncompressed zip holding ``manifest.json`` then ``model.onnx``, with fixed
+Layout: a stored (never deflated) zip holding ``manifest.json`` then ``model.onnx``, with fixed
 timestamps and permissions, so the same model always gives the same bytes and the same
 sha256. The package's identity is the sha256 of the whole file; the manifest records the
 sha256 of the graph (and, where the packer knows them, of every tensor).
@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.errors import PackageError
 
 FORMAT_VERSION = 1
+# Caps checked against the zip's directory before a byte is read: a package is stored, not
+# deflated, so no entry can expand past what arrived, and none may exceed these.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_GRAPH_BYTES = 64 << 20  # shared.messages.MAX_PACKAGE_BYTES, the largest target
+_CAPS = {"manifest.json": MAX_MANIFEST_BYTES, "model.onnx": MAX_GRAPH_BYTES}
 
 
 def model_name(fleet: str, profile: str) -> str:
@@ -79,6 +84,24 @@ def build_package(*, graph: bytes, manifest: Manifest) -> bytes:
     return out.getvalue()
 
 
+def _check_entry(info: zipfile.ZipInfo) -> None:
+    """Refuse an entry that is compressed or larger than its cap, before reading it: a
+    deflated entry could expand far past the bytes that arrived (a zip bomb)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise PackageError(
+            f"package entry {info.filename} is compressed (method {info.compress_type}); "
+            "packages are stored",
+            reason="corrupt_package",
+        )
+    cap = _CAPS[info.filename]
+    if info.file_size > cap or info.compress_size != info.file_size:
+        raise PackageError(
+            f"package entry {info.filename} claims {info.file_size} bytes "
+            f"({info.compress_size} stored); the cap is {cap}",
+            reason="corrupt_package",
+        )
+
+
 class ModelPackage:
     """A package read from bytes, with every check done: open it, or PackageError says why."""
 
@@ -98,6 +121,8 @@ class ModelPackage:
                         f"package holds {names}, expected manifest.json and model.onnx",
                         reason="corrupt_package",
                     )
+                for info in zf.infolist():
+                    _check_entry(info)
                 raw_manifest = zf.read("manifest.json")
                 self.graph = zf.read("model.onnx")
         except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:

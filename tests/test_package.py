@@ -86,3 +86,34 @@ def test_expected_sha_is_checked(tiny_package):
     with pytest.raises(PackageError) as err:
         ModelPackage(tiny_package[0], expected_sha256="0" * 64)
     assert err.value.reason == "sha_mismatch"
+
+
+def _rezip(package: bytes, compression: int) -> bytes:
+    """The package's two entries written again with ``compression``."""
+    src = zipfile.ZipFile(io.BytesIO(package))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=compression) as zf:
+        for name in ("manifest.json", "model.onnx"):
+            zf.writestr(name, src.read(name))
+    return out.getvalue()
+
+
+def test_deflated_or_oversized_entries_are_refused_before_reading(tiny_package):
+    """A deflated package, and one whose directory claims a manifest past its cap, are
+    refused as corrupt_package; the stored rewrite of the same entries opens."""
+    from shared.package import MAX_MANIFEST_BYTES
+
+    pkg = tiny_package[0]
+    assert ModelPackage(_rezip(pkg, zipfile.ZIP_STORED)).version == "v1"
+    deflated = _rezip(pkg, zipfile.ZIP_DEFLATED)
+    # The manifest's central-directory entry: sizes at offsets 20 (stored) and 24 (file).
+    oversized = bytearray(pkg)
+    entry = bytes(oversized).index(b"PK\x01\x02")
+    for offset in (20, 24):
+        oversized[entry + offset : entry + offset + 4] = (MAX_MANIFEST_BYTES + 1).to_bytes(
+            4, "little"
+        )
+    for damaged in (deflated, bytes(oversized)):
+        with pytest.raises(PackageError) as err:
+            ModelPackage(damaged)
+        assert err.value.reason == "corrupt_package"
