@@ -28,7 +28,7 @@ from cloud.ingest.validate import (
 from cloud.store.db import DeadLetter, Device, DeviceUpdate, Sample
 from cloud.store.keys import dead_letter_key, window_batch_key
 from cloud.store.objects import ObjectStore, StorageError
-from cloud.store.records import upsert_labels
+from cloud.store.records import allowed_labels, upsert_labels
 from cloud.store.windows import content_sha256, npy_bytes
 from shared.errors import MessageError
 from shared.messages import (
@@ -258,13 +258,22 @@ class Ingestor:
         return window
 
     def _labels(self, session: Session, msg: LabelMessage) -> Receipt | None:
-        """Device labels: only for the device's own samples. Samples not here yet: no ack,
+        """Device labels: only for the device's own samples and of a class on the fleet's
+        allow-list (a fleet without a row allows any). Samples not here yet: no ack,
         the device resends; still missing after LABEL_PATIENCE: dead-lettered (a sample
         that was rejected or evicted will never come)."""
         if msg.source == "teacher":
             raise MessageError(
                 "a device may label as device or operator; teacher labels come from the cloud",
                 reason="bad_source",
+            )
+        allowed = allowed_labels(session, msg.fleet)
+        if allowed is not None and msg.label not in allowed:
+            # An operator extends the list (`edgeloop fleet classes --add`); a typo or a
+            # class nobody expects must not become a new class the next round learns.
+            raise MessageError(
+                f"label {msg.label!r} is not among fleet {msg.fleet}'s classes {sorted(allowed)}",
+                reason="label_not_allowed",
             )
         ids = [str(i) for i in msg.sample_ids]
         owners = dict(

@@ -1,13 +1,17 @@
-"""Rows other parts write and read: devices, labels, and the fleet's model versions."""
+"""Rows other parts write and read: fleets and their devices, labels, and the fleet's model
+versions."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud.store.db import Device, Label, ModelVersion
+from cloud.store.db import Device, Fleet, Label, ModelVersion
 from shared.errors import DataError
+from shared.package import model_name
 
 
 def register_device(*, session: Session, device_id: str, fleet: str, profile: str) -> Device:
@@ -103,3 +107,91 @@ def label_watermark(sessions: sessionmaker) -> int:
         watermark = session.scalar(select(func.max(Label.id))) or 0
         session.commit()  # releases the lock
     return int(watermark)
+
+
+# -- fleets and enrollment: the fleet's row (allow-list, settings) and its devices ------------
+
+
+def get_fleet(session: Session, fleet: str) -> Fleet | None:
+    return session.get(Fleet, fleet)
+
+
+def create_fleet(
+    *, session: Session, fleet: str, classes: list[str], settings: dict[str, Any] | None = None
+) -> Fleet:
+    """The fleet's row with its class allow-list; DataError (``fleet_exists``) if it has one."""
+    if session.get(Fleet, fleet) is not None:
+        raise DataError(f"fleet {fleet!r} exists already", reason="fleet_exists")
+    row = Fleet(id=fleet, classes=list(dict.fromkeys(classes)), settings=dict(settings or {}))
+    session.add(row)
+    session.commit()
+    return row
+
+
+def update_fleet_settings(*, session: Session, fleet: str, **values: Any) -> dict[str, Any]:
+    """Merge ``values`` into the fleet's settings (a new dict, so the JSON column is written)."""
+    row = _fleet_or_fail(session, fleet)
+    row.settings = {**(row.settings or {}), **values}
+    session.commit()
+    return row.settings
+
+
+def allow_classes(*, session: Session, fleet: str, add: list[str]) -> list[str]:
+    """Extend the fleet's allow-list with ``add`` (kept in order, no repeats); the new list."""
+    row = _fleet_or_fail(session, fleet)
+    row.classes = list(dict.fromkeys([*(row.classes or []), *add]))
+    session.commit()
+    return row.classes
+
+
+def allowed_labels(session: Session, fleet: str) -> frozenset[str] | None:
+    """The classes a device of ``fleet`` may label; None: any (a fleet without a row, as
+    before fleets had one)."""
+    row = session.get(Fleet, fleet)
+    return None if row is None else frozenset(row.classes or [])
+
+
+def enroll_device(
+    *,
+    session: Session,
+    device_id: str,
+    fleet: str,
+    profile: str,
+    site: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> Device:
+    """Register a device of an initialised fleet, for a profile the fleet has a promoted
+    model of, with its site and tags. Enrolling it again (same fleet) updates them; a
+    device of another fleet is refused rather than moved behind its operators' backs."""
+    _fleet_or_fail(session, fleet)
+    name = model_name(fleet, profile)
+    models = session.scalars(select(ModelVersion).where(ModelVersion.name == name)).all()
+    if not any((m.gates or {}).get("passed") for m in models):
+        raise DataError(
+            f"fleet {fleet!r} has no promoted model for profile {profile!r}: run "
+            f"`edgeloop cloud init --fleet {fleet} --profile {profile} ...` (or a round for "
+            "that profile) first",
+            reason="unknown_profile",
+        )
+    device = session.get(Device, device_id)
+    if device is not None and device.fleet != fleet:
+        raise DataError(
+            f"device {device_id!r} is enrolled in fleet {device.fleet!r}; retire it there first",
+            reason="device_in_other_fleet",
+        )
+    if device is None:
+        device = Device(id=device_id, fleet=fleet)
+        session.add(device)
+    device.profile, device.site, device.tags = profile, site, dict(tags or {})
+    session.commit()
+    return device
+
+
+def _fleet_or_fail(session: Session, fleet: str) -> Fleet:
+    row = session.get(Fleet, fleet)
+    if row is None:
+        raise DataError(
+            f"fleet {fleet!r} does not exist: run `edgeloop cloud init --fleet {fleet} ...` first",
+            reason="unknown_fleet",
+        )
+    return row
