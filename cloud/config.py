@@ -66,6 +66,24 @@ class CloudSettings(BaseSettings):
     round_max_detection_drop_pts: float = 3.0
     round_gates_by_fleet: dict[str, dict[str, float]] = {}
     mlflow_tracking_uri: str = ""  # default: sqlite store under home
+    # Rollouts (docs/rollout.md says what each judgement means). A fleet overrides any of
+    # these in its row's settings under the same name, e.g. {"rollout_dwell_heartbeats": 5}.
+    rollout_canary_min_devices: int = 5  # the canary cohort: the larger of this many devices
+    rollout_canary_share: float = 0.05  # … and this share of the profile's devices
+    rollout_wave_growth: float = 2.0  # wave k after the canaries: canaries × growth^k devices
+    rollout_dwell_heartbeats: int = 3  # heartbeats from each device on the target, then judge
+    rollout_alpha: float = 0.01  # significance of the one-sided two-proportion anomaly test
+    rollout_min_effect: float = 0.05  # … and the least rise of the anomaly rate that aborts
+    rollout_max_accuracy_drop_pts: float = 5.0  # labelled accuracy, target vs previous
+    rollout_min_labels: int = 30  # labels each side needs before accuracy is judged
+    rollout_wave_timeout_s: float = 1800.0  # a device silent this long in its wave has failed
+    rollout_resend_s: float = 60.0  # offer again to a device that has not answered
+    rollout_tick_s: float = 5.0  # beat: advance every active rollout
+    rollout_reconcile_s: float = 60.0  # beat: compare champions with rollout records
+    # The online TUF keys (releases, snapshot, timestamp) the rollout worker signs with.
+    tuf_keys_dir: Path | None = None  # default: home/keys
+    tuf_timestamp_check_s: float = 600.0  # beat: re-sign timestamps expiring within …
+    tuf_timestamp_refresh_within_h: float = 12.0  # … this many hours
 
     @field_validator("round_gates_by_fleet")
     @classmethod
@@ -106,6 +124,10 @@ class CloudSettings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'edgeloop.db').resolve()}"
+
+    @property
+    def resolved_tuf_keys_dir(self) -> Path:
+        return (self.tuf_keys_dir or self.home / "keys").resolve()
 
     @property
     def mlflow_artifact_location(self) -> str | None:

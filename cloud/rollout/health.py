@@ -1,0 +1,182 @@
+"""The judgement of one wave: from its devices' update states and heartbeat health before
+and after the install, abort or go on, with every figure it looked at. Pure: no I/O."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# An update state that aborts at once: the device refused or failed the install, or rolled
+# itself back because the new model failed on real windows.
+FAILED_STATES = ("failed", "rejected", "rolled_back")
+
+
+@dataclass(frozen=True)
+class DeviceHealth:
+    """One device of the wave: its update row's state and its health (devices.health, as
+    the ingest records heartbeats) before the install and after its dwell on the target
+    (None while it has not dwelt)."""
+
+    device_id: str
+    state: str
+    reason: str | None = None
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The profile's budgets (None: the profile sets none)."""
+
+    max_latency_ms: float | None = None
+    max_memory_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    alpha: float = 0.01
+    min_effect: float = 0.05
+    max_accuracy_drop_pts: float = 5.0
+    min_labels: int = 30
+
+
+@dataclass(frozen=True)
+class LabelCounts:
+    """Labelled feedback from the wave's devices: samples their target model classified,
+    and samples their previous model classified, that carry a ground-truth label."""
+
+    target_correct: int = 0
+    target_total: int = 0
+    previous_correct: int = 0
+    previous_total: int = 0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    abort: bool
+    reasons: tuple[str, ...]
+    figures: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"abort": self.abort, "reasons": list(self.reasons), **self.figures}
+
+
+def two_proportion(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
+    """``(z, p)`` of the pooled two-proportion z-test that rate 2 exceeds rate 1
+    (one-sided: a model whose anomaly rate falls is no reason to stop)."""
+    pooled = (x1 + x2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    diff = x2 / n2 - x1 / n1
+    if se == 0:  # both rates 0 or both 1: no evidence either way
+        return 0.0, 1.0 if diff <= 0 else 0.0
+    z = diff / se
+    return z, 0.5 * math.erfc(z / math.sqrt(2))  # P(Z ≥ z)
+
+
+def install_failures(devices: Sequence[DeviceHealth]) -> list[str]:
+    """Why the wave must stop now, whatever its health figures: a failed, refused or
+    self-rolled-back install."""
+    return [
+        f"{d.device_id} {d.state}" + (f" ({d.reason})" if d.reason else "")
+        for d in devices
+        if d.state in FAILED_STATES
+    ]
+
+
+def _count(h: dict[str, Any]) -> tuple[int, int]:
+    """(anomalous windows, windows) of one heartbeat: the rate is over recent_windows."""
+    n = int(h.get("recent_windows") or 0)
+    return round(float(h.get("anomaly_rate") or 0.0) * n), n
+
+
+def _num(h: dict[str, Any] | None, key: str) -> float:
+    return float((h or {}).get(key) or 0.0)
+
+
+def judge(
+    *,
+    devices: Sequence[DeviceHealth],
+    budget: Budget,
+    thresholds: Thresholds,
+    labels: LabelCounts | None = None,
+) -> Verdict:
+    """Abort if any install failed or rolled back, inference errors rose on any device, the
+    target's p99 latency or memory is over the profile's budget (and above what the old
+    model used), the pooled anomaly rate rose significantly (p < alpha) by at least the
+    minimum effect, or labelled accuracy fell by more than the allowed points."""
+    reasons = install_failures(devices)
+    dwelt = [d for d in devices if d.after is not None]
+    figures: dict[str, Any] = {
+        "devices": len(devices),
+        "dwelt": len(dwelt),
+        "installed": sum(d.state == "installed" for d in devices),
+        "failed": sum(d.state in ("failed", "rejected") for d in devices),
+        "rolled_back": sum(d.state == "rolled_back" for d in devices),
+    }
+    errors = [
+        d.device_id
+        for d in dwelt
+        if _num(d.after, "inference_errors") > _num(d.before, "inference_errors")
+    ]
+    figures["inference_errors_rose"] = len(errors)
+    if errors:
+        reasons.append(f"inference errors rose on {', '.join(errors)}")
+
+    for key, limit, unit in (
+        ("latency_ms_p99", budget.max_latency_ms, "ms"),
+        ("memory_mb", budget.max_memory_mb, "MB"),
+    ):
+        worst = max((_num(d.after, key) for d in dwelt), default=None)
+        figures[f"{key}_before"] = max((_num(d.before, key) for d in dwelt), default=None)
+        figures[f"{key}_after"] = worst
+        figures[f"{key}_budget"] = limit
+        if limit is None:
+            continue
+        over = [
+            d.device_id
+            for d in dwelt
+            if _num(d.after, key) > limit and _num(d.after, key) > _num(d.before, key)
+        ]
+        if over:
+            reasons.append(f"{key} over the profile's {limit:g} {unit} on {', '.join(over)}")
+
+    x1 = n1 = x2 = n2 = 0
+    for d in dwelt:
+        b, a = _count(d.before), _count(d.after or {})
+        if b[1] and a[1]:  # the same devices each side, or the comparison is not like for like
+            x1, n1, x2, n2 = x1 + b[0], n1 + b[1], x2 + a[0], n2 + a[1]
+    figures.update(windows_before=n1, windows_after=n2, z=None, p_value=None)
+    figures["anomaly_before"] = x1 / n1 if n1 else None
+    figures["anomaly_after"] = x2 / n2 if n2 else None
+    if n1 and n2:
+        z, p = two_proportion(x1, n1, x2, n2)
+        figures.update(z=z, p_value=p)
+        rise = x2 / n2 - x1 / n1
+        if p < thresholds.alpha and rise >= thresholds.min_effect:
+            reasons.append(
+                f"anomaly rate rose {x1 / n1:.3f} → {x2 / n2:.3f} "
+                f"(p = {p:.2g} < {thresholds.alpha:g}, rise ≥ {thresholds.min_effect:g})"
+            )
+
+    labels = labels or LabelCounts()
+    acc_t = labels.target_correct / labels.target_total if labels.target_total else None
+    acc_p = labels.previous_correct / labels.previous_total if labels.previous_total else None
+    figures.update(
+        accuracy_target=acc_t,
+        accuracy_previous=acc_p,
+        labels_target=labels.target_total,
+        labels_previous=labels.previous_total,
+    )
+    if (
+        acc_t is not None
+        and acc_p is not None
+        and min(labels.target_total, labels.previous_total) >= thresholds.min_labels
+        and (acc_p - acc_t) * 100 > thresholds.max_accuracy_drop_pts
+    ):
+        reasons.append(
+            f"labelled accuracy fell {acc_p:.1%} → {acc_t:.1%} "
+            f"(more than {thresholds.max_accuracy_drop_pts:g} points)"
+        )
+    return Verdict(abort=bool(reasons), reasons=tuple(reasons), figures=figures)

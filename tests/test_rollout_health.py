@@ -1,0 +1,137 @@
+"""The judgement of a wave: install failures, inference errors, budgets, the anomaly-rate
+test (against a hand-computed case) and labelled accuracy."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloud.rollout.health import (
+    Budget,
+    DeviceHealth,
+    LabelCounts,
+    Thresholds,
+    judge,
+    two_proportion,
+)
+
+
+def beat(rate: float, windows: int = 100, **kw) -> dict:
+    return {"anomaly_rate": rate, "recent_windows": windows, "latency_ms_p99": 2.0,
+            "memory_mb": 80.0, "inference_errors": 0, **kw}  # fmt: skip
+
+
+def healthy(n: int = 4, before: float = 0.05, after: float = 0.05) -> list[DeviceHealth]:
+    return [
+        DeviceHealth(f"d{i}", "installed", before=beat(before), after=beat(after)) for i in range(n)
+    ]
+
+
+BUDGET = Budget(max_latency_ms=5.0, max_memory_mb=150.0)
+
+
+def test_two_proportion_matches_a_hand_computed_case():
+    """10/200 before, 30/200 after: pooled 0.1, se = sqrt(0.1·0.9·(2/200)) = 0.03,
+    z = 0.10/0.03 = 3.333, one-sided p = 1 − Φ(3.333) = 4.29e-4."""
+    z, p = two_proportion(10, 200, 30, 200)
+
+    assert z == pytest.approx(10 / 3, rel=1e-9)
+    assert p == pytest.approx(4.29e-4, rel=5e-3)
+
+
+def test_healthy_wave_goes_on_with_its_figures():
+    """Same anomaly rate, within budgets, no errors: no abort, the figures recorded."""
+    verdict = judge(devices=healthy(), budget=BUDGET, thresholds=Thresholds())
+
+    assert not verdict.abort
+    assert verdict.figures["windows_before"] == 400
+    assert verdict.figures["anomaly_after"] == pytest.approx(0.05)
+    assert verdict.figures["p_value"] == pytest.approx(0.5)
+    assert verdict.figures["latency_ms_p99_after"] == 2.0
+
+
+def test_anomaly_jump_aborts():
+    """Pooled over four devices 5% → 15%: p ≪ 0.01 and a rise of 10 points abort."""
+    verdict = judge(
+        devices=healthy(before=0.05, after=0.15), budget=BUDGET, thresholds=Thresholds()
+    )
+
+    assert verdict.abort
+    assert "anomaly rate rose" in verdict.reasons[0]
+    assert verdict.figures["p_value"] < 0.01
+
+
+def test_significant_but_small_rise_does_not_abort():
+    """A rise of 2 points over many windows is significant but below the minimum effect."""
+    devices = [DeviceHealth("d0", "installed", before=beat(0.05, 20000), after=beat(0.07, 20000))]
+
+    verdict = judge(devices=devices, budget=BUDGET, thresholds=Thresholds())
+
+    assert verdict.figures["p_value"] < 0.01
+    assert not verdict.abort
+
+
+def test_large_rise_on_few_windows_is_not_significant():
+    """1/10 → 3/10 rises 20 points but p > 0.01: not enough evidence to abort."""
+    devices = [DeviceHealth("d0", "installed", before=beat(0.1, 10), after=beat(0.3, 10))]
+
+    verdict = judge(devices=devices, budget=BUDGET, thresholds=Thresholds())
+
+    assert verdict.figures["p_value"] > 0.01
+    assert not verdict.abort
+
+
+@pytest.mark.parametrize("state", ["failed", "rejected", "rolled_back"])
+def test_any_failed_install_aborts(state):
+    """One refused, failed or self-rolled-back install aborts, with its reason."""
+    devices = [*healthy(3), DeviceHealth("bad", state, reason="smoke_check_failed")]
+
+    verdict = judge(devices=devices, budget=BUDGET, thresholds=Thresholds())
+
+    assert verdict.abort
+    assert verdict.reasons == (f"bad {state} (smoke_check_failed)",)
+
+
+def test_inference_errors_rising_abort():
+    """A device whose inference error count rose after the install aborts."""
+    devices = [
+        *healthy(3),
+        DeviceHealth("e", "installed", before=beat(0.05), after=beat(0.05, inference_errors=2)),
+    ]
+
+    verdict = judge(devices=devices, budget=BUDGET, thresholds=Thresholds())
+
+    assert verdict.abort and "inference errors rose on e" in verdict.reasons
+
+
+def test_budgets_abort_only_when_over_and_worse():
+    """p99 over the profile's budget aborts; a device already over it that did not get worse
+    does not; a profile without budgets is not judged on them."""
+    over = DeviceHealth(
+        "slow", "installed", before=beat(0.05), after=beat(0.05, latency_ms_p99=7.0)
+    )
+    was_over = DeviceHealth(
+        "old", "installed", before=beat(0.05, memory_mb=200.0), after=beat(0.05, memory_mb=190.0)
+    )
+
+    assert judge(devices=[over], budget=BUDGET, thresholds=Thresholds()).abort
+    assert not judge(devices=[was_over], budget=BUDGET, thresholds=Thresholds()).abort
+    assert not judge(devices=[over], budget=Budget(), thresholds=Thresholds()).abort
+
+
+def test_labelled_accuracy_drop_aborts_with_enough_labels():
+    """90% → 80% on 50 labels each aborts (drop 10 > 5 points); on 10 labels it is not judged."""
+    many = LabelCounts(target_correct=40, target_total=50, previous_correct=45, previous_total=50)
+    few = LabelCounts(target_correct=8, target_total=10, previous_correct=9, previous_total=10)
+
+    assert judge(devices=healthy(), budget=BUDGET, thresholds=Thresholds(), labels=many).abort
+    assert not judge(devices=healthy(), budget=BUDGET, thresholds=Thresholds(), labels=few).abort
+
+
+def test_devices_not_yet_dwelt_are_left_out_of_the_statistics():
+    """A device still without post-install health adds no windows to the test."""
+    devices = [*healthy(2), DeviceHealth("late", "installed", before=beat(0.05))]
+
+    verdict = judge(devices=devices, budget=BUDGET, thresholds=Thresholds())
+
+    assert verdict.figures["dwelt"] == 2
+    assert verdict.figures["windows_after"] == 200
