@@ -1,0 +1,469 @@
+"""A fleet's TUF repository: its keys, its signed metadata in the object store, its releases.
+
+Layout (python-tuf's own roles, Ed25519 keys through securesystemslib):
+
+- ``root`` and ``targets`` keys are offline (``offline_dir/<fleet>/``): only the operator's
+  commands (``init_fleet_trust``, ``rotate_root``) load them, never a service.
+- ``targets`` delegates every target path to the role ``releases``, whose key the rollout
+  worker holds (``keys_dir/<fleet>/``) so unattended rounds can ship; ``snapshot`` and
+  ``timestamp`` are online beside it. All target entries live in ``releases``, and its
+  metadata version is the fleet's release counter.
+- Metadata lives in the object store under ``tuf/<fleet>/`` with consistent-snapshot names
+  (``N.root.json``, ``N.targets.json``, ``N.releases.json``, ``N.snapshot.json`` and the one
+  mutable ``timestamp.json``), so a reader that follows the timestamp always assembles one
+  repository state even while a publish is writing the next.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import CryptoSigner, Signer
+from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from cloud.store.objects import ObjectStore
+from shared.errors import EdgeloopError
+
+RELEASES = "releases"
+ONLINE_ROLES = (RELEASES, "snapshot", "timestamp")
+OFFLINE_ROLES = ("root", "targets")
+# Target paths of one to three segments ("{profile}/{version}.edgepkg" is two) are
+# delegated to `releases`; TUF matches a pattern segment by segment.
+RELEASE_PATHS = ["*", "*/*", "*/*/*"]
+CUSTOM = "edgeloop"  # the key of our custom fields in a target entry
+ROOT_EXPIRY = timedelta(days=365)
+TARGETS_EXPIRY = timedelta(days=365)
+
+_JSON = JSONSerializer(compact=True)
+_ROOT_NAME = re.compile(r"^(\d+)\.root\.json$")
+
+
+class SigningError(EdgeloopError):
+    """The fleet's repository cannot do what was asked (reason says why)."""
+
+    reason = "signing_failed"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One target of a release: a package (or delta) and the devices it is assigned to."""
+
+    path: str  # f"{profile}/{version}.edgepkg"
+    sha256: str
+    length: int
+    fleet: str
+    profile: str
+    version: str
+    devices: tuple[str, ...]  # sorted
+    kind: str = "package"
+    base: str | None = None  # the version a delta applies to
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- keys -------------------------------------------------------------------------------
+
+
+def _write_key(directory: Path, role: str, signer: CryptoSigner) -> Path:
+    """A private key as PKCS#8 PEM, readable by its owner only, named by role and keyid."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / f"{role}-{signer.public_key.keyid}.pem"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(signer.private_bytes)
+    return path
+
+
+def _signers(directory: Path, role: str, delegator: Root | Targets) -> list[Signer]:
+    """The signers of ``role`` whose keys are in ``directory``, at least its threshold."""
+    entry = delegator.get_delegated_role(role)
+    signers: list[Signer] = []
+    for keyid in entry.keyids:
+        path = (directory / f"{role}-{keyid}.pem").resolve()
+        if path.is_file():
+            # The public key comes from the signed metadata, so a key file that does not
+            # match what devices trust fails here (KeyMismatchError), not on the device.
+            signers.append(Signer.from_priv_key_uri(f"file2:{path}", delegator.get_key(keyid)))
+    if len(signers) < entry.threshold:
+        raise SigningError(
+            f"{role} needs {entry.threshold} key(s) of {entry.keyids}; "
+            f"{len(signers)} found in {directory}",
+            reason="key_missing",
+        )
+    return signers
+
+
+def _sign(md: Metadata[Any], signers: Sequence[Signer]) -> None:
+    md.signatures.clear()
+    for signer in signers:
+        md.sign(signer, append=True)
+
+
+# --- the repository in the object store -------------------------------------------------
+
+
+class _Repo:
+    """The object-store side of one fleet's metadata."""
+
+    def __init__(self, store: ObjectStore, fleet: str) -> None:
+        self.store, self.fleet = store, fleet
+
+    def key(self, name: str) -> str:
+        return f"tuf/{self.fleet}/{name}"
+
+    def raw(self, name: str) -> bytes:
+        return self.store.get(self.key(name))
+
+    def load(self, name: str) -> Metadata[Any]:
+        return Metadata.from_bytes(self.raw(name))
+
+    def write(self, name: str, md: Metadata[Any]) -> None:
+        self.store.put(self.key(name), md.to_bytes(_JSON))
+
+    def root_versions(self) -> list[int]:
+        names = (k.rsplit("/", 1)[-1] for k in self.store.list(self.key("")))
+        return sorted(int(m.group(1)) for n in names if (m := _ROOT_NAME.match(n)))
+
+    def require(self) -> int:
+        versions = self.root_versions()
+        if not versions:
+            raise SigningError(f"fleet {self.fleet!r} has no TUF root yet", reason="no_trust")
+        return versions[-1]
+
+    def names(self) -> dict[str, str]:
+        """The current state's file names by role, followed from the timestamp."""
+        root = self.require()
+        timestamp = self.load("timestamp.json").signed
+        snapshot_name = f"{timestamp.snapshot_meta.version}.snapshot.json"
+        snapshot = self.load(snapshot_name).signed
+        names = {"root": f"{root}.root.json", "timestamp": "timestamp.json"}
+        names["snapshot"] = snapshot_name
+        for role in ("targets", RELEASES):
+            names[role] = f"{snapshot.meta[f'{role}.json'].version}.{role}.json"
+        return names
+
+    def state(self) -> dict[str, Metadata[Any]]:
+        return {role: self.load(name) for role, name in self.names().items()}
+
+
+def _advance(
+    repo: _Repo,
+    state: dict[str, Metadata[Any]],
+    *,
+    keys_dir: Path,
+    changed: Sequence[str],
+    snapshot_expiry: timedelta,
+    timestamp_expiry: timedelta,
+) -> None:
+    """A new snapshot naming the ``changed`` roles' current versions, then a new timestamp."""
+    root = state["root"].signed
+    snapshot = state["snapshot"]
+    snapshot.signed.version += 1
+    snapshot.signed.expires = _now() + snapshot_expiry
+    for role in changed:
+        snapshot.signed.meta[f"{role}.json"] = MetaFile(version=state[role].signed.version)
+    _sign(snapshot, _signers(keys_dir, "snapshot", root))
+    repo.write(f"{snapshot.signed.version}.snapshot.json", snapshot)
+    _new_timestamp(repo, state, keys_dir=keys_dir, expiry=timestamp_expiry)
+
+
+def _new_timestamp(
+    repo: _Repo, state: dict[str, Metadata[Any]], *, keys_dir: Path, expiry: timedelta
+) -> None:
+    timestamp = state["timestamp"]
+    timestamp.signed.version += 1
+    timestamp.signed.expires = _now() + expiry
+    timestamp.signed.snapshot_meta = MetaFile(version=state["snapshot"].signed.version)
+    _sign(timestamp, _signers(keys_dir, "timestamp", state["root"].signed))
+    # Written last: until it lands, readers follow the previous, complete state.
+    repo.write("timestamp.json", timestamp)
+
+
+# --- operator: create and rotate ----------------------------------------------------------
+
+
+def init_fleet_trust(
+    *,
+    store: ObjectStore,
+    fleet: str,
+    keys_dir: Path,
+    offline_dir: Path,
+    root_expiry: timedelta = ROOT_EXPIRY,
+    targets_expiry: timedelta = TARGETS_EXPIRY,
+    releases_expiry: timedelta = timedelta(days=365),
+    snapshot_expiry: timedelta = timedelta(days=30),
+    timestamp_expiry: timedelta = timedelta(days=1),
+) -> bytes:
+    """Create the fleet's keys and its first metadata (an empty release 1); returns the
+    root metadata devices are enrolled with. Refuses a fleet that already has a root."""
+    repo = _Repo(store, fleet)
+    if repo.root_versions():
+        raise SigningError(f"fleet {fleet!r} already has a TUF root", reason="trust_exists")
+    now = _now()
+    keys = {role: CryptoSigner.generate_ed25519() for role in OFFLINE_ROLES + ONLINE_ROLES}
+    for role, signer in keys.items():
+        _write_key((offline_dir if role in OFFLINE_ROLES else keys_dir) / fleet, role, signer)
+
+    root = Root(expires=now + root_expiry, consistent_snapshot=True)
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        root.add_key(keys[role].public_key, role)
+    delegation = DelegatedRole(RELEASES, [], 1, terminating=True, paths=RELEASE_PATHS)
+    targets = Targets(
+        expires=now + targets_expiry, delegations=Delegations(keys={}, roles={RELEASES: delegation})
+    )
+    targets.add_key(keys[RELEASES].public_key, RELEASES)
+    releases = Targets(expires=now + releases_expiry)
+    snapshot = Snapshot(
+        expires=now + snapshot_expiry,
+        meta={"targets.json": MetaFile(version=1), f"{RELEASES}.json": MetaFile(version=1)},
+    )
+    timestamp = Timestamp(expires=now + timestamp_expiry, snapshot_meta=MetaFile(version=1))
+
+    signed: list[tuple[str, Metadata[Any], str]] = [
+        (f"1.{RELEASES}.json", Metadata(releases), RELEASES),
+        ("1.targets.json", Metadata(targets), "targets"),
+        ("1.snapshot.json", Metadata(snapshot), "snapshot"),
+        ("timestamp.json", Metadata(timestamp), "timestamp"),
+        ("1.root.json", Metadata(root), "root"),  # last: its presence means "has trust"
+    ]
+    for name, md, role in signed:
+        _sign(md, [keys[role]])
+        repo.write(name, md)
+    return repo.raw("1.root.json")
+
+
+def root_metadata(*, store: ObjectStore, fleet: str) -> bytes:
+    """The fleet's newest root (what a device is enrolled with)."""
+    repo = _Repo(store, fleet)
+    return repo.raw(f"{repo.require()}.root.json")
+
+
+def rotate_root(
+    *,
+    store: ObjectStore,
+    fleet: str,
+    offline_dir: Path,
+    keys_dir: Path,
+    online: bool = False,
+    new_root_key: CryptoSigner | None = None,
+    root_expiry: timedelta = ROOT_EXPIRY,
+    targets_expiry: timedelta = TARGETS_EXPIRY,
+    snapshot_expiry: timedelta = timedelta(days=30),
+    timestamp_expiry: timedelta = timedelta(days=1),
+) -> int:
+    """Root N+1 with a new root key, signed by the old and the new root keys (so devices
+    that trust N accept it, and it is valid on its own); with ``online``, also new
+    releases, snapshot and timestamp keys: the recovery for a lost or compromised online
+    key. Targets is re-signed (new delegation key, renewed expiry), the current release is
+    re-signed at its version (its content does not change, so the release counter does
+    not move), then a new snapshot and timestamp. Returns the new root version."""
+    repo = _Repo(store, fleet)
+    state = repo.state()
+    old_root = state["root"]
+    offline = offline_dir / fleet
+    old_signers = _signers(offline, "root", old_root.signed)
+    targets_signers = _signers(offline, "targets", old_root.signed)
+
+    root = Metadata[Root].from_bytes(old_root.to_bytes(_JSON))
+    root.signed.version += 1
+    root.signed.expires = _now() + root_expiry
+    new_root = new_root_key or CryptoSigner.generate_ed25519()
+    fresh: dict[str, CryptoSigner] = {"root": new_root}
+    if online:
+        fresh.update({role: CryptoSigner.generate_ed25519() for role in ONLINE_ROLES})
+    retired: list[Path] = []
+    for role in ("root", "snapshot", "timestamp"):
+        if role in fresh:
+            for keyid in list(root.signed.roles[role].keyids):
+                root.signed.revoke_key(keyid, role)
+                if role != "root":
+                    retired.append(keys_dir / fleet / f"{role}-{keyid}.pem")
+            root.signed.add_key(fresh[role].public_key, role)
+    for role, signer in fresh.items():
+        _write_key((offline_dir if role == "root" else keys_dir) / fleet, role, signer)
+    # Threshold of the old root (clients verify N+1 with N) and of the new one (N+1 must
+    # verify itself).
+    _sign(root, [*old_signers, new_root])
+    repo.write(f"{root.signed.version}.root.json", root)
+    state["root"] = root
+
+    targets = state["targets"]
+    if online:
+        for keyid in list(targets.signed.delegations.roles[RELEASES].keyids):
+            targets.signed.revoke_key(keyid, RELEASES)
+            retired.append(keys_dir / fleet / f"{RELEASES}-{keyid}.pem")
+        targets.signed.add_key(fresh[RELEASES].public_key, RELEASES)
+        _sign(state[RELEASES], [fresh[RELEASES]])
+        repo.write(f"{state[RELEASES].signed.version}.{RELEASES}.json", state[RELEASES])
+    targets.signed.version += 1
+    targets.signed.expires = _now() + targets_expiry
+    _sign(targets, targets_signers)
+    repo.write(f"{targets.signed.version}.targets.json", targets)
+    _advance(
+        repo,
+        state,
+        keys_dir=keys_dir / fleet,
+        changed=["targets"],
+        snapshot_expiry=snapshot_expiry,
+        timestamp_expiry=timestamp_expiry,
+    )
+    for path in retired:  # a replaced online key is of no use, and a danger if stolen
+        path.unlink(missing_ok=True)
+    return root.signed.version
+
+
+# --- the rollout worker's side ----------------------------------------------------------
+
+
+def _target_file(a: Assignment) -> TargetFile:
+    custom = {
+        "fleet": a.fleet,
+        "profile": a.profile,
+        "version": a.version,
+        "kind": a.kind,
+        "base": a.base,
+        "devices": list(a.devices),
+    }
+    return TargetFile(
+        length=a.length,
+        hashes={"sha256": a.sha256},
+        path=a.path,
+        unrecognized_fields={"custom": {CUSTOM: custom}},
+    )
+
+
+def _assignment(info: TargetFile) -> Assignment:
+    c = (info.custom or {}).get(CUSTOM, {})
+    return Assignment(
+        path=info.path,
+        sha256=info.hashes.get("sha256", ""),
+        length=info.length,
+        fleet=c.get("fleet", ""),
+        profile=c.get("profile", ""),
+        version=c.get("version", ""),
+        devices=tuple(sorted(c.get("devices", ()))),
+        kind=c.get("kind", "package"),
+        base=c.get("base"),
+    )
+
+
+def _normalise(assignments: Sequence[Assignment]) -> list[Assignment]:
+    out = sorted(
+        (replace(a, devices=tuple(sorted(set(a.devices)))) for a in assignments),
+        key=lambda a: a.path,
+    )
+    for a, b in zip(out, out[1:], strict=False):
+        if a.path == b.path:
+            raise SigningError(f"two assignments share the path {a.path!r}", reason="bad_release")
+    for a in out:
+        if a.length <= 0 or not re.fullmatch(r"[0-9a-f]{64}", a.sha256):
+            raise SigningError(f"{a.path}: length or sha256 is not valid", reason="bad_release")
+    return out
+
+
+class ReleaseSigner:
+    """Signs a fleet's releases with its online keys (releases, snapshot, timestamp).
+
+    Callers serialise ``publish`` and ``refresh_timestamp`` per fleet (the rollout holds
+    the fleet's row lock): both derive the next versions from what is stored."""
+
+    def __init__(
+        self,
+        *,
+        store: ObjectStore,
+        fleet: str,
+        keys_dir: Path,
+        timestamp_expiry: timedelta = timedelta(days=1),
+        releases_expiry: timedelta = timedelta(days=365),
+        snapshot_expiry: timedelta = timedelta(days=30),
+    ) -> None:
+        self.fleet = fleet
+        self._repo = _Repo(store, fleet)
+        self._keys = keys_dir / fleet
+        self.timestamp_expiry = timestamp_expiry
+        self.releases_expiry = releases_expiry
+        self.snapshot_expiry = snapshot_expiry
+
+    def current_release(self) -> int:
+        names = self._repo.names()
+        return int(names[RELEASES].split(".", 1)[0])
+
+    def assignments(self) -> list[Assignment]:
+        """The current release's targets, by path."""
+        releases = self._repo.load(self._repo.names()[RELEASES]).signed
+        return sorted((_assignment(t) for t in releases.targets.values()), key=lambda a: a.path)
+
+    def publish(self, assignments: Sequence[Assignment]) -> int:
+        """A new signed release assigning these targets (releases, snapshot and timestamp
+        each one version on); the same assignments as now sign nothing. Returns the
+        release number."""
+        wanted = _normalise(assignments)
+        state = self._repo.state()
+        releases = state[RELEASES]
+        current = sorted(
+            (_assignment(t) for t in releases.signed.targets.values()), key=lambda a: a.path
+        )
+        if current == wanted:
+            return releases.signed.version
+        releases.signed.version += 1
+        releases.signed.expires = _now() + self.releases_expiry
+        releases.signed.targets = {a.path: _target_file(a) for a in wanted}
+        _sign(releases, _signers(self._keys, RELEASES, state["targets"].signed))
+        self._repo.write(f"{releases.signed.version}.{RELEASES}.json", releases)
+        self._advance(state, changed=[RELEASES])
+        return releases.signed.version
+
+    def _advance(self, state: dict[str, Metadata[Any]], *, changed: Sequence[str]) -> None:
+        _advance(
+            self._repo,
+            state,
+            keys_dir=self._keys,
+            changed=changed,
+            snapshot_expiry=self.snapshot_expiry,
+            timestamp_expiry=self.timestamp_expiry,
+        )
+
+    def bundle(self) -> dict[str, str]:
+        """File name → JSON text of one consistent repository state, under the names
+        ngclient asks for (consistent snapshots: ``N.root.json`` for every root,
+        ``timestamp.json``, ``N.snapshot.json``, ``N.targets.json``, ``N.releases.json``)."""
+        names = self._repo.names()
+        out = {
+            f"{v}.root.json": self._repo.raw(f"{v}.root.json").decode()
+            for v in self._repo.root_versions()
+        }
+        for role in ("timestamp", "snapshot", "targets", RELEASES):
+            out[names[role]] = self._repo.raw(names[role]).decode()
+        return out
+
+    def refresh_timestamp(self, *, within: timedelta) -> bool:
+        """Re-sign the timestamp (version+1) if it expires within ``within``, and the
+        snapshot too when it does; True if anything was signed."""
+        state = self._repo.state()
+        deadline = _now() + within
+        if state["snapshot"].signed.expires <= deadline:
+            self._advance(state, changed=[])
+            return True
+        if state["timestamp"].signed.expires <= deadline:
+            _new_timestamp(self._repo, state, keys_dir=self._keys, expiry=self.timestamp_expiry)
+            return True
+        return False
