@@ -24,7 +24,7 @@ from cloud.rollout.signing import (
     rotate_root,
 )
 from cloud.store.objects import LocalObjectStore, ObjectStore
-from shared.trust import DeviceTrust, UpdateRefused
+from shared.trust import DeviceTrust, Target, UpdateRefused
 from tests.conftest import repackage, unique
 
 PROFILE = "cpu-fp32"
@@ -81,6 +81,13 @@ def trusted_state(device: DeviceTrust) -> dict[str, bytes | str]:
     return out
 
 
+def resolved(device: DeviceTrust, bundle: dict[str, str], offered: str | None = None) -> Target:
+    """The device's target in the bundle's release (which must assign it one)."""
+    target = device.resolve(bundle, offered=offered)
+    assert target is not None
+    return target
+
+
 def chunks_of(data: bytes, size: int = 4096):
     return lambda: (data[i : i + size] for i in range(0, len(data), size))
 
@@ -104,7 +111,7 @@ def test_a_release_assigned_to_the_device_resolves_and_downloads(repo, tmp_path,
     bundle = signer.bundle()
 
     # Execute
-    target = device.resolve(bundle, offered=f"{PROFILE}/v1.edgepkg")
+    target = resolved(device, bundle, offered=f"{PROFILE}/v1.edgepkg")
     data = device.download(target, bundle, chunks_of(pkg))
 
     # Assert
@@ -289,7 +296,7 @@ def test_a_download_that_is_not_the_signed_target_is_refused(repo, tmp_path, pkg
     signer = repo.signer()
     signer.publish([assignment(repo, pkg, "v1", ["d1"])])
     bundle = signer.bundle()
-    target = device.resolve(bundle)
+    target = resolved(device, bundle)
     before = trusted_state(device)
 
     # Execute
@@ -308,12 +315,12 @@ def test_a_release_moving_a_device_back_to_an_older_model_installs(repo, tmp_pat
     device = enrolled(repo, tmp_path)
     signer = repo.signer()
     signer.publish([assignment(repo, v2, "v2", ["d1"])])
-    first = device.resolve(signer.bundle())
+    first = resolved(device, signer.bundle())
     assert device.download(first, signer.bundle(), chunks_of(v2)) == v2
     signer.publish([assignment(repo, v1, "v1", ["d1"])])
 
     # Execute
-    back = device.resolve(signer.bundle(), offered=f"{PROFILE}/v1.edgepkg")
+    back = resolved(device, signer.bundle(), offered=f"{PROFILE}/v1.edgepkg")
     data = device.download(back, signer.bundle(), chunks_of(v1))
 
     # Assert
@@ -427,8 +434,46 @@ def test_signed_updates_against_s3(s3_store, tmp_path, pkg):
     # Execute
     signer.publish([assignment(repo, pkg, "v1", ["d1"])])
     bundle = signer.bundle()
-    target = device.resolve(bundle)
+    target = resolved(device, bundle)
     data = device.download(target, bundle, chunks_of(pkg))
 
     # Assert
     assert data == pkg and target.release == 2
+
+
+def test_the_rotate_root_command_rotates_every_key_and_devices_follow(tmp_path, pkg, monkeypatch):
+    """`edgeloop fleet rotate-root --online` (the operator's command) signs root v2 and new
+    online keys; an enrolled device follows; without the offline keys it refuses (exit 2)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from cloud.commands.trust import rotate_root_cmd
+    from cloud.config import get_settings
+
+    # Prepare
+    home = tmp_path / "home"
+    monkeypatch.setenv("EDGELOOP_HOME", str(home))
+    monkeypatch.setenv("EDGELOOP_STORE", "local")
+    monkeypatch.setenv("EDGELOOP_TUF_KEYS_DIR", str(tmp_path / "keys"))
+    get_settings.cache_clear()
+    repo = make_repo(LocalObjectStore(home / "objects"), tmp_path)
+    device = enrolled(repo, tmp_path)
+    app = typer.Typer()
+    app.command()(rotate_root_cmd)
+    args = ["--fleet", repo.fleet, "--offline-dir"]
+
+    # Execute
+    try:
+        done = CliRunner().invoke(app, [*args, str(repo.offline), "--online"])
+        lost = CliRunner().invoke(app, [*args, str(tmp_path / "nowhere")])
+    finally:
+        get_settings.cache_clear()
+    signer = repo.signer()
+    signer.publish([assignment(repo, pkg, "v1", ["d1"])])
+
+    # Assert
+    assert done.exit_code == 0, done.output
+    assert "root v2 signed" in done.output
+    assert lost.exit_code == 2 and "root needs 1 key" in lost.output
+    assert resolved(device, signer.bundle()).release == 2
+    assert (device.metadata_dir / "root_history" / "2.root.json").is_file()
