@@ -33,8 +33,16 @@ CUSTOM = "edgeloop"  # the key of our custom fields in a target entry
 METADATA_URL = "offer:/metadata/"
 TARGETS_URL = "offer:/targets/"
 _STAGE = ".stage-"
-# ngclient's trusted files (root.json is a symlink into root_history/).
-_TRUSTED = ("root.json", "root_history", "timestamp.json", "snapshot.json", "targets.json")
+# ngclient's trusted files (root.json is a symlink into root_history/); nothing else in
+# the directory is copied, replaced or cleared.
+_TRUSTED = (
+    "root.json",
+    "root_history",
+    "timestamp.json",
+    "snapshot.json",
+    "targets.json",
+    f"{RELEASES}.json",
+)
 
 
 class UpdateRefused(PackageError):
@@ -116,35 +124,34 @@ def _staged(metadata_dir: Path, *, fresh: bool = False) -> Iterator[Path]:
     mix of files ngclient verified, which it re-checks (and re-fetches) on the next run."""
     stage = Path(tempfile.mkdtemp(prefix=_STAGE, dir=metadata_dir))
     try:
-        if not fresh:
-            shutil.copytree(
-                metadata_dir,
-                stage,
-                symlinks=True,
-                dirs_exist_ok=True,
-                ignore=shutil.ignore_patterns(f"{_STAGE}*", "tmp*"),
-            )
+        for name in () if fresh else _TRUSTED:
+            src = metadata_dir / name
+            if src.is_dir() and not src.is_symlink():
+                shutil.copytree(src, stage / name, symlinks=True)
+            elif src.is_symlink() or src.exists():
+                shutil.copy2(src, stage / name, follow_symlinks=False)
         yield stage
         if fresh:
             _clear(metadata_dir)
-        for path in sorted(stage.rglob("*")):
-            dest = metadata_dir / path.relative_to(stage)
-            if path.is_dir() and not path.is_symlink():
-                dest.mkdir(exist_ok=True)
-            else:
-                os.replace(path, dest)
+        for name in _TRUSTED:
+            staged = stage / name
+            if staged.is_dir() and not staged.is_symlink():
+                (metadata_dir / name).mkdir(exist_ok=True)
+                for path in staged.iterdir():
+                    os.replace(path, metadata_dir / name / path.name)
+            elif staged.is_symlink() or staged.exists():
+                os.replace(staged, metadata_dir / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
 def _clear(metadata_dir: Path) -> None:
-    for entry in metadata_dir.iterdir():
-        if entry.name.startswith(_STAGE):
-            continue
+    for name in _TRUSTED:
+        entry = metadata_dir / name
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
-            entry.unlink()
+            entry.unlink(missing_ok=True)
 
 
 class DeviceTrust:

@@ -343,11 +343,12 @@ def test_rotated_root_keys_are_accepted_without_re_enrolling(repo, tmp_path, pkg
     kw = {"store": repo.store, "fleet": repo.fleet, "offline_dir": repo.offline}
     assert rotate_root(**kw, keys_dir=repo.keys) == 2
     assert rotate_root(**kw, keys_dir=repo.keys, online=True) == 3
+    same = resolved(device, signer.bundle())  # release 2, re-signed by the new key
     signer.publish([assignment(repo, pkg, "v1", ["d1", "d2"])])
     target = device.resolve(signer.bundle())
 
     # Assert
-    assert target is not None and target.release == 3
+    assert same.release == 2 and target is not None and target.release == 3
     assert sorted(os.listdir(device.metadata_dir / "root_history")) == [
         "1.root.json",
         "2.root.json",
@@ -477,3 +478,30 @@ def test_the_rotate_root_command_rotates_every_key_and_devices_follow(tmp_path, 
     assert lost.exit_code == 2 and "root needs 1 key" in lost.output
     assert resolved(device, signer.bundle()).release == 2
     assert (device.metadata_dir / "root_history" / "2.root.json").is_file()
+
+
+def test_enrolment_checks_the_root_and_touches_only_trust_files(repo, tmp_path, pkg):
+    """A root whose signature does not verify is refused and changes nothing; a good one
+    (another fleet's) replaces the trusted metadata but no other file in the directory."""
+    # Prepare
+    device = enrolled(repo, tmp_path)
+    signer = repo.signer()
+    signer.publish([assignment(repo, pkg, "v1", ["d1"])])
+    device.resolve(signer.bundle())
+    (device.metadata_dir / "agent-state.db").write_bytes(b"not TUF's")
+    forged = json.loads(repo.root)
+    forged["signed"]["expires"] = "2099-01-01T00:00:00Z"
+    before = trusted_state(device)
+    other = make_repo(repo.store, tmp_path)
+
+    # Execute
+    with pytest.raises(UpdateRefused) as refused:
+        DeviceTrust.enroll(device.metadata_dir, json.dumps(forged).encode())
+    unchanged = trusted_state(device)
+    DeviceTrust.enroll(device.metadata_dir, other.root)
+
+    # Assert
+    assert refused.value.reason == "bad_signature" and unchanged == before
+    assert device.last_release() is None  # the old fleet's release is no longer trusted
+    assert (device.metadata_dir / "root.json").read_bytes() == other.root
+    assert (device.metadata_dir / "agent-state.db").read_bytes() == b"not TUF's"
