@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import resource
 import threading
 import time
 import uuid
@@ -18,13 +20,16 @@ from edge_agent.link import MqttLink
 from edge_agent.runtime import Detection, ModelRuntime
 from edge_agent.selection import Selector
 from edge_agent.updater import ModelSlots
+from edge_agent.updates import CAPABILITIES, Updates
 from edge_agent.wire import SampleEncoder
 from edge_agent.writer import BufferWriter, MessageIds
 from shared.errors import DataError, PackageError
 from shared.messages import (
+    ChunkRequest,
     Envelope,
     Heartbeat,
     LabelMessage,
+    UpdateChunk,
     UpdateStatus,
     decode,
     utcnow,
@@ -33,6 +38,10 @@ from shared.messages import (
 log = logging.getLogger(__name__)
 # JSON and base64 make a window's message about 4/3 of its raw bytes plus the envelope.
 MESSAGE_OVERHEAD_BYTES = 600
+try:
+    AGENT_VERSION = importlib.metadata.version("edgeloop")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    AGENT_VERSION = "0+unknown"
 
 
 class Upload(NamedTuple):
@@ -81,6 +90,18 @@ class EdgeAgent:
         self._model_lock = threading.Lock()  # guards self.runtime
         self._slots_lock = threading.Lock()  # one install or rollback at a time
         self.runtime: ModelRuntime | None = self.slots.load_active()
+        # Signed updates: paho's thread hands offers and chunks over; the updater thread
+        # verifies, downloads and installs into the spare slot, then calls _swap and _report.
+        self.updates = Updates(
+            s,
+            slots=self.slots,
+            slots_lock=self._slots_lock,
+            send=self._send_request,
+            running=lambda: self.runtime,
+            swap=self._swap,
+            report=self._report,
+        )
+        self.inference_errors = 0  # windows the live model failed on (NaN input excluded)
         # message id → when it was last handed to the broker, this process only: after a
         # restart the map is empty, so every un-acked message goes out again.
         self._inflight: dict[str, float] = {}
@@ -114,10 +135,12 @@ class EdgeAgent:
                 self.runtime = self.slots.install(package)
 
     def start(self) -> None:
+        self.updates.start()
         self.link.start()
 
     def stop(self) -> None:
-        """Commit what is queued, then close the link and the buffer."""
+        """Stop taking updates, commit what is queued, then close the link and the buffer."""
+        self.updates.stop()
         self.writer.stop()
         self.heartbeat(online=False, wait_s=2.0)  # a goodbye; the Last Will covers the rest
         self.link.stop()
@@ -154,6 +177,7 @@ class EdgeAgent:
             # NaN from finite input is the model's, and it goes.
             if not np.isfinite(window).all():
                 raise DataError("window holds NaN or infinity", reason="non_finite") from exc
+            self.inference_errors += 1
             self._auto_rollback(runtime, exc)
             raise
         self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
@@ -253,6 +277,7 @@ class EdgeAgent:
     def heartbeat(self, *, online: bool = True, wait_s: float = 0.0) -> Heartbeat:
         self._last_heartbeat = time.monotonic()
         lat = sorted(self.latencies_ms)
+        recent = len(self.recent_anomalies)
         hb = Heartbeat(
             fleet=self.settings.fleet,
             device_id=self.settings.device_id,
@@ -260,12 +285,20 @@ class EdgeAgent:
             profile=self.settings.profile,
             buffer_depth=self.backlog(),
             windows_seen=self.windows_seen,
-            anomaly_rate=sum(self.recent_anomalies) / max(1, len(self.recent_anomalies)),
+            anomaly_rate=sum(self.recent_anomalies) / max(1, recent),
             latency_ms_p50=lat[len(lat) // 2] if lat else 0.0,
             buffer_evicted=self.buffer.stats().get("evicted", 0),
             skipped_budget=self.selector.skipped_budget,
             skipped_duplicate=self.selector.skipped_duplicate,
             online=online,
+            recent_windows=recent,
+            latency_ms_p99=lat[min(len(lat) - 1, len(lat) * 99 // 100)] if lat else 0.0,
+            # Peak resident set: ru_maxrss is in KiB on Linux.
+            memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            inference_errors=self.inference_errors,
+            agent_version=AGENT_VERSION,
+            capabilities=CAPABILITIES,
+            release=self.updates.last_release(),
         )
         # Heartbeats are state, not data: the next one supersedes a lost one, so no buffer.
         self.link.publish(self.link.topic("heartbeat"), hb.encode(), wait_s=wait_s)
@@ -273,6 +306,7 @@ class EdgeAgent:
 
     # -- from the cloud ---------------------------------------------------------------------
     def on_message(self, kind: str, payload: bytes) -> None:
+        """What the broker delivers, on paho's network thread: nothing here blocks."""
         if kind == "acks":
             ids = [str(i) for i in decode("acks", payload).acked_ids]
             self.buffer.ack(ids)
@@ -280,16 +314,24 @@ class EdgeAgent:
                 for i in ids:
                     self._inflight.pop(i, None)
         elif kind == "updates":
-            self.apply_update(payload)
+            msg = decode("updates", payload)
+            if isinstance(msg, UpdateChunk):
+                self.updates.deliver(msg)
+            else:
+                self.updates.offer(msg)
 
-    def apply_update(self, payload: bytes) -> UpdateStatus | None:
-        """Signed updates arrive with issue 13's transfer (edge_agent.transfer)."""
-        decode("updates", payload)
-        return None
+    def enroll(self, root: bytes) -> None:
+        """Take the fleet's root metadata (``edgeloop fleet enroll`` hands it out)."""
+        self.updates.enroll(root)
+
+    def _send_request(self, request: ChunkRequest) -> bool:
+        # Not buffered: a lost request is asked again by the download, never replayed late.
+        return self.link.publish(self.link.topic("update-status"), request.encode())
 
     def _swap(self, runtime: ModelRuntime) -> None:
         with self._model_lock:
             self.runtime = runtime
+            self.recent_anomalies.clear()  # the heartbeat's rate is the live model's
 
     def _auto_rollback(self, failed: ModelRuntime, exc: PackageError) -> None:
         try:
@@ -306,9 +348,13 @@ class EdgeAgent:
             exc.reason,
             self.model_version,
         )
-        self._report(failed.version, "rolled_back", exc.reason)
+        self._report(
+            failed.version, "rolled_back", "inference_error", release=self.updates.last_release()
+        )
 
-    def _report(self, target: str, status: str, reason: str | None) -> UpdateStatus:
+    def _report(
+        self, target: str, status: str, reason: str | None, *, release: int | None = None
+    ) -> UpdateStatus:
         report = UpdateStatus(
             fleet=self.settings.fleet,
             device_id=self.settings.device_id,
@@ -316,6 +362,7 @@ class EdgeAgent:
             status=status,  # type: ignore[arg-type]
             reason=reason,
             running_version=self.model_version,
+            release=release,
         )
         self.update_events.append(report)
         self.writer.put(report)

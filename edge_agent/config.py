@@ -43,6 +43,17 @@ class EdgeSettings(BaseSettings):
     commit_batch: int = Field(64, ge=1)
     resend_after_s: float = Field(10.0, gt=0)
     heartbeat_s: float = Field(30.0, gt=0)
+    # Update downloads (edge_agent.transfer): chunks asked for at a time, seconds without a
+    # chunk before asking again, and before the download is reported transfer_failed
+    # (what arrived stays on disk; the next offer resumes from the first missing chunk).
+    transfer_window: int = Field(8, ge=1, le=64)
+    transfer_retry_s: float = Field(3.0, gt=0)
+    transfer_stall_s: float = Field(120.0, gt=0)
+
+    @property
+    def trust_dir(self) -> Path:
+        """Where the fleet's root and the newest verified release metadata live."""
+        return self.state_dir / "trust"
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> EdgeSettings:

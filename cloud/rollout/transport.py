@@ -1,0 +1,264 @@
+"""The cloud's one MQTT client for rollouts: publishes update offers, serves the chunks
+devices ask for from the object store."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+
+from cloud.config import CloudSettings
+from cloud.store.keys import package_key
+from cloud.store.objects import ObjectStore
+from shared.errors import EdgeloopError, MessageError
+from shared.messages import ChunkRequest, PayloadKind, UpdateChunk, UpdateOffer, decode
+from shared.topics import parse_topic, subscription, topic
+
+log = logging.getLogger(__name__)
+# A package target's path, as the signed metadata names it: "{profile}/{version}.edgepkg".
+_PACKAGE_PATH = re.compile(
+    r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})\.edgepkg$"
+)
+
+
+class TransportError(EdgeloopError):
+    reason = "broker_unavailable"
+
+
+@dataclass(frozen=True)
+class ServedRequest:
+    """A chunk request the transport answered (or refused), as tests and logs see it."""
+
+    fleet: str
+    device_id: str
+    target: str
+    first: int
+    count: int
+    sent: int  # chunks published for it (0: refused)
+
+
+class RolloutTransport:
+    """Offers go out QoS 1 on each device's ``updates`` topic. Chunk requests come in on a
+    shared subscription of every device's ``update-status`` topic (any number of
+    transports share the load); paho's thread only queues them, and one server thread
+    reads the target from the object store (a few recent targets stay in memory) and
+    publishes the chunks asked for. Update statuses on the same topic are the ingest's:
+    ignored here. A bad request is logged and counted, never fatal."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        store: ObjectStore,
+        client_id: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        chunk_size: int = 64 << 10,
+        shared_group: str = "rollout",
+        cached_targets: int = 4,
+    ) -> None:
+        self.host, self.port = host, port
+        self.store = store
+        self.chunk_size = chunk_size
+        self.subscription = subscription("update-status", shared_group=shared_group)
+        self.ready = threading.Event()  # connected and subscribed
+        self.served: deque[ServedRequest] = deque(maxlen=10_000)
+        self.chunks_sent = 0
+        self.bad_requests = 0
+        self.last_activity = time.monotonic()
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cache_size = cached_targets
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
+        self._stopping = threading.Event()
+        self._server = threading.Thread(target=self._serve, name="rollout-chunks", daemon=True)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"edgeloop-rollout-{uuid.uuid4().hex[:8]}",
+            clean_session=client_id is None,
+            protocol=mqtt.MQTTv311,
+        )
+        if username:
+            self.client.username_pw_set(username, password)
+        if tls:
+            self.client.tls_set()
+        self.client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    @classmethod
+    def from_settings(cls, settings: CloudSettings, *, store: ObjectStore) -> RolloutTransport:
+        return cls(
+            host=settings.mqtt_host,
+            port=settings.mqtt_port,
+            store=store,
+            username=settings.mqtt_username,
+            password=settings.mqtt_password,
+            tls=settings.mqtt_tls,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._server.start()
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._server.join(timeout=10)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def alive(self, *, idle_s: float = 120.0) -> bool:
+        """For a liveness probe: the server thread runs, and the link is up or was active
+        within ``idle_s``."""
+        if not self._server.is_alive():
+            return False
+        return self.client.is_connected() or time.monotonic() - self.last_activity < idle_s
+
+    # -- offers ---------------------------------------------------------------------------
+    def offer(
+        self,
+        *,
+        fleet: str,
+        device_id: str,
+        release: int,
+        target_path: str,
+        length: int,
+        bundle: dict[str, str],
+        url: str | None = None,
+        payload_kind: PayloadKind = "package",
+        timeout_s: float = 10.0,
+    ) -> None:
+        """Publish an UpdateOffer (QoS 1) and wait for the broker to take it; TransportError
+        when it does not within ``timeout_s`` (the caller retries: offers are idempotent)."""
+        msg = UpdateOffer(
+            fleet=fleet,
+            device_id=device_id,
+            release=release,
+            target=target_path,
+            payload_kind=payload_kind,
+            length=length,
+            chunk_size=self.chunk_size,
+            metadata=bundle,
+            url=url,
+        )
+        info = self.client.publish(topic(fleet, device_id, "updates"), msg.encode(), qos=1)
+        try:
+            info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            raise TransportError(f"offer to {fleet}/{device_id} not sent: {exc}") from exc
+        if not info.is_published():
+            raise TransportError(
+                f"the broker did not take the offer to {fleet}/{device_id} in {timeout_s} s"
+            )
+        self.last_activity = time.monotonic()
+
+    # -- serving chunks ---------------------------------------------------------------------
+    def target_key(self, fleet: str, target: str) -> str:
+        """The object-store key of a target path (the delta issue adds its own paths)."""
+        match = _PACKAGE_PATH.match(target)
+        if match is None:
+            raise MessageError(f"target {target!r} is not a package path", reason="bad_target")
+        return package_key(fleet, match.group(1), match.group(2))
+
+    def target_bytes(self, fleet: str, target: str) -> bytes:
+        key = self.target_key(fleet, target)
+        data = self._cache.get(key)
+        if data is None:
+            data = self.store.get(key)
+            self._cache[key] = data
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return data
+
+    def chunk_message(
+        self, fleet: str, device_id: str, target: str, index: int, data: bytes
+    ) -> UpdateChunk:
+        """One chunk as it goes on the wire."""
+        return UpdateChunk(
+            fleet=fleet,
+            device_id=device_id,
+            target=target,
+            index=index,
+            sha256=hashlib.sha256(data).hexdigest(),
+            data=base64.b64encode(data).decode("ascii"),
+        )
+
+    def serve(self, topic_name: str, payload: bytes) -> int:
+        """Answer one message from an ``update-status`` topic; the chunks published."""
+        fleet, device_id, _ = parse_topic(topic_name)
+        msg = decode("update-status", payload)
+        if not isinstance(msg, ChunkRequest):
+            return 0  # an UpdateStatus: the ingest records it
+        if (msg.fleet, msg.device_id) != (fleet, device_id):
+            raise MessageError(
+                f"request from {fleet}/{device_id} names {msg.fleet}/{msg.device_id}",
+                reason="device_mismatch",
+            )
+        data = self.target_bytes(fleet, msg.target)
+        cs = self.chunk_size
+        last = min(msg.first + msg.count, -(-len(data) // cs))
+        out = topic(fleet, device_id, "updates")
+        for index in range(msg.first, last):
+            chunk = self.chunk_message(
+                fleet, device_id, msg.target, index, data[index * cs : (index + 1) * cs]
+            )
+            self.client.publish(out, chunk.encode(), qos=1)
+        sent = max(0, last - msg.first)
+        self.chunks_sent += sent
+        self.served.append(ServedRequest(fleet, device_id, msg.target, msg.first, msg.count, sent))
+        return sent
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                topic_name, payload = self._inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.last_activity = time.monotonic()
+            try:
+                self.serve(topic_name, payload)
+            except EdgeloopError as exc:
+                self.bad_requests += 1
+                log.warning("chunk request on %s refused (%s): %s", topic_name, exc.reason, exc)
+            except Exception:  # noqa: BLE001 - one bad request must not stop the server
+                self.bad_requests += 1
+                log.exception("chunk request on %s failed", topic_name)
+
+    # -- paho callbacks (network thread) ------------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the rollout transport: %s", reason_code)
+            return
+        client.subscribe(self.subscription, qos=1)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self.last_activity = time.monotonic()
+        self.ready.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.ready.clear()
+        if reason_code != 0:
+            log.warning("rollout transport disconnected (%s); reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            self._inbox.put_nowait((msg.topic, msg.payload))
+        except queue.Full:  # the device asks again
+            self.bad_requests += 1
+            log.warning("chunk request on %s dropped: server backlog full", msg.topic)

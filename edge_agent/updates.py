@@ -1,0 +1,204 @@
+"""The device's update path: a signed offer in, the target its release assigns this device
+verified (TUF), downloaded (edge_agent.transfer), installed in the spare slot, reported.
+
+paho's network thread only hands offers to a one-place mailbox and chunks to the
+download; everything that takes time runs on one updater thread, so acks keep flowing
+and detection goes on with the live model while a package downloads and loads. Every
+refusal or failure is reported with a reason from ``shared.messages.UPDATE_REASONS``,
+and the live model keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from edge_agent.config import EdgeSettings
+from edge_agent.runtime import ModelRuntime
+from edge_agent.transfer import (
+    Download,
+    LatestOffer,
+    TransferCancelled,
+    Transfers,
+    transfer_length,
+)
+from edge_agent.updater import ModelSlots
+from shared.errors import PackageError
+from shared.messages import UPDATE_REASONS, ChunkRequest, UpdateChunk, UpdateOffer, UpdateStatus
+from shared.trust import DeviceTrust, Target, UpdateRefused
+
+log = logging.getLogger(__name__)
+PAYLOAD_KINDS = ("package",)  # the apply steps this agent has (the delta issue adds "delta")
+CAPABILITIES = ("tuf", *PAYLOAD_KINDS)
+# A package check's reason → the status and UPDATE_REASONS entry reported for it.
+_INSTALL_OUTCOMES = {
+    "smoke_check_failed": ("failed", "smoke_check_failed"),
+    "bad_graph": ("failed", "smoke_check_failed"),  # ONNX Runtime cannot load it here
+    "bad_output": ("failed", "smoke_check_failed"),
+    "sha_mismatch": ("rejected", "bad_hash"),
+    "wrong_profile": ("rejected", "mix_and_match"),
+}
+# Reasons that are the link's or the device's fault, not the release's.
+_FAILURES = ("transfer_failed", "internal_error")
+Report = Callable[..., UpdateStatus]
+
+
+class Updates:
+    """Offers and chunks in, an installed model and a report out; see the module docstring.
+    ``swap(runtime)`` puts a new model live; ``report(version, status, reason,
+    release=...)`` makes an UpdateStatus durable."""
+
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        *,
+        slots: ModelSlots,
+        slots_lock: threading.Lock,
+        send: Callable[[ChunkRequest], bool],
+        running: Callable[[], ModelRuntime | None],
+        swap: Callable[[ModelRuntime], None],
+        report: Report,
+    ) -> None:
+        self.settings = s = settings
+        self.slots, self._slots_lock = slots, slots_lock
+        self.running, self.swap, self.report = running, swap, report
+        self.trust = self._open_trust()
+        self.transfers = Transfers(
+            s.state_dir / "downloads",
+            fleet=s.fleet,
+            device_id=s.device_id,
+            send=send,
+            window=s.transfer_window,
+            retry_s=s.transfer_retry_s,
+            stall_s=s.transfer_stall_s,
+        )
+        self._offers = LatestOffer()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="edge-updater", daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        current = self.transfers.current
+        if current is not None:
+            current.cancel()  # what it holds stays on disk for the next start
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def enroll(self, root: bytes) -> None:
+        """Take the fleet's root metadata (``edgeloop fleet enroll`` hands it out)."""
+        DeviceTrust.enroll(self.settings.trust_dir, root)
+        self.trust = self._open_trust()
+        log.info("enrolled in fleet %s's signed releases", self.settings.fleet)
+
+    def last_release(self) -> int | None:
+        return self.trust.last_release() if self.trust.enrolled() else None
+
+    def _open_trust(self) -> DeviceTrust:
+        s = self.settings
+        return DeviceTrust(s.trust_dir, fleet=s.fleet, device_id=s.device_id, profile=s.profile)
+
+    # -- paho's network thread ----------------------------------------------------------------
+    def offer(self, offer: UpdateOffer) -> None:
+        """Queue an offer; a newer release supersedes a waiting one and a running download."""
+        if self._offers.put(offer):
+            current = self.transfers.current
+            if current is not None and current.release < offer.release:
+                current.cancel()
+
+    def deliver(self, chunk: UpdateChunk) -> None:
+        self.transfers.deliver(chunk)
+
+    # -- the updater thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            offer = self._offers.take(timeout=0.5)
+            if offer is not None and not self._stopping.is_set():
+                self.handle(offer)
+
+    def handle(self, offer: UpdateOffer) -> UpdateStatus | None:
+        """Verify an offer's release, fetch the target it assigns this device and install
+        it. None when there is nothing to report (superseded, or nothing assigned)."""
+        wanted = _version_of(offer.target)
+        if not self.trust.enrolled():
+            log.error(
+                "update offer (release %d) refused: this device holds no fleet root; "
+                "enroll it with `edgeloop edge enroll --root FILE`",
+                offer.release,
+            )
+            return self.report(wanted, "rejected", "missing_metadata", release=offer.release)
+        download: Download | None = None
+        try:
+            target = self.trust.resolve(offer.metadata, offered=offer.target)
+            if target is None:
+                log.info("release %d assigns this device nothing", offer.release)
+                return None
+            wanted = target.version
+            runtime = self.running()
+            if runtime is not None and runtime.package.sha256 == target.sha256:
+                # Already live (a repeated offer, or a release that keeps this device's
+                # model): say so, so the rollout counts it as installed.
+                return self.report(wanted, "applied", None, release=target.release)
+            if target.kind not in PAYLOAD_KINDS:
+                raise UpdateRefused(
+                    f"payload kind {target.kind!r} cannot be applied here",
+                    reason="corrupt_package",
+                )
+            download = self.transfers.begin(
+                target=target.path,
+                release=offer.release,
+                sha256=target.sha256,
+                length=transfer_length(
+                    offered=offer.length, signed=target.length, chunk_size=offer.chunk_size
+                ),
+                chunk_size=offer.chunk_size,
+            )
+            data = self.trust.download(target, offer.metadata, download.chunks)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, none is fatal
+            return self._refused(offer, wanted, download, exc)
+        finally:
+            if download is not None:
+                self.transfers.end(download)
+        download.discard()  # TUF verified the bytes, which are in hand
+        return self._install(target, data)
+
+    def _refused(
+        self, offer: UpdateOffer, wanted: str, download: Download | None, exc: Exception
+    ) -> UpdateStatus | None:
+        if download is not None and (download.cancelled or isinstance(exc, TransferCancelled)):
+            log.info("download of %s superseded by a newer release", download.target)
+            return None
+        if isinstance(exc, UpdateRefused):
+            reason = exc.reason if exc.reason in UPDATE_REASONS else "internal_error"
+        else:
+            log.error("update to %s failed", wanted, exc_info=exc)
+            reason = "internal_error"
+        if download is not None and reason in ("bad_hash", "endless_data"):
+            download.discard()  # what it holds is wrong: a later try starts afresh
+        status = "failed" if reason in _FAILURES else "rejected"
+        log.warning("update to %s %s (%s): %s", wanted, status, reason, exc)
+        return self.report(wanted, status, reason, release=offer.release)
+
+    def _install(self, target: Target, data: bytes) -> UpdateStatus:
+        """Put a verified package in the spare slot, smoke-check it, swap."""
+        try:
+            with self._slots_lock:
+                runtime = self.slots.install(data, expected_sha256=target.sha256)
+                self.swap(runtime)
+        except PackageError as exc:
+            status, reason = _INSTALL_OUTCOMES.get(exc.reason, ("rejected", "corrupt_package"))
+            log.warning("model %s not installed (%s): %s", target.version, reason, exc)
+            return self.report(target.version, status, reason, release=target.release)
+        log.info("model %s live (release %d)", runtime.version, target.release)
+        return self.report(runtime.version, "applied", None, release=target.release)
+
+
+def _version_of(target: str) -> str:
+    """The version a target path names ("{profile}/{version}.edgepkg"), for a report made
+    before the signed metadata says it."""
+    name = target.rsplit("/", 1)[-1].removesuffix(".edgepkg")
+    return name[:64] or "unknown"

@@ -1,0 +1,419 @@
+"""Signed updates over MQTT chunks: the device's resumable download, the cloud's rollout
+transport, and the install off paho's network thread."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from cloud.rollout.signing import Assignment, ReleaseSigner, init_fleet_trust
+from cloud.rollout.transport import RolloutTransport
+from cloud.store.keys import package_key
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import EdgeSettings
+from edge_agent.transfer import Download, TransferCancelled
+from shared.messages import Ack, UpdateChunk, UpdateOffer
+from shared.package import ModelPackage
+from shared.topics import topic
+from shared.trust import UpdateRefused
+
+from .conftest import HOST, make_agent, repackage, wait_for, windows_of
+from .fleetkit import package_variant
+
+CHUNK = 4096  # small chunks: a package of ~100 KiB is a few dozen of them
+
+
+class FleetRepo:
+    """A fleet's TUF repository and package store, as the rollout worker holds them."""
+
+    def __init__(self, store, fleet: str, keys: Path) -> None:
+        self.store, self.fleet = store, fleet
+        self.root = init_fleet_trust(
+            store=store, fleet=fleet, keys_dir=keys / "online", offline_dir=keys / "offline"
+        )
+        self.signer = ReleaseSigner(store=store, fleet=fleet, keys_dir=keys / "online")
+
+    def release(self, package: bytes, devices=("d1",)) -> tuple[int, str, bytes]:
+        """Store ``package`` and sign a release assigning it to ``devices``: (release,
+        target path, its bytes)."""
+        m = ModelPackage(package).manifest
+        self.store.put(package_key(self.fleet, m.profile, m.version), package)
+        path = f"{m.profile}/{m.version}.edgepkg"
+        release = self.signer.publish(
+            [
+                Assignment(
+                    path=path,
+                    sha256=hashlib.sha256(package).hexdigest(),
+                    length=len(package),
+                    fleet=self.fleet,
+                    profile=m.profile,
+                    version=m.version,
+                    devices=tuple(devices),
+                )
+            ]
+        )
+        return release, path, package
+
+    def offer(self, transport, release: int, path: str, package: bytes, device="d1") -> None:
+        transport.offer(
+            fleet=self.fleet,
+            device_id=device,
+            release=release,
+            target_path=path,
+            length=len(package),
+            bundle=self.signer.bundle(),
+        )
+
+
+def start_transport(port, store, fleet, cls=RolloutTransport) -> RolloutTransport:
+    # A shared group of the test's own: transports of other tests must not take its requests.
+    transport = cls(host=HOST, port=port, store=store, chunk_size=CHUNK, shared_group=f"r{fleet}")
+    transport.start()
+    assert transport.ready.wait(10)
+    return transport
+
+
+def enrolled_agent(tmp_path, fleet, port, package, repo, **kw):
+    agent = make_agent(tmp_path, fleet, port, package, transfer_retry_s=1.0, **kw)
+    agent.enroll(repo.root)
+    return agent
+
+
+def requested(transport, device="d1") -> list[int]:
+    """Every chunk index the transport was asked for, in order, repeats included."""
+    return [
+        i
+        for r in list(transport.served)
+        if r.device_id == device
+        for i in range(r.first, r.first + r.count)
+    ]
+
+
+@pytest.fixture
+def repo(s3_store, fleet, tmp_path):
+    return FleetRepo(s3_store, fleet, tmp_path / "keys")
+
+
+def test_signed_offer_installs_over_mqtt_chunks(tmp_path, repo, fleet, mqtt_port, tiny_package):
+    """An enrolled agent offered a signed release by the rollout transport downloads the
+    target in chunks from S3, installs it (the signed sha256), reports applied with the
+    release, heartbeats it, and leaves no partial download behind."""
+    release, path, v2 = repo.release(repackage(tiny_package, "v2"))
+    transport = start_transport(mqtt_port, repo.store, fleet)
+    agent = enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo)
+    try:
+        repo.offer(transport, release, path, v2)
+        wait_for(lambda: agent.model_version == "v2", 30, what="v2 live")
+        wait_for(lambda: agent.update_events, 10, what="the report")
+        report = agent.update_events[-1]
+        assert (report.target_version, report.status, report.release) == ("v2", "applied", release)
+        assert agent.runtime.package.sha256 == hashlib.sha256(v2).hexdigest()
+        assert sorted(set(requested(transport))) == list(range(-(-len(v2) // CHUNK)))
+        hb = agent.heartbeat()
+        assert (hb.release, hb.model_version, hb.capabilities) == (
+            release,
+            "v2",
+            ("tuf", "package"),
+        )
+        assert hb.agent_version and hb.memory_mb > 0
+        assert list((tmp_path / "d1" / "downloads").iterdir()) == []
+    finally:
+        agent.stop()
+        transport.stop()
+
+
+class CuttingTransport(RolloutTransport):
+    """Signals when it serves chunk ``cut_at`` the first time (the test then stops the
+    broker), and corrupts chunk ``corrupt_at`` the first time it is served."""
+
+    cut_at = -1
+    corrupt_at = -1
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.cut = threading.Event()
+        self.corrupted = 0
+
+    def chunk_message(self, fleet, device_id, target, index, data) -> UpdateChunk:
+        msg = super().chunk_message(fleet, device_id, target, index, data)
+        if index == self.cut_at and not self.cut.is_set():
+            self.cut.set()
+            time.sleep(0.5)  # the broker goes down under this request
+        if index == self.corrupt_at and not self.corrupted:
+            self.corrupted += 1
+            flipped = bytes([data[0] ^ 0xFF]) + data[1:]
+            return (
+                super()
+                .chunk_message(fleet, device_id, target, index, flipped)
+                .model_copy(
+                    update={"sha256": msg.sha256}  # the hash of what should have come
+                )
+            )
+        return msg
+
+
+def test_disconnected_device_resumes_from_its_first_missing_chunk(
+    tmp_path, spare_broker, repo, fleet, tiny_package
+):
+    """The broker dies (its sessions and queued chunks with it) after some chunks arrived;
+    once it is back the device asks again from its first missing chunk, never for one it
+    holds, and installs the signed target."""
+    release, path, v2 = repo.release(repackage(tiny_package, "v2"))
+    CuttingTransport.cut_at = 12
+    transport = start_transport(spare_broker.port, repo.store, fleet, CuttingTransport)
+    agent = enrolled_agent(
+        tmp_path, fleet, spare_broker.port, tiny_package[0], repo, transfer_window=4
+    )
+    try:
+        repo.offer(transport, release, path, v2)
+        assert transport.cut.wait(30)
+        spare_broker.stop()
+        wait_for(lambda: not agent.link.connected.is_set(), 10, what="link down")
+        download = agent.updates.transfers.current
+        held = set(download.held)
+        k = download.first_missing()
+        assert 0 < k < download.n_chunks
+        before = len(transport.served)
+        spare_broker.start()
+        wait_for(lambda: agent.model_version == "v2", 60, what="v2 live after the outage")
+        after = list(transport.served)[before:]
+        assert after, "the device asked again after the outage"
+        assert all(i not in held for r in after for i in range(r.first, r.first + r.count))
+        assert min(r.first for r in after) >= k
+        assert requested(transport).count(0) == 1  # never from zero
+        assert agent.runtime.package.sha256 == hashlib.sha256(v2).hexdigest()
+    finally:
+        agent.stop()
+        transport.stop()
+
+
+def test_restarted_agent_resumes_its_download(tmp_path, repo, fleet, mqtt_port, tiny_package):
+    """An agent stopped mid-download keeps what it held; restarted and offered the release
+    again, it asks only for the chunks it lacks."""
+    release, path, v2 = repo.release(repackage(tiny_package, "v2"))
+    CuttingTransport.cut_at = 10
+    transport = start_transport(mqtt_port, repo.store, fleet, CuttingTransport)
+    agent = enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo, transfer_window=4)
+    try:
+        repo.offer(transport, release, path, v2)
+        assert transport.cut.wait(30)
+        download = agent.updates.transfers.current
+        agent.stop()  # the updater stops mid-download; what it holds stays on disk
+        held = set(download.held)
+        assert held and len(held) < download.n_chunks
+        before = len(transport.served)
+        agent = enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo)
+        assert agent.model_version == "v1"
+        repo.offer(transport, release, path, v2)
+        wait_for(lambda: agent.model_version == "v2", 30, what="v2 live after the restart")
+        after = [
+            i for r in list(transport.served)[before:] for i in range(r.first, r.first + r.count)
+        ]
+        assert after and not held & set(after)
+    finally:
+        agent.stop()
+        transport.stop()
+
+
+def test_corrupted_chunk_is_refused_and_asked_again(tmp_path, repo, fleet, mqtt_port, tiny_package):
+    """A chunk whose bytes do not match its hash is dropped and asked for again; the
+    target still installs bit for bit."""
+    release, path, v2 = repo.release(repackage(tiny_package, "v2"))
+    CuttingTransport.cut_at, CuttingTransport.corrupt_at = -1, 3
+    transport = start_transport(mqtt_port, repo.store, fleet, CuttingTransport)
+    agent = enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo)
+    try:
+        repo.offer(transport, release, path, v2)
+        wait_for(lambda: agent.model_version == "v2", 30, what="v2 live")
+        assert transport.corrupted == 1
+        assert requested(transport).count(3) == 2  # the corrupt copy, then the good one
+        assert agent.runtime.package.sha256 == hashlib.sha256(v2).hexdigest()
+    finally:
+        CuttingTransport.corrupt_at = -1
+        agent.stop()
+        transport.stop()
+
+
+def test_failed_smoke_check_is_reported_and_the_old_model_serves(
+    tmp_path, repo, fleet, mqtt_port, tiny_package, tep_small
+):
+    """A signed package whose model gives NaN fails its smoke check on the device: reported
+    failed (smoke_check_failed) with the release, and v1 keeps scoring windows."""
+    release, path, bad = repo.release(package_variant(tiny_package, "v2-nan", nan=True))
+    transport = start_transport(mqtt_port, repo.store, fleet)
+    agent = enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo)
+    try:
+        repo.offer(transport, release, path, bad)
+        wait_for(lambda: agent.update_events, 30, what="the report")
+        report = agent.update_events[-1]
+        assert (report.target_version, report.status, report.reason, report.release) == (
+            "v2-nan",
+            "failed",
+            "smoke_check_failed",
+            release,
+        )
+        assert agent.model_version == report.running_version == "v1"
+        _, golden = tep_small
+        det, _ = agent.process(windows_of(golden, "idv_01", 1)[0])
+        assert det.predicted in ModelPackage(tiny_package[0]).manifest.class_names
+    finally:
+        agent.stop()
+        transport.stop()
+
+
+def test_install_runs_off_the_network_thread(
+    tmp_path, repo, fleet, mqtt_port, tiny_package, tep_small
+):
+    """While a package is being installed (held in the middle), the agent's network thread
+    still takes acks: the install runs on the updater thread."""
+    release, path, v2 = repo.release(repackage(tiny_package, "v2"))
+    transport = start_transport(mqtt_port, repo.store, fleet)
+    agent = enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo)
+    real_install, gate, seen = agent.slots.install, threading.Event(), {}
+
+    def held_install(data, **kw):
+        seen["thread"] = threading.current_thread().name
+        gate.wait(30)
+        return real_install(data, **kw)
+
+    agent.slots.install = held_install
+    cloud = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    cloud.connect(HOST, mqtt_port)
+    cloud.loop_start()
+    try:
+        _, golden = tep_small
+        _, upload = agent.process(windows_of(golden, "idv_01", 1)[0])
+        assert upload is not None
+        agent.sync()
+        repo.offer(transport, release, path, v2)
+        wait_for(lambda: "thread" in seen, 30, what="the install to start")
+        ack = Ack(fleet=fleet, device_id="d1", acked_ids=(upload.message_id,), status="stored")
+        cloud.publish(topic(fleet, "d1", "acks"), ack.encode(), qos=1)
+        wait_for(lambda: agent.buffer.depth() == 0, 10, what="the ack, mid-install")
+        assert agent.model_version == "v1"
+        gate.set()
+        wait_for(lambda: agent.model_version == "v2", 30, what="v2 live")
+        assert seen["thread"] == "edge-updater"
+    finally:
+        gate.set()
+        cloud.loop_stop()
+        agent.stop()
+        transport.stop()
+
+
+def test_unenrolled_agent_refuses_offers(tmp_path, tiny_package, caplog):
+    """An agent with no fleet root refuses an offer as missing_metadata and says how to
+    enroll it in its log."""
+    agent = EdgeAgent(EdgeSettings(fleet="f", device_id="d1", mqtt_port=9, state_dir=tmp_path))
+    agent.bootstrap(tiny_package[0])
+    offer = UpdateOffer(
+        fleet="f",
+        device_id="d1",
+        release=3,
+        target="cpu-fp32/v2.edgepkg",
+        length=1000,
+        chunk_size=CHUNK,
+        metadata={},
+    )
+    with caplog.at_level(logging.ERROR, logger="edge_agent.updates"):
+        report = agent.updates.handle(offer)
+    assert (report.target_version, report.status, report.reason) == (
+        "v2",
+        "rejected",
+        "missing_metadata",
+    )
+    assert "edgeloop edge enroll" in caplog.text
+    assert agent.model_version == "v1"
+    agent.stop()
+
+
+# -- the download alone, with a plain callable for the cloud ------------------------------
+
+
+def feeder(data: bytes, downloads: list, log: list, *, stop_after: int | None = None):
+    """A request callable that answers at once from ``data`` (the cloud), recording each
+    (first, count); after ``stop_after`` chunks it stops answering (the link is gone)."""
+    sent = [0]
+
+    def request(first: int, count: int) -> bool:
+        log.append((first, count))
+        for i in range(first, min(first + count, -(-len(data) // CHUNK))):
+            if stop_after is not None and sent[0] >= stop_after:
+                return True
+            piece = data[i * CHUNK : (i + 1) * CHUNK]
+            downloads[0].deliver(
+                UpdateChunk(
+                    fleet="f",
+                    device_id="d1",
+                    target="p/v2.edgepkg",
+                    index=i,
+                    sha256=hashlib.sha256(piece).hexdigest(),
+                    data=base64.b64encode(piece).decode(),
+                )
+            )
+            sent[0] += 1
+        return True
+
+    return request
+
+
+def new_download(directory, data, request, **kw) -> Download:
+    return Download(
+        directory=directory,
+        target="p/v2.edgepkg",
+        sha256=hashlib.sha256(data).hexdigest(),
+        length=len(data),
+        chunk_size=CHUNK,
+        request=request,
+        **{"window": 4, "retry_s": 0.3, "stall_s": 1.0, **kw},
+    )
+
+
+def test_download_survives_a_restart_and_stalls_with_a_reason(tmp_path, tiny_package):
+    """A download that stops getting chunks fails as transfer_failed; a new one over the
+    same directory (a restarted agent) holds what the first stored, asks from its first
+    missing chunk, and yields the target bit for bit."""
+    data = repackage(tiny_package, "v2")
+    downloads: list = [None]
+    first_log: list = []
+    downloads[0] = new_download(tmp_path, data, feeder(data, downloads, first_log, stop_after=9))
+    got = bytearray()
+    with pytest.raises(UpdateRefused) as err:
+        for piece in downloads[0].chunks():
+            got += piece
+    assert err.value.reason == "transfer_failed"
+    assert bytes(got) == data[: 9 * CHUNK]
+    second_log: list = []
+    downloads[0] = new_download(tmp_path, data, feeder(data, downloads, second_log))
+    assert set(downloads[0].held) == set(range(9))
+    assert b"".join(downloads[0].chunks()) == data
+    assert second_log[0][0] == 9 and all(first >= 9 for first, _ in second_log)
+
+
+def test_held_chunk_whose_bytes_changed_is_fetched_again(tmp_path, tiny_package):
+    """A chunk the record says is held but whose bytes on disk no longer match (a power
+    cut between the data and the record) is asked for again; a cancelled download stops."""
+    data = repackage(tiny_package, "v2")
+    downloads: list = [None]
+    downloads[0] = new_download(tmp_path, data, feeder(data, downloads, [], stop_after=6))
+    with pytest.raises(UpdateRefused):
+        b"".join(downloads[0].chunks())
+    with open(downloads[0].part, "r+b") as fh:
+        fh.seek(2 * CHUNK)
+        fh.write(b"\0" * 16)
+    again_log: list = []
+    downloads[0] = new_download(tmp_path, data, feeder(data, downloads, again_log))
+    assert set(downloads[0].held) == {0, 1, 3, 4, 5}
+    downloads[0].cancel()
+    with pytest.raises(TransferCancelled):
+        b"".join(downloads[0].chunks())
+    downloads[0] = new_download(tmp_path, data, feeder(data, downloads, again_log))
+    assert b"".join(downloads[0].chunks()) == data
+    assert downloads[0].part.read_bytes() == data
