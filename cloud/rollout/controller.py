@@ -1,0 +1,244 @@
+"""The rollout state machine: a champion carried to a profile's devices in waves, judged
+between waves, rolled back by a new signed release when a wave is unhealthy.
+
+Every step re-reads its rows and holds the rollout's row lock, so a step repeated after a
+worker was killed redoes only what was not committed: publishing the same assignments
+signs nothing new (the same release number), and an offer sent twice is harmless. States:
+pending → wave (sending, waiting for statuses, dwelling, judging) → done; or rolling_back
+→ aborted; paused; superseded (the champion moved again before it finished)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import asdict
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud.config import CloudSettings, get_settings
+from cloud.rollout.steps import RolloutSettings, Signer, Step, Transport, lock_fleet
+from cloud.store.db import Device, DeviceUpdate, ModelVersion, Rollout
+from cloud.store.objects import ObjectStore
+from shared.errors import EdgeloopError
+from shared.package import model_name
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("pending", "wave", "paused", "rolling_back")
+ADVANCING = ("pending", "wave", "rolling_back")  # what the beat advances
+FINISHED = ("done", "aborted", "superseded")
+
+
+class RolloutError(EdgeloopError):
+    """A rollout cannot do what was asked (reason: unknown_rollout, unknown_model_version,
+    bad_state)."""
+
+    reason = "rollout_error"
+
+
+def _get(session: Session, rollout_id: int, *, lock: bool = True) -> Rollout:
+    q = select(Rollout).where(Rollout.id == rollout_id)
+    row = session.scalar(q.with_for_update() if lock else q)
+    if row is None:
+        raise RolloutError(f"no rollout {rollout_id}", reason="unknown_rollout")
+    return row
+
+
+def start_rollout(
+    *,
+    sessions: sessionmaker,
+    fleet: str,
+    profile: str,
+    mlflow_version: str,
+    trigger: str = "alias",
+    settings: CloudSettings | None = None,
+) -> Rollout:
+    """A rollout of ``fleet``/``profile`` to its registered ``mlflow_version``, superseding
+    the active one. The same version as the newest rollout's returns that rollout while it
+    is active or done (a webhook delivered twice), and always for ``reconcile`` (a reconcile
+    never retries an aborted model; an operator who sets the alias again does)."""
+    name = model_name(fleet, profile)
+    with sessions() as session:
+        fleet_row = lock_fleet(session, fleet)
+        mv = session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.name == name, ModelVersion.mlflow_version == str(mlflow_version)
+            )
+        )
+        if mv is None:
+            raise RolloutError(
+                f"{name} version {mlflow_version} has no row in model_versions (register it "
+                "with a round or `edgeloop cloud init`)",
+                reason="unknown_model_version",
+            )
+        rollouts = session.scalars(
+            select(Rollout)
+            .where(Rollout.fleet == fleet, Rollout.profile == profile)
+            .order_by(Rollout.id.desc())
+        ).all()
+        newest = rollouts[0] if rollouts else None
+        if (
+            newest is not None
+            and newest.mlflow_version == str(mlflow_version)
+            and (newest.state in (*ACTIVE, "done") or trigger == "reconcile")
+        ):
+            return newest
+        cfg = RolloutSettings.resolve(settings or get_settings(), fleet_row.settings or {})
+        running = Counter(
+            d.model_version
+            for d in session.scalars(
+                select(Device).where(Device.fleet == fleet, Device.profile == profile)
+            )
+        )
+        previous = running.most_common(1)[0][0] if running else None
+        row = Rollout(
+            model_version_id=mv.id,
+            fleet=fleet,
+            profile=profile,
+            state="pending",
+            target_version=mv.version,
+            mlflow_version=str(mlflow_version),
+            trigger=trigger,
+            params={"settings": asdict(cfg), "previous": previous, "sha256": mv.sha256},
+        )
+        session.add(row)
+        session.flush()
+        now = datetime.now(UTC)
+        for old in rollouts:
+            # A rollout rolling back finishes its rollback first: the new one plans after it.
+            if old.state in ("pending", "wave", "paused"):
+                old.state, old.finished_at = "superseded", now
+                old.reason = f"superseded by rollout {row.id} ({mv.version})"
+        session.commit()
+        log.info("rollout %d: %s %s (%s) by %s", row.id, name, mv.version, mlflow_version, trigger)
+        return row
+
+
+# --- one step ---------------------------------------------------------------------------
+
+
+def advance(
+    *,
+    sessions: sessionmaker,
+    store: ObjectStore,
+    signer: Signer,
+    transport: Transport,
+    rollout_id: int,
+    now: datetime | None = None,
+) -> str:
+    """One step of rollout ``rollout_id``; returns its state after the step. A rollout
+    another worker is stepping right now is left to it."""
+    now = now or datetime.now(UTC)
+    with sessions() as session:
+        r = session.scalar(
+            select(Rollout).where(Rollout.id == rollout_id).with_for_update(skip_locked=True)
+        )
+        if r is None:
+            return _get(session, rollout_id, lock=False).state
+        if r.state not in ADVANCING:
+            return r.state
+        step = Step(session, store, signer, transport, r, now)
+        if r.state == "pending":
+            step.plan()
+        if r.state == "wave":
+            step.wave()
+        if r.state == "rolling_back":
+            step.roll_back()
+        session.commit()
+        return r.state
+
+
+# --- operators and the beat ------------------------------------------------------------
+
+
+def pause(*, sessions: sessionmaker, rollout_id: int) -> Rollout:
+    """Stop sending waves (devices already sent finish their install); resume goes on."""
+    with sessions() as session:
+        r = _get(session, rollout_id)
+        if r.state not in ("pending", "wave"):
+            raise RolloutError(
+                f"rollout {rollout_id} is {r.state}: only a pending or running rollout pauses"
+                + (" (a rollback runs to its end)" if r.state == "rolling_back" else ""),
+                reason="bad_state",
+            )
+        r.state = "paused"
+        session.commit()
+        return r
+
+
+def resume(*, sessions: sessionmaker, rollout_id: int, now: datetime | None = None) -> Rollout:
+    """A paused rollout goes on where it stopped; its wave's timeout starts again."""
+    with sessions() as session:
+        r = _get(session, rollout_id)
+        if r.state != "paused":
+            raise RolloutError(f"rollout {rollout_id} is {r.state}, not paused", reason="bad_state")
+        r.state = "wave" if r.plan else "pending"
+        if r.wave_started_at is not None:
+            r.wave_started_at = now or datetime.now(UTC)
+        session.commit()
+        return r
+
+
+def abort(
+    *,
+    sessions: sessionmaker,
+    rollout_id: int,
+    reason: str = "aborted by an operator",
+    now: datetime | None = None,
+) -> Rollout:
+    """Roll back every device the rollout reached (the next step publishes the release of
+    their previous versions); a rollout that reached none is aborted at once."""
+    now = now or datetime.now(UTC)
+    with sessions() as session:
+        r = _get(session, rollout_id)
+        if r.state in FINISHED or r.state == "rolling_back":
+            raise RolloutError(f"rollout {rollout_id} is already {r.state}", reason="bad_state")
+        reached = any(
+            u.sent_at is not None
+            for u in session.scalars(select(DeviceUpdate).where(DeviceUpdate.rollout_id == r.id))
+        )
+        r.reason = reason
+        if reached:
+            r.state, r.wave_started_at = "rolling_back", now
+        else:
+            r.state, r.finished_at = "aborted", now
+        session.commit()
+        return r
+
+
+def active_rollouts(*, sessions: sessionmaker) -> list[int]:
+    """Ids of the rollouts the beat steps (paused ones wait for an operator)."""
+    with sessions() as session:
+        q = select(Rollout.id).where(Rollout.state.in_(ADVANCING)).order_by(Rollout.id)
+        return list(session.scalars(q))
+
+
+def reconcile(*, sessions: sessionmaker, champions: dict[tuple[str, str], str]) -> list[Rollout]:
+    """Start a rollout for each (fleet, profile) whose champion (MLflow version, as the
+    caller read it from the registry) is not the newest rollout's; the ones started."""
+    started = []
+    for (fleet, profile), mlflow_version in sorted(champions.items()):
+        with sessions() as session:
+            newest = session.scalar(
+                select(Rollout.mlflow_version)
+                .where(Rollout.fleet == fleet, Rollout.profile == profile)
+                .order_by(Rollout.id.desc())
+                .limit(1)
+            )
+        if newest == str(mlflow_version):
+            continue
+        try:
+            r = start_rollout(
+                sessions=sessions,
+                fleet=fleet,
+                profile=profile,
+                mlflow_version=str(mlflow_version),
+                trigger="reconcile",
+            )
+        except RolloutError as exc:  # one fleet's missing row does not stop the others
+            log.error("reconcile: %s", exc)
+            continue
+        started.append(r)
+    return started

@@ -1,0 +1,398 @@
+"""One step of a rollout on its locked row: plan the waves, send a wave, wait for its
+statuses, dwell, judge, roll back. The controller (cloud.rollout.controller) calls it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from cloud.compress.profiles import get_profile
+from cloud.config import CloudSettings
+from cloud.rollout.health import (
+    Budget,
+    DeviceHealth,
+    LabelCounts,
+    Thresholds,
+    install_failures,
+    judge,
+)
+from cloud.rollout.signing import Assignment
+from cloud.rollout.waves import WavePolicy, plan_waves
+from cloud.store.db import Device, DeviceUpdate, Fleet, Label, ModelVersion, Rollout, Sample, aware
+from cloud.store.objects import ObjectStore
+from shared.errors import ConfigError, EdgeloopError
+from shared.package import model_name
+
+log = logging.getLogger(__name__)
+
+INSTALL_BEATS = "beats_at_install"  # in DeviceUpdate.before: the heartbeat count at install
+
+
+class Signer(Protocol):
+    def publish(self, assignments: Sequence[Assignment]) -> int: ...
+    def assignments(self) -> list[Assignment]: ...
+    def bundle(self) -> dict[str, str]: ...
+
+
+class Transport(Protocol):
+    def offer(self, *, fleet: str, device_id: str, release: int, target_path: str,
+              length: int, bundle: dict[str, str], url: str | None = None) -> None: ...  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """What one rollout runs with: cloud settings ``rollout_*``, then the fleet row's
+    overrides of the same names; fixed in the rollout's params when it starts."""
+
+    canary_min_devices: int = 5
+    canary_share: float = 0.05
+    wave_growth: float = 2.0
+    dwell_heartbeats: int = 3
+    alpha: float = 0.01
+    min_effect: float = 0.05
+    max_accuracy_drop_pts: float = 5.0
+    min_labels: int = 30
+    wave_timeout_s: float = 1800.0
+    resend_s: float = 60.0
+
+    @classmethod
+    def resolve(cls, settings: CloudSettings, overrides: dict[str, Any]) -> RolloutSettings:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(
+            k for k in overrides if k.startswith("rollout_") and k[len("rollout_") :] not in names
+        )
+        if unknown:
+            raise ConfigError(f"fleet settings name unknown rollout settings {unknown}")
+        values = {
+            n: overrides.get(f"rollout_{n}", getattr(settings, f"rollout_{n}")) for n in names
+        }
+        out = cls(**values)
+        out.waves.check()
+        return out
+
+    @property
+    def waves(self) -> WavePolicy:
+        return WavePolicy(self.canary_min_devices, self.canary_share, self.wave_growth)
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.alpha, self.min_effect, self.max_accuracy_drop_pts, self.min_labels)
+
+
+def lock_fleet(session: Session, fleet: str) -> Fleet:
+    """The fleet's row, locked until the transaction ends (created if the fleet has none):
+    releases of one fleet are signed one at a time."""
+    row = session.scalar(select(Fleet).where(Fleet.id == fleet).with_for_update())
+    if row is None:
+        try:
+            with session.begin_nested():
+                session.add(Fleet(id=fleet))
+        except IntegrityError:
+            pass  # created meanwhile by another worker
+        row = session.scalar(select(Fleet).where(Fleet.id == fleet).with_for_update())
+    assert row is not None
+    return row
+
+
+def budget_of(profile: str) -> Budget:
+    """The profile's latency and memory budgets; none for a profile profiles.toml lacks."""
+    try:
+        p = get_profile(profile)
+    except ConfigError:
+        return Budget()
+    return Budget(max_latency_ms=p.max_latency_ms, max_memory_mb=p.max_memory_mb)
+
+
+def label_counts(session: Session, rows: Sequence[DeviceUpdate], target: str) -> LabelCounts:
+    """Ground-truth labels (device or operator; an operator's wins) on the wave's samples:
+    those its devices classified with the target since installing it, and those they
+    classified with their previous version before it was sent."""
+    installed = [aware(u.installed_at) for u in rows if u.installed_at is not None]
+    base = {u.device_id: u.base_version for u in rows if u.base_version}
+    if not installed or not base:
+        return LabelCounts()
+    q = (
+        select(
+            Sample.id,
+            Sample.device_id,
+            Sample.model_version,
+            Sample.predicted,
+            Sample.received_at,
+            Label.label,
+            Label.source,
+        )  # fmt: skip
+        .join(Label, Label.sample_id == Sample.id)
+        .where(
+            Sample.device_id.in_(list(base)),
+            Sample.model_version.in_([target, *set(base.values())]),
+            Label.source.in_(("device", "operator")),
+        )
+        .order_by(Label.source)  # "operator" after "device": it overwrites below
+    )
+    since = min(installed)
+    seen: dict[str, tuple[bool, bool]] = {}  # sample → (on the target, correct)
+    for sid, device, version, predicted, received, label, _ in session.execute(q):
+        if version == target and aware(received) >= since:
+            seen[sid] = (True, predicted == label)
+        elif version == base.get(device) and aware(received) < since:
+            seen[sid] = (False, predicted == label)
+    on_t = [ok for t, ok in seen.values() if t]
+    on_p = [ok for t, ok in seen.values() if not t]
+    return LabelCounts(sum(on_t), len(on_t), sum(on_p), len(on_p))
+
+
+class Step:
+    """One step's work on one locked rollout row (the caller commits)."""
+
+    def __init__(self, session: Session, store: ObjectStore, signer: Signer,
+                 transport: Transport, r: Rollout, now: datetime) -> None:  # fmt: skip
+        self.session, self.store, self.signer, self.transport = session, store, signer, transport
+        self.r, self.now = r, now
+        self.cfg = RolloutSettings(**r.params["settings"])
+
+    # -- rows and devices ---------------------------------------------------------------
+    def rows(self, waves: range | None = None) -> list[DeviceUpdate]:
+        q = select(DeviceUpdate).where(DeviceUpdate.rollout_id == self.r.id)
+        rows = self.session.scalars(q.order_by(DeviceUpdate.device_id)).all()
+        if waves is None:
+            return list(rows)
+        wanted = {d for k in waves for d in self.r.plan[k]}
+        return [u for u in rows if u.device_id in wanted]
+
+    def devices(self) -> dict[str, Device]:
+        q = select(Device).where(Device.fleet == self.r.fleet, Device.profile == self.r.profile)
+        return {d.id: d for d in self.session.scalars(q)}
+
+    def plan(self) -> None:
+        """Waves and a row per device of the profile (those already on the target
+        installed), unless an earlier rollout of the profile is still rolling back."""
+        busy = self.session.scalar(
+            select(Rollout.id).where(
+                Rollout.fleet == self.r.fleet,
+                Rollout.profile == self.r.profile,
+                Rollout.state == "rolling_back",
+                Rollout.id != self.r.id,
+            )
+        )
+        if busy is not None:
+            return
+        devices = self.devices()
+        need = [
+            (d.id, d.site) for d in devices.values() if d.model_version != self.r.target_version
+        ]
+        waves = plan_waves(
+            devices=need, profile_devices=len(devices), policy=self.cfg.waves, seed=f"r{self.r.id}"
+        )
+        for k, wave in enumerate(waves):
+            for device_id in wave:
+                self.session.add(self._row(devices[device_id], k, "pending"))
+        for d in devices.values():
+            if d.model_version == self.r.target_version:
+                row = self._row(d, 0, "installed")
+                row.installed_at, row.reason = self.now, "already on the target"
+                self.session.add(row)
+        self.r.plan, self.r.wave, self.r.state = waves, 0, "wave"
+        if not waves:
+            self.finish("done", "every device already runs the target")
+
+    def _row(self, d: Device, wave: int, state: str) -> DeviceUpdate:
+        return DeviceUpdate(
+            rollout_id=self.r.id,
+            device_id=d.id,
+            target_version=self.r.target_version,
+            base_version=d.model_version,
+            state=state,
+            wave=wave,
+        )
+
+    def finish(self, state: str, reason: str = "") -> None:
+        self.r.state, self.r.finished_at = state, self.now
+        if reason:
+            self.r.reason = reason
+
+    # -- releases and offers ----------------------------------------------------------------
+    def publish(self, assign: dict[str, str]) -> int:
+        """Sign the release giving the profile's devices in ``assign`` those versions, every
+        other device of the profile the version it runs, other profiles what they have."""
+        fleet_row = lock_fleet(self.session, self.r.fleet)
+        by_version: dict[str, list[str]] = {}
+        for d in self.devices().values():
+            version = assign.get(d.id, d.model_version)
+            if version is not None:
+                by_version.setdefault(version, []).append(d.id)
+        out = [a for a in self.signer.assignments() if a.profile != self.r.profile]
+        for version, ids in sorted(by_version.items()):
+            target = self.target(version)
+            if target is None:
+                log.warning("rollout %d: %s not registered; %s keep what they have",
+                            self.r.id, version, ", ".join(ids))  # fmt: skip
+                continue
+            out.append(Assignment(**{**asdict(target), "devices": tuple(sorted(ids))}))
+        release = self.signer.publish(out)
+        fleet_row.release = self.r.release = release
+        return release
+
+    def target(self, version: str) -> Assignment | None:
+        mv = self.session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.name == model_name(self.r.fleet, self.r.profile),
+                ModelVersion.version == version,
+            )
+        )
+        if mv is None:
+            return None
+        return Assignment(
+            path=f"{self.r.profile}/{version}.edgepkg",
+            sha256=mv.sha256,
+            length=_length(self.store, mv.object_key, mv.sha256),
+            fleet=self.r.fleet,
+            profile=self.r.profile,
+            version=version,
+            devices=(),
+        )
+
+    def offer(self, rows: list[DeviceUpdate], version_of: dict[str, str]) -> list[DeviceUpdate]:
+        """Offer the current release to each row's device; the rows the broker took."""
+        if not rows:
+            return []
+        assert self.r.release is not None
+        bundle, sent = self.signer.bundle(), []
+        for u in rows:
+            target = self.target(version_of[u.device_id])
+            if target is None:
+                continue
+            try:
+                self.transport.offer(
+                    fleet=self.r.fleet,
+                    device_id=u.device_id,
+                    release=self.r.release,
+                    target_path=target.path,
+                    length=target.length,
+                    bundle=bundle,
+                )
+            except EdgeloopError as exc:  # offered again next step
+                log.warning("rollout %d: offer to %s failed: %s", self.r.id, u.device_id, exc)
+                continue
+            u.sent_at = self.now
+            sent.append(u)
+        return sent
+
+    def due(self, u: DeviceUpdate) -> bool:
+        return u.sent_at is None or self.now - aware(u.sent_at) >= timedelta(
+            seconds=self.cfg.resend_s
+        )
+
+    # -- forward ------------------------------------------------------------------------------
+    def wave(self) -> None:
+        """Send wave k, wait for its statuses, dwell, judge; next wave, done or roll back."""
+        r, k = self.r, self.r.wave
+        rows = self.rows(range(k, k + 1))
+        devices = self.devices()
+        target = {u.device_id: r.target_version for u in rows}
+        pending = [u for u in rows if u.state == "pending"]
+        if pending:
+            self.publish({d: r.target_version for w in r.plan[: k + 1] for d in w})
+            for u in self.offer(pending, target):
+                u.state = "sent"
+                u.before = dict(devices[u.device_id].health or {})
+            r.wave_started_at = r.wave_started_at or self.now
+            return
+        self.offer([u for u in rows if u.state == "sent" and self.due(u)], target)
+        for u in rows:
+            d = devices.get(u.device_id)
+            if u.state != "installed" or d is None or d.model_version != r.target_version:
+                continue
+            beats = int((d.health or {}).get("beats", 0))
+            if INSTALL_BEATS not in (u.before or {}):
+                u.before = {**(u.before or {}), INSTALL_BEATS: beats}
+            u.beats_after = beats - int(u.before[INSTALL_BEATS])
+        if self.now - aware(r.wave_started_at or self.now) > timedelta(
+            seconds=self.cfg.wave_timeout_s
+        ):
+            # Silence is a failure: a canary that never answers, or never heartbeats on the
+            # target, cannot be judged healthy.
+            for u in rows:
+                if u.state == "sent":
+                    u.state, u.reason = "failed", f"no status in {self.cfg.wave_timeout_s:g} s"
+                elif u.state == "installed" and u.beats_after < self.cfg.dwell_heartbeats:
+                    u.state = "failed"
+                    u.reason = f"{u.beats_after} heartbeat(s) on the target in the wave timeout"
+        observed = self.observe(rows, devices)
+        failures = install_failures(observed)
+        dwelt = all(o.after is not None for o in observed)
+        if not failures and not dwelt:
+            return  # still waiting
+        verdict = judge(
+            devices=observed,
+            budget=budget_of(r.profile),
+            thresholds=self.cfg.thresholds,
+            labels=label_counts(self.session, rows, r.target_version),
+        )
+        r.health = {"wave": k, **verdict.to_dict()}
+        if verdict.abort:
+            r.state, r.wave_started_at = "rolling_back", self.now
+            r.reason = f"wave {k}: " + "; ".join(verdict.reasons)
+            log.warning("rollout %d aborts: %s", r.id, r.reason)
+        elif k + 1 < len(r.plan):
+            r.wave, r.wave_started_at = k + 1, None
+            self.wave()  # send the next wave in the same step
+        else:
+            self.finish("done")
+
+    def observe(self, rows: list[DeviceUpdate], devices: dict[str, Device]) -> list[DeviceHealth]:
+        out = []
+        for u in rows:
+            before = {k: v for k, v in (u.before or {}).items() if k != INSTALL_BEATS}
+            d = devices.get(u.device_id)
+            dwelt = u.state == "installed" and u.beats_after >= self.cfg.dwell_heartbeats
+            after = dict(d.health or {}) if dwelt and d is not None else None
+            out.append(DeviceHealth(u.device_id, u.state, u.reason, before, after))
+        return out
+
+    # -- back ---------------------------------------------------------------------------------
+    def roll_back(self) -> None:
+        """Publish the release giving every device the rollout reached its previous version;
+        offer it until each reports running it (then rolled_back), or the wave timeout."""
+        r = self.r
+        reached = [u for u in self.rows(range(0, r.wave + 1)) if u.sent_at is not None]
+        previous = {u.device_id: u.base_version for u in reached if u.base_version}
+        release = self.publish(previous)
+        devices = self.devices()
+        left = []
+        for u in reached:
+            d = devices.get(u.device_id)
+            if u.device_id not in previous or d is None or u.state == "rolled_back":
+                continue
+            seen = (d.health or {}).get("release")
+            if seen is None:  # an agent that does not say which release it has seen
+                seen = release
+            if d.model_version == u.base_version and seen >= release:
+                if u.state in ("sent", "installed"):
+                    u.state = "rolled_back"
+                    u.reason = f"back on {u.base_version} (release {release})"
+            else:
+                left.append(u)
+        started = aware(r.wave_started_at or self.now)
+        self.offer([u for u in left if aware(u.sent_at or started) < started or self.due(u)],
+                   previous)  # fmt: skip
+        if not left:
+            self.finish("aborted")
+        elif self.now - started > timedelta(seconds=self.cfg.wave_timeout_s):
+            ids = ", ".join(u.device_id for u in left)
+            self.finish("aborted", f"{r.reason}; not confirmed back on the previous model: {ids}")
+
+
+_LENGTHS: dict[str, int] = {}  # sha256 → bytes: content-addressed, so never stale
+
+
+def _length(store: ObjectStore, key: str, sha256: str) -> int:
+    if sha256 not in _LENGTHS:
+        _LENGTHS[sha256] = len(store.get(key))
+    return _LENGTHS[sha256]

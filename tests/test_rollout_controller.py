@@ -1,0 +1,355 @@
+"""The rollout controller against real PostgreSQL, a real fleet TUF repository and real
+offers over Mosquitto; devices simulated by the heartbeats and update statuses they send,
+recorded by the real ingest logic."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from hashlib import sha256
+
+import paho.mqtt.client as mqtt
+import pytest
+from sqlalchemy import select
+
+from cloud.config import CloudSettings
+from cloud.ingest.ingestor import Ingestor
+from cloud.rollout import controller
+from cloud.rollout.signing import ReleaseSigner, init_fleet_trust
+from cloud.rollout.transport import RolloutTransport
+from cloud.store.db import Device, DeviceUpdate, Fleet, ModelVersion, Rollout, session_factory
+from cloud.store.keys import package_key
+from cloud.store.objects import LocalObjectStore
+from shared.messages import Heartbeat, UpdateOffer, UpdateStatus
+from shared.package import model_name
+from shared.topics import topic
+from tests.conftest import wait_for
+
+PROFILE = "rpi4-int8"  # budgets: p99 5 ms, 150 MB
+SITES = ("north", "south", "east")
+
+
+class Offers:
+    """Every offer the broker delivers on the fleet's update topics, by device."""
+
+    def __init__(self, fleet: str, port: int) -> None:
+        self.by_device: dict[str, list[UpdateOffer]] = defaultdict(list)
+        self.lock = threading.Lock()
+        subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"edgeloop/v1/{fleet}/+/updates", qos=1)
+        self.client.loop_start()
+        wait_for(subscribed.is_set, 10, what="offer subscription")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        offer = UpdateOffer.model_validate_json(msg.payload)
+        with self.lock:
+            self.by_device[offer.device_id].append(offer)
+
+    def take(self, device: str) -> list[UpdateOffer]:
+        with self.lock:
+            return self.by_device.pop(device, [])
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class Plant:
+    """The fleet's devices as the cloud hears them: heartbeats and update statuses through
+    the ingest logic; each follows the offers it gets, reading its version from the offer."""
+
+    def __init__(self, sessions, store, fleet: str, n: int) -> None:
+        self.fleet = fleet
+        self.ingest = Ingestor(sessions=sessions, store=store)
+        self.version = {f"d{i}": "v1" for i in range(n)}
+        self.release = dict.fromkeys(self.version, 0)
+        self.rate = dict.fromkeys(self.version, 0.05)  # anomaly rate of the live model
+
+    def beat(self, device: str, **kw) -> None:
+        hb = Heartbeat(
+            fleet=self.fleet,
+            device_id=device,
+            model_version=self.version[device],
+            profile=PROFILE,
+            buffer_depth=0,
+            windows_seen=1000,
+            anomaly_rate=self.rate[device],
+            recent_windows=400,
+            latency_ms_p50=1.0,
+            latency_ms_p99=2.0,
+            memory_mb=90.0,
+            release=self.release[device],
+            **kw,
+        )
+        self.ingest.handle(topic(self.fleet, device, "heartbeat"), hb.encode())
+
+    def status(self, device: str, version: str, status: str, reason: str | None = None) -> None:
+        if status == "applied":
+            self.version[device] = version
+        msg = UpdateStatus(
+            fleet=self.fleet,
+            device_id=device,
+            target_version=version,
+            status=status,
+            reason=reason,
+            running_version=self.version[device],
+            release=self.release[device],
+        )
+        self.ingest.handle(topic(self.fleet, device, "update-status"), msg.encode())
+
+    def follow(self, offers: Offers, *, bad: dict[str, float] | None = None) -> set[str]:
+        """Every device with a new offer installs its version and heartbeats on it (at the
+        anomaly rate ``bad`` gives that version, else 0.05); the devices that moved."""
+        moved = set()
+        for device in self.version:
+            for offer in offers.take(device):
+                version = offer.target.rsplit("/", 1)[1].removesuffix(".edgepkg")
+                self.release[device] = max(self.release[device], offer.release)
+                if version != self.version[device]:
+                    self.status(device, version, "applied")
+                    self.rate[device] = (bad or {}).get(version, 0.05)
+                    moved.add(device)
+        return moved
+
+    def beat_all(self, times: int = 1) -> None:
+        for _ in range(times):
+            for device in self.version:
+                self.beat(device)
+
+
+@pytest.fixture
+def world(pg_url, mqtt_port, fleet, tmp_path):
+    """A fleet of 8 devices on v1 over three sites, v1 and v2 registered, its TUF
+    repository, a started transport and the offers the broker delivers."""
+    sessions = session_factory(pg_url)
+    store = LocalObjectStore(tmp_path / "objects")
+    init_fleet_trust(store=store, fleet=fleet, keys_dir=tmp_path / "keys",
+                     offline_dir=tmp_path / "offline")  # fmt: skip
+    name = model_name(fleet, PROFILE)
+    with sessions() as s:
+        # Canaries of two, dwell of two heartbeats: this fleet's overrides of the defaults.
+        s.add(Fleet(id=fleet, settings={"rollout_canary_min_devices": 2,
+                                        "rollout_dwell_heartbeats": 2}))  # fmt: skip
+        for i, version in enumerate(("v1", "v2", "v3")):
+            # The controller only signs hashes and lengths; the transport serves these bytes.
+            data = f"edge package {version} of {fleet}".encode() * 64
+            store.put(package_key(fleet, PROFILE, version), data)
+            s.add(ModelVersion(name=name, version=version, mlflow_version=str(i + 1),
+                               profile=PROFILE, sha256=sha256(data).hexdigest(),
+                               object_key=package_key(fleet, PROFILE, version),
+                               class_names=["normal", "idv_01"]))  # fmt: skip
+        for i in range(8):
+            s.add(Device(id=f"d{i}", fleet=fleet, profile=PROFILE, model_version="v1",
+                         site=SITES[i % 3]))  # fmt: skip
+        s.commit()
+    transport = RolloutTransport(host="127.0.0.1", port=mqtt_port, store=store)
+    transport.start()
+    wait_for(transport.ready.is_set, 10, what="transport ready")
+    offers = Offers(fleet, mqtt_port)
+    plant = Plant(sessions, store, fleet, 8)
+    plant.beat_all()
+    signer = ReleaseSigner(store=store, fleet=fleet, keys_dir=tmp_path / "keys")
+    w = World(sessions, store, signer, transport, offers, plant, fleet)
+    yield w
+    offers.close()
+    transport.stop()
+    plant.ingest.close()
+
+
+class World:
+    def __init__(self, sessions, store, signer, transport, offers, plant, fleet) -> None:
+        self.sessions, self.store, self.signer = sessions, store, signer
+        self.transport, self.offers, self.plant, self.fleet = transport, offers, plant, fleet
+        self.clock = datetime.now(UTC)
+
+    def start(self, mlflow_version: str = "2") -> int:
+        r = controller.start_rollout(sessions=self.sessions, fleet=self.fleet, profile=PROFILE,
+                                     mlflow_version=mlflow_version, trigger="alias",
+                                     settings=CloudSettings())  # fmt: skip
+        return r.id
+
+    def advance(self, rollout_id: int, transport=None) -> str:
+        self.clock += timedelta(seconds=5)
+        return controller.advance(sessions=self.sessions, store=self.store, signer=self.signer,
+                                  transport=transport or self.transport, rollout_id=rollout_id,
+                                  now=self.clock)  # fmt: skip
+
+    def rollout(self, rollout_id: int) -> Rollout:
+        with self.sessions() as s:
+            return s.get(Rollout, rollout_id)
+
+    def rows(self, rollout_id: int) -> dict[str, DeviceUpdate]:
+        with self.sessions() as s:
+            q = select(DeviceUpdate).where(DeviceUpdate.rollout_id == rollout_id)
+            return {u.device_id: u for u in s.scalars(q)}
+
+    def releases(self) -> list[dict[str, set[str]]]:
+        """Every signed release so far: version → devices assigned it."""
+        out = []
+        for n in range(1, self.signer.current_release() + 1):
+            signed = json.loads(self.store.get(f"tuf/{self.fleet}/{n}.releases.json"))["signed"]
+            out.append({t["custom"]["edgeloop"]["version"]: set(t["custom"]["edgeloop"]["devices"])
+                        for t in signed["targets"].values()})  # fmt: skip
+        return out
+
+    def wait_offers(self, rollout_id: int) -> None:
+        """Until the offers of the last step have reached the subscriber."""
+        now = self.clock
+        expect = {d for d, u in self.rows(rollout_id).items() if u.sent_at == now}
+        wait_for(lambda: expect <= set(self.offers.by_device), 10, what="offers delivered")
+
+    def drive(self, rollout_id: int, *, bad=None, until=("done", "aborted"), steps=40) -> str:
+        """Advance, let the devices follow the offers and heartbeat, until ``until``."""
+        state = ""
+        for _ in range(steps):
+            state = self.advance(rollout_id)
+            if state in until:
+                return state
+            self.wait_offers(rollout_id)
+            self.plant.follow(self.offers, bad=bad)
+            self.plant.beat_all()
+        raise AssertionError(f"rollout {rollout_id} still {state} after {steps} steps")
+
+
+def test_healthy_canaries_then_waves_until_every_device_is_on_the_target(world):
+    """Healthy canaries (two, from two sites) → waves of 4 and 2 → done; every device
+    runs v2, the last release assigns v2 to all of them, and each row is installed."""
+    rid = world.start()
+
+    state = world.drive(rid)
+
+    r = world.rollout(rid)
+    assert state == "done" and r.finished_at is not None
+    assert [len(w) for w in r.plan] == [2, 4, 2]
+    with world.sessions() as s:
+        sites = {s.get(Device, d).site for d in r.plan[0]}
+        devices = s.scalars(select(Device).where(Device.fleet == world.fleet)).all()
+    assert len(sites) == 2
+    assert {d.model_version for d in devices} == {"v2"}
+    assert {u.state for u in world.rows(rid).values()} == {"installed"}
+    assert world.releases()[-1] == {"v2": {f"d{i}" for i in range(8)}}
+    assert r.health["abort"] is False and r.health["p_value"] is not None
+    assert r.release == world.signer.current_release()
+
+
+def test_anomaly_jump_on_canaries_rolls_them_back_and_no_one_else_gets_the_model(world):
+    """Canaries at 30% anomalies after v2 (5% before) abort the rollout; a new release gives
+    them v1 again, they go back, and no release ever assigned v2 outside the canaries."""
+    rid = world.start()
+
+    state = world.drive(rid, bad={"v2": 0.30})
+
+    r = world.rollout(rid)
+    canaries = set(r.plan[0])
+    assert state == "aborted"
+    assert "anomaly rate rose" in r.reason and r.health["p_value"] < 0.01
+    for release in world.releases():
+        assert release.get("v2", set()) <= canaries
+    assert world.releases()[-1] == {"v1": {f"d{i}" for i in range(8)}}
+    rows = world.rows(rid)
+    assert {d: rows[d].state for d in canaries} == dict.fromkeys(canaries, "rolled_back")
+    assert {u.state for d, u in rows.items() if d not in canaries} == {"pending"}
+    assert set(world.plant.version.values()) == {"v1"}
+
+
+def test_a_failed_install_aborts_at_once(world):
+    """One canary's smoke check fails: the next step aborts without waiting for the dwell."""
+    rid = world.start()
+    world.advance(rid)
+    canaries = world.rollout(rid).plan[0]
+    wait_for(lambda: set(canaries) <= set(world.offers.by_device), 10, what="canary offers")
+    world.offers.take(canaries[0])
+    world.plant.status(canaries[0], "v2", "failed", "smoke_check_failed")
+
+    state = world.advance(rid)
+
+    r = world.rollout(rid)
+    assert state == "rolling_back"
+    assert r.reason == f"wave 0: {canaries[0]} failed (smoke_check_failed)"
+    assert world.releases()[-1]["v1"] == {f"d{i}" for i in range(8)}
+    assert world.drive(rid) == "aborted"
+
+
+class Killed(BaseException):
+    """The worker dies (SIGKILL) in the middle of a step."""
+
+
+class DyingTransport:
+    """The real transport, until the worker dies after its first offer of a step."""
+
+    def __init__(self, transport) -> None:
+        self.transport, self.offers = transport, 0
+
+    def offer(self, **kw) -> None:
+        self.transport.offer(**kw)
+        self.offers += 1
+        raise Killed
+
+
+def test_a_step_killed_midway_is_redone_from_the_rows_and_finishes_once(world):
+    """A worker killed in the step that judged the canaries, signed wave 1's release and
+    sent its first offer: the rows are as before that step, the step redone signs nothing
+    new (the same release) and the rollout finishes once."""
+    rid = world.start()
+    world.advance(rid)  # canaries sent
+    world.wait_offers(rid)
+    world.plant.follow(world.offers)
+    world.advance(rid)  # … installed: their dwell starts
+    world.plant.beat_all(2)
+    with pytest.raises(Killed):
+        world.advance(rid, transport=DyingTransport(world.transport))
+    release = world.signer.current_release()
+    r, rows = world.rollout(rid), world.rows(rid)
+    assert r.wave == 0
+    assert {rows[d].state for d in r.plan[1]} == {"pending"}
+
+    world.advance(rid)
+
+    assert world.signer.current_release() == release
+    assert world.rollout(rid).wave == 1 and world.rollout(rid).release == release
+    assert world.drive(rid) == "done"
+    n = world.signer.current_release()
+    assert world.advance(rid) == "done" and world.signer.current_release() == n
+
+
+def test_pause_resume_and_abort(world):
+    """A paused rollout sends nothing; resumed it goes on; an operator's abort rolls back
+    what it reached; a finished rollout refuses the verbs with its state."""
+    rid = world.start()
+    world.advance(rid)
+    controller.pause(sessions=world.sessions, rollout_id=rid)
+    assert world.advance(rid) == "paused"
+
+    controller.resume(sessions=world.sessions, rollout_id=rid)
+    controller.abort(sessions=world.sessions, rollout_id=rid, now=world.clock)
+
+    assert world.rollout(rid).state == "rolling_back"
+    assert world.drive(rid) == "aborted"
+    with pytest.raises(controller.RolloutError, match="already aborted"):
+        controller.abort(sessions=world.sessions, rollout_id=rid)
+    with pytest.raises(controller.RolloutError, match="only a pending or running"):
+        controller.pause(sessions=world.sessions, rollout_id=rid)
+    with pytest.raises(controller.RolloutError, match="no rollout 99999"):
+        controller.resume(sessions=world.sessions, rollout_id=99999)
+
+
+def test_reconcile_starts_a_missed_rollout_and_nothing_when_up_to_date(world):
+    """A champion no rollout carries starts one; the same champion again starts none; a
+    champion moved back to v1 is a new rollout whose target is the older model."""
+    key = (world.fleet, PROFILE)
+
+    started = controller.reconcile(sessions=world.sessions, champions={key: "2"})
+    again = controller.reconcile(sessions=world.sessions, champions={key: "2"})
+    back = controller.reconcile(sessions=world.sessions, champions={key: "1"})
+
+    assert [r.target_version for r in started] == ["v2"] and started[0].trigger == "reconcile"
+    assert again == []
+    assert [r.target_version for r in back] == ["v1"]
+    assert world.rollout(started[0].id).state == "superseded"
+    assert world.drive(back[0].id) == "done"  # every device already runs v1
