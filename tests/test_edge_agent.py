@@ -3,7 +3,6 @@ updates reported to the cloud, and its scores and brakes."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -12,16 +11,15 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import func, select
 
 from cloud.ingest.ingestor import Ingestor
 from cloud.ingest.service import IngestService
 from cloud.store.db import DeviceUpdate, Sample, session_factory
+from cloud.store.keys import package_key
 from cloud.store.records import register_device
 from edge_agent.agent import EdgeAgent
 from edge_agent.buffer import DurableBuffer
@@ -29,7 +27,6 @@ from edge_agent.config import EdgeSettings
 from edge_agent.runtime import ModelRuntime
 from edge_agent.updater import ModelSlots
 from shared.errors import PackageError
-from shared.messages import UpdateNotice
 from shared.package import ModelPackage
 from shared.topics import topic
 
@@ -221,65 +218,45 @@ def test_power_cut_between_any_two_update_steps(tmp_path, tiny_package):
 
 
 def test_refused_updates_are_reported_to_the_cloud(
-    tmp_path, mqtt_port, cloud_on, fleet, tiny_package
+    tmp_path, mqtt_port, cloud_on, s3_store, fleet, tiny_package
 ):
-    """Corrupt, mismatched and wrong-profile packages are refused on the device, each
-    reason reaches the cloud's update table, and v1 keeps serving; then a rollback
-    command returns to the previous slot."""
+    """Signed releases the device must refuse (a package for another profile, bytes in the
+    store that are not the signed ones) reach the cloud's update table with their reasons
+    while v1 keeps serving; then a good release installs and is recorded installed."""
+    from .test_transfer import FleetRepo, start_transport
+
     sessions, start_ingest = cloud_on
     start_ingest(mqtt_port)
-    pkg, _ = tiny_package
+    repo = FleetRepo(s3_store, fleet, tmp_path / "keys")
+    transport = start_transport(mqtt_port, s3_store, fleet)
+    agent = make_agent(tmp_path, fleet, mqtt_port, tiny_package[0], resend_after_s=1.0)
+    agent.enroll(repo.root)
 
-    def pack(version, profile="cpu-fp32"):
-        return repackage(tiny_package, version, profile=profile)
-
-    agent = make_agent(tmp_path, fleet, mqtt_port, pkg, resend_after_s=1.0)
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    pub.connect(HOST, mqtt_port)
-    pub.loop_start()
-
-    def send(version, data=None, sha=None, action="install"):
-        notice = UpdateNotice(
-            fleet=fleet,
-            device_id="d1",
-            action=action,
-            target_version=version,
-            base_version="v1",
-            sha256=sha or (ModelPackage(data).sha256 if data else None),
-            package=base64.b64encode(data).decode() if data else None,
-            expires_at=datetime.now(UTC) + timedelta(hours=1),
-        )
-        pub.publish(topic(fleet, "d1", "updates"), notice.encode(), qos=1).wait_for_publish()
+    def offer(release, path, data, events):
+        repo.offer(transport, release, path, data)
+        wait_for(lambda: len(agent.update_events) == events, 30, what=f"report {events}")
 
     try:
-        good = pack("v2")
-        truncated = good[: len(good) // 2]
-        send("v2-truncated", truncated, sha=ModelPackage(good).sha256)
-        send("v2-other", pack("v2-other"), sha=ModelPackage(good).sha256)
-        send("v2-mcu", pack("v2-mcu", profile="mcu-int4"))
-        wait_for(lambda: len(agent.update_events) == 3, 20, what="three refusals")
+        offer(*repo.release(repackage(tiny_package, "v2-mcu", profile="mcu-int4")), 1)
+        release, path, v2 = repo.release(repackage(tiny_package, "v2"))
+        tampered = bytearray(v2)
+        tampered[len(v2) // 2] ^= 0xFF
+        s3_store.put(package_key(fleet, "cpu-fp32", "v2"), bytes(tampered))
+        offer(release, path, v2, 2)
         assert agent.model_version == "v1"
-        send("v2", good)
-        wait_for(lambda: agent.model_version == "v2", 20, what="v2 live")
-        send("v1", action="rollback")
-        wait_for(lambda: agent.model_version == "v1", 20, what="rollback")
-        send("v1", action="rollback")  # redelivered: must not flip back to v2
-        wait_for(lambda: len(agent.update_events) == 6, 20, what="the redelivered rollback")
-        assert agent.model_version == "v1"
-        assert agent.update_events[-1].status == "rolled_back"
+        offer(*repo.release(repackage(tiny_package, "v3")), 3)
+        assert agent.model_version == "v3"
         wait_for(lambda: agent.backlog() == 0, 20, agent.tick, "status acks")
         with sessions() as s:
             rows = {r.target_version: (r.state, r.reason) for r in s.scalars(select(DeviceUpdate))}
         assert rows == {
-            "v2-truncated": ("rejected", "sha_mismatch"),
-            "v2-other": ("rejected", "sha_mismatch"),
-            "v2-mcu": ("rejected", "wrong_profile"),
-            "v2": ("applied", None),
-            "v1": ("rolled_back", None),
+            "v2-mcu": ("rejected", "mix_and_match"),
+            "v2": ("rejected", "bad_hash"),
+            "v3": ("installed", None),
         }
     finally:
-        pub.loop_stop()
         agent.stop()
+        transport.stop()
 
 
 def test_truncated_package_with_its_own_hash_is_corrupt(tmp_path, tiny_package):

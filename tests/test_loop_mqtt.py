@@ -8,20 +8,17 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import func, select
 
 from cloud.ingest.ingestor import Ingestor
 from cloud.ingest.service import IngestService
 from cloud.store.db import DeadLetter, Device, Label, Sample, session_factory
+from cloud.store.objects import LocalObjectStore
 from cloud.store.records import register_device
 from cloud.store.windows import load_window
-from shared.messages import UpdateNotice
-from shared.package import ModelPackage
 from shared.topics import topic
 
 from .conftest import HOST, make_agent, repackage, sample_message, wait_for, windows_of
@@ -204,49 +201,36 @@ def test_malformed_messages_are_dead_lettered(
         agent.stop()
 
 
-def test_update_over_mqtt_and_refusals(tmp_path, fleet, mqtt_port, tiny_package):
-    """An update notice installs v2; a tampered or expired one is refused with a reason
-    and v2 keeps serving."""
-    pkg, _ = tiny_package
-    v2 = repackage(tiny_package, "v2")
-    agent = make_agent(tmp_path, fleet, mqtt_port, pkg)
-    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    pub.connect(HOST, mqtt_port)
-    pub.loop_start()
+def test_update_signed_by_another_repository_is_refused(
+    tmp_path, fleet, mqtt_port, s3_store, tiny_package
+):
+    """A release signed with keys the device was not enrolled with (another repository
+    for the same fleet) is refused as bad_signature and v1 keeps serving; the fleet's own
+    release of the same package installs."""
+    from .test_transfer import FleetRepo, start_transport
+
+    repo = FleetRepo(s3_store, fleet, tmp_path / "keys")
+    forger = FleetRepo(LocalObjectStore(tmp_path / "forged"), fleet, tmp_path / "forged-keys")
+    transport = start_transport(mqtt_port, s3_store, fleet)
+    agent = make_agent(tmp_path, fleet, mqtt_port, tiny_package[0])
+    agent.enroll(repo.root)
     try:
-
-        def notice(data, version, sha=None, expires=timedelta(days=1)):
-            return UpdateNotice(
-                fleet=fleet,
-                device_id="d1",
-                target_version=version,
-                base_version="v1",
-                sha256=sha or ModelPackage(data).sha256,
-                package=base64.b64encode(data).decode(),
-                expires_at=datetime.now(UTC) + expires,
-            ).encode()
-
-        pub.publish(topic(fleet, "d1", "updates"), notice(v2, "v2"), qos=1).wait_for_publish()
-        wait_for(lambda: agent.model_version == "v2", 20, what="v2 live")
-        tampered = bytearray(v2)
-        tampered[len(tampered) // 2] ^= 0xFF
-        pub.publish(
-            topic(fleet, "d1", "updates"),
-            notice(bytes(tampered), "v3", sha=ModelPackage(v2).sha256),
-            qos=1,
+        v2 = repackage(tiny_package, "v2")
+        forger.offer(transport, *forger.release(v2))
+        wait_for(lambda: agent.update_events, 30, what="the refusal")
+        first = agent.update_events[0]
+        assert (first.target_version, first.status, first.reason) == (
+            "v2",
+            "rejected",
+            "bad_signature",
         )
-        pub.publish(
-            topic(fleet, "d1", "updates"), notice(pkg, "v1", expires=timedelta(seconds=-1)), qos=1
-        )
-        wait_for(lambda: len(agent.update_events) == 3, 20, what="three update outcomes")
-        outcomes = [(e.target_version, e.status, e.reason) for e in agent.update_events]
-        assert outcomes[0] == ("v2", "applied", None)
-        assert ("v3", "rejected", "sha_mismatch") in outcomes
-        assert ("v1", "rejected", "expired") in outcomes
-        assert agent.model_version == "v2"
+        assert agent.model_version == "v1"
+        repo.offer(transport, *repo.release(v2))
+        wait_for(lambda: agent.model_version == "v2", 30, what="v2 live")
+        assert agent.update_events[-1].status == "applied"
     finally:
-        pub.loop_stop()
         agent.stop()
+        transport.stop()
 
 
 def test_edge_agent_imports_nothing_heavy():
