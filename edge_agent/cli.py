@@ -22,6 +22,29 @@ log = logging.getLogger("edgeloop.edge")
 
 
 @app.command()
+def enroll(
+    root: Path = typer.Option(
+        ..., exists=True, dir_okay=False, help="The fleet's root metadata (root.json)."
+    ),
+    state_dir: Path | None = typer.Option(None, help="Overrides EDGELOOP_EDGE_STATE_DIR."),
+) -> None:
+    """Trust a fleet's signed releases: store its root metadata, which
+    `edgeloop fleet enroll` hands out. Until then the agent refuses every update offer
+    (missing_metadata). Enrolling again replaces what the device trusted."""
+    from edge_agent.config import EdgeSettings
+    from shared.trust import DeviceTrust
+
+    try:
+        overrides: dict[str, Any] = {"state_dir": state_dir} if state_dir else {}
+        settings = EdgeSettings(**overrides)
+        DeviceTrust.enroll(settings.trust_dir, root.read_bytes())
+    except EdgeloopError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"enrolled: {settings.trust_dir} trusts the root in {root}")
+
+
+@app.command()
 def run(
     package: Path | None = typer.Option(
         None, help="Model package to install if the device has none yet (a factory image)."

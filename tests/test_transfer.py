@@ -417,3 +417,37 @@ def test_held_chunk_whose_bytes_changed_is_fetched_again(tmp_path, tiny_package)
     downloads[0] = new_download(tmp_path, data, feeder(data, downloads, again_log))
     assert b"".join(downloads[0].chunks()) == data
     assert downloads[0].part.read_bytes() == data
+
+
+def test_enroll_command_gives_the_agent_its_fleet_root(tmp_path, fleet):
+    """`edgeloop edge enroll --root FILE` stores the fleet's root where the agent reads it;
+    a file that is not a valid root is refused with exit status 2."""
+    import subprocess
+    import sys
+
+    from cloud.store.objects import LocalObjectStore
+
+    repo = FleetRepo(LocalObjectStore(tmp_path / "objects"), fleet, tmp_path / "keys")
+    root = tmp_path / "root.json"
+    root.write_bytes(repo.root)
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text('{"signed": {}}')
+
+    def enroll(path):
+        return subprocess.run(
+            [sys.executable, "-c", "from shared.cli import main; main()", "edge", "enroll"]
+            + ["--root", str(path), "--state-dir", str(tmp_path / "state")],
+            capture_output=True,
+            text=True,
+        )
+
+    refused = enroll(bogus)
+    done = enroll(root)
+    assert refused.returncode == 2, refused.stderr
+    assert done.returncode == 0, done.stderr
+    agent = EdgeAgent(
+        EdgeSettings(fleet=fleet, device_id="d1", mqtt_port=9, state_dir=tmp_path / "state")
+    )
+    assert agent.updates.trust.enrolled()
+    assert agent.heartbeat().release is None  # no release verified yet
+    agent.stop()
