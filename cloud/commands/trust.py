@@ -40,7 +40,7 @@ def rotate_root_cmd(
     from securesystemslib.signer import CryptoSigner
 
     from cloud.config import get_settings
-    from cloud.rollout.signing import rotate_root
+    from cloud.rollout.signing import Expiries, rotate_root
     from cloud.store.objects import open_store
 
     settings = get_settings()
@@ -57,8 +57,9 @@ def rotate_root_cmd(
             keys_dir=keys_dir or settings.resolved_tuf_keys_dir,
             online=online,
             new_root_key=signer,
-            root_expiry=timedelta(days=root_expiry_days),
-            targets_expiry=timedelta(days=targets_expiry_days),
+            expiries=Expiries(
+                root=timedelta(days=root_expiry_days), targets=timedelta(days=targets_expiry_days)
+            ),
         )
     except (EdgeloopError, OSError, ValueError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)

@@ -1,17 +1,12 @@
 """A fleet's TUF repository: its keys, its signed metadata in the object store, its releases.
 
-Layout (python-tuf's own roles, Ed25519 keys through securesystemslib):
-
-- ``root`` and ``targets`` keys are offline (``offline_dir/<fleet>/``): only the operator's
-  commands (``init_fleet_trust``, ``rotate_root``) load them, never a service.
-- ``targets`` delegates every target path to the role ``releases``, whose key the rollout
-  worker holds (``keys_dir/<fleet>/``) so unattended rounds can ship; ``snapshot`` and
-  ``timestamp`` are online beside it. All target entries live in ``releases``, and its
-  metadata version is the fleet's release counter.
-- Metadata lives in the object store under ``tuf/<fleet>/`` with consistent-snapshot names
-  (``N.root.json``, ``N.targets.json``, ``N.releases.json``, ``N.snapshot.json`` and the one
-  mutable ``timestamp.json``), so a reader that follows the timestamp always assembles one
-  repository state even while a publish is writing the next.
+``root`` and ``targets`` keys are offline (``offline_dir/<fleet>/``, loaded only by the
+operator's ``init_fleet_trust`` and ``rotate_root``); ``targets`` delegates every target
+path to ``releases``, whose key the rollout worker holds beside the ``snapshot`` and
+``timestamp`` keys (``keys_dir/<fleet>/``). The version of ``releases`` is the fleet's
+release counter. Metadata lives under ``tuf/<fleet>/`` with consistent-snapshot names and
+one mutable ``timestamp.json``, written last: a reader that follows the timestamp always
+assembles one whole state, even while a publish is writing the next. See docs/updates.md.
 """
 
 from __future__ import annotations
@@ -19,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -48,8 +43,6 @@ OFFLINE_ROLES = ("root", "targets")
 # delegated to `releases`; TUF matches a pattern segment by segment.
 RELEASE_PATHS = ["*", "*/*", "*/*/*"]
 CUSTOM = "edgeloop"  # the key of our custom fields in a target entry
-ROOT_EXPIRY = timedelta(days=365)
-TARGETS_EXPIRY = timedelta(days=365)
 
 _JSON = JSONSerializer(compact=True)
 _ROOT_NAME = re.compile(r"^(\d+)\.root\.json$")
@@ -76,11 +69,19 @@ class Assignment:
     base: str | None = None  # the version a delta applies to
 
 
+@dataclass(frozen=True)
+class Expiries:
+    """How long each role's metadata is valid once signed."""
+
+    root: timedelta = timedelta(days=365)  # offline: renewed by rotate_root
+    targets: timedelta = timedelta(days=365)  # offline: renewed by rotate_root
+    releases: timedelta = timedelta(days=365)  # renewed by every publish
+    snapshot: timedelta = timedelta(days=30)
+    timestamp: timedelta = timedelta(days=1)  # the freeze window; a beat task re-signs it
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-# --- keys -------------------------------------------------------------------------------
 
 
 def _write_key(directory: Path, role: str, signer: CryptoSigner) -> Path:
@@ -118,14 +119,14 @@ def _sign(md: Metadata[Any], signers: Sequence[Signer]) -> None:
         md.sign(signer, append=True)
 
 
-# --- the repository in the object store -------------------------------------------------
-
-
 class _Repo:
-    """The object-store side of one fleet's metadata."""
+    """One fleet's metadata in the object store, and the online signing steps."""
 
-    def __init__(self, store: ObjectStore, fleet: str) -> None:
-        self.store, self.fleet = store, fleet
+    def __init__(
+        self, store: ObjectStore, fleet: str, keys_dir: Path, expiries: Expiries = Expiries()
+    ) -> None:
+        self.store, self.fleet, self.expiries = store, fleet, expiries
+        self.keys = keys_dir / fleet
 
     def key(self, name: str) -> str:
         return f"tuf/{self.fleet}/{name}"
@@ -164,41 +165,35 @@ class _Repo:
     def state(self) -> dict[str, Metadata[Any]]:
         return {role: self.load(name) for role, name in self.names().items()}
 
+    def sign_release(self, state: dict[str, Metadata[Any]], targets: dict[str, TargetFile]) -> int:
+        releases = state[RELEASES]
+        releases.signed.version += 1
+        releases.signed.expires = _now() + self.expiries.releases
+        releases.signed.targets = targets
+        _sign(releases, _signers(self.keys, RELEASES, state["targets"].signed))
+        self.write(f"{releases.signed.version}.{RELEASES}.json", releases)
+        self.advance(state, changed=[RELEASES])
+        return releases.signed.version
 
-def _advance(
-    repo: _Repo,
-    state: dict[str, Metadata[Any]],
-    *,
-    keys_dir: Path,
-    changed: Sequence[str],
-    snapshot_expiry: timedelta,
-    timestamp_expiry: timedelta,
-) -> None:
-    """A new snapshot naming the ``changed`` roles' current versions, then a new timestamp."""
-    root = state["root"].signed
-    snapshot = state["snapshot"]
-    snapshot.signed.version += 1
-    snapshot.signed.expires = _now() + snapshot_expiry
-    for role in changed:
-        snapshot.signed.meta[f"{role}.json"] = MetaFile(version=state[role].signed.version)
-    _sign(snapshot, _signers(keys_dir, "snapshot", root))
-    repo.write(f"{snapshot.signed.version}.snapshot.json", snapshot)
-    _new_timestamp(repo, state, keys_dir=keys_dir, expiry=timestamp_expiry)
+    def advance(self, state: dict[str, Metadata[Any]], *, changed: Sequence[str]) -> None:
+        """A new snapshot naming the ``changed`` roles' versions, then a new timestamp."""
+        snapshot = state["snapshot"]
+        snapshot.signed.version += 1
+        snapshot.signed.expires = _now() + self.expiries.snapshot
+        for role in changed:
+            snapshot.signed.meta[f"{role}.json"] = MetaFile(version=state[role].signed.version)
+        _sign(snapshot, _signers(self.keys, "snapshot", state["root"].signed))
+        self.write(f"{snapshot.signed.version}.snapshot.json", snapshot)
+        self.new_timestamp(state)
 
-
-def _new_timestamp(
-    repo: _Repo, state: dict[str, Metadata[Any]], *, keys_dir: Path, expiry: timedelta
-) -> None:
-    timestamp = state["timestamp"]
-    timestamp.signed.version += 1
-    timestamp.signed.expires = _now() + expiry
-    timestamp.signed.snapshot_meta = MetaFile(version=state["snapshot"].signed.version)
-    _sign(timestamp, _signers(keys_dir, "timestamp", state["root"].signed))
-    # Written last: until it lands, readers follow the previous, complete state.
-    repo.write("timestamp.json", timestamp)
-
-
-# --- operator: create and rotate ----------------------------------------------------------
+    def new_timestamp(self, state: dict[str, Metadata[Any]]) -> None:
+        timestamp = state["timestamp"]
+        timestamp.signed.version += 1
+        timestamp.signed.expires = _now() + self.expiries.timestamp
+        timestamp.signed.snapshot_meta = MetaFile(version=state["snapshot"].signed.version)
+        _sign(timestamp, _signers(self.keys, "timestamp", state["root"].signed))
+        # Written last: until it lands, readers follow the previous, complete state.
+        self.write("timestamp.json", timestamp)
 
 
 def init_fleet_trust(
@@ -207,15 +202,11 @@ def init_fleet_trust(
     fleet: str,
     keys_dir: Path,
     offline_dir: Path,
-    root_expiry: timedelta = ROOT_EXPIRY,
-    targets_expiry: timedelta = TARGETS_EXPIRY,
-    releases_expiry: timedelta = timedelta(days=365),
-    snapshot_expiry: timedelta = timedelta(days=30),
-    timestamp_expiry: timedelta = timedelta(days=1),
+    expiries: Expiries = Expiries(),
 ) -> bytes:
     """Create the fleet's keys and its first metadata (an empty release 1); returns the
     root metadata devices are enrolled with. Refuses a fleet that already has a root."""
-    repo = _Repo(store, fleet)
+    repo, e = _Repo(store, fleet, keys_dir), expiries
     if repo.root_versions():
         raise SigningError(f"fleet {fleet!r} already has a TUF root", reason="trust_exists")
     now = _now()
@@ -223,20 +214,20 @@ def init_fleet_trust(
     for role, signer in keys.items():
         _write_key((offline_dir if role in OFFLINE_ROLES else keys_dir) / fleet, role, signer)
 
-    root = Root(expires=now + root_expiry, consistent_snapshot=True)
+    root = Root(expires=now + e.root, consistent_snapshot=True)
     for role in ("root", "targets", "snapshot", "timestamp"):
         root.add_key(keys[role].public_key, role)
     delegation = DelegatedRole(RELEASES, [], 1, terminating=True, paths=RELEASE_PATHS)
     targets = Targets(
-        expires=now + targets_expiry, delegations=Delegations(keys={}, roles={RELEASES: delegation})
+        expires=now + e.targets, delegations=Delegations(keys={}, roles={RELEASES: delegation})
     )
     targets.add_key(keys[RELEASES].public_key, RELEASES)
-    releases = Targets(expires=now + releases_expiry)
+    releases = Targets(expires=now + e.releases)
     snapshot = Snapshot(
-        expires=now + snapshot_expiry,
+        expires=now + e.snapshot,
         meta={"targets.json": MetaFile(version=1), f"{RELEASES}.json": MetaFile(version=1)},
     )
-    timestamp = Timestamp(expires=now + timestamp_expiry, snapshot_meta=MetaFile(version=1))
+    timestamp = Timestamp(expires=now + e.timestamp, snapshot_meta=MetaFile(version=1))
 
     signed: list[tuple[str, Metadata[Any], str]] = [
         (f"1.{RELEASES}.json", Metadata(releases), RELEASES),
@@ -253,7 +244,7 @@ def init_fleet_trust(
 
 def root_metadata(*, store: ObjectStore, fleet: str) -> bytes:
     """The fleet's newest root (what a device is enrolled with)."""
-    repo = _Repo(store, fleet)
+    repo = _Repo(store, fleet, Path())
     return repo.raw(f"{repo.require()}.root.json")
 
 
@@ -265,10 +256,7 @@ def rotate_root(
     keys_dir: Path,
     online: bool = False,
     new_root_key: CryptoSigner | None = None,
-    root_expiry: timedelta = ROOT_EXPIRY,
-    targets_expiry: timedelta = TARGETS_EXPIRY,
-    snapshot_expiry: timedelta = timedelta(days=30),
-    timestamp_expiry: timedelta = timedelta(days=1),
+    expiries: Expiries = Expiries(),
 ) -> int:
     """Root N+1 with a new root key, signed by the old and the new root keys (so devices
     that trust N accept it, and it is valid on its own); with ``online``, also new
@@ -276,7 +264,7 @@ def rotate_root(
     key. Targets is re-signed (new delegation key, renewed expiry), the current release is
     re-signed at its version (its content does not change, so the release counter does
     not move), then a new snapshot and timestamp. Returns the new root version."""
-    repo = _Repo(store, fleet)
+    repo = _Repo(store, fleet, keys_dir, expiries)
     state = repo.state()
     old_root = state["root"]
     offline = offline_dir / fleet
@@ -285,7 +273,7 @@ def rotate_root(
 
     root = Metadata[Root].from_bytes(old_root.to_bytes(_JSON))
     root.signed.version += 1
-    root.signed.expires = _now() + root_expiry
+    root.signed.expires = _now() + expiries.root
     new_root = new_root_key or CryptoSigner.generate_ed25519()
     fresh: dict[str, CryptoSigner] = {"root": new_root}
     if online:
@@ -315,55 +303,27 @@ def rotate_root(
         _sign(state[RELEASES], [fresh[RELEASES]])
         repo.write(f"{state[RELEASES].signed.version}.{RELEASES}.json", state[RELEASES])
     targets.signed.version += 1
-    targets.signed.expires = _now() + targets_expiry
+    targets.signed.expires = _now() + expiries.targets
     _sign(targets, targets_signers)
     repo.write(f"{targets.signed.version}.targets.json", targets)
-    _advance(
-        repo,
-        state,
-        keys_dir=keys_dir / fleet,
-        changed=["targets"],
-        snapshot_expiry=snapshot_expiry,
-        timestamp_expiry=timestamp_expiry,
-    )
+    repo.advance(state, changed=["targets"])
     for path in retired:  # a replaced online key is of no use, and a danger if stolen
         path.unlink(missing_ok=True)
     return root.signed.version
 
 
-# --- the rollout worker's side ----------------------------------------------------------
-
-
 def _target_file(a: Assignment) -> TargetFile:
-    custom = {
-        "fleet": a.fleet,
-        "profile": a.profile,
-        "version": a.version,
-        "kind": a.kind,
-        "base": a.base,
-        "devices": list(a.devices),
-    }
-    return TargetFile(
-        length=a.length,
-        hashes={"sha256": a.sha256},
-        path=a.path,
-        unrecognized_fields={"custom": {CUSTOM: custom}},
-    )
+    custom = {k: v for k, v in asdict(a).items() if k not in ("path", "sha256", "length")}
+    return TargetFile(a.length, {"sha256": a.sha256}, a.path, {"custom": {CUSTOM: custom}})
 
 
-def _assignment(info: TargetFile) -> Assignment:
-    c = (info.custom or {}).get(CUSTOM, {})
-    return Assignment(
-        path=info.path,
-        sha256=info.hashes.get("sha256", ""),
-        length=info.length,
-        fleet=c.get("fleet", ""),
-        profile=c.get("profile", ""),
-        version=c.get("version", ""),
-        devices=tuple(sorted(c.get("devices", ()))),
-        kind=c.get("kind", "package"),
-        base=c.get("base"),
-    )
+def _assignments(releases: Targets) -> list[Assignment]:
+    """A release's targets as assignments, by path (what ``_target_file`` wrote)."""
+    out = []
+    for info in releases.targets.values():
+        custom = dict(info.custom[CUSTOM], devices=tuple(sorted(info.custom[CUSTOM]["devices"])))
+        out.append(Assignment(info.path, info.hashes["sha256"], info.length, **custom))
+    return sorted(out, key=lambda a: a.path)
 
 
 def _normalise(assignments: Sequence[Assignment]) -> list[Assignment]:
@@ -397,20 +357,17 @@ class ReleaseSigner:
         snapshot_expiry: timedelta = timedelta(days=30),
     ) -> None:
         self.fleet = fleet
-        self._repo = _Repo(store, fleet)
-        self._keys = keys_dir / fleet
-        self.timestamp_expiry = timestamp_expiry
-        self.releases_expiry = releases_expiry
-        self.snapshot_expiry = snapshot_expiry
+        expiries = Expiries(
+            releases=releases_expiry, snapshot=snapshot_expiry, timestamp=timestamp_expiry
+        )
+        self._repo = _Repo(store, fleet, keys_dir, expiries)
 
     def current_release(self) -> int:
-        names = self._repo.names()
-        return int(names[RELEASES].split(".", 1)[0])
+        return int(self._repo.names()[RELEASES].split(".", 1)[0])
 
     def assignments(self) -> list[Assignment]:
         """The current release's targets, by path."""
-        releases = self._repo.load(self._repo.names()[RELEASES]).signed
-        return sorted((_assignment(t) for t in releases.targets.values()), key=lambda a: a.path)
+        return _assignments(self._repo.load(self._repo.names()[RELEASES]).signed)
 
     def publish(self, assignments: Sequence[Assignment]) -> int:
         """A new signed release assigning these targets (releases, snapshot and timestamp
@@ -418,29 +375,15 @@ class ReleaseSigner:
         release number."""
         wanted = _normalise(assignments)
         state = self._repo.state()
-        releases = state[RELEASES]
-        current = sorted(
-            (_assignment(t) for t in releases.signed.targets.values()), key=lambda a: a.path
-        )
-        if current == wanted:
-            return releases.signed.version
-        releases.signed.version += 1
-        releases.signed.expires = _now() + self.releases_expiry
-        releases.signed.targets = {a.path: _target_file(a) for a in wanted}
-        _sign(releases, _signers(self._keys, RELEASES, state["targets"].signed))
-        self._repo.write(f"{releases.signed.version}.{RELEASES}.json", releases)
-        self._advance(state, changed=[RELEASES])
-        return releases.signed.version
+        if _assignments(state[RELEASES].signed) == wanted:
+            return state[RELEASES].signed.version
+        return self._repo.sign_release(state, {a.path: _target_file(a) for a in wanted})
 
-    def _advance(self, state: dict[str, Metadata[Any]], *, changed: Sequence[str]) -> None:
-        _advance(
-            self._repo,
-            state,
-            keys_dir=self._keys,
-            changed=changed,
-            snapshot_expiry=self.snapshot_expiry,
-            timestamp_expiry=self.timestamp_expiry,
-        )
+    def offline_expiry(self) -> datetime:
+        """When the root or targets metadata expires (whichever first): before then an
+        operator runs ``edgeloop fleet rotate-root``, or every device refuses updates."""
+        state = self._repo.state()
+        return min(state["root"].signed.expires, state["targets"].signed.expires)
 
     def bundle(self) -> dict[str, str]:
         """File name → JSON text of one consistent repository state, under the names
@@ -456,14 +399,19 @@ class ReleaseSigner:
         return out
 
     def refresh_timestamp(self, *, within: timedelta) -> bool:
-        """Re-sign the timestamp (version+1) if it expires within ``within``, and the
-        snapshot too when it does; True if anything was signed."""
+        """Re-sign the timestamp (version+1) if it expires within ``within``; the snapshot
+        too when it does, and the release when it does (a new release number with the same
+        assignments: only a fleet that shipped nothing for ``releases_expiry`` gets one).
+        True if anything was signed."""
         state = self._repo.state()
         deadline = _now() + within
+        if state[RELEASES].signed.expires <= deadline:
+            self._repo.sign_release(state, state[RELEASES].signed.targets)
+            return True
         if state["snapshot"].signed.expires <= deadline:
-            self._advance(state, changed=[])
+            self._repo.advance(state, changed=[])
             return True
         if state["timestamp"].signed.expires <= deadline:
-            _new_timestamp(self._repo, state, keys_dir=self._keys, expiry=self.timestamp_expiry)
+            self._repo.new_timestamp(state)
             return True
         return False
