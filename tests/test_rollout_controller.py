@@ -353,3 +353,43 @@ def test_reconcile_starts_a_missed_rollout_and_nothing_when_up_to_date(world):
     assert [r.target_version for r in back] == ["v1"]
     assert world.rollout(started[0].id).state == "superseded"
     assert world.drive(back[0].id) == "done"  # every device already runs v1
+
+
+def test_each_rollout_is_an_mlflow_run_and_tags_its_model_version(world, mlflow_uri):
+    """A run in the fleet's experiment: params, a step of metrics per advance (devices on
+    the target rising to 8), the fleet-status table; the model version tagged with the
+    rollout and its final state; the registry's champions read back for the reconcile."""
+    from mlflow import MlflowClient
+
+    from cloud.tracking.rollouts import TABLE, RolloutTracker
+
+    client = MlflowClient(mlflow_uri)
+    name = model_name(world.fleet, PROFILE)
+    tracker = RolloutTracker(mlflow_uri)
+    training = client.create_run(tracker.experiment(world.fleet)).info.run_id
+    client.create_registered_model(name)
+    for _ in range(2):
+        client.create_model_version(name, source=f"runs:/{training}/edge_package",
+                                    run_id=training)  # fmt: skip
+    client.set_registered_model_alias(name, "champion", "2")
+    rid = world.start()
+
+    for _ in range(40):
+        state = world.advance(rid)
+        run_id = controller.track(sessions=world.sessions, tracker=tracker, rollout_id=rid)
+        if state == "done":
+            break
+        world.wait_offers(rid)
+        world.plant.follow(world.offers)
+        world.plant.beat_all()
+
+    run = client.get_run(run_id)
+    history = [m.value for m in client.get_metric_history(run_id, "devices_on_target")]
+    assert run.data.params["target"] == "v2" and run.data.params["previous"] == "v1"
+    assert run.info.status == "FINISHED" and run.data.tags["rollout_id"] == str(rid)
+    assert history[0] == 0 and history[-1] == 8 and history == sorted(history)
+    assert TABLE in {a.path for a in client.list_artifacts(run_id)}
+    tags = client.get_model_version(name, "2").tags
+    assert tags["rollout_id"] == str(rid) and tags["rollout_state"] == "done"
+    assert tracker.champions()[(world.fleet, PROFILE)] == "2"
+    assert world.rollout(rid).mlflow_run_id == run_id

@@ -13,11 +13,13 @@ import logging
 from collections import Counter
 from dataclasses import asdict
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.config import CloudSettings, get_settings
+from cloud.rollout.fleet import fleet_status, status_table
 from cloud.rollout.steps import RolloutSettings, Signer, Step, Transport, lock_fleet
 from cloud.store.db import Device, DeviceUpdate, ModelVersion, Rollout
 from cloud.store.objects import ObjectStore
@@ -242,3 +244,82 @@ def reconcile(*, sessions: sessionmaker, champions: dict[tuple[str, str], str]) 
             continue
         started.append(r)
     return started
+
+
+# --- what it looks like ---------------------------------------------------------------
+
+HEALTH_METRICS = {  # figure of the last judgement → the run's metric
+    "anomaly_before": "anomaly_before",
+    "anomaly_after": "anomaly_after",
+    "p_value": "anomaly_p_value",
+    "latency_ms_p99_after": "latency_ms_p99",
+    "memory_mb_after": "memory_mb",
+    "accuracy_target": "accuracy_target",
+    "accuracy_previous": "accuracy_previous",
+}
+
+
+def progress(*, session: Session, rollout: Rollout) -> dict[str, float]:
+    """Counts of the rollout's devices by state, how many of the profile's devices run the
+    target, and the last judgement's figures: the run's step metrics."""
+    states = Counter(
+        session.scalars(select(DeviceUpdate.state).where(DeviceUpdate.rollout_id == rollout.id))
+    )
+    on_target = session.scalars(
+        select(Device.id).where(
+            Device.fleet == rollout.fleet,
+            Device.profile == rollout.profile,
+            Device.model_version == rollout.target_version,
+        )
+    ).all()
+    out: dict[str, float] = {"devices_on_target": len(on_target), "wave": rollout.wave}
+    for state in ("pending", "sent", "installed", "failed", "rolled_back"):
+        out[state] = states.get(state, 0)
+    for figure, metric in HEALTH_METRICS.items():
+        value = (rollout.health or {}).get(figure)
+        if isinstance(value, int | float):
+            out[metric] = value
+    return out
+
+
+def track(*, sessions: sessionmaker, tracker: Any, rollout_id: int) -> str:
+    """Bring the rollout's MLflow run up to date (a ``cloud.tracking.rollouts.RolloutTracker``):
+    created on first call; a step of metrics each call; the fleet-status table and the
+    model version's tags when the state or wave changed; ended when the rollout is.
+    Returns the run id."""
+    with sessions() as session:
+        r = _get(session, rollout_id, lock=False)
+        metrics = progress(session=session, rollout=r)
+        table = status_table(fleet_status(session=session, fleet=r.fleet, profile=r.profile))
+    seen = dict((r.params or {}).get("tracked") or {})
+    run_id = r.mlflow_run_id or tracker.open_run(
+        fleet=r.fleet,
+        rollout_id=r.id,
+        run_name=f"rollout-{r.id}-{r.profile}-{r.target_version}",
+        params={
+            "target": r.target_version,
+            "mlflow_version": r.mlflow_version,
+            "previous": r.params.get("previous"),
+            "profile": r.profile,
+            "trigger": r.trigger,
+            **r.params.get("settings", {}),
+        },
+    )
+    step = int(seen.get("step", -1)) + 1
+    tracker.log_step(run_id=run_id, step=step, metrics=metrics)
+    mark = [r.state, r.wave]
+    if mark != seen.get("mark"):
+        tracker.log_table(run_id=run_id, columns=table, step=step)
+        if r.mlflow_version:
+            tracker.tag_version(name=model_name(r.fleet, r.profile),
+                                mlflow_version=r.mlflow_version, rollout_id=r.id,
+                                state=r.state)  # fmt: skip
+    if r.state in FINISHED and not seen.get("finished"):
+        tracker.finish(run_id=run_id, state=r.state, reason=r.reason)
+    with sessions() as session:
+        row = _get(session, rollout_id)
+        row.mlflow_run_id = run_id
+        tracked = {"step": step, "mark": mark, "finished": r.state in FINISHED}
+        row.params = {**row.params, "tracked": tracked}
+        session.commit()
+    return run_id

@@ -1,15 +1,17 @@
-"""The fleet as operators see it: devices with their model, health and traffic; labels
-given by hand."""
+"""The fleet as operators see it: devices with their model, agent, rollout state, health
+and traffic (the table `edgeloop fleet status` prints and each rollout's MLflow run keeps);
+labels given by hand."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cloud.store.db import DeadLetter, Device, Label, Sample
+from cloud.store.db import DeadLetter, Device, DeviceUpdate, Label, Sample
 from cloud.store.records import upsert_labels
 from shared.errors import DataError
 
@@ -26,13 +28,26 @@ class DeviceStatus:
     labelled: int
     dead_letters: dict[str, int]  # reason → count
     buffer_depth: int | None
+    site: str | None = None
+    agent_version: str | None = None
+    rollout_id: int | None = None  # of the device's newest update
+    rollout_state: str | None = None  # pending, sent, installed, failed, rolled_back
+    anomaly_rate: float | None = None  # over the live model's recent windows
+    latency_ms_p99: float | None = None
+    memory_mb: float | None = None
 
 
-def fleet_status(*, session: Session, fleet: str | None = None) -> list[DeviceStatus]:
-    """One row per registered device (of ``fleet``, or of all), with its traffic counts."""
-    devices = session.scalars(
-        select(Device).where(Device.fleet == fleet) if fleet else select(Device)
-    ).all()
+def fleet_status(
+    *, session: Session, fleet: str | None = None, profile: str | None = None
+) -> list[DeviceStatus]:
+    """One row per registered device (of ``fleet`` and ``profile``, or of all), with its
+    rollout state, health and traffic counts."""
+    q = select(Device)
+    if fleet:
+        q = q.where(Device.fleet == fleet)
+    if profile:
+        q = q.where(Device.profile == profile)
+    devices = session.scalars(q).all()
     samples = dict(
         session.execute(select(Sample.device_id, func.count()).group_by(Sample.device_id)).all()
     )
@@ -50,6 +65,11 @@ def fleet_status(*, session: Session, fleet: str | None = None) -> list[DeviceSt
         )
     ):
         dead.setdefault(device_id or "?", {})[reason] = n
+    newest = select(func.max(DeviceUpdate.id)).group_by(DeviceUpdate.device_id)
+    updates = {
+        u.device_id: u
+        for u in session.scalars(select(DeviceUpdate).where(DeviceUpdate.id.in_(newest)))
+    }
     return [
         DeviceStatus(
             device_id=d.id,
@@ -62,6 +82,13 @@ def fleet_status(*, session: Session, fleet: str | None = None) -> list[DeviceSt
             labelled=labelled.get(d.id, 0),
             dead_letters=dead.get(d.id, {}),
             buffer_depth=(d.health or {}).get("buffer_depth"),
+            site=d.site,
+            agent_version=d.agent_version,
+            rollout_id=updates[d.id].rollout_id if d.id in updates else None,
+            rollout_state=updates[d.id].state if d.id in updates else None,
+            anomaly_rate=(d.health or {}).get("anomaly_rate"),
+            latency_ms_p99=(d.health or {}).get("latency_ms_p99"),
+            memory_mb=(d.health or {}).get("memory_mb"),
         )
         for d in sorted(devices, key=lambda d: (d.fleet, d.id))
     ]
@@ -93,20 +120,41 @@ def label_samples(
     return len(sample_ids)
 
 
+def status_table(rows: list[DeviceStatus]) -> dict[str, list[Any]]:
+    """The rows as columns (what a rollout's MLflow run logs as its fleet-status table)."""
+    out: dict[str, list[Any]] = {}
+    for r in rows:
+        for key, value in asdict(r).items():
+            if key == "dead_letters":
+                value = sum(value.values())
+            elif isinstance(value, datetime):
+                value = value.isoformat()
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def format_status(rows: list[DeviceStatus], strangers: dict[str, int]) -> str:
     """The table `edgeloop fleet status` prints."""
     head = (
-        f"{'fleet':<12} {'device':<14} {'profile':<11} {'model':<8} {'state':<8} "
-        f"{'last seen (UTC)':<20} {'samples':>8} {'labelled':>8} {'buffer':>6}  dead letters"
+        f"{'fleet':<12} {'device':<14} {'site':<8} {'profile':<11} {'model':<8} {'agent':<8} "
+        f"{'rollout':<16} {'state':<8} {'last seen (UTC)':<20} {'anomaly':>7} {'p99 ms':>7} "
+        f"{'mem MB':>7} {'samples':>8} {'labelled':>8} {'buffer':>6}  dead letters"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         seen = r.last_seen.strftime("%Y-%m-%d %H:%M:%S") if r.last_seen else "never"
         dead = ", ".join(f"{k}={v}" for k, v in sorted(r.dead_letters.items())) or "-"
+        rollout = f"{r.rollout_id}:{r.rollout_state}" if r.rollout_state else "-"
         lines.append(
-            f"{r.fleet:<12} {r.device_id:<14} {r.profile:<11} "
-            f"{r.model_version or '-':<8} {'online' if r.online else 'offline':<8} "
-            f"{seen:<20} {r.samples:>8} {r.labelled:>8} "
+            f"{r.fleet:<12} {r.device_id:<14} {r.site or '-':<8} {r.profile:<11} "
+            f"{r.model_version or '-':<8} {r.agent_version or '-':<8} {rollout:<16} "
+            f"{'online' if r.online else 'offline':<8} {seen:<20} "
+            f"{_fmt(r.anomaly_rate, '.3f'):>7} {_fmt(r.latency_ms_p99, '.2f'):>7} "
+            f"{_fmt(r.memory_mb, '.0f'):>7} {r.samples:>8} {r.labelled:>8} "
             f"{'-' if r.buffer_depth is None else r.buffer_depth:>6}  {dead}"
         )
     if strangers:
