@@ -16,15 +16,18 @@ from tuf.api.metadata import Metadata, Root
 
 from cloud.learn.bootstrap import check_datasets
 from cloud.rollout.signing import root_metadata
+from cloud.rollout.webhook import WebhookServer
 from cloud.store.datasets import LabelledWindows
 from cloud.store.db import Fleet, ModelVersion, Round, session_factory
 from cloud.store.keys import dataset_key
+from cloud.tracking.webhooks import delete_webhook
 from shared.errors import DataError
 from shared.package import model_name
 from sim.tep import generate
 
-from .conftest import HOST, S3_KEY, S3_PORT, S3_SECRET, TEP_CACHE
+from .conftest import HOST, S3_KEY, S3_PORT, S3_SECRET, TEP_CACHE, wait_for
 
+SECRET = "init-test-" + "0123456789abcdef"
 PROFILES = ("cpu-fp32", "x86-fp32")  # two devices classes that run the teacher as it is
 
 # The command as the lead registers it (`app.command("init")(init_fleet_cmd)`), run alone.
@@ -67,14 +70,34 @@ def init(env, fleet, files, offline):
     return out.returncode, out.stdout + out.stderr
 
 
+@pytest.fixture
+def receiver(fleet, mlflow_uri):
+    """A webhook receiver recording this fleet's champion moves; its MLflow webhook (named
+    for the test) is removed afterwards."""
+    calls: list[tuple[str, str, str]] = []
+    server = WebhookServer(
+        secret=SECRET, on_alias=lambda *call: calls.append(call) if call[0] == fleet else None
+    ).start()
+    yield server, calls
+    server.stop()
+    delete_webhook(tracking_uri=mlflow_uri, name=f"edgeloop-test-{fleet}")
+
+
 def test_init_brings_a_fresh_fleet_to_a_promoted_first_model(
-    pg_url, s3_store, mlflow_uri, fleet, windows_files, tep_small, tmp_path
+    pg_url, s3_store, mlflow_uri, fleet, windows_files, tep_small, tmp_path, receiver
 ):
     """Init registers the three sets, creates the fleet (allow-list: the base classes) and
     its TUF root (root and targets keys offline, the online ones in the keys dir), and runs
     round 0 per profile through the round stages: v1 promoted to champion in MLflow, a done
-    `rounds` row. Run again, it says what exists and does nothing."""
+    `rounds` row, and the champion move delivered to the webhook receiver (what queues the
+    rollout). Run again, it says what exists and does nothing."""
+    server, calls = receiver
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELOOP_WEBHOOK_")}
+    env.update(
+        EDGELOOP_WEBHOOK_SECRET=SECRET,
+        EDGELOOP_WEBHOOK_URL=server.url,
+        EDGELOOP_WEBHOOK_NAME=f"edgeloop-test-{fleet}",
+    )
     env.update(
         EDGELOOP_DATABASE_URL=pg_url,
         EDGELOOP_STORE="s3",
@@ -93,6 +116,9 @@ def test_init_brings_a_fresh_fleet_to_a_promoted_first_model(
     rc_again, said_again = init(env, fleet, windows_files, offline)
 
     assert rc == 0, said
+    assert f"MLflow tells {server.url}" in said
+    wait_for(lambda: len(calls) == len(PROFILES), timeout=30, what="the champion deliveries")
+    assert sorted(calls) == [(fleet, p, "1") for p in PROFILES]
     for step in ("[1/4] data sets", "[2/4] fleet", "[3/4] TUF root", "[4/4] first model"):
         assert step in said, said
     train, _ = tep_small

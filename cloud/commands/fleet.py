@@ -161,7 +161,9 @@ def _register_webhook(settings: CloudSettings) -> None:
             "the new champions"
         )
         return
-    info = ensure_webhook(tracking_uri=uri, url=hook.delivery_url, secret=hook.secret)
+    info = ensure_webhook(
+        tracking_uri=uri, url=hook.delivery_url, secret=hook.secret, name=hook.name
+    )
     typer.echo(f"MLflow tells {info.url} of champion moves (webhook {info.name})")
 
 
@@ -211,7 +213,9 @@ def webhook_cmd(
     )
     uri = get_settings().resolved_mlflow_uri
     if register and uri.startswith(("http://", "https://")):
-        info = ensure_webhook(tracking_uri=uri, url=hook.delivery_url, secret=hook.secret)
+        info = ensure_webhook(
+            tracking_uri=uri, url=hook.delivery_url, secret=hook.secret, name=hook.name
+        )
         typer.echo(f"MLflow webhook {info.name} delivers to {info.url}")
     typer.echo(f"receiving MLflow webhooks on {server.url}")
     server.serve()

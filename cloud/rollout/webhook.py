@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,8 +64,10 @@ class WebhookSettings(BaseSettings):
     # What MLflow delivers to, when the receiver sits behind a proxy or another name
     # (default: http://host:port/hooks/mlflow).
     url: str = ""
+    # The MLflow webhook's name: one per receiver (ensure_webhook updates it in place).
+    name: str = "edgeloop-rollouts"
     # How far a delivery's timestamp may be from our clock; MLflow retries within seconds.
-    tolerance_s: float = Field(300.0, gt=0)
+    tolerance_s: Annotated[float, Field(gt=0)] = 300.0
 
     @field_validator("secret")
     @classmethod
