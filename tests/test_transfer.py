@@ -101,7 +101,9 @@ def repo(s3_store, fleet, tmp_path):
     return FleetRepo(s3_store, fleet, tmp_path / "keys")
 
 
-def test_signed_offer_installs_over_mqtt_chunks(tmp_path, repo, fleet, mqtt_port, tiny_package):
+def test_signed_offer_installs_over_mqtt_chunks(
+    tmp_path, repo, fleet, mqtt_port, tiny_package, tep_small
+):
     """An enrolled agent offered a signed release by the rollout transport downloads the
     target in chunks from S3, installs it (the signed sha256), reports applied with the
     release, heartbeats it, and leaves no partial download behind."""
@@ -109,6 +111,9 @@ def test_signed_offer_installs_over_mqtt_chunks(tmp_path, repo, fleet, mqtt_port
     transport = start_transport(mqtt_port, repo.store, fleet)
     agent = enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo)
     try:
+        for w in windows_of(tep_small[1], "idv_01", 5):
+            agent.process(w)
+        assert agent.heartbeat().recent_windows == 5
         repo.offer(transport, release, path, v2)
         wait_for(lambda: agent.model_version == "v2", 30, what="v2 live")
         wait_for(lambda: agent.update_events, 10, what="the report")
@@ -122,7 +127,8 @@ def test_signed_offer_installs_over_mqtt_chunks(tmp_path, repo, fleet, mqtt_port
             "v2",
             ("tuf", "package"),
         )
-        assert hb.agent_version and hb.memory_mb > 0
+        assert hb.agent_version and hb.memory_mb > 0 and hb.latency_ms_p99 >= hb.latency_ms_p50
+        assert hb.recent_windows == 0  # the anomaly rate restarts with the new model
         assert list((tmp_path / "d1" / "downloads").iterdir()) == []
     finally:
         agent.stop()
@@ -451,3 +457,62 @@ def test_enroll_command_gives_the_agent_its_fleet_root(tmp_path, fleet):
     assert agent.updates.trust.enrolled()
     assert agent.heartbeat().release is None  # no release verified yet
     agent.stop()
+
+
+def test_transport_survives_bad_requests(tmp_path, s3_store, fleet, mqtt_port, tiny_package):
+    """Garbage, a request naming another device and requests for targets the store lacks
+    are counted and logged; the transport stays alive and serves the next good request."""
+    from shared.messages import ChunkRequest, decode
+
+    pkg = tiny_package[0]
+    s3_store.put(package_key(fleet, "cpu-fp32", "v1"), pkg)
+    transport = start_transport(mqtt_port, s3_store, fleet)
+    got: list = []
+    device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    device.on_message = lambda c, u, m: got.append(decode("updates", m.payload))
+    device.connect(HOST, mqtt_port)
+    device.subscribe(topic(fleet, "d1", "updates"), qos=1)
+    device.loop_start()
+
+    def ask(target, device_id="d1", first=0, count=2):
+        req = ChunkRequest(
+            fleet=fleet, device_id=device_id, target=target, release=1, first=first, count=count
+        )
+        device.publish(topic(fleet, "d1", "update-status"), req.encode(), qos=1)
+
+    try:
+        time.sleep(0.3)  # the SUBACK
+        device.publish(topic(fleet, "d1", "update-status"), b"{not json", qos=1)
+        ask("cpu-fp32/v1.edgepkg", device_id="d2")
+        ask("cpu-fp32/v9.edgepkg")
+        ask("../../etc/passwd")
+        wait_for(lambda: transport.bad_requests == 4, 10, what="four refusals")
+        ask("cpu-fp32/v1.edgepkg", first=1, count=2)
+        wait_for(lambda: len(got) == 2, 10, what="two chunks")
+        assert [c.index for c in got] == [1, 2]
+        assert base64.b64decode(got[0].data) == pkg[CHUNK : 2 * CHUNK]
+        assert transport.alive() and transport.bad_requests == 4
+    finally:
+        device.loop_stop()
+        transport.stop()
+
+
+def test_a_newer_offer_supersedes_a_waiting_one():
+    """The updater's mailbox keeps the newest release: an older offer arriving later is
+    dropped, a newer one replaces the one waiting."""
+    from edge_agent.transfer import LatestOffer
+
+    def offer(release):
+        return UpdateOffer(
+            fleet="f",
+            device_id="d1",
+            release=release,
+            target="p/v.edgepkg",
+            length=1,
+            chunk_size=CHUNK,
+            metadata={},
+        )
+
+    box = LatestOffer()
+    assert box.put(offer(3)) and not box.put(offer(2)) and box.put(offer(4))
+    assert box.take(0.1).release == 4 and box.take(0.01) is None
