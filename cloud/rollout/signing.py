@@ -39,19 +39,17 @@ from shared.errors import EdgeloopError
 RELEASES = "releases"
 ONLINE_ROLES = (RELEASES, "snapshot", "timestamp")
 OFFLINE_ROLES = ("root", "targets")
-# Target paths of one to three segments ("{profile}/{version}.edgepkg" is two) are
-# delegated to `releases`; TUF matches a pattern segment by segment.
+# TUF matches a path pattern segment by segment: these delegate paths of 1-3 segments.
 RELEASE_PATHS = ["*", "*/*", "*/*/*"]
 CUSTOM = "edgeloop"  # the key of our custom fields in a target entry
 
 _JSON = JSONSerializer(compact=True)
 _ROOT_NAME = re.compile(r"^(\d+)\.root\.json$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class SigningError(EdgeloopError):
-    """The fleet's repository cannot do what was asked (reason says why)."""
-
-    reason = "signing_failed"
+    reason = "signing_failed"  # the fleet's repository cannot do what was asked
 
 
 @dataclass(frozen=True)
@@ -152,12 +150,10 @@ class _Repo:
 
     def names(self) -> dict[str, str]:
         """The current state's file names by role, followed from the timestamp."""
-        root = self.require()
         timestamp = self.load("timestamp.json").signed
-        snapshot_name = f"{timestamp.snapshot_meta.version}.snapshot.json"
-        snapshot = self.load(snapshot_name).signed
-        names = {"root": f"{root}.root.json", "timestamp": "timestamp.json"}
-        names["snapshot"] = snapshot_name
+        names = {"root": f"{self.require()}.root.json", "timestamp": "timestamp.json"}
+        names["snapshot"] = f"{timestamp.snapshot_meta.version}.snapshot.json"
+        snapshot = self.load(names["snapshot"]).signed
         for role in ("targets", RELEASES):
             names[role] = f"{snapshot.meta[f'{role}.json'].version}.{role}.json"
         return names
@@ -258,12 +254,10 @@ def rotate_root(
     new_root_key: CryptoSigner | None = None,
     expiries: Expiries = Expiries(),
 ) -> int:
-    """Root N+1 with a new root key, signed by the old and the new root keys (so devices
-    that trust N accept it, and it is valid on its own); with ``online``, also new
-    releases, snapshot and timestamp keys: the recovery for a lost or compromised online
-    key. Targets is re-signed (new delegation key, renewed expiry), the current release is
-    re-signed at its version (its content does not change, so the release counter does
-    not move), then a new snapshot and timestamp. Returns the new root version."""
+    """Root N+1 with a new root key, signed by the old and new root keys; with ``online``
+    also new releases, snapshot and timestamp keys (the recovery for a lost or stolen one:
+    the release is re-signed at its version, so the counter does not move). Targets is
+    re-signed (renewed expiry), then snapshot and timestamp. Returns the new root version."""
     repo = _Repo(store, fleet, keys_dir, expiries)
     state = repo.state()
     old_root = state["root"]
@@ -288,8 +282,7 @@ def rotate_root(
             root.signed.add_key(fresh[role].public_key, role)
     for role, signer in fresh.items():
         _write_key((offline_dir if role == "root" else keys_dir) / fleet, role, signer)
-    # Threshold of the old root (clients verify N+1 with N) and of the new one (N+1 must
-    # verify itself).
+    # Old root's threshold (devices verify N+1 with N) and the new one's (N+1 verifies itself).
     _sign(root, [*old_signers, new_root])
     repo.write(f"{root.signed.version}.root.json", root)
     state["root"] = root
@@ -331,20 +324,17 @@ def _normalise(assignments: Sequence[Assignment]) -> list[Assignment]:
         (replace(a, devices=tuple(sorted(set(a.devices)))) for a in assignments),
         key=lambda a: a.path,
     )
-    for a, b in zip(out, out[1:], strict=False):
-        if a.path == b.path:
-            raise SigningError(f"two assignments share the path {a.path!r}", reason="bad_release")
-    for a in out:
-        if a.length <= 0 or not re.fullmatch(r"[0-9a-f]{64}", a.sha256):
-            raise SigningError(f"{a.path}: length or sha256 is not valid", reason="bad_release")
+    for prev, a in zip([None, *out], out, strict=False):
+        if (prev and prev.path == a.path) or a.length <= 0 or not _SHA256.fullmatch(a.sha256):
+            raise SigningError(
+                f"{a.path}: a second entry, or no length or sha256", reason="bad_release"
+            )
     return out
 
 
 class ReleaseSigner:
-    """Signs a fleet's releases with its online keys (releases, snapshot, timestamp).
-
-    Callers serialise ``publish`` and ``refresh_timestamp`` per fleet (the rollout holds
-    the fleet's row lock): both derive the next versions from what is stored."""
+    """Signs a fleet's releases with its online keys. Callers serialise ``publish`` and
+    ``refresh_timestamp`` per fleet (a row lock): both derive next versions from the store."""
 
     def __init__(
         self,
@@ -370,9 +360,8 @@ class ReleaseSigner:
         return _assignments(self._repo.load(self._repo.names()[RELEASES]).signed)
 
     def publish(self, assignments: Sequence[Assignment]) -> int:
-        """A new signed release assigning these targets (releases, snapshot and timestamp
-        each one version on); the same assignments as now sign nothing. Returns the
-        release number."""
+        """A new signed release assigning these targets, or none if they are the current
+        release's (idempotent). Returns the release number."""
         wanted = _normalise(assignments)
         state = self._repo.state()
         if _assignments(state[RELEASES].signed) == wanted:
@@ -386,23 +375,17 @@ class ReleaseSigner:
         return min(state["root"].signed.expires, state["targets"].signed.expires)
 
     def bundle(self) -> dict[str, str]:
-        """File name → JSON text of one consistent repository state, under the names
-        ngclient asks for (consistent snapshots: ``N.root.json`` for every root,
-        ``timestamp.json``, ``N.snapshot.json``, ``N.targets.json``, ``N.releases.json``)."""
+        """File name → JSON text of one consistent state, named as ngclient asks (consistent
+        snapshots): every ``N.root.json``, ``timestamp.json``, ``N.<role>.json`` of the rest."""
         names = self._repo.names()
-        out = {
-            f"{v}.root.json": self._repo.raw(f"{v}.root.json").decode()
-            for v in self._repo.root_versions()
-        }
-        for role in ("timestamp", "snapshot", "targets", RELEASES):
-            out[names[role]] = self._repo.raw(names[role]).decode()
-        return out
+        files = [f"{v}.root.json" for v in self._repo.root_versions()]
+        files += [names[role] for role in ("timestamp", "snapshot", "targets", RELEASES)]
+        return {name: self._repo.raw(name).decode() for name in files}
 
     def refresh_timestamp(self, *, within: timedelta) -> bool:
-        """Re-sign the timestamp (version+1) if it expires within ``within``; the snapshot
-        too when it does, and the release when it does (a new release number with the same
-        assignments: only a fleet that shipped nothing for ``releases_expiry`` gets one).
-        True if anything was signed."""
+        """Re-sign the timestamp (version+1) if it expires within ``within``; likewise the
+        snapshot, and the release (a new number, same assignments: only a fleet that shipped
+        nothing for ``releases_expiry`` gets one). True if anything was signed."""
         state = self._repo.state()
         deadline = _now() + within
         if state[RELEASES].signed.expires <= deadline:
