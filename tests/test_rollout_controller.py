@@ -393,3 +393,38 @@ def test_each_rollout_is_an_mlflow_run_and_tags_its_model_version(world, mlflow_
     assert tags["rollout_id"] == str(rid) and tags["rollout_state"] == "done"
     assert tracker.champions()[(world.fleet, PROFILE)] == "2"
     assert world.rollout(rid).mlflow_run_id == run_id
+
+
+def test_timestamps_are_re_signed_only_when_near_expiry(world):
+    """A timestamp expiring within the window is re-signed (fleets without a TUF root are
+    skipped with a warning); one well inside its expiry is left alone."""
+    with world.sessions() as s:
+        s.add(Fleet(id=f"{world.fleet}-bare"))
+        s.commit()
+    signers = {world.fleet: world.signer}
+
+    def signer_for(fleet):
+        return signers.get(fleet) or ReleaseSigner(store=world.store, fleet=fleet,
+                                                   keys_dir=world.store.root)  # fmt: skip
+
+    near = controller.refresh_timestamps(
+        sessions=world.sessions, signer_for=signer_for, within=timedelta(days=2)
+    )
+    far = controller.refresh_timestamps(
+        sessions=world.sessions, signer_for=signer_for, within=timedelta(minutes=1)
+    )
+
+    assert near == [world.fleet]
+    assert far == []
+
+
+def test_the_worker_registers_the_rollout_tasks_and_beat_entries():
+    """The names the webhook receiver and beat call, exactly."""
+    from cloud.tasks import app
+
+    names = {"edgeloop.rollout.on_alias", "edgeloop.rollout.advance", "edgeloop.rollout.tick",
+             "edgeloop.rollout.reconcile", "edgeloop.rollout.refresh_timestamps"}  # fmt: skip
+    beat = {entry["task"] for entry in app.conf.beat_schedule.values()}
+
+    assert names <= set(app.tasks)
+    assert names - {"edgeloop.rollout.on_alias", "edgeloop.rollout.advance"} <= beat

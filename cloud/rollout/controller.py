@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud.config import CloudSettings, get_settings
 from cloud.rollout.fleet import fleet_status, status_table
 from cloud.rollout.steps import RolloutSettings, Signer, Step, Transport, lock_fleet
-from cloud.store.db import Device, DeviceUpdate, ModelVersion, Rollout
+from cloud.store.db import Device, DeviceUpdate, Fleet, ModelVersion, Rollout
 from cloud.store.objects import ObjectStore
 from shared.errors import EdgeloopError
 from shared.package import model_name
@@ -244,6 +245,27 @@ def reconcile(*, sessions: sessionmaker, champions: dict[tuple[str, str], str]) 
             continue
         started.append(r)
     return started
+
+
+def refresh_timestamps(
+    *, sessions: sessionmaker, signer_for: Callable[[str], Any], within: timedelta
+) -> list[str]:
+    """Re-sign the timestamp (and snapshot) of every fleet whose metadata expires within
+    ``within``, each under its fleet's row lock (never beside a publish); the fleets
+    re-signed. A fleet without a TUF root yet is skipped."""
+    with sessions() as session:
+        fleets = list(session.scalars(select(Fleet.id).order_by(Fleet.id)))
+    done = []
+    for fleet in fleets:
+        with sessions() as session:
+            lock_fleet(session, fleet)
+            try:
+                if signer_for(fleet).refresh_timestamp(within=within):
+                    done.append(fleet)
+            except EdgeloopError as exc:  # no trust yet, or a key missing: say so, go on
+                log.warning("timestamp of %s not refreshed: %s", fleet, exc)
+            session.commit()
+    return done
 
 
 # --- what it looks like ---------------------------------------------------------------
