@@ -3,13 +3,19 @@ callback through a signed delivery; forged, unsigned, stale and replayed calls d
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import os
 import secrets
+import socket
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
+import redis
 import requests
 from mlflow import MlflowClient
 
@@ -26,7 +32,7 @@ from cloud.rollout.webhook import (
 from cloud.tracking.webhooks import delete_webhook, ensure_webhook
 from shared.package import model_name
 
-from .conftest import wait_for
+from .conftest import REDIS_PORT, require, wait_for
 
 SECRET = "s" * 8 + secrets.token_hex(16)
 
@@ -180,3 +186,58 @@ def test_a_failing_callback_lets_mlflows_retry_in(fleet):
         server.stop()
     assert failed.status_code == 503 and retried.status_code == 200
     assert attempts == ["5", "5"]
+
+
+WEBHOOK = (
+    "import typer; from cloud.commands.fleet import webhook_cmd; "
+    "app = typer.Typer(); app.command()(webhook_cmd); app()"
+)
+
+
+def test_webhook_command_queues_the_rollout_task_and_needs_a_secret(fleet, tmp_path):
+    """`edgeloop cloud webhook` refuses to start without a secret; with one, a signed
+    champion move puts edgeloop.rollout.on_alias (fleet, profile, version, "alias") on the
+    Celery queue in Redis."""
+    require("Redis", REDIS_PORT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = f"q-{fleet}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELOOP_WEBHOOK_")}
+    env.update(
+        EDGELOOP_REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}/15",
+        EDGELOOP_CELERY_QUEUE=queue,
+        EDGELOOP_WEBHOOK_PORT=str(port),
+    )
+    cmd = [sys.executable, "-c", WEBHOOK, "--no-register"]
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "webhook.log").open("w")
+    proc = subprocess.Popen(
+        cmd, env={**env, "EDGELOOP_WEBHOOK_SECRET": SECRET}, stdout=log, stderr=subprocess.STDOUT
+    )
+    r = redis.Redis.from_url(f"redis://127.0.0.1:{REDIS_PORT}/15")
+    try:
+
+        def healthy() -> bool:
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_for(healthy, timeout=60, what="the webhook command to serve")
+        body = alias_event(model_name(fleet, "cpu-fp32"), "champion", "3")
+        url = f"http://127.0.0.1:{port}/hooks/mlflow"
+        answer = requests.post(url, data=body, headers=signed(body), timeout=10)
+        queued = r.lrange(queue, 0, -1)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        r.delete(queue)
+
+    assert refused.returncode == 2 and "EDGELOOP_WEBHOOK_SECRET" in refused.stderr
+    assert answer.status_code == 200, answer.text
+    assert len(queued) == 1
+    message = json.loads(queued[0])
+    assert message["headers"]["task"] == "edgeloop.rollout.on_alias"
+    args, _, _ = json.loads(base64.b64decode(message["body"]))
+    assert args == [fleet, "cpu-fp32", "3", "alias"]
