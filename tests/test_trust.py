@@ -505,3 +505,47 @@ def test_enrolment_checks_the_root_and_touches_only_trust_files(repo, tmp_path, 
     assert device.last_release() is None  # the old fleet's release is no longer trusted
     assert (device.metadata_dir / "root.json").read_bytes() == other.root
     assert (device.metadata_dir / "agent-state.db").read_bytes() == b"not TUF's"
+
+
+def test_a_stolen_online_key_is_recovered_by_rotating_root(repo, tmp_path, pkg):
+    """An attacker with the timestamp key fast-forwards a device to timestamp v1,000,000;
+    after `rotate_root(online=True)` the device accepts the real, lower versions again and
+    refuses what the stolen key signs."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from securesystemslib.signer import CryptoSigner
+    from tuf.api.metadata import Metadata
+
+    # Prepare
+    device = enrolled(repo, tmp_path)
+    signer = repo.signer()
+    signer.publish([assignment(repo, pkg, "v1", ["d1"])])
+    pem = next((repo.keys / repo.fleet).glob("timestamp-*.pem")).read_bytes()
+    stolen = CryptoSigner(load_pem_private_key(pem, None))
+
+    def forged(bundle: dict[str, str]) -> dict[str, str]:
+        md = Metadata.from_bytes(bundle["timestamp.json"].encode())
+        md.signed.version = 1_000_000
+        md.sign(stolen)
+        return {**bundle, "timestamp.json": md.to_bytes().decode()}
+
+    device.resolve(forged(signer.bundle()))  # accepted: the key was valid when used
+
+    # Execute
+    rotate_root(
+        store=repo.store,
+        fleet=repo.fleet,
+        offline_dir=repo.offline,
+        keys_dir=repo.keys,
+        online=True,
+    )
+    signer.publish([assignment(repo, pkg, "v1", ["d1", "d2"])])
+    target = resolved(device, signer.bundle())
+
+    # Assert
+    assert target.release == 3
+    assert (
+        json.loads((device.metadata_dir / "timestamp.json").read_bytes())["signed"]["version"] < 10
+    )
+    with pytest.raises(UpdateRefused) as refused:
+        device.resolve(forged(signer.bundle()))
+    assert refused.value.reason == "bad_signature"
