@@ -428,3 +428,34 @@ def test_the_worker_registers_the_rollout_tasks_and_beat_entries():
 
     assert names <= set(app.tasks)
     assert names - {"edgeloop.rollout.on_alias", "edgeloop.rollout.advance"} <= beat
+
+
+def test_rollout_commands_show_and_steer(world, monkeypatch):
+    """`rollout status` lists the rollout and details its devices; pause and resume act;
+    pausing a finished rollout or an unknown id fails with a clear message."""
+    from typer.testing import CliRunner
+
+    from cloud.commands.rollout import rollout_app
+    from cloud.config import get_settings
+
+    with world.sessions() as s:
+        url = s.get_bind().url.render_as_string(hide_password=False)
+    monkeypatch.setenv("EDGELOOP_DATABASE_URL", url)
+    get_settings.cache_clear()
+    rid = world.start()
+    world.advance(rid)
+    cli = CliRunner()
+
+    listed = cli.invoke(rollout_app, ["status", "--fleet", world.fleet])
+    paused = cli.invoke(rollout_app, ["pause", str(rid)])
+    detail = cli.invoke(rollout_app, ["status", str(rid)])
+    resumed = cli.invoke(rollout_app, ["resume", str(rid)])
+    unknown = cli.invoke(rollout_app, ["pause", "99999"])
+    get_settings.cache_clear()
+
+    assert listed.exit_code == 0 and f"{rid}" in listed.stdout and "wave" in listed.stdout
+    assert paused.exit_code == 0 and "paused at wave 1" in paused.stdout
+    assert detail.exit_code == 0 and "paused" in detail.stdout
+    assert sum(" sent " in line for line in detail.stdout.splitlines()) == 2  # the canaries
+    assert resumed.exit_code == 0 and "resumed (wave)" in resumed.stdout
+    assert unknown.exit_code == 1 and "no rollout 99999" in unknown.stderr

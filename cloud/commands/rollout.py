@@ -1,0 +1,165 @@
+"""`edgeloop rollout status|pause|resume|abort`: what the rollouts are doing, and steering
+one (the Celery beat carries out what these record)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import typer
+
+from cloud.commands.common import sessions
+from shared.errors import EdgeloopError
+
+rollout_app = typer.Typer(
+    help="Rollouts of champion models to devices: status, pause, resume, abort.",
+    no_args_is_help=True,
+)
+
+FIGURES = (  # the last judgement's figures worth a line, and how to print them
+    ("anomaly_before", "anomaly rate before", ".3f"),
+    ("anomaly_after", "anomaly rate after", ".3f"),
+    ("p_value", "p (one-sided, rise)", ".3g"),
+    ("windows_after", "windows after", "d"),
+    ("latency_ms_p99_after", "p99 latency ms", ".2f"),
+    ("latency_ms_p99_budget", "p99 budget ms", ".2f"),
+    ("memory_mb_after", "memory MB", ".0f"),
+    ("memory_mb_budget", "memory budget MB", ".0f"),
+    ("accuracy_target", "labelled accuracy, target", ".1%"),
+    ("accuracy_previous", "labelled accuracy, previous", ".1%"),
+)
+
+
+def _fail(exc: EdgeloopError) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg="red", err=True)
+    return typer.Exit(1)
+
+
+def _when(t: Any) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def _summary_lines(rows: list[Any], counts: dict[int, Counter]) -> list[str]:
+    head = (
+        f"{'id':>5} {'fleet':<12} {'profile':<11} {'target':<8} {'from':<8} {'state':<12} "
+        f"{'wave':>6} {'devices (installed/failed/rolled back/total)':<45} started (UTC)"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        c = counts.get(r.id, Counter())
+        waves = f"{r.wave + 1}/{len(r.plan)}" if r.plan else "-"
+        devices = f"{c['installed']}/{c['failed']}/{c['rolled_back']}/{sum(c.values())}"
+        lines.append(
+            f"{r.id:>5} {r.fleet:<12} {r.profile:<11} {r.target_version:<8} "
+            f"{str(r.params.get('previous') or '-'):<8} {r.state:<12} {waves:>6} "
+            f"{devices:<45} {_when(r.created_at)}"
+        )
+    return lines
+
+
+def _detail_lines(r: Any, updates: list[Any]) -> list[str]:
+    lines = [
+        f"rollout {r.id}: {r.fleet}/{r.profile} → {r.target_version} (MLflow version "
+        f"{r.mlflow_version}, by {r.trigger}), {r.state}",
+        f"  started {_when(r.created_at)}, finished {_when(r.finished_at)}, "
+        f"release {r.release or '-'}, MLflow run {r.mlflow_run_id or '-'}",
+    ]
+    if r.reason:
+        lines.append(f"  reason: {r.reason}")
+    settings = r.params.get("settings", {})
+    lines.append("  settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
+    health = r.health or {}
+    if health:
+        verdict = "abort" if health.get("abort") else "healthy"
+        lines.append(f"  last judgement (wave {health.get('wave', '?')}): {verdict}")
+        for reason in health.get("reasons", []):
+            lines.append(f"    - {reason}")
+        for key, label, spec in FIGURES:
+            if health.get(key) is not None:
+                lines.append(f"    {label:<28} {format(health[key], spec)}")
+    lines.append(f"  {'device':<14} {'wave':>4} {'state':<12} {'from':<8} reason")
+    for u in sorted(updates, key=lambda u: (u.wave, u.device_id)):
+        lines.append(
+            f"  {u.device_id:<14} {u.wave:>4} {u.state:<12} {u.base_version or '-':<8} "
+            f"{u.reason or ''}"
+        )
+    return lines
+
+
+@rollout_app.command("status")
+def status(
+    rollout_id: int | None = typer.Argument(None, help="One rollout, with its devices."),
+    fleet: str | None = typer.Option(None, help="Only this fleet's rollouts."),
+    limit: int = typer.Option(20, min=1, help="How many of the newest rollouts to list."),
+) -> None:
+    """The newest rollouts (state, wave, devices by state), or one in detail: its last
+    judgement with every figure, and each device's state."""
+    from sqlalchemy import func, select
+
+    from cloud.store.db import DeviceUpdate, Rollout
+
+    with sessions()() as session:
+        if rollout_id is not None:
+            r = session.get(Rollout, rollout_id)
+            if r is None:
+                typer.secho(f"error: no rollout {rollout_id}", fg="red", err=True)
+                raise typer.Exit(1)
+            updates = session.scalars(
+                select(DeviceUpdate).where(DeviceUpdate.rollout_id == rollout_id)
+            )
+            typer.echo("\n".join(_detail_lines(r, list(updates))))
+            return
+        newest = select(Rollout).order_by(Rollout.id.desc()).limit(limit)
+        rows = list(session.scalars(newest.where(Rollout.fleet == fleet) if fleet else newest))
+        counts: dict[int, Counter] = {r.id: Counter() for r in rows}
+        for rid, state, n in session.execute(
+            select(DeviceUpdate.rollout_id, DeviceUpdate.state, func.count())
+            .where(DeviceUpdate.rollout_id.in_(list(counts)))
+            .group_by(DeviceUpdate.rollout_id, DeviceUpdate.state)
+        ):
+            counts[rid][state] = n
+    if not rows:
+        typer.echo("no rollouts" + (f" in fleet {fleet}" if fleet else ""))
+        return
+    typer.echo("\n".join(_summary_lines(rows, counts)))
+
+
+@rollout_app.command("pause")
+def pause(rollout_id: int = typer.Argument(..., help="The rollout to pause.")) -> None:
+    """Send no further wave (devices already offered the model finish installing it)."""
+    from cloud.rollout.controller import pause as do_pause
+
+    try:
+        r = do_pause(sessions=sessions(), rollout_id=rollout_id)
+    except EdgeloopError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"rollout {r.id} paused at wave {r.wave + 1}; `edgeloop rollout resume {r.id}`")
+
+
+@rollout_app.command("resume")
+def resume(rollout_id: int = typer.Argument(..., help="The paused rollout.")) -> None:
+    """Go on from where the rollout was paused (its wave's timeout starts again)."""
+    from cloud.rollout.controller import resume as do_resume
+
+    try:
+        r = do_resume(sessions=sessions(), rollout_id=rollout_id)
+    except EdgeloopError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"rollout {r.id} resumed ({r.state})")
+
+
+@rollout_app.command("abort")
+def abort(
+    rollout_id: int = typer.Argument(..., help="The rollout to abort."),
+    reason: str = typer.Option("aborted by an operator", help="Recorded with the rollout."),
+) -> None:
+    """Stop the rollout and roll every device it reached back to its previous model (by a
+    new signed release, which the beat publishes and offers)."""
+    from cloud.rollout.controller import abort as do_abort
+
+    try:
+        r = do_abort(sessions=sessions(), rollout_id=rollout_id, reason=reason)
+    except EdgeloopError as exc:
+        raise _fail(exc) from exc
+    then = "its devices roll back" if r.state == "rolling_back" else "no device was reached"
+    typer.echo(f"rollout {r.id} {r.state}: {then}")
