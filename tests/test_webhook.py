@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 
 from cloud.rollout.webhook import (
     DELIVERY_HEADER,
+    MAX_BODY,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     Verifier,
@@ -157,6 +158,8 @@ def test_champion_move_in_mlflow_reaches_the_callback(receiver, mlflow_uri, flee
     first = requests.post(server.url, data=body, headers=once, timeout=10)
     replayed = requests.post(server.url, data=body, headers=once, timeout=10)
     health = requests.get(f"http://{server.host}:{server.port}/healthz", timeout=10)
+    huge = b"{" + b" " * MAX_BODY + b"}"
+    flood = requests.post(server.url, data=iter([huge]), headers=signed(huge), timeout=10)
 
     assert (forged.status_code, forged.json()) == (401, {"error": "bad_signature"})
     assert (unsigned.status_code, unsigned.json()) == (401, {"error": "unsigned"})
@@ -164,6 +167,7 @@ def test_champion_move_in_mlflow_reaches_the_callback(receiver, mlflow_uri, flee
     assert (replayed.status_code, replayed.json()) == (400, {"error": "replayed"})
     assert calls == [(fleet, "cpu-fp32", "1"), (fleet, "cpu-fp32", "2")]  # the signed one only
     assert health.json() == {"status": "ok"}
+    assert flood.status_code == 413  # chunked, so no length declared: capped as it arrives
 
 
 def test_a_failing_callback_lets_mlflows_retry_in(fleet):

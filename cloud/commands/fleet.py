@@ -97,7 +97,6 @@ def init_fleet_cmd(
 
     def round_config(p: str) -> RoundConfig:
         cfg = RoundConfig.from_settings(settings, fleet=fleet, profile=p)
-        cfg.validation_dataset = "validation" if validation is not None else None
         if epochs is not None:
             cfg.train.epochs = epochs
         cfg.teacher = None if backbone == "cnn" else {"backbone": backbone}

@@ -232,12 +232,15 @@ def build_app(*, verifier: Verifier, on_alias: OnAlias) -> Starlette:
     """``POST /hooks/mlflow`` and ``GET /healthz``."""
 
     async def hook(request: Request) -> JSONResponse:
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > MAX_BODY:
-            return JSONResponse({"error": "payload too large"}, status_code=413)
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return JSONResponse({"error": "payload too large"}, status_code=413)
+        too_large = JSONResponse({"error": "payload too large"}, status_code=413)
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY:
+            return too_large
+        body = b""
+        async for chunk in request.stream():  # capped as it arrives (chunked bodies too)
+            body += chunk
+            if len(body) > MAX_BODY:
+                return too_large
         try:
             # The callback may block (a broker round trip): off the event loop.
             answer = await run_in_threadpool(handle, verifier, on_alias, request.headers, body)
