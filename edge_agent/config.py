@@ -49,6 +49,10 @@ class EdgeSettings(BaseSettings):
     transfer_window: int = Field(8, ge=1, le=64)
     transfer_retry_s: float = Field(3.0, gt=0)
     transfer_stall_s: float = Field(120.0, gt=0)
+    # Whether this device can reach object storage: then a presigned URL in an offer is
+    # fetched first (HTTP range from the first missing chunk), and MQTT fills the rest.
+    fetch_urls: bool = False
+    url_timeout_s: float = Field(20.0, gt=0)
 
     @property
     def trust_dir(self) -> Path:

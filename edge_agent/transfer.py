@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import http.client
 import json
 import logging
 import os
 import queue
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -52,6 +54,8 @@ class Download:
         retry_s: float = 3.0,
         stall_s: float = 120.0,
         release: int = 0,
+        url: str | None = None,
+        url_timeout_s: float = 20.0,
     ) -> None:
         if length < 1 or chunk_size < 1:
             raise ValueError("a download needs a length and a chunk size of at least 1")
@@ -61,6 +65,10 @@ class Download:
         self.request = request
         self.window = max(1, min(window, MAX_REQUEST_CHUNKS))
         self.retry_s, self.stall_s = retry_s, stall_s
+        # A presigned object-store URL, where this device can reach the store: tried first,
+        # and what it does not deliver comes over MQTT.
+        self.url = url if url and url.startswith(("https://", "http://")) else None
+        self.url_timeout_s = url_timeout_s
         self.part = Path(directory) / f"{sha256}.part"
         self.record = Path(directory) / f"{sha256}.held"
         self.part.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +112,8 @@ class Download:
         Raises UpdateRefused("transfer_failed") when no new chunk arrived for ``stall_s``
         (what is held stays for the next offer), TransferCancelled on ``cancel()``.
         """
+        if self.url is not None:
+            self._fetch_url(self.url)
         progress_at = time.monotonic()
         self._asked_until, self._asked_at = 0, float("-inf")  # a new pass asks afresh
         for index in range(self.n_chunks):
@@ -177,6 +187,42 @@ class Download:
             self.refused += 1
             log.warning("chunk %d of %s refused: bad size or hash", index, self.target)
             return False
+        self._write(index, data, chunk.sha256)
+        return True
+
+    def _fetch_url(self, url: str) -> None:
+        """Fill the missing chunks from ``url`` in order (an HTTP range from the first one
+        missing); on any error, what is still missing comes over MQTT."""
+        start = self.first_missing()
+        if start >= self.n_chunks:
+            return
+        first_byte = start * self.chunk_size
+        request = urllib.request.Request(
+            url, headers={"Range": f"bytes={first_byte}-{self.length - 1}"}
+        )
+        index = start
+        try:
+            with urllib.request.urlopen(request, timeout=self.url_timeout_s) as resp:
+                if resp.status != 206:  # the server ignored the range: the whole object
+                    index = 0
+                while index < self.n_chunks and not self._cancelled.is_set():
+                    size = self._expected_size(index)
+                    data = resp.read(size)
+                    if len(data) != size:
+                        raise http.client.IncompleteRead(data, size - len(data))
+                    if index not in self.held:
+                        self._write(index, data, hashlib.sha256(data).hexdigest())
+                    index += 1
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            log.warning(
+                "%s: the URL gave chunks %d-%d, then failed (%s); the rest over MQTT",
+                self.target,
+                start,
+                index - 1,
+                exc,
+            )
+
+    def _write(self, index: int, data: bytes, digest: str) -> None:
         fd = os.open(self.part, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             os.pwrite(fd, data, index * self.chunk_size)
@@ -184,11 +230,10 @@ class Download:
         finally:
             os.close(fd)
         with open(self.record, "a") as fh:
-            fh.write(f"{index} {chunk.sha256} {len(data)}\n")
+            fh.write(f"{index} {digest} {len(data)}\n")
             fh.flush()
             os.fdatasync(fh.fileno())
         self.held[index] = len(data)
-        return True
 
     def _read(self, index: int) -> bytes:
         with open(self.part, "rb") as fh:
@@ -248,15 +293,24 @@ class Transfers:
         window: int = 8,
         retry_s: float = 3.0,
         stall_s: float = 120.0,
+        url_timeout_s: float = 20.0,
     ) -> None:
         self.directory = Path(directory)
         self.fleet, self.device_id = fleet, device_id
         self.send = send
         self.window, self.retry_s, self.stall_s = window, retry_s, stall_s
+        self.url_timeout_s = url_timeout_s
         self.current: Download | None = None
 
     def begin(
-        self, *, target: str, release: int, sha256: str, length: int, chunk_size: int
+        self,
+        *,
+        target: str,
+        release: int,
+        sha256: str,
+        length: int,
+        chunk_size: int,
+        url: str | None = None,
     ) -> Download:
         """The download of a target (resumed where a previous one stopped); partial files
         of any other target are removed, so at most one target's bytes wait on disk."""
@@ -288,6 +342,8 @@ class Transfers:
             retry_s=self.retry_s,
             stall_s=self.stall_s,
             release=release,
+            url=url,
+            url_timeout_s=self.url_timeout_s,
         )
         self.current = download
         return download

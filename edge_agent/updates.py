@@ -72,6 +72,7 @@ class Updates:
             window=s.transfer_window,
             retry_s=s.transfer_retry_s,
             stall_s=s.transfer_stall_s,
+            url_timeout_s=s.url_timeout_s,
         )
         self._offers = LatestOffer()
         self._stopping = threading.Event()
@@ -156,6 +157,7 @@ class Updates:
                     offered=offer.length, signed=target.length, chunk_size=offer.chunk_size
                 ),
                 chunk_size=offer.chunk_size,
+                url=offer.url if self.settings.fetch_urls else None,
             )
             data = self.trust.download(target, offer.metadata, download.chunks)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, none is fatal

@@ -516,3 +516,37 @@ def test_a_newer_offer_supersedes_a_waiting_one():
     box = LatestOffer()
     assert box.put(offer(3)) and not box.put(offer(2)) and box.put(offer(4))
     assert box.take(0.1).release == 4 and box.take(0.01) is None
+
+
+def test_presigned_url_is_fetched_and_mqtt_fills_in(tmp_path, repo, fleet, mqtt_port, tiny_package):
+    """A device that can reach object storage fetches the target from the offer's presigned
+    S3 URL and asks for no chunk; one whose URL does not answer gets every chunk over MQTT.
+    Both install the signed target."""
+    release, path, v2 = repo.release(repackage(tiny_package, "v2"), devices=("d1", "d2"))
+    transport = start_transport(mqtt_port, repo.store, fleet)
+    agents = [
+        enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo, device=d, fetch_urls=True)
+        for d in ("d1", "d2")
+    ]
+    urls = {"d1": transport.target_url(fleet, path), "d2": "http://127.0.0.1:9/gone"}
+    try:
+        assert urls["d1"] and urls["d1"].startswith("http://")
+        for device, url in urls.items():
+            transport.offer(
+                fleet=fleet,
+                device_id=device,
+                release=release,
+                target_path=path,
+                length=len(v2),
+                bundle=repo.signer.bundle(),
+                url=url,
+            )
+        for agent in agents:
+            wait_for(lambda a=agent: a.model_version == "v2", 30, what="v2 live")
+            assert agent.runtime.package.sha256 == hashlib.sha256(v2).hexdigest()
+        assert requested(transport, "d1") == []
+        assert sorted(set(requested(transport, "d2"))) == list(range(-(-len(v2) // CHUNK)))
+    finally:
+        for agent in agents:
+            agent.stop()
+        transport.stop()

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from datetime import timedelta
 
 import paho.mqtt.client as mqtt
 
@@ -173,6 +174,14 @@ class RolloutTransport:
         if match is None:
             raise MessageError(f"target {target!r} is not a package path", reason="bad_target")
         return package_key(fleet, match.group(1), match.group(2))
+
+    def target_url(
+        self, fleet: str, target: str, *, expires: timedelta = timedelta(hours=6)
+    ) -> str | None:
+        """A presigned GET URL of a target, for devices that can reach object storage
+        (None when the store cannot sign one, as a local directory cannot)."""
+        presign = getattr(self.store, "presigned_get", None)
+        return presign(self.target_key(fleet, target), expires=expires) if presign else None
 
     def target_bytes(self, fleet: str, target: str) -> bytes:
         key = self.target_key(fleet, target)

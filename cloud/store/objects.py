@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -148,6 +149,14 @@ class S3ObjectStore:
 
     def delete(self, key: str) -> None:
         self._call(lambda k: self.client.remove_object(self.bucket, k), _check_key(key))
+
+    def presigned_get(self, key: str, *, expires: timedelta = timedelta(hours=6)) -> str:
+        """A URL that lets its holder GET this one object until ``expires`` from now (for
+        devices that can reach the store; they verify what they fetch themselves)."""
+        return self._call(
+            lambda k: self.client.presigned_get_object(self.bucket, k, expires=expires),
+            _check_key(key),
+        )
 
     def list(self, prefix: str = "") -> list[str]:
         return self._call(
