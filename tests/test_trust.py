@@ -331,7 +331,7 @@ def test_a_release_moving_a_device_back_to_an_older_model_installs(repo, tmp_pat
 
 def test_rotated_root_keys_are_accepted_without_re_enrolling(repo, tmp_path, pkg):
     """A device enrolled with root v1 follows two rotations (the second replacing every
-    online key) and refuses what the retired keys sign."""
+    other key too) and refuses what the retired keys sign."""
     # Prepare
     device = enrolled(repo, tmp_path)
     signer = repo.signer()
@@ -342,7 +342,7 @@ def test_rotated_root_keys_are_accepted_without_re_enrolling(repo, tmp_path, pkg
     # Execute
     kw = {"store": repo.store, "fleet": repo.fleet, "offline_dir": repo.offline}
     assert rotate_root(**kw, keys_dir=repo.keys) == 2
-    assert rotate_root(**kw, keys_dir=repo.keys, online=True) == 3
+    assert rotate_root(**kw, keys_dir=repo.keys, online=True, targets=True) == 3
     same = resolved(device, signer.bundle())  # release 2, re-signed by the new key
     signer.publish([assignment(repo, pkg, "v1", ["d1", "d2"])])
     target = device.resolve(signer.bundle())

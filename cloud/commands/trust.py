@@ -26,6 +26,11 @@ def rotate_root_cmd(
         help="Also replace the releases, snapshot and timestamp keys: the recovery for a "
         "lost or compromised online key (the old ones stop verifying on every device).",
     ),
+    targets: bool = typer.Option(
+        False,
+        "--targets/--keep-targets",
+        help="Also replace the targets key (kept offline beside root): for a lost or stolen one.",
+    ),
     new_key: Path | None = typer.Option(
         None,
         help="The new root private key (PKCS#8 PEM, Ed25519) if made elsewhere, e.g. on an "
@@ -56,6 +61,7 @@ def rotate_root_cmd(
             offline_dir=offline_dir,
             keys_dir=keys_dir or settings.resolved_tuf_keys_dir,
             online=online,
+            targets=targets,
             new_root_key=signer,
             expiries=Expiries(
                 root=timedelta(days=root_expiry_days), targets=timedelta(days=targets_expiry_days)
@@ -64,5 +70,5 @@ def rotate_root_cmd(
     except (EdgeloopError, OSError, ValueError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
-    keys = "root and online keys" if online else "root key"
-    typer.echo(f"fleet {fleet}: root v{version} signed; new {keys} written")
+    keys = ["root", *(["targets"] if targets else []), *(["online"] if online else [])]
+    typer.echo(f"fleet {fleet}: root v{version} signed; new {', '.join(keys)} key(s) written")

@@ -251,54 +251,50 @@ def rotate_root(
     offline_dir: Path,
     keys_dir: Path,
     online: bool = False,
+    targets: bool = False,
     new_root_key: CryptoSigner | None = None,
     expiries: Expiries = Expiries(),
 ) -> int:
     """Root N+1 with a new root key, signed by the old and new root keys; with ``online``
-    also new releases, snapshot and timestamp keys (the recovery for a lost or stolen one:
-    the release is re-signed at its version, so the counter does not move). Targets is
-    re-signed (renewed expiry), then snapshot and timestamp. Returns the new root version."""
+    also new releases, snapshot and timestamp keys, with ``targets`` a new targets key (the
+    recovery for a lost or stolen one). Targets is re-signed (renewed expiry), the release
+    at its version (same content: the counter does not move), then snapshot and timestamp.
+    Returns the new root version."""
     repo = _Repo(store, fleet, keys_dir, expiries)
     state = repo.state()
-    old_root = state["root"]
-    offline = offline_dir / fleet
-    old_signers = _signers(offline, "root", old_root.signed)
-    targets_signers = _signers(offline, "targets", old_root.signed)
+    roles = ["root", *(["targets"] if targets else []), *(ONLINE_ROLES if online else [])]
+    fresh = {role: CryptoSigner.generate_ed25519() for role in roles}
+    fresh["root"] = new_root_key or fresh["root"]
+    # Loaded before anything is written: a missing offline key changes nothing.
+    offline, old_root = offline_dir / fleet, state["root"].signed
+    old_root_signers = _signers(offline, "root", old_root)
+    targets_signers: list[Signer] = (
+        [fresh["targets"]] if targets else _signers(offline, "targets", old_root)
+    )
 
-    root = Metadata[Root].from_bytes(old_root.to_bytes(_JSON))
+    root = Metadata[Root].from_bytes(state["root"].to_bytes(_JSON))
+    retired: list[Path] = []
+    for role, signer in fresh.items():
+        delegator = state["targets"].signed if role == RELEASES else root.signed
+        for keyid in list(delegator.get_delegated_role(role).keyids):
+            delegator.revoke_key(keyid, role)
+            if role in ONLINE_ROLES:
+                retired.append(keys_dir / fleet / f"{role}-{keyid}.pem")
+        delegator.add_key(signer.public_key, role)
+        _write_key((offline_dir if role in OFFLINE_ROLES else keys_dir) / fleet, role, signer)
     root.signed.version += 1
     root.signed.expires = _now() + expiries.root
-    new_root = new_root_key or CryptoSigner.generate_ed25519()
-    fresh: dict[str, CryptoSigner] = {"root": new_root}
-    if online:
-        fresh.update({role: CryptoSigner.generate_ed25519() for role in ONLINE_ROLES})
-    retired: list[Path] = []
-    for role in ("root", "snapshot", "timestamp"):
-        if role in fresh:
-            for keyid in list(root.signed.roles[role].keyids):
-                root.signed.revoke_key(keyid, role)
-                if role != "root":
-                    retired.append(keys_dir / fleet / f"{role}-{keyid}.pem")
-            root.signed.add_key(fresh[role].public_key, role)
-    for role, signer in fresh.items():
-        _write_key((offline_dir if role == "root" else keys_dir) / fleet, role, signer)
     # Old root's threshold (devices verify N+1 with N) and the new one's (N+1 verifies itself).
-    _sign(root, [*old_signers, new_root])
+    _sign(root, [*old_root_signers, fresh["root"]])
     repo.write(f"{root.signed.version}.root.json", root)
     state["root"] = root
-
-    targets = state["targets"]
     if online:
-        for keyid in list(targets.signed.delegations.roles[RELEASES].keyids):
-            targets.signed.revoke_key(keyid, RELEASES)
-            retired.append(keys_dir / fleet / f"{RELEASES}-{keyid}.pem")
-        targets.signed.add_key(fresh[RELEASES].public_key, RELEASES)
         _sign(state[RELEASES], [fresh[RELEASES]])
         repo.write(f"{state[RELEASES].signed.version}.{RELEASES}.json", state[RELEASES])
-    targets.signed.version += 1
-    targets.signed.expires = _now() + expiries.targets
-    _sign(targets, targets_signers)
-    repo.write(f"{targets.signed.version}.targets.json", targets)
+    state["targets"].signed.version += 1
+    state["targets"].signed.expires = _now() + expiries.targets
+    _sign(state["targets"], targets_signers)
+    repo.write(f"{state['targets'].signed.version}.targets.json", state["targets"])
     repo.advance(state, changed=["targets"])
     for path in retired:  # a replaced online key is of no use, and a danger if stolen
         path.unlink(missing_ok=True)
