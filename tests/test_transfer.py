@@ -19,6 +19,7 @@ from cloud.store.keys import package_key
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeSettings
 from edge_agent.transfer import Download, TransferCancelled
+from shared.errors import PackageError
 from shared.messages import Ack, UpdateChunk, UpdateOffer
 from shared.package import ModelPackage
 from shared.topics import topic
@@ -550,3 +551,61 @@ def test_presigned_url_is_fetched_and_mqtt_fills_in(tmp_path, repo, fleet, mqtt_
         for agent in agents:
             agent.stop()
         transport.stop()
+
+
+def nan_on_live_data(tiny_package, version: str) -> bytes:
+    """The fixture's model as ``version``, its energy output made NaN for any window but
+    an all-zero one: it passes the smoke check and fails on the first real window."""
+    import onnx
+    from onnx import helper
+
+    from shared.package import Manifest, build_package, sha256_hex
+
+    pkg = ModelPackage(repackage(tiny_package, version))
+    model = onnx.load_from_string(pkg.graph)
+    graph = model.graph
+    for node in graph.node:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                if name == "energy":
+                    names[i] = "energy_raw"
+    window = graph.input[0].name
+    graph.node.extend(
+        [
+            helper.make_node("ReduceSumSquare", [window], ["sum_sq"], keepdims=0),
+            helper.make_node("Neg", ["sum_sq"], ["minus_sum_sq"]),
+            helper.make_node("Sqrt", ["minus_sum_sq"], ["nan_unless_zero"]),  # sqrt(-s): NaN
+            helper.make_node("Add", ["energy_raw", "nan_unless_zero"], ["energy"]),
+        ]
+    )
+    raw = model.SerializeToString()
+    manifest = Manifest.model_validate(
+        {**pkg.manifest.model_dump(mode="json"), "graph_sha256": sha256_hex(raw)}
+    )
+    return build_package(graph=raw, manifest=manifest)
+
+
+def test_model_failing_on_live_windows_rolls_back(tmp_path, tiny_package, tep_small):
+    """A model that passed its smoke check but fails on a real window is rolled back at
+    once: reported rolled_back (inference_error), counted in the heartbeat, and the
+    previous model scores the next window."""
+    agent = EdgeAgent(EdgeSettings(fleet="f", device_id="d1", mqtt_port=9, state_dir=tmp_path))
+    agent.bootstrap(tiny_package[0])
+    agent._swap(agent.slots.install(nan_on_live_data(tiny_package, "v2-bad")))
+    window = windows_of(tep_small[1], "idv_01", 1)[0]
+    try:
+        assert agent.model_version == "v2-bad"
+        with pytest.raises(PackageError):
+            agent.process(window)
+        report = agent.update_events[-1]
+        assert (report.target_version, report.status, report.reason) == (
+            "v2-bad",
+            "rolled_back",
+            "inference_error",
+        )
+        assert agent.model_version == report.running_version == "v1"
+        assert agent.heartbeat().inference_errors == 1
+        det, _ = agent.process(window)
+        assert det.predicted in ModelPackage(tiny_package[0]).manifest.class_names
+    finally:
+        agent.stop()
