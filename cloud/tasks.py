@@ -366,20 +366,35 @@ def _step(rollout_id: int) -> str:
     return state
 
 
-@app.task(name="edgeloop.rollout.on_alias", acks_late=True, reject_on_worker_lost=True)
-def rollout_on_alias(fleet: str, profile: str, mlflow_version: str, trigger: str = "alias") -> dict:
+@app.task(
+    name="edgeloop.rollout.on_alias",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=60,
+)
+def rollout_on_alias(
+    self, fleet: str, profile: str, mlflow_version: str, trigger: str = "alias"
+) -> dict:
     """A profile's ``champion`` moved to ``mlflow_version``: start (or find) its rollout and
     take its first step now rather than at the next tick."""
-    from cloud.rollout.controller import start_rollout
+    from cloud.rollout.controller import RolloutError, start_rollout
 
     sessions, _, _ = _services()
-    row = start_rollout(
-        sessions=sessions,
-        fleet=fleet,
-        profile=profile,
-        mlflow_version=str(mlflow_version),
-        trigger=trigger,
-    )
+    try:
+        row = start_rollout(
+            sessions=sessions,
+            fleet=fleet,
+            profile=profile,
+            mlflow_version=str(mlflow_version),
+            trigger=trigger,
+        )
+    except RolloutError as exc:
+        if exc.reason != "unknown_model_version":
+            raise
+        # The register stage moves the alias before it writes the version's row: the
+        # webhook can be first. Wait for the row (the reconcile would catch it too).
+        raise self.retry(exc=exc, countdown=5) from exc
     advance_rollout.delay(row.id)
     return {"rollout": row.id, "state": row.state, "target": row.target_version}
 

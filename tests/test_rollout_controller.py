@@ -459,3 +459,52 @@ def test_rollout_commands_show_and_steer(world, monkeypatch):
     assert sum(" sent " in line for line in detail.stdout.splitlines()) == 2  # the canaries
     assert resumed.exit_code == 0 and "resumed (wave)" in resumed.stdout
     assert unknown.exit_code == 1 and "no rollout 99999" in unknown.stderr
+
+
+@pytest.fixture
+def eager_worker(world, pg_url, mqtt_port, mlflow_uri, tmp_path, monkeypatch):
+    """The Celery tasks run in this process (eagerly), on the world's database, store,
+    keys, broker and the MLflow server, as a worker configured by env vars would."""
+    import cloud.tasks as tasks
+    from cloud.config import get_settings
+
+    for key, value in {
+        "HOME": str(tmp_path),
+        "STORE": "local",
+        "DATABASE_URL": pg_url,
+        "MQTT_PORT": str(mqtt_port),
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+    }.items():
+        monkeypatch.setenv(f"EDGELOOP_{key}", value)  # fmt: skip
+    caches = (get_settings, tasks._services, tasks._transport, tasks._signer, tasks._tracker)
+    for cache in caches:
+        cache.cache_clear()
+    tasks.app.conf.update(task_always_eager=True, task_eager_propagates=True)
+    yield tasks
+    tasks.app.conf.update(task_always_eager=False, task_eager_propagates=False)
+    if tasks._transport.cache_info().currsize:
+        tasks._transport().stop()
+    for cache in caches:
+        cache.cache_clear()
+
+
+def test_the_tasks_carry_a_champion_move_to_every_device(world, eager_worker):
+    """on_alias starts the rollout and takes its first step; beat's ticks take it to done
+    with every device on v2, and its MLflow run is finished."""
+    tasks = eager_worker
+
+    first = tasks.rollout_on_alias.apply(args=(world.fleet, PROFILE, "2")).get()
+    rid = first["rollout"]
+    for _ in range(40):
+        sent = {d for d, u in world.rows(rid).items() if u.state == "sent"}
+        wait_for(lambda s=sent: s <= set(world.offers.by_device), 10, what="offers")
+        world.plant.follow(world.offers)
+        world.plant.beat_all()
+        if tasks.rollout_tick.apply().get().get(rid) == "done":
+            break
+
+    r = world.rollout(rid)
+    assert first["target"] == "v2" and r.state == "done"
+    assert set(world.plant.version.values()) == {"v2"}
+    assert r.mlflow_run_id is not None
+    assert tasks._tracker().client.get_run(r.mlflow_run_id).info.status == "FINISHED"

@@ -332,10 +332,6 @@ def track(*, sessions: sessionmaker, tracker: Any, rollout_id: int) -> str:
     mark = [r.state, r.wave]
     if mark != seen.get("mark"):
         tracker.log_table(run_id=run_id, columns=table, step=step)
-        if r.mlflow_version:
-            tracker.tag_version(name=model_name(r.fleet, r.profile),
-                                mlflow_version=r.mlflow_version, rollout_id=r.id,
-                                state=r.state)  # fmt: skip
     if r.state in FINISHED and not seen.get("finished"):
         tracker.finish(run_id=run_id, state=r.state, reason=r.reason)
     with sessions() as session:
@@ -344,4 +340,9 @@ def track(*, sessions: sessionmaker, tracker: Any, rollout_id: int) -> str:
         tracked = {"step": step, "mark": mark, "finished": r.state in FINISHED}
         row.params = {**row.params, "tracked": tracked}
         session.commit()
+    if mark != seen.get("mark") and r.mlflow_version:
+        # Last: a version registered outside MLflow's registry (or deleted) fails only this.
+        tracker.tag_version(name=model_name(r.fleet, r.profile),
+                            mlflow_version=r.mlflow_version, rollout_id=r.id,
+                            state=r.state)  # fmt: skip
     return run_id

@@ -5,6 +5,8 @@ reconcile compares with rollout records."""
 from __future__ import annotations
 
 import logging
+import time
+import warnings
 from typing import Any
 
 from cloud.config import CloudSettings
@@ -66,8 +68,6 @@ class RolloutTracker:
         return str(run.info.run_id)
 
     def log_step(self, *, run_id: str, step: int, metrics: dict[str, float]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -79,7 +79,11 @@ class RolloutTracker:
         """One snapshot of the fleet's status (appended to the run's table)."""
         n = len(next(iter(columns.values()), []))
         if n:
-            self.client.log_table(run_id, data={"step": [step] * n, **columns}, artifact_file=TABLE)
+            with warnings.catch_warnings():
+                # MLflow 3.x's own select_dtypes call warns under pandas 3 (not ours to fix).
+                warnings.filterwarnings("ignore", message=".*select_dtypes.*")
+                data = {"step": [step] * n, **columns}
+                self.client.log_table(run_id, data=data, artifact_file=TABLE)
 
     def tag_version(self, *, name: str, mlflow_version: str, rollout_id: int, state: str) -> None:
         self.client.set_model_version_tag(name, mlflow_version, "rollout_id", str(rollout_id))
