@@ -360,10 +360,12 @@ class Transfers:
 
 
 def transfer_length(*, offered: int, signed: int, chunk_size: int) -> int:
-    """How many bytes to fetch: what the offer says, but never more than a chunk past the
-    signed length, so a target longer than signed shows TUF its excess (``endless_data``)
-    at the cost of one chunk, and a device never downloads without bound."""
-    return max(1, min(offered, signed + chunk_size))
+    """How many bytes to fetch: what the offer says, but never more than one whole chunk
+    past the signed length, so a target longer than signed shows TUF its excess
+    (``endless_data``) at the cost of a chunk, and a device never downloads without bound.
+    (Whole chunks: the cloud cuts a longer object into full ones.)"""
+    cap = (-(-signed // chunk_size) + 1) * chunk_size
+    return max(1, min(offered, cap))
 
 
 class LatestOffer:

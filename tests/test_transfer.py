@@ -609,3 +609,25 @@ def test_model_failing_on_live_windows_rolls_back(tmp_path, tiny_package, tep_sm
         assert det.predicted in ModelPackage(tiny_package[0]).manifest.class_names
     finally:
         agent.stop()
+
+
+def test_target_longer_than_signed_is_refused_as_endless_data(
+    tmp_path, repo, fleet, mqtt_port, tiny_package
+):
+    """Bytes in the store that run on past the signed length are refused as endless_data
+    after at most one chunk past it; v1 keeps serving."""
+    release, path, v2 = repo.release(repackage(tiny_package, "v2"))
+    endless = v2 + bytes(40 * CHUNK)
+    repo.store.put(package_key(fleet, "cpu-fp32", "v2"), endless)
+    transport = start_transport(mqtt_port, repo.store, fleet)
+    agent = enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo)
+    try:
+        repo.offer(transport, release, path, endless)
+        wait_for(lambda: agent.update_events, 30, what="the refusal")
+        report = agent.update_events[-1]
+        assert (report.status, report.reason) == ("rejected", "endless_data")
+        assert max(requested(transport)) <= len(v2) // CHUNK + 1
+        assert agent.model_version == "v1"
+    finally:
+        agent.stop()
+        transport.stop()
