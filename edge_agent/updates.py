@@ -80,6 +80,11 @@ class Updates:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
+        if not self.trust.enrolled():
+            log.warning(
+                "this device holds no fleet root: every update offer will be refused "
+                "(missing_metadata) until `edgeloop edge enroll --root FILE`"
+            )
         self._thread.start()
 
     def stop(self) -> None:
