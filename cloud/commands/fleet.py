@@ -40,12 +40,12 @@ def init_fleet_cmd(
         "Needed by every compressing profile.",
     ),
     profile: list[str] = typer.Option(
-        ..., "--profile", help="A hardware profile to ship to (repeat for more)."
+        ..., "--profile", help="A hardware profile to ship to (repeat, or a,b)."
     ),
     classes: list[str] | None = typer.Option(
         None,
         "--classes",
-        help="The classes devices may label (repeat; default: the base set's classes). "
+        help="The classes devices may label (repeat, or a,b; default: the base set's classes). "
         "`edgeloop fleet classes --add` extends it later.",
     ),
     offline_keys: Path = typer.Option(
@@ -76,6 +76,8 @@ def init_fleet_cmd(
     from cloud.tracking.registry import open_registry
     from shared.topics import check_name
 
+    profile = [p for item in profile for p in item.split(",") if p]  # a,b or repeated
+    classes = [c for item in classes or [] for c in item.split(",") if c] or None
     try:
         check_name(fleet, "fleet")
         for p in profile:
