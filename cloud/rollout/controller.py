@@ -135,6 +135,12 @@ def advance(
     another worker is stepping right now is left to it."""
     now = now or datetime.now(UTC)
     with sessions() as session:
+        # Locks in one order everywhere, fleet row then rollout row (start_rollout too):
+        # two transactions never wait on each other in a circle.
+        fleet = session.scalar(select(Rollout.fleet).where(Rollout.id == rollout_id))
+        if fleet is None:
+            raise RolloutError(f"no rollout {rollout_id}", reason="unknown_rollout")
+        lock_fleet(session, fleet)
         r = session.scalar(
             select(Rollout).where(Rollout.id == rollout_id).with_for_update(skip_locked=True)
         )
