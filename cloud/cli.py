@@ -12,11 +12,14 @@ import typer
 
 from cloud.commands.common import sessions as _sessions
 from cloud.commands.datasets import register_dataset_cmd
+from cloud.commands.fleet import classes_cmd, enroll_cmd, init_fleet_cmd, webhook_cmd
 from cloud.commands.models import compress, teacher
+from cloud.commands.rollout import rollout_app
 from cloud.commands.rounds import beat, retrain, rounds, worker
+from cloud.commands.trust import rotate_root_cmd
 from shared.errors import EdgeloopError
 
-__all__ = ["app", "compress", "fleet_app", "retrain"]
+__all__ = ["app", "compress", "fleet_app", "retrain", "rollout_app"]
 
 app = typer.Typer(
     rich_markup_mode="markdown",
@@ -27,6 +30,8 @@ log = logging.getLogger("edgeloop.cloud")
 
 
 app.command("register-dataset")(register_dataset_cmd)
+app.command("init")(init_fleet_cmd)
+app.command("webhook")(webhook_cmd)
 
 
 @app.command()
@@ -170,6 +175,10 @@ def fleet_status_cmd(
         strangers = unknown_device_dead_letters(session=session)
     typer.echo(format_status(rows, strangers))
 
+
+fleet_app.command("enroll")(enroll_cmd)
+fleet_app.command("classes")(classes_cmd)
+fleet_app.command("rotate-root")(rotate_root_cmd)
 
 # The longer commands live beside the parts they drive; registered here (in the order
 # `--help` lists them), where the entry points and `edgeloop cloud` find them.
