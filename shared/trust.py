@@ -33,11 +33,11 @@ CUSTOM = "edgeloop"  # the key of our custom fields in a target entry
 METADATA_URL = "offer:/metadata/"
 TARGETS_URL = "offer:/targets/"
 _STAGE = ".stage-"
-# ngclient's trusted files (root.json is a symlink into root_history/); nothing else in
-# the directory is copied, replaced or cleared.
+# ngclient's trusted files, in commit order (root.json links into root_history/, so that
+# goes first); nothing else in the directory is copied, replaced or cleared.
 _TRUSTED = (
-    "root.json",
     "root_history",
+    "root.json",
     "timestamp.json",
     "snapshot.json",
     "targets.json",
