@@ -103,18 +103,22 @@ def test_inference_errors_rising_abort():
     assert verdict.abort and "inference errors rose on e" in verdict.reasons
 
 
-def test_budgets_abort_only_when_over_and_worse():
-    """p99 over the profile's budget aborts; a device already over it that did not get worse
-    does not; a profile without budgets is not judged on them."""
+def test_budgets_abort_when_the_target_breaks_them():
+    """p99 over the profile's budget aborts; a device already over it is blamed only when
+    the target is more than 20% worse; a profile without budgets is not judged on them."""
     over = DeviceHealth(
         "slow", "installed", before=beat(0.05), after=beat(0.05, latency_ms_p99=7.0)
     )
     was_over = DeviceHealth(
-        "old", "installed", before=beat(0.05, memory_mb=200.0), after=beat(0.05, memory_mb=190.0)
+        "old", "installed", before=beat(0.05, memory_mb=200.0), after=beat(0.05, memory_mb=230.0)
+    )
+    much_worse = DeviceHealth(
+        "big", "installed", before=beat(0.05, memory_mb=200.0), after=beat(0.05, memory_mb=260.0)
     )
 
     assert judge(devices=[over], budget=BUDGET, thresholds=Thresholds()).abort
     assert not judge(devices=[was_over], budget=BUDGET, thresholds=Thresholds()).abort
+    assert judge(devices=[much_worse], budget=BUDGET, thresholds=Thresholds()).abort
     assert not judge(devices=[over], budget=Budget(), thresholds=Thresholds()).abort
 
 

@@ -75,6 +75,19 @@ def two_proportion(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
     return z, 0.5 * math.erfc(z / math.sqrt(2))  # P(Z ≥ z)
 
 
+# A device already over a budget on the old model is blamed on the new one only when the
+# new figure is this much worse (peak RSS, what memory_mb reports, never falls in a process).
+ALREADY_OVER_SLACK = 0.2
+
+
+def over_budget(before: float, after: float, limit: float) -> bool:
+    """The target's figure breaks the budget: over it, having been within it (or unknown,
+    0), or over by more than the slack on top of an old model that was over already."""
+    if after <= limit:
+        return False
+    return before <= limit or after > before * (1 + ALREADY_OVER_SLACK)
+
+
 def install_failures(devices: Sequence[DeviceHealth]) -> list[str]:
     """Why the wave must stop now, whatever its health figures: a failed, refused or
     self-rolled-back install."""
@@ -103,9 +116,9 @@ def judge(
     labels: LabelCounts | None = None,
 ) -> Verdict:
     """Abort if any install failed or rolled back, inference errors rose on any device, the
-    target's p99 latency or memory is over the profile's budget (and above what the old
-    model used), the pooled anomaly rate rose significantly (p < alpha) by at least the
-    minimum effect, or labelled accuracy fell by more than the allowed points."""
+    target's p99 latency or memory breaks the profile's budget (``over_budget``), the
+    pooled anomaly rate rose significantly (p < alpha) by at least the minimum effect, or
+    labelled accuracy fell by more than the allowed points."""
     reasons = install_failures(devices)
     dwelt = [d for d in devices if d.after is not None]
     figures: dict[str, Any] = {
@@ -137,7 +150,7 @@ def judge(
         over = [
             d.device_id
             for d in dwelt
-            if _num(d.after, key) > limit and _num(d.after, key) > _num(d.before, key)
+            if over_budget(_num(d.before, key), _num(d.after, key), limit)
         ]
         if over:
             reasons.append(f"{key} over the profile's {limit:g} {unit} on {', '.join(over)}")
