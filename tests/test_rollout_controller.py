@@ -17,6 +17,7 @@ from sqlalchemy import select
 from cloud.config import CloudSettings
 from cloud.ingest.ingestor import Ingestor
 from cloud.rollout import controller
+from cloud.rollout.fleet import fleet_status, format_status
 from cloud.rollout.signing import ReleaseSigner, init_fleet_trust
 from cloud.rollout.transport import RolloutTransport
 from cloud.store.db import Device, DeviceUpdate, Fleet, ModelVersion, Rollout, session_factory
@@ -236,6 +237,13 @@ def test_healthy_canaries_then_waves_until_every_device_is_on_the_target(world):
     assert world.releases()[-1] == {"v2": {f"d{i}" for i in range(8)}}
     assert r.health["abort"] is False and r.health["p_value"] is not None
     assert r.release == world.signer.current_release()
+    with world.sessions() as s:
+        status = fleet_status(session=s, fleet=world.fleet)
+    assert {(row.rollout_id, row.rollout_state) for row in status} == {(rid, "installed")}
+    assert {(row.site, row.anomaly_rate, row.latency_ms_p99, row.memory_mb) for row in status} == {
+        (site, 0.05, 2.0, 90.0) for site in SITES
+    }
+    assert f"{rid}:installed" in format_status(status, {})
 
 
 def test_anomaly_jump_on_canaries_rolls_them_back_and_no_one_else_gets_the_model(world):

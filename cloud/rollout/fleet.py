@@ -148,7 +148,9 @@ def format_status(rows: list[DeviceStatus], strangers: dict[str, int]) -> str:
     for r in rows:
         seen = r.last_seen.strftime("%Y-%m-%d %H:%M:%S") if r.last_seen else "never"
         dead = ", ".join(f"{k}={v}" for k, v in sorted(r.dead_letters.items())) or "-"
-        rollout = f"{r.rollout_id}:{r.rollout_state}" if r.rollout_state else "-"
+        rollout = r.rollout_state or "-"
+        if r.rollout_id is not None:  # a status no rollout asked for has none
+            rollout = f"{r.rollout_id}:{rollout}"
         lines.append(
             f"{r.fleet:<12} {r.device_id:<14} {r.site or '-':<8} {r.profile:<11} "
             f"{r.model_version or '-':<8} {r.agent_version or '-':<8} {rollout:<16} "
