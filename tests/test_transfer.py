@@ -73,9 +73,11 @@ class FleetRepo:
         )
 
 
-def start_transport(port, store, fleet, cls=RolloutTransport) -> RolloutTransport:
+def start_transport(port, store, fleet, cls=RolloutTransport, **kw) -> RolloutTransport:
     # A shared group of the test's own: transports of other tests must not take its requests.
-    transport = cls(host=HOST, port=port, store=store, chunk_size=CHUNK, shared_group=f"r{fleet}")
+    transport = cls(
+        host=HOST, port=port, store=store, chunk_size=CHUNK, shared_group=f"r{fleet}", **kw
+    )
     transport.start()
     assert transport.ready.wait(10)
     return transport
@@ -140,11 +142,9 @@ class CuttingTransport(RolloutTransport):
     """Signals when it serves chunk ``cut_at`` the first time (the test then stops the
     broker), and corrupts chunk ``corrupt_at`` the first time it is served."""
 
-    cut_at = -1
-    corrupt_at = -1
-
-    def __init__(self, **kw) -> None:
+    def __init__(self, *, cut_at: int = -1, corrupt_at: int = -1, **kw) -> None:
         super().__init__(**kw)
+        self.cut_at, self.corrupt_at = cut_at, corrupt_at
         self.cut = threading.Event()
         self.corrupted = 0
 
@@ -173,8 +173,7 @@ def test_disconnected_device_resumes_from_its_first_missing_chunk(
     once it is back the device asks again from its first missing chunk, never for one it
     holds, and installs the signed target."""
     release, path, v2 = repo.release(repackage(tiny_package, "v2"))
-    CuttingTransport.cut_at = 12
-    transport = start_transport(spare_broker.port, repo.store, fleet, CuttingTransport)
+    transport = start_transport(spare_broker.port, repo.store, fleet, CuttingTransport, cut_at=12)
     agent = enrolled_agent(
         tmp_path, fleet, spare_broker.port, tiny_package[0], repo, transfer_window=4
     )
@@ -205,8 +204,7 @@ def test_restarted_agent_resumes_its_download(tmp_path, repo, fleet, mqtt_port, 
     """An agent stopped mid-download keeps what it held; restarted and offered the release
     again, it asks only for the chunks it lacks."""
     release, path, v2 = repo.release(repackage(tiny_package, "v2"))
-    CuttingTransport.cut_at = 10
-    transport = start_transport(mqtt_port, repo.store, fleet, CuttingTransport)
+    transport = start_transport(mqtt_port, repo.store, fleet, CuttingTransport, cut_at=10)
     agent = enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo, transfer_window=4)
     try:
         repo.offer(transport, release, path, v2)
@@ -233,8 +231,7 @@ def test_corrupted_chunk_is_refused_and_asked_again(tmp_path, repo, fleet, mqtt_
     """A chunk whose bytes do not match its hash is dropped and asked for again; the
     target still installs bit for bit."""
     release, path, v2 = repo.release(repackage(tiny_package, "v2"))
-    CuttingTransport.cut_at, CuttingTransport.corrupt_at = -1, 3
-    transport = start_transport(mqtt_port, repo.store, fleet, CuttingTransport)
+    transport = start_transport(mqtt_port, repo.store, fleet, CuttingTransport, corrupt_at=3)
     agent = enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo)
     try:
         repo.offer(transport, release, path, v2)
@@ -243,7 +240,6 @@ def test_corrupted_chunk_is_refused_and_asked_again(tmp_path, repo, fleet, mqtt_
         assert requested(transport).count(3) == 2  # the corrupt copy, then the good one
         assert agent.runtime.package.sha256 == hashlib.sha256(v2).hexdigest()
     finally:
-        CuttingTransport.corrupt_at = -1
         agent.stop()
         transport.stop()
 
@@ -628,6 +624,26 @@ def test_target_longer_than_signed_is_refused_as_endless_data(
         assert (report.status, report.reason) == ("rejected", "endless_data")
         assert max(requested(transport)) <= len(v2) // CHUNK + 1
         assert agent.model_version == "v1"
+    finally:
+        agent.stop()
+        transport.stop()
+
+
+def test_newer_release_cancels_a_running_download(tmp_path, repo, fleet, mqtt_port, tiny_package):
+    """A release offered while the previous one's target is downloading supersedes it: the
+    device drops that download without a report and installs the newer target."""
+    release, path, v2 = repo.release(repackage(tiny_package, "v2"))
+    transport = start_transport(mqtt_port, repo.store, fleet, CuttingTransport, cut_at=5)
+    agent = enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo)
+    try:
+        repo.offer(transport, release, path, v2)
+        assert transport.cut.wait(30)
+        newer, path3, v3 = repo.release(repackage(tiny_package, "v3"))
+        repo.offer(transport, newer, path3, v3)
+        wait_for(lambda: agent.model_version == "v3", 30, what="v3 live")
+        assert [(e.target_version, e.status, e.release) for e in agent.update_events] == [
+            ("v3", "applied", newer)
+        ]
     finally:
         agent.stop()
         transport.stop()
