@@ -71,6 +71,7 @@ class Plant:
         self.version = {f"d{i}": "v1" for i in range(n)}
         self.release = dict.fromkeys(self.version, 0)
         self.rate = dict.fromkeys(self.version, 0.05)  # anomaly rate of the live model
+        self.silent: set[str] = set()  # devices offline: no offer reaches them, no heartbeat
 
     def beat(self, device: str, **kw) -> None:
         hb = Heartbeat(
@@ -106,10 +107,13 @@ class Plant:
 
     def follow(self, offers: Offers, *, bad: dict[str, float] | None = None) -> set[str]:
         """Every device with a new offer installs its version and heartbeats on it (at the
-        anomaly rate ``bad`` gives that version, else 0.05); the devices that moved."""
+        anomaly rate ``bad`` gives that version, else 0.05); the devices that moved. A
+        device in ``silent`` hears nothing."""
         moved = set()
         for device in self.version:
             for offer in offers.take(device):
+                if device in self.silent:
+                    continue
                 version = offer.target.rsplit("/", 1)[1].removesuffix(".edgepkg")
                 self.release[device] = max(self.release[device], offer.release)
                 if version != self.version[device]:
@@ -120,7 +124,7 @@ class Plant:
 
     def beat_all(self, times: int = 1) -> None:
         for _ in range(times):
-            for device in self.version:
+            for device in set(self.version) - self.silent:
                 self.beat(device)
 
 
@@ -516,3 +520,45 @@ def test_the_tasks_carry_a_champion_move_to_every_device(world, eager_worker):
     assert set(world.plant.version.values()) == {"v2"}
     assert r.mlflow_run_id is not None
     assert tasks._tracker().client.get_run(r.mlflow_run_id).info.status == "FINISHED"
+
+
+def short_timeout(world, seconds: int = 60) -> None:
+    with world.sessions() as s:
+        row = s.get(Fleet, world.fleet)
+        row.settings = {**row.settings, "rollout_wave_timeout_s": seconds}
+        s.commit()
+
+
+def test_a_silent_canary_aborts_the_rollout(world):
+    """A canary that never answers within the wave timeout has failed: the canary wave
+    aborts, and the rollout ends aborted naming it as not confirmed back."""
+    short_timeout(world)
+    rid = world.start()
+    world.advance(rid)
+    silent = world.rollout(rid).plan[0][0]
+    world.plant.silent.add(silent)
+
+    state = world.drive(rid)
+
+    r = world.rollout(rid)
+    assert state == "aborted"
+    assert f"{silent} failed (silent: no status in 60 s)" in r.reason
+    assert world.rows(rid)[silent].state == "failed"
+    assert r.reason.endswith(f"not confirmed back on the previous model: {silent}")
+
+
+def test_a_silent_device_after_the_canaries_is_left_out_not_rolled_back(world):
+    """A device of a later wave silent past the timeout is marked failed and left out of
+    the judgement; the rollout finishes with every other device on the target."""
+    short_timeout(world)
+    rid = world.start()
+    world.advance(rid)
+    silent = world.rollout(rid).plan[1][0]
+    world.plant.silent.add(silent)
+
+    state = world.drive(rid)
+
+    rows = world.rows(rid)
+    assert state == "done"
+    assert rows[silent].state == "failed" and rows[silent].reason.startswith("silent: ")
+    assert {u.state for d, u in rows.items() if d != silent} == {"installed"}

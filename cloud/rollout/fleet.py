@@ -4,6 +4,7 @@ labels given by hand."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cloud.store.db import DeadLetter, Device, DeviceUpdate, Label, Sample
+from cloud.rollout.health import LabelCounts
+from cloud.store.db import DeadLetter, Device, DeviceUpdate, Label, Sample, aware
 from cloud.store.records import upsert_labels
 from shared.errors import DataError
 
@@ -118,6 +120,44 @@ def label_samples(
         )
     upsert_labels(session=session, sample_ids=sample_ids, label=label, source=source)
     return len(sample_ids)
+
+
+def label_counts(session: Session, rows: Sequence[DeviceUpdate], target: str) -> LabelCounts:
+    """Ground-truth labels (device or operator; an operator's wins) on the wave's samples:
+    those its devices classified with the target since installing it, and those they
+    classified with their previous version before it was sent."""
+    installed = [aware(u.installed_at) for u in rows if u.installed_at is not None]
+    base = {u.device_id: u.base_version for u in rows if u.base_version}
+    if not installed or not base:
+        return LabelCounts()
+    q = (
+        select(
+            Sample.id,
+            Sample.device_id,
+            Sample.model_version,
+            Sample.predicted,
+            Sample.received_at,
+            Label.label,
+            Label.source,
+        )  # fmt: skip
+        .join(Label, Label.sample_id == Sample.id)
+        .where(
+            Sample.device_id.in_(list(base)),
+            Sample.model_version.in_([target, *set(base.values())]),
+            Label.source.in_(("device", "operator")),
+        )
+        .order_by(Label.source)  # "operator" after "device": it overwrites below
+    )
+    since = min(installed)
+    seen: dict[str, tuple[bool, bool]] = {}  # sample → (on the target, correct)
+    for sid, device, version, predicted, received, label, _ in session.execute(q):
+        if version == target and aware(received) >= since:
+            seen[sid] = (True, predicted == label)
+        elif version == base.get(device) and aware(received) < since:
+            seen[sid] = (False, predicted == label)
+    on_t = [ok for t, ok in seen.values() if t]
+    on_p = [ok for t, ok in seen.values() if not t]
+    return LabelCounts(sum(on_t), len(on_t), sum(on_p), len(on_p))
 
 
 def status_table(rows: list[DeviceStatus]) -> dict[str, list[Any]]:

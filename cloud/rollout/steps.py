@@ -15,17 +15,17 @@ from sqlalchemy.orm import Session
 
 from cloud.compress.profiles import get_profile
 from cloud.config import CloudSettings
+from cloud.rollout.fleet import label_counts
 from cloud.rollout.health import (
     Budget,
     DeviceHealth,
-    LabelCounts,
     Thresholds,
     install_failures,
     judge,
 )
 from cloud.rollout.signing import Assignment
 from cloud.rollout.waves import WavePolicy, plan_waves
-from cloud.store.db import Device, DeviceUpdate, Fleet, Label, ModelVersion, Rollout, Sample, aware
+from cloud.store.db import Device, DeviceUpdate, Fleet, ModelVersion, Rollout, aware
 from cloud.store.objects import ObjectStore
 from shared.errors import ConfigError, EdgeloopError
 from shared.package import model_name
@@ -33,6 +33,11 @@ from shared.package import model_name
 log = logging.getLogger(__name__)
 
 INSTALL_BEATS = "beats_at_install"  # in DeviceUpdate.before: the heartbeat count at install
+SILENT = "silent: "  # how a failed row's reason starts when the device said nothing in time
+
+
+def _silent(u: DeviceUpdate) -> bool:
+    return (u.reason or "").startswith(SILENT)
 
 
 class Signer(Protocol):
@@ -108,44 +113,6 @@ def budget_of(profile: str) -> Budget:
     except ConfigError:
         return Budget()
     return Budget(max_latency_ms=p.max_latency_ms, max_memory_mb=p.max_memory_mb)
-
-
-def label_counts(session: Session, rows: Sequence[DeviceUpdate], target: str) -> LabelCounts:
-    """Ground-truth labels (device or operator; an operator's wins) on the wave's samples:
-    those its devices classified with the target since installing it, and those they
-    classified with their previous version before it was sent."""
-    installed = [aware(u.installed_at) for u in rows if u.installed_at is not None]
-    base = {u.device_id: u.base_version for u in rows if u.base_version}
-    if not installed or not base:
-        return LabelCounts()
-    q = (
-        select(
-            Sample.id,
-            Sample.device_id,
-            Sample.model_version,
-            Sample.predicted,
-            Sample.received_at,
-            Label.label,
-            Label.source,
-        )  # fmt: skip
-        .join(Label, Label.sample_id == Sample.id)
-        .where(
-            Sample.device_id.in_(list(base)),
-            Sample.model_version.in_([target, *set(base.values())]),
-            Label.source.in_(("device", "operator")),
-        )
-        .order_by(Label.source)  # "operator" after "device": it overwrites below
-    )
-    since = min(installed)
-    seen: dict[str, tuple[bool, bool]] = {}  # sample → (on the target, correct)
-    for sid, device, version, predicted, received, label, _ in session.execute(q):
-        if version == target and aware(received) >= since:
-            seen[sid] = (True, predicted == label)
-        elif version == base.get(device) and aware(received) < since:
-            seen[sid] = (False, predicted == label)
-    on_t = [ok for t, ok in seen.values() if t]
-    on_p = [ok for t, ok in seen.values() if not t]
-    return LabelCounts(sum(on_t), len(on_t), sum(on_p), len(on_p))
 
 
 class Step:
@@ -316,14 +283,19 @@ class Step:
         if self.now - aware(r.wave_started_at or self.now) > timedelta(
             seconds=self.cfg.wave_timeout_s
         ):
-            # Silence is a failure: a canary that never answers, or never heartbeats on the
-            # target, cannot be judged healthy.
+            # A device that never answers, or never heartbeats on the target, is failed. In
+            # the canary wave that aborts (a silent canary cannot be judged healthy); in a
+            # later wave it is left out of the judgement, so one device offline does not
+            # roll back a fleet whose canaries were healthy.
             for u in rows:
                 if u.state == "sent":
-                    u.state, u.reason = "failed", f"no status in {self.cfg.wave_timeout_s:g} s"
+                    u.state = "failed"
+                    u.reason = f"{SILENT}no status in {self.cfg.wave_timeout_s:g} s"
                 elif u.state == "installed" and u.beats_after < self.cfg.dwell_heartbeats:
                     u.state = "failed"
-                    u.reason = f"{u.beats_after} heartbeat(s) on the target in the wave timeout"
+                    u.reason = f"{SILENT}{u.beats_after} heartbeat(s) on the target in time"
+        if k > 0:
+            rows = [u for u in rows if not (u.state == "failed" and _silent(u))]
         observed = self.observe(rows, devices)
         failures = install_failures(observed)
         dwelt = all(o.after is not None for o in observed)
