@@ -562,3 +562,38 @@ def test_a_silent_device_after_the_canaries_is_left_out_not_rolled_back(world):
     assert state == "done"
     assert rows[silent].state == "failed" and rows[silent].reason.startswith("silent: ")
     assert {u.state for d, u in rows.items() if d != silent} == {"installed"}
+
+
+def test_labelled_accuracy_counts_the_wave_samples_on_each_side(world):
+    """Labels on the canaries' samples: the target's since install against the previous
+    version's before it; teacher pseudo-labels are not ground truth; an operator's label
+    wins over the device's."""
+    from cloud.rollout.fleet import label_counts
+    from cloud.store.db import Label, Sample
+
+    t0 = world.clock
+    rows = [DeviceUpdate(device_id="d0", target_version="v2", base_version="v1",
+                         installed_at=t0)]  # fmt: skip
+    samples = [  # (version, received, predicted, [(source, label)])
+        ("v1", t0 - timedelta(hours=1), "normal", [("device", "normal")]),
+        ("v1", t0 - timedelta(hours=1), "normal", [("device", "idv_01")]),
+        ("v2", t0 + timedelta(minutes=1), "normal", [("device", "idv_01"), ("operator", "normal")]),
+        ("v2", t0 + timedelta(minutes=2), "idv_01", [("device", "normal")]),
+        ("v2", t0 + timedelta(minutes=3), "idv_01", [("teacher", "idv_01")]),
+        ("v2", t0 - timedelta(days=9), "normal", [("device", "normal")]),  # before install
+    ]
+    with world.sessions() as s:
+        for i, (version, received, predicted, labels) in enumerate(samples):
+            s.add(Sample(id=f"s{i}", device_id="d0", fleet=world.fleet, content_sha256="0" * 64,
+                         object_key="k", dtype="float32", shape=[8, 2], captured_at=received,
+                         received_at=received, model_version=version, predicted=predicted,
+                         confidence=0.9, score=0.0))  # fmt: skip
+            s.flush()
+            for source, label in labels:
+                s.add(Label(sample_id=f"s{i}", label=label, source=source))
+        s.commit()
+
+        counts = label_counts(s, rows, "v2")
+
+    assert (counts.target_correct, counts.target_total) == (1, 2)
+    assert (counts.previous_correct, counts.previous_total) == (1, 2)
