@@ -97,6 +97,7 @@ class EdgeAgent:
             slots=self.slots,
             slots_lock=self._slots_lock,
             send=self._send_request,
+            online=self.link.connected.is_set,
             running=lambda: self.runtime,
             swap=self._swap,
             report=self._report,

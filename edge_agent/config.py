@@ -44,8 +44,9 @@ class EdgeSettings(BaseSettings):
     resend_after_s: float = Field(10.0, gt=0)
     heartbeat_s: float = Field(30.0, gt=0)
     # Update downloads (edge_agent.transfer): chunks asked for at a time, seconds without a
-    # chunk before asking again, and before the download is reported transfer_failed
-    # (what arrived stays on disk; the next offer resumes from the first missing chunk).
+    # chunk before asking again, and seconds online without one before the download is
+    # reported transfer_failed (what arrived stays on disk; the next offer resumes from the
+    # first missing chunk). Offline time does not count: the download waits for the link.
     transfer_window: int = Field(8, ge=1, le=64)
     transfer_retry_s: float = Field(3.0, gt=0)
     transfer_stall_s: float = Field(120.0, gt=0)

@@ -56,6 +56,7 @@ class Download:
         release: int = 0,
         url: str | None = None,
         url_timeout_s: float = 20.0,
+        online: Callable[[], bool] = lambda: True,
     ) -> None:
         if length < 1 or chunk_size < 1:
             raise ValueError("a download needs a length and a chunk size of at least 1")
@@ -65,6 +66,7 @@ class Download:
         self.request = request
         self.window = max(1, min(window, MAX_REQUEST_CHUNKS))
         self.retry_s, self.stall_s = retry_s, stall_s
+        self.online = online  # the stall clock runs only while the link is up
         # A presigned object-store URL, where this device can reach the store: tried first,
         # and what it does not deliver comes over MQTT.
         self.url = url if url and url.startswith(("https://", "http://")) else None
@@ -110,7 +112,8 @@ class Download:
         """The target's bytes, chunk by chunk in order, blocking while they arrive.
 
         Raises UpdateRefused("transfer_failed") when no new chunk arrived for ``stall_s``
-        (what is held stays for the next offer), TransferCancelled on ``cancel()``.
+        while the link was up (what is held stays for the next offer); TransferCancelled
+        on ``cancel()``. Offline, it waits: a newer offer or ``cancel()`` ends the wait.
         """
         if self.url is not None:
             self._fetch_url(self.url)
@@ -121,6 +124,8 @@ class Download:
                 now = time.monotonic()
                 if self._cancelled.is_set():
                     raise TransferCancelled(self.target)
+                if not self.online():
+                    progress_at = now
                 if now - progress_at > self.stall_s:
                     raise UpdateRefused(
                         f"no chunk of {self.target} for {self.stall_s:.0f} s; held "
@@ -294,12 +299,13 @@ class Transfers:
         retry_s: float = 3.0,
         stall_s: float = 120.0,
         url_timeout_s: float = 20.0,
+        online: Callable[[], bool] = lambda: True,
     ) -> None:
         self.directory = Path(directory)
         self.fleet, self.device_id = fleet, device_id
         self.send = send
         self.window, self.retry_s, self.stall_s = window, retry_s, stall_s
-        self.url_timeout_s = url_timeout_s
+        self.url_timeout_s, self.online = url_timeout_s, online
         self.current: Download | None = None
 
     def begin(
@@ -344,6 +350,7 @@ class Transfers:
             release=release,
             url=url,
             url_timeout_s=self.url_timeout_s,
+            online=self.online,
         )
         self.current = download
         return download

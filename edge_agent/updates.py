@@ -56,6 +56,7 @@ class Updates:
         slots: ModelSlots,
         slots_lock: threading.Lock,
         send: Callable[[ChunkRequest], bool],
+        online: Callable[[], bool],
         running: Callable[[], ModelRuntime | None],
         swap: Callable[[ModelRuntime], None],
         report: Report,
@@ -73,6 +74,7 @@ class Updates:
             retry_s=s.transfer_retry_s,
             stall_s=s.transfer_stall_s,
             url_timeout_s=s.url_timeout_s,
+            online=online,
         )
         self._offers = LatestOffer()
         self._stopping = threading.Event()
