@@ -72,13 +72,14 @@ class Plant:
         self.release = dict.fromkeys(self.version, 0)
         self.rate = dict.fromkeys(self.version, 0.05)  # anomaly rate of the live model
         self.silent: set[str] = set()  # devices offline: no offer reaches them, no heartbeat
+        self.profile = dict.fromkeys(self.version, PROFILE)
 
     def beat(self, device: str, **kw) -> None:
         hb = Heartbeat(
             fleet=self.fleet,
             device_id=device,
             model_version=self.version[device],
-            profile=PROFILE,
+            profile=self.profile[device],
             buffer_depth=0,
             windows_seen=1000,
             anomaly_rate=self.rate[device],
@@ -112,8 +113,8 @@ class Plant:
         moved = set()
         for device in self.version:
             for offer in offers.take(device):
-                if device in self.silent:
-                    continue
+                if device in self.silent or offer.release < self.release[device]:
+                    continue  # as an agent drops an offer older than what it has seen
                 version = offer.target.rsplit("/", 1)[1].removesuffix(".edgepkg")
                 self.release[device] = max(self.release[device], offer.release)
                 if version != self.version[device]:
@@ -173,8 +174,8 @@ class World:
         self.transport, self.offers, self.plant, self.fleet = transport, offers, plant, fleet
         self.clock = datetime.now(UTC)
 
-    def start(self, mlflow_version: str = "2") -> int:
-        r = controller.start_rollout(sessions=self.sessions, fleet=self.fleet, profile=PROFILE,
+    def start(self, mlflow_version: str = "2", profile: str = PROFILE) -> int:
+        r = controller.start_rollout(sessions=self.sessions, fleet=self.fleet, profile=profile,
                                      mlflow_version=mlflow_version, trigger="alias",
                                      settings=CloudSettings())  # fmt: skip
         return r.id
@@ -597,3 +598,46 @@ def test_labelled_accuracy_counts_the_wave_samples_on_each_side(world):
 
     assert (counts.target_correct, counts.target_total) == (1, 2)
     assert (counts.previous_correct, counts.previous_total) == (1, 2)
+
+
+def test_two_profiles_of_one_fleet_roll_out_side_by_side(world):
+    """Rollouts of two profiles of one fleet, stepped in turn: each release keeps the other
+    profile's assignments (a device drops an offer older than what it has seen), and both
+    finish with every device on its profile's target."""
+    other = "jetson-fp16"
+    data = b"jetson package j2" * 64
+    with world.sessions() as s:
+        world.store.put(package_key(world.fleet, other, "j1"), b"jetson package j1" * 64)
+        world.store.put(package_key(world.fleet, other, "j2"), data)
+        for i, v in enumerate(("j1", "j2")):
+            blob = world.store.get(package_key(world.fleet, other, v))
+            s.add(ModelVersion(name=model_name(world.fleet, other), version=v,
+                               mlflow_version=str(i + 1), profile=other,
+                               sha256=sha256(blob).hexdigest(),
+                               object_key=package_key(world.fleet, other, v),
+                               class_names=["normal"]))  # fmt: skip
+        for i in (8, 9):
+            s.add(Device(id=f"d{i}", fleet=world.fleet, profile=other, model_version="j1",
+                         site=SITES[0]))  # fmt: skip
+        s.commit()
+    for d in ("d8", "d9"):
+        world.plant.version[d], world.plant.release[d] = "j1", 0
+        world.plant.rate[d], world.plant.profile[d] = 0.05, other
+    world.plant.beat_all()
+    ids = [world.start(), world.start("2", profile=other)]
+
+    states = {}
+    for _ in range(40):
+        for rid in ids:
+            world.clock -= timedelta(seconds=5)  # one tick of the clock steps both
+            states[rid] = world.advance(rid)
+        if set(states.values()) == {"done"}:
+            break
+        world.plant.follow(world.offers)
+        world.plant.beat_all()
+
+    assert set(states.values()) == {"done"}
+    assert world.releases()[-1] == {"v2": {f"d{i}" for i in range(8)}, "j2": {"d8", "d9"}}
+    for release in world.releases():
+        assert release.get("j1", set()) | release.get("j2", set()) <= {"d8", "d9"}
+    assert set(world.plant.version.values()) == {"v2", "j2"}

@@ -42,6 +42,7 @@ def _silent(u: DeviceUpdate) -> bool:
 
 class Signer(Protocol):
     def publish(self, assignments: Sequence[Assignment]) -> int: ...
+    def current_release(self) -> int: ...
     def assignments(self) -> list[Assignment]: ...
     def bundle(self) -> dict[str, str]: ...
 
@@ -226,11 +227,13 @@ class Step:
         )
 
     def offer(self, rows: list[DeviceUpdate], version_of: dict[str, str]) -> list[DeviceUpdate]:
-        """Offer the current release to each row's device; the rows the broker took."""
+        """Offer the current release to each row's device; the rows the broker took. The
+        current one, not this rollout's last: another profile's rollout may have signed a
+        newer release since (which keeps this profile's assignments), and a device drops an
+        offer older than what it has seen."""
         if not rows:
             return []
-        assert self.r.release is not None
-        bundle, sent = self.signer.bundle(), []
+        release, bundle, sent = self.signer.current_release(), self.signer.bundle(), []
         for u in rows:
             target = self.target(version_of[u.device_id])
             if target is None:
@@ -239,7 +242,7 @@ class Step:
                 self.transport.offer(
                     fleet=self.r.fleet,
                     device_id=u.device_id,
-                    release=self.r.release,
+                    release=release,
                     target_path=target.path,
                     length=target.length,
                     bundle=bundle,
