@@ -647,3 +647,28 @@ def test_newer_release_cancels_a_running_download(tmp_path, repo, fleet, mqtt_po
     finally:
         agent.stop()
         transport.stop()
+
+
+def test_offline_time_does_not_fail_a_download(tmp_path, tiny_package):
+    """While the link is down a download waits past its stall timeout; once the link is up
+    and still no chunk comes, it fails as transfer_failed."""
+    data = repackage(tiny_package, "v2")
+    link_up = threading.Event()
+    download = new_download(
+        tmp_path, data, lambda first, count: link_up.is_set(), stall_s=0.3, online=link_up.is_set
+    )
+    outcome: list = []
+
+    def consume():
+        try:
+            b"".join(download.chunks())
+        except UpdateRefused as exc:
+            outcome.append((exc.reason, link_up.is_set()))
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    time.sleep(1.0)  # offline for three stall timeouts
+    assert not outcome
+    link_up.set()
+    worker.join(5)
+    assert outcome == [("transfer_failed", True)]
