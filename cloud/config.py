@@ -78,6 +78,9 @@ class CloudSettings(BaseSettings):
     rollout_min_labels: int = 30  # labels each side needs before accuracy is judged
     rollout_wave_timeout_s: float = 1800.0  # a device silent this long in its wave has failed
     rollout_resend_s: float = 60.0  # offer again to a device that has not answered
+    # The MQTT shared-subscription group the rollout transports split chunk requests in:
+    # every member must read the same object store ("": each transport hears every request).
+    rollout_shared_group: str = "rollout"
     rollout_tick_s: float = 5.0  # beat: advance every active rollout
     rollout_reconcile_s: float = 60.0  # beat: compare champions with rollout records
     # The online TUF keys (releases, snapshot, timestamp) the rollout worker signs with.

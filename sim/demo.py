@@ -26,17 +26,17 @@ from cloud.ingest.ingestor import Ingestor
 from cloud.ingest.service import IngestService
 from cloud.learn.runner import run_round, train_initial
 from cloud.learn.state import RoundConfig
-from cloud.rollout.publisher import Publisher
 from cloud.store.datasets import LabelledWindows, register_dataset
 from cloud.store.db import migrate, session_factory
 from cloud.store.objects import LocalObjectStore
-from cloud.store.records import register_device
+from cloud.store.records import allow_classes, create_fleet, register_device
 from cloud.tracking.registry import open_registry
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeSettings
 from shared.errors import DataError
 from sim.broker import EmbeddedBroker
 from sim.fleet import FleetSimulator
+from sim.rollouts import DemoRollouts
 from sim.tep import NORMAL, VALIDATION_SEED, Windows, generate, golden_set
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,16 @@ def run_demo(
         group=None,
     )
     ingest.start()
-    publisher = Publisher(host="127.0.0.1", port=broker.port)
+    with sessions() as session:  # devices may label what the first model knows
+        create_fleet(session=session, fleet=fleet, classes=list(first.class_names))
+    rollouts = DemoRollouts(
+        settings=settings,
+        sessions=sessions,
+        store=store,
+        fleet=fleet,
+        home=home,
+        mqtt_port=broker.port,
+    ).start()
     agents: list[EdgeAgent] = []
     rows: list[RoundRow] = []
     try:
@@ -197,10 +206,11 @@ def run_demo(
                     state_dir=home / "edge" / device_id,
                     uncertain_below=0.9,
                     resend_after_s=5,
-                    heartbeat_s=5,
+                    heartbeat_s=1,  # the rollout dwells three heartbeats per wave
                     diversity_distance=0.2,
                 )
             )
+            agent.enroll(rollouts.root)  # the fleet's TUF root: what it trusts updates by
             agent.bootstrap(first.package)
             agent.start()
             agents.append(agent)
@@ -221,6 +231,8 @@ def run_demo(
         for rnd in range(1, rounds + 1):
             t_round = time.perf_counter()
             new_fault = sim.new_faults[rnd - 1]
+            with sessions() as session:  # the maintenance team names the new fault
+                allow_classes(session=session, fleet=fleet, add=[new_fault])
             old = set(sim.faults_in_round(rnd - 1))
             before, uploaded, labelled = _stream(sim, agents, rnd, "stream", plant_start)
             _wait(
@@ -231,13 +243,17 @@ def run_demo(
             )
             result = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
             if result.promoted:
-                publisher.roll_out(sessions=sessions, fleet=fleet, package=result.package)
-                _wait(
-                    lambda r=result: all(a.model_version == r.version for a in agents),
-                    lambda: [a.tick() for a in agents],
-                    120,
-                    f"agents to run {result.version}",
+                assert result.mlflow_version is not None  # a promoted version is registered
+                rollout = rollouts.roll_out(
+                    profile=PROFILE,
+                    mlflow_version=result.mlflow_version,
+                    tick=lambda: [a.tick() for a in agents],
+                    timeout_s=300,
                 )
+                if rollout.state != "done":
+                    raise RuntimeError(
+                        f"rollout of {result.version} ended {rollout.state}: {rollout.reason}"
+                    )
             after, _, _ = _stream(sim, agents, rnd, "eval", plant_start)
             row = RoundRow(
                 round=rnd,
@@ -277,7 +293,7 @@ def run_demo(
     finally:
         for a in agents:
             a.stop()
-        publisher.close()
+        rollouts.stop()
         ingest.stop()
         broker.stop()
     echo("")

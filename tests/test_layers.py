@@ -42,7 +42,7 @@ def test_the_tree_keeps_every_contract():
 @pytest.mark.parametrize(
     ("module", "line", "broken"),
     [
-        ("cloud/rollout/publisher.py", "from cloud.learn.state import STAGES", "cloud.learn"),
+        ("cloud/rollout/controller.py", "from cloud.learn.state import STAGES", "cloud.learn"),
         ("cloud/model/evaluation.py", "import torch", "torch"),
         ("cloud/ingest/ingestor.py", "from cloud.model import metrics", "cloud.model"),
         ("cloud/store/db.py", "from cloud.learn import rounds", "cloud.learn"),

@@ -181,6 +181,7 @@ def live_fleet(pg_url, s3_store, mlflow_uri, fleet, tep_small, tiny_package, tmp
         "EDGELOOP_MQTT_PORT": str(MQTT_PORT),
         "EDGELOOP_TUF_KEYS_DIR": str(keys),
         "EDGELOOP_ROLLOUT_TICK_S": "1",
+        "EDGELOOP_ROLLOUT_SHARED_GROUP": f"r{fleet}",  # chunks from this test's store only
         "EDGELOOP_ROLLOUT_DWELL_HEARTBEATS": "3",
         "EDGELOOP_CELERY_VISIBILITY_TIMEOUT_S": "10",
     }

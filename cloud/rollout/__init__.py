@@ -1,2 +1,3 @@
-"""Getting models to devices: the publisher (whole packages today) and the fleet as
-operators see it. Never imports cloud.learn or cloud.ingest."""
+"""Getting models to devices: rollouts from the registry (controller, waves, health,
+webhook receiver), signed releases, the MQTT transport, and the fleet as operators see it.
+Never imports cloud.learn or cloud.ingest."""

@@ -108,6 +108,7 @@ class RolloutTransport:
             username=settings.mqtt_username,
             password=settings.mqtt_password,
             tls=settings.mqtt_tls,
+            shared_group=settings.rollout_shared_group,
         )
 
     # -- lifecycle ------------------------------------------------------------------------

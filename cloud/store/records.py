@@ -146,9 +146,10 @@ def allow_classes(*, session: Session, fleet: str, add: list[str]) -> list[str]:
 
 def allowed_labels(session: Session, fleet: str) -> frozenset[str] | None:
     """The classes a device of ``fleet`` may label; None: any (a fleet without a row, as
-    before fleets had one)."""
+    before fleets had one, or whose row sets no list: one a rollout created before
+    `edgeloop cloud init` ran)."""
     row = session.get(Fleet, fleet)
-    return None if row is None else frozenset(row.classes or [])
+    return None if row is None or not row.classes else frozenset(row.classes)
 
 
 def enroll_device(
