@@ -77,6 +77,7 @@ class CloudSettings(BaseSettings):
     rollout_max_accuracy_drop_pts: float = 5.0  # labelled accuracy, target vs previous
     rollout_min_labels: int = 30  # labels each side needs before accuracy is judged
     rollout_wave_timeout_s: float = 1800.0  # a device silent this long in its wave has failed
+    rollout_presigned_urls: bool = False  # offers carry a presigned S3 URL of the package
     rollout_resend_s: float = 60.0  # offer again to a device that has not answered
     # The MQTT shared-subscription group the rollout transports split chunk requests in:
     # every member must read the same object store ("": each transport hears every request).

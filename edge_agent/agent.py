@@ -157,6 +157,11 @@ class EdgeAgent:
         self.writer.sync(timeout)
 
     @property
+    def enrolled(self) -> bool:
+        """Whether the device trusts a fleet root (and so can take signed releases)."""
+        return self.updates.trust.enrolled()
+
+    @property
     def model_version(self) -> str | None:
         return self.runtime.version if self.runtime else None
 

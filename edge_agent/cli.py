@@ -88,9 +88,13 @@ def run(
     except EdgeloopError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
-    if agent.runtime is None:
+    if agent.runtime is None and not agent.enrolled:
         typer.secho(
-            "error: no model installed; pass --package for the first start", fg="red", err=True
+            "error: no model installed and no fleet root: pass --package (a factory image), or "
+            "enroll the device (`edgeloop edge enroll --root FILE`) so that it takes its first "
+            "model from the fleet's rollout",
+            fg="red",
+            err=True,
         )
         raise typer.Exit(2)
     # np.load with allow_pickle=False: the feed is data, never code.
@@ -99,11 +103,17 @@ def run(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     agent.start()
-    log.info("agent %s/%s running %s", settings.fleet, settings.device_id, agent.model_version)
+    log.info(
+        "agent %s/%s running %s",
+        settings.fleet,
+        settings.device_id,
+        agent.model_version or "no model yet (waiting for the fleet's rollout)",
+    )
     i = 0
     try:
         while not stop.is_set():
-            if feed is not None and i < len(feed):
+            # Until a first model arrives (an enrolled device without one), windows wait.
+            if feed is not None and i < len(feed) and agent.runtime is not None:
                 try:
                     det, msg = agent.process(feed[i])
                     log.debug(

@@ -194,6 +194,27 @@ def test_round_registers_gated_version_with_lineage(
     assert [r.version for r in rows] == ["v1", "v2"]
 
 
+def test_the_next_round_learns_from_what_champion_names(
+    fleet_with_uploads, mlflow_uri, fleet, tiny_package
+):
+    """A newer version passed its gates but `champion` stayed on v1 (an operator moved it
+    back, or never promoted): the next round's parent is v1, the model the fleet runs."""
+    from tests.fleetkit import package_variant, register_package
+
+    sessions, store, registry, cfg, first = fleet_with_uploads
+    register_package(
+        sessions=sessions, store=store, registry=registry, fleet=fleet,
+        package=package_variant(tiny_package, "v2"),
+    )  # fmt: skip
+    name = model_name(fleet, "cpu-fp32")
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert client.get_model_version_by_alias(name, "champion").tags["edgeloop_version"] == "v1"
+
+    result = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
+
+    assert (result.version, result.parent) == ("v3", "v1")
+
+
 def test_mislabelled_round_is_stopped_by_the_gate(fleet_with_uploads, mlflow_uri, fleet):
     """Uploads of a fault labelled 'normal' teach the candidate to miss that fault on the
     golden set: it is registered, but not promoted, and champion stays v1."""

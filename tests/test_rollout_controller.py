@@ -304,6 +304,9 @@ class DyingTransport:
         self.offers += 1
         raise Killed
 
+    def target_url(self, fleet: str, target: str) -> str | None:
+        return self.transport.target_url(fleet, target)
+
 
 def test_a_step_killed_midway_is_redone_from_the_rows_and_finishes_once(world):
     """A worker killed in the step that judged the canaries, signed wave 1's release and

@@ -115,6 +115,59 @@ class LiveFleet:
         )
 
 
+def cloud_env(pg_url, store, mlflow_uri, fleet, keys) -> dict:
+    """The settings every cloud process of this test runs with: its own database, bucket,
+    Celery queue, Redis db, shared-subscription group and online keys."""
+    return {
+        **os.environ,
+        "EDGELOOP_DATABASE_URL": pg_url,
+        "EDGELOOP_STORE": "s3",
+        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
+        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
+        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
+        "EDGELOOP_S3_BUCKET": store.bucket,
+        "EDGELOOP_MLFLOW_TRACKING_URI": mlflow_uri,
+        "EDGELOOP_REDIS_URL": f"redis://{HOST}:{REDIS_PORT}/15",
+        "EDGELOOP_CELERY_QUEUE": f"q-{fleet}",
+        "EDGELOOP_MQTT_PORT": str(MQTT_PORT),
+        "EDGELOOP_TUF_KEYS_DIR": str(keys),
+        "EDGELOOP_ROLLOUT_TICK_S": "1",
+        "EDGELOOP_ROLLOUT_RECONCILE_S": "2",
+        "EDGELOOP_ROLLOUT_SHARED_GROUP": f"r{fleet}",  # chunks from this test's store only
+        "EDGELOOP_ROLLOUT_DWELL_HEARTBEATS": "3",
+        "EDGELOOP_CELERY_VISIBILITY_TIMEOUT_S": "10",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+    }
+
+
+def start_cloud(live: LiveFleet, mlflow_uri: str) -> None:
+    """The receiver as operators run it (MLflow's signed webhook in, a Celery task out; it
+    registers itself with the MLflow server), a Celery worker and beat."""
+    port = _free_port()
+    live.env.update(EDGELOOP_WEBHOOK_SECRET=SECRET, EDGELOOP_WEBHOOK_NAME=f"rollouts-{live.fleet}",
+                    EDGELOOP_WEBHOOK_PORT=str(port))  # fmt: skip
+    live.procs["webhook"] = subprocess.Popen(
+        [sys.executable, "-c", "from shared.cli import main; main()", "cloud", "webhook"],
+        env=live.env, stdout=(live.tmp / "webhook.log").open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    wait_for(lambda: _answers_http(f"http://{HOST}:{port}/healthz"), 30, what="the receiver")
+    live.worker()
+    live.celery("beat", "beat", "--loglevel", "INFO",
+                "--schedule", str(live.tmp / "beat-schedule"))  # fmt: skip
+
+
+def stop_cloud(live: LiveFleet, mlflow_uri: str) -> None:
+    for proc in live.procs.values():
+        with suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    for proc in live.procs.values():
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    delete_webhook(tracking_uri=mlflow_uri, name=f"rollouts-{live.fleet}")
+
+
 @pytest.fixture
 def live_fleet(pg_url, s3_store, mlflow_uri, fleet, tep_small, tiny_package, tmp_path):
     """Eight enrolled agents on two sites running v1, fed real normal windows; v2 (good),
@@ -167,55 +220,19 @@ def live_fleet(pg_url, s3_store, mlflow_uri, fleet, tep_small, tiny_package, tmp
         group=None,
     )  # fmt: skip
     ingest.start()
-    env = {
-        **os.environ,
-        "EDGELOOP_DATABASE_URL": pg_url,
-        "EDGELOOP_STORE": "s3",
-        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
-        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
-        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
-        "EDGELOOP_S3_BUCKET": s3_store.bucket,
-        "EDGELOOP_MLFLOW_TRACKING_URI": mlflow_uri,
-        "EDGELOOP_REDIS_URL": f"redis://{HOST}:{REDIS_PORT}/15",
-        "EDGELOOP_CELERY_QUEUE": f"q-{fleet}",
-        "EDGELOOP_MQTT_PORT": str(MQTT_PORT),
-        "EDGELOOP_TUF_KEYS_DIR": str(keys),
-        "EDGELOOP_ROLLOUT_TICK_S": "1",
-        "EDGELOOP_ROLLOUT_SHARED_GROUP": f"r{fleet}",  # chunks from this test's store only
-        "EDGELOOP_ROLLOUT_DWELL_HEARTBEATS": "3",
-        "EDGELOOP_CELERY_VISIBILITY_TIMEOUT_S": "10",
-    }
+    env = cloud_env(pg_url, s3_store, mlflow_uri, fleet, keys)
+    # Only the webhook starts these rollouts (the reconcile has its own test, below).
+    env["EDGELOOP_ROLLOUT_RECONCILE_S"] = "600"
     live = LiveFleet(
         fleet, sessions, s3_store, MlflowClient(tracking_uri=mlflow_uri), agents, versions,
         {v: ModelPackage(p).sha256 for v, p in packages.items()}, env, tmp_path,
     )  # fmt: skip
-    # The receiver, as operators run it: MLflow's signed webhook in, a Celery task out; it
-    # registers itself with the MLflow server at start.
-    port = _free_port()
-    env.update(EDGELOOP_WEBHOOK_SECRET=SECRET, EDGELOOP_WEBHOOK_NAME=f"rollouts-{fleet}",
-               EDGELOOP_WEBHOOK_PORT=str(port))  # fmt: skip
-    receiver = subprocess.Popen(
-        [sys.executable, "-c", "from shared.cli import main; main()", "cloud", "webhook"],
-        env=env, stdout=(tmp_path / "webhook.log").open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    live.procs["webhook"] = receiver
-    wait_for(lambda: _answers_http(f"http://{HOST}:{port}/healthz"), 30, what="the receiver")
-    live.worker()
-    live.celery("beat", "beat", "--loglevel", "INFO",
-                "--schedule", str(tmp_path / "beat-schedule"))  # fmt: skip
+    start_cloud(live, mlflow_uri)
     try:
         yield live
     finally:
         feeder.stop()
-        for proc in live.procs.values():
-            with suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        for proc in live.procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        delete_webhook(tracking_uri=mlflow_uri, name=f"rollouts-{fleet}")
+        stop_cloud(live, mlflow_uri)
         for a in agents:
             a.stop()
         ingest.stop()
@@ -240,6 +257,13 @@ def test_champion_moved_in_the_registry_reaches_canaries_first_then_everyone(liv
     assert max(updates[d].installed_at for d in canaries) < min(updates[d].sent_at for d in rest)
     assert all(a.runtime.package.sha256 == f.sha["v2"] for a in f.agents)
     assert first.trigger == "alias" and first.target_version == "v2"
+    # The rollout charted in MLflow: its run's step metrics, and the version tagged with it.
+    wait_for(lambda: f.client.get_run(first.mlflow_run_id).info.status == "FINISHED", 30,
+             what="the rollout's MLflow run to finish")  # fmt: skip
+    on_target = f.client.get_metric_history(first.mlflow_run_id, "devices_on_target")
+    assert on_target[-1].value == DEVICES and len(on_target) >= 2
+    tags = f.client.get_model_version(model_name(f.fleet, PROFILE), f.versions["v2"]).tags
+    assert (tags["rollout_id"], tags["rollout_state"]) == (str(first.id), "done")
 
     f.champion("v1")
     wait_for(lambda: set(f.running().values()) == {"v1"}, 180, what=f"back to v1\n{f.logs()}")
@@ -305,3 +329,89 @@ def test_a_worker_killed_mid_rollout_resumes_and_finishes_once(live_fleet):
     assert [r.id for r in f.rollouts()] == [rollout_id]
     applied = [e for a in f.agents for e in a.update_events if e.status == "applied"]
     assert sorted(e.device_id for e in applied) == sorted(a.settings.device_id for a in f.agents)
+
+
+def test_cloud_init_brings_a_fresh_fleet_to_a_rolled_out_first_model(
+    pg_url, s3_store, mlflow_uri, fleet, tep_small, tmp_path
+):
+    """On a fresh database and an empty registry: `edgeloop cloud init` trains, registers
+    and promotes v1 (its champion move reaches the webhook: a rollout of no device yet);
+    three devices enrolled with `edgeloop fleet enroll` start with no model, only the
+    fleet's root; the reconcile sends them v1 in a signed rollout of their own."""
+    import numpy as np
+
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.config import EdgeSettings
+    from sim.tep import generate
+    from tests.conftest import TEP_CACHE
+
+    require("Redis", REDIS_PORT)
+    train, golden = tep_small
+    validation = generate(classes=train.class_names, runs_per_class=1, seed=41, horizon_h=4.0,
+                          cache_dir=TEP_CACHE, workers=2)  # fmt: skip
+    files = {}
+    for role, w in (("base", train), ("validation", validation), ("golden", golden)):
+        files[role] = tmp_path / f"{role}.npz"
+        np.savez(files[role], x=w.x, y=w.y, class_names=np.array(w.class_names))
+    sessions = session_factory(pg_url)
+    env = cloud_env(pg_url, s3_store, mlflow_uri, fleet, tmp_path / "keys")
+    env["EDGELOOP_ROUND_EPOCHS"] = "6"
+    live = LiveFleet(fleet, sessions, s3_store, MlflowClient(tracking_uri=mlflow_uri), [], {},
+                     {}, env, tmp_path)  # fmt: skip
+
+    def edgeloop(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", "from shared.cli import main; main()", *args],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    start_cloud(live, mlflow_uri)
+    agents = []
+    try:
+        sets = [a for role, path in files.items() for a in (f"--{role}", str(path))]
+        edgeloop("cloud", "init", "--fleet", fleet, "--profile", PROFILE,
+                 "--offline-keys", str(tmp_path / "offline"), *sets)  # fmt: skip
+        wait_for(lambda: live.rollouts() and live.rollouts()[0].state == "done", 60,
+                 what=f"the first champion's rollout\n{live.logs()}")  # fmt: skip
+        for i in range(3):
+            edgeloop("fleet", "enroll", f"{fleet}-d{i}", "--fleet", fleet, "--profile", PROFILE,
+                     "--site", SITES[i % 2], "--out", str(tmp_path / f"enroll{i}"))  # fmt: skip
+            agent = EdgeAgent(
+                EdgeSettings(
+                    fleet=fleet, device_id=f"{fleet}-d{i}", profile=PROFILE,
+                    mqtt_port=MQTT_PORT, state_dir=tmp_path / f"d{i}", heartbeat_s=0.5,
+                )
+            )  # fmt: skip
+            agent.enroll((tmp_path / f"enroll{i}" / "root.json").read_bytes())
+            assert agent.runtime is None  # no factory image: the fleet sends the first model
+            agent.start()
+            agents.append(agent)
+        ingest = IngestService(
+            Ingestor(sessions=sessions, store=s3_store), host=HOST, port=MQTT_PORT,
+            fleet=fleet, group=None,
+        )  # fmt: skip
+        ingest.start()
+        feeder = Feeder(agents, windows_of(train, "normal", 50)).start()
+        try:
+            wait_for(lambda: all(a.model_version == "v1" for a in agents), 180,
+                     what=f"v1 on the new devices\n{live.logs()}")  # fmt: skip
+            wait_for(lambda: all(r.state == "done" for r in live.rollouts()), 60,
+                     what="the newcomers' rollouts")  # fmt: skip
+        finally:
+            feeder.stop()
+            ingest.stop()
+    finally:
+        stop_cloud(live, mlflow_uri)
+        for a in agents:
+            a.stop()
+    champion = live.client.get_model_version_by_alias(model_name(fleet, PROFILE), "champion")
+    assert all(a.runtime.package.sha256 == champion.tags["sha256"] for a in agents)
+    # Devices enrolled one by one while a newcomers' rollout runs join the next one.
+    first, *newcomers = live.rollouts()
+    # The webhook's task and the reconcile race for the first champion: either starts it.
+    assert first.trigger in ("alias", "reconcile") and first.plan == []
+    assert newcomers and {(r.trigger, r.target_version) for r in newcomers} == {("enrolled", "v1")}
+    planned = [d for r in newcomers for wave in r.plan for d in wave]
+    assert sorted(set(planned)) == sorted(a.settings.device_id for a in agents)

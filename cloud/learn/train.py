@@ -35,12 +35,35 @@ from cloud.model.cnn import ModelConfig, build_model
 from cloud.model.train import extend_classes, train
 from cloud.model.transformer import ModelSpec, build
 from cloud.store.datasets import LabelledWindows, load_dataset
-from cloud.store.db import Label, Sample
+from cloud.store.db import Label, ModelVersion, Sample
 from cloud.store.keys import replay_key
-from cloud.store.records import champion_row, label_watermark
+from cloud.store.records import find_version, label_watermark
 from cloud.store.windows import load_keys, load_samples
 from shared.errors import DataError
 from shared.package import model_name
+
+
+def champion(svc: Services, fleet: str, profile: str) -> ModelVersion:
+    """The version the registry's ``champion`` alias names: a round's parent. Not "the newest
+    that passed": an operator who moved ``champion`` back in the MLflow UI (a rollback) has
+    the next round learn from the model the fleet runs."""
+    name = model_name(fleet, profile)
+    found = svc.registry.champion(fleet, profile)
+    if found is None:
+        raise DataError(
+            f"{name} has no champion in the registry; train and promote a first model "
+            "(`edgeloop cloud init`)"
+        )
+    mlflow_version, tags = found
+    with svc.sessions() as session:
+        row = find_version(session, name, tags.get("edgeloop_version", ""))
+    if row is None:
+        raise DataError(
+            f"{name}'s champion (MLflow version {mlflow_version}, "
+            f"{tags.get('edgeloop_version', 'no edgeloop_version tag')}) was not registered by "
+            "a round here; move the alias to a version a round registered"
+        )
+    return row
 
 
 def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> TrainOutput:
@@ -48,9 +71,7 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> Tr
     base = load_dataset(store=svc.store, name=cfg.base_dataset)
     if st.initial:
         return _train_initial(svc, st, base, say)
-    parent_row = champion_row(svc.sessions, model_name(st.fleet, st.profile))
-    if parent_row is None:
-        raise DataError(f"fleet {st.fleet} has no promoted model yet; train the initial one first")
+    parent_row = champion(svc, st.fleet, st.profile)
     parent = parent_row.version
     check_same_base(svc.sessions, st, parent, base)
     teacher, old_classes = load_teacher(svc.store, st.fleet, st.profile, parent)

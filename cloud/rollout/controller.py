@@ -85,6 +85,7 @@ def start_rollout(
         if (
             newest is not None
             and newest.mlflow_version == str(mlflow_version)
+            and trigger != "enrolled"
             and (newest.state in (*ACTIVE, "done") or trigger == "reconcile")
         ):
             return newest
@@ -231,26 +232,48 @@ def reconcile(*, sessions: sessionmaker, champions: dict[tuple[str, str], str]) 
     for (fleet, profile), mlflow_version in sorted(champions.items()):
         with sessions() as session:
             newest = session.scalar(
-                select(Rollout.mlflow_version)
+                select(Rollout)
                 .where(Rollout.fleet == fleet, Rollout.profile == profile)
                 .order_by(Rollout.id.desc())
                 .limit(1)
             )
-        if newest == str(mlflow_version):
-            continue
+        trigger = "reconcile"
+        if newest is not None and newest.mlflow_version == str(mlflow_version):
+            if newest.state != "done" or not newcomers(sessions=sessions, rollout=newest):
+                continue
+            trigger = "enrolled"  # devices enrolled since the champion went out
         try:
             r = start_rollout(
                 sessions=sessions,
                 fleet=fleet,
                 profile=profile,
                 mlflow_version=str(mlflow_version),
-                trigger="reconcile",
+                trigger=trigger,
             )
         except RolloutError as exc:  # one fleet's missing row does not stop the others
             log.error("reconcile: %s", exc)
             continue
         started.append(r)
     return started
+
+
+def newcomers(*, sessions: sessionmaker, rollout: Rollout) -> list[str]:
+    """Devices of the rollout's fleet and profile it never planned for (enrolled after it)
+    that do not run its target: the reconcile sends them the champion in a rollout of
+    their own, canaries first like any other."""
+    with sessions() as session:
+        planned = select(DeviceUpdate.device_id).where(DeviceUpdate.rollout_id == rollout.id)
+        return list(
+            session.scalars(
+                select(Device.id).where(
+                    Device.fleet == rollout.fleet,
+                    Device.profile == rollout.profile,
+                    Device.id.not_in(planned),
+                    (Device.model_version != rollout.target_version)
+                    | Device.model_version.is_(None),
+                )
+            )
+        )
 
 
 def refresh_timestamps(

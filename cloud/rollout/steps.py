@@ -50,6 +50,7 @@ class Signer(Protocol):
 class Transport(Protocol):
     def offer(self, *, fleet: str, device_id: str, release: int, target_path: str,
               length: int, bundle: dict[str, str], url: str | None = None) -> None: ...  # fmt: skip
+    def target_url(self, fleet: str, target: str) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class RolloutSettings:
     min_labels: int = 30
     wave_timeout_s: float = 1800.0
     resend_s: float = 60.0
+    presigned_urls: bool = False
 
     @classmethod
     def resolve(cls, settings: CloudSettings, overrides: dict[str, Any]) -> RolloutSettings:
@@ -246,6 +248,11 @@ class Step:
                     target_path=target.path,
                     length=target.length,
                     bundle=bundle,
+                    # Devices that reach object storage fetch it there (and fill any gap
+                    # over MQTT); the others ignore the URL.
+                    url=self.transport.target_url(self.r.fleet, target.path)
+                    if self.cfg.presigned_urls
+                    else None,
                 )
             except EdgeloopError as exc:  # offered again next step
                 log.warning("rollout %d: offer to %s failed: %s", self.r.id, u.device_id, exc)
