@@ -635,6 +635,9 @@ def test_worker_killed_mid_round_finishes_it_once(
     env = _celery_env(
         pg_url, store, mlflow_uri, fleet,
         EDGELOOP_CELERY_VISIBILITY_TIMEOUT_S="5", EDGELOOP_ROUND_LOCK_TTL_S="4",
+        # Training long enough (seconds, not a fraction of one) to be killed in the middle
+        # of it on any machine: the first progress line comes before the first epoch.
+        EDGELOOP_ROUND_EPOCHS="200",
     )  # fmt: skip
 
     def worker(n):
