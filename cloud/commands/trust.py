@@ -14,8 +14,9 @@ def rotate_root_cmd(
     fleet: str = typer.Option(..., help="The fleet whose TUF root is rotated."),
     offline_dir: Path = typer.Option(
         ...,
-        help="Where the fleet's offline keys are (root and targets, under <dir>/<fleet>/): "
-        "the operator's media, never a service's disk. The new root key is written there.",
+        help="Where the fleet's offline keys are (root and targets, in a folder named after "
+        "the fleet): the operator's media, never a service's disk. The new root key is "
+        "written there.",
     ),
     keys_dir: Path | None = typer.Option(
         None, help="The rollout worker's online keys (default: EDGELOOP_TUF_KEYS_DIR)."
