@@ -288,6 +288,6 @@ def _peek_version(raw: bytes) -> object | None:
 
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: json's C parser recurses
         return None
     return value.get("schema_version") if isinstance(value, dict) else None

@@ -190,9 +190,9 @@ def parse_event(body: bytes) -> AliasEvent | None:
         doc = json.loads(body)
         event = (doc["entity"], doc["action"])
         data = doc["data"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # deep nesting recurses
         raise WebhookError(
-            f"not an MLflow webhook payload: {exc}", reason="bad_payload", status=400
+            f"not an MLflow webhook payload: {str(exc)[:200]}", reason="bad_payload", status=400
         ) from exc
     if event != ALIAS_EVENT:
         return None
