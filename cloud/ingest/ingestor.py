@@ -17,6 +17,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from cloud.ingest.devices import record_heartbeat, record_update_status
 from cloud.ingest.validate import (
     LABEL_PATIENCE,
     Message,
@@ -25,7 +26,7 @@ from cloud.ingest.validate import (
     peek_message_id,
     validate,
 )
-from cloud.store.db import DeadLetter, Device, DeviceUpdate, Sample
+from cloud.store.db import DeadLetter, Device, Sample
 from cloud.store.keys import dead_letter_key, window_batch_key
 from cloud.store.objects import ObjectStore, StorageError
 from cloud.store.records import allowed_labels, upsert_labels
@@ -42,18 +43,6 @@ from shared.messages import (
 from shared.topics import parse_topic
 
 log = logging.getLogger(__name__)
-# What a heartbeat leaves in devices.health: what `fleet status` shows and the rollout judges.
-HEALTH_FIELDS = {
-    "buffer_depth",
-    "windows_seen",
-    "anomaly_rate",
-    "recent_windows",
-    "latency_ms_p50",
-    "latency_ms_p99",
-    "memory_mb",
-    "inference_errors",
-    "release",
-}
 
 
 @dataclass
@@ -297,44 +286,12 @@ class Ingestor:
         return self._ack(msg, "stored")
 
     def _heartbeat(self, session: Session, device: Device, msg: Heartbeat) -> None:
-        # Receive time, not sent_at: a Last Will carries the time the device connected.
-        device.last_seen = datetime.now(UTC)
-        device.online = msg.online
-        if msg.model_version is not None:
-            device.model_version = msg.model_version
-        # beats: heartbeats received while online, which the rollout's dwell counts.
-        beats = int((device.health or {}).get("beats", 0)) + int(msg.online)
-        device.health = {**msg.model_dump(mode="json", include=HEALTH_FIELDS), "beats": beats}
-        if msg.agent_version is not None:
-            device.agent_version = msg.agent_version
-        if msg.capabilities:
-            device.capabilities = list(msg.capabilities)
-        session.commit()
+        record_heartbeat(session=session, device=device, msg=msg)
         self.counters.heartbeats += 1
         return None  # heartbeats are never buffered on the device, so never acked
 
     def _update_status(self, session: Session, msg: UpdateStatus) -> Receipt:
-        # The device's newest update to that version: a version can come back in a later
-        # rollout (champion moved back), and only the newest row is live.
-        row = session.scalars(
-            select(DeviceUpdate)
-            .where(
-                DeviceUpdate.device_id == msg.device_id,
-                DeviceUpdate.target_version == msg.target_version,
-            )
-            .order_by(DeviceUpdate.id.desc())
-        ).first()
-        if row is None:
-            row = DeviceUpdate(device_id=msg.device_id, target_version=msg.target_version)
-            session.add(row)
-        row.state = "installed" if msg.status == "applied" else msg.status
-        row.reason = msg.reason
-        if msg.status == "applied" and row.installed_at is None:
-            row.installed_at = datetime.now(UTC)
-        device = session.get(Device, msg.device_id)
-        if device is not None and msg.running_version:
-            device.model_version = msg.running_version
-        session.commit()
+        record_update_status(session=session, msg=msg)
         return self._ack(msg, "stored")
 
     def dead_letter(self, topic_name: str, payload: bytes, exc: MessageError) -> Receipt | None:
