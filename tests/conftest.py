@@ -254,6 +254,24 @@ def make_agent(tmp_path, fleet, mqtt_port, package, device="d1", **kw):
     return agent
 
 
+def celery_env(pg_url, store, mlflow_uri, fleet, **extra) -> dict:
+    """The environment of a test's own cloud processes (Celery worker and beat, commands):
+    its database, bucket, tracking server, a Redis db of the tests' and its own queue."""
+    return {
+        **os.environ,
+        "EDGELOOP_DATABASE_URL": pg_url,
+        "EDGELOOP_STORE": "s3",
+        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
+        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
+        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
+        "EDGELOOP_S3_BUCKET": store.bucket,
+        "EDGELOOP_MLFLOW_TRACKING_URI": mlflow_uri,
+        "EDGELOOP_REDIS_URL": f"redis://{HOST}:{REDIS_PORT}/15",
+        "EDGELOOP_CELERY_QUEUE": f"q-{fleet}",  # this test's own queue
+        **extra,
+    }
+
+
 def wait_for(predicate, timeout=30.0, tick=None, what="condition"):
     import time
 

@@ -36,12 +36,9 @@ from shared.package import ModelPackage, model_name
 from sim.tep import generate
 
 from .conftest import (
-    HOST,
     REDIS_PORT,
-    S3_KEY,
-    S3_PORT,
-    S3_SECRET,
     TEP_CACHE,
+    celery_env,
     require,
     wait_for,
 )
@@ -485,22 +482,6 @@ def test_a_round_failed_while_registering_resumes_and_one_failing_for_good_start
     assert (row.state, row.stages, row.config["replay_per_class"]) == ("train", {}, 99)
 
 
-def _celery_env(pg_url, store, mlflow_uri, fleet, **extra):
-    return {
-        **os.environ,
-        "EDGELOOP_DATABASE_URL": pg_url,
-        "EDGELOOP_STORE": "s3",
-        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
-        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
-        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
-        "EDGELOOP_S3_BUCKET": store.bucket,
-        "EDGELOOP_MLFLOW_TRACKING_URI": mlflow_uri,
-        "EDGELOOP_REDIS_URL": f"redis://{HOST}:{REDIS_PORT}/15",
-        "EDGELOOP_CELERY_QUEUE": f"q-{fleet}",  # this test's own queue
-        **extra,
-    }
-
-
 def _start(args, env, log):
     return subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "cloud.tasks", *args],
@@ -550,7 +531,7 @@ def test_two_triggers_at_once_start_one_round(
     both at once: one round runs, the other is skipped; one new version."""
     require("Redis", REDIS_PORT)
     sessions, store, _, _, _ = fleet_with_uploads
-    env = _celery_env(pg_url, store, mlflow_uri, fleet, EDGELOOP_TRIGGER_MIN_NEW_LABELS="10")
+    env = celery_env(pg_url, store, mlflow_uri, fleet, EDGELOOP_TRIGGER_MIN_NEW_LABELS="10")
     worker = _worker(fleet, env, tmp_path / "worker.log", pool="threads")
     try:
         code = (
@@ -578,7 +559,7 @@ def test_beat_policy_starts_a_gated_round_end_to_end(
     after it start nothing (no new labels since)."""
     require("Redis", REDIS_PORT)
     sessions, store, _, _, _ = fleet_with_uploads
-    env = _celery_env(
+    env = celery_env(
         pg_url, store, mlflow_uri, fleet,
         EDGELOOP_TRIGGER_MIN_NEW_LABELS="10", EDGELOOP_TRIGGER_INTERVAL_S="1",
     )  # fmt: skip
@@ -610,7 +591,7 @@ def test_retrain_task_runs_on_a_real_worker(
     registers v2."""
     require("Redis", REDIS_PORT)
     sessions, store, _, _, _ = fleet_with_uploads
-    env = _celery_env(pg_url, store, mlflow_uri, fleet)
+    env = celery_env(pg_url, store, mlflow_uri, fleet)
     worker = _worker(fleet, env, tmp_path / "worker.log")
     try:
         code = (
@@ -632,7 +613,7 @@ def test_worker_killed_mid_round_finishes_it_once(
     completes once, under the version it reserved: one new version in SQL and in MLflow."""
     require("Redis", REDIS_PORT)
     sessions, store, _, _, _ = fleet_with_uploads
-    env = _celery_env(
+    env = celery_env(
         pg_url, store, mlflow_uri, fleet,
         EDGELOOP_CELERY_VISIBILITY_TIMEOUT_S="5", EDGELOOP_ROUND_LOCK_TTL_S="4",
         # Training long enough (seconds, not a fraction of one) to be killed in the middle
@@ -700,7 +681,7 @@ def test_a_failed_stage_is_resumed_where_it_stopped(
     sessions, store, _, _, _ = fleet_with_uploads
     golden = store.get(dataset_key("golden"))
     store.delete(dataset_key("golden"))
-    env = _celery_env(pg_url, store, mlflow_uri, fleet)
+    env = celery_env(pg_url, store, mlflow_uri, fleet)
     worker = _worker(fleet, env, tmp_path / "worker.log")
 
     def edgeloop(*args):

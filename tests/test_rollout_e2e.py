@@ -5,7 +5,6 @@ killed mid-rollout; the fleet moved back to an older model by a new release."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -30,9 +29,7 @@ from tests.conftest import (
     HOST,
     MQTT_PORT,
     REDIS_PORT,
-    S3_KEY,
-    S3_PORT,
-    S3_SECRET,
+    celery_env,
     require,
     wait_for,
     windows_of,
@@ -118,26 +115,17 @@ class LiveFleet:
 def cloud_env(pg_url, store, mlflow_uri, fleet, keys) -> dict:
     """The settings every cloud process of this test runs with: its own database, bucket,
     Celery queue, Redis db, shared-subscription group and online keys."""
-    return {
-        **os.environ,
-        "EDGELOOP_DATABASE_URL": pg_url,
-        "EDGELOOP_STORE": "s3",
-        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
-        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
-        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
-        "EDGELOOP_S3_BUCKET": store.bucket,
-        "EDGELOOP_MLFLOW_TRACKING_URI": mlflow_uri,
-        "EDGELOOP_REDIS_URL": f"redis://{HOST}:{REDIS_PORT}/15",
-        "EDGELOOP_CELERY_QUEUE": f"q-{fleet}",
-        "EDGELOOP_MQTT_PORT": str(MQTT_PORT),
-        "EDGELOOP_TUF_KEYS_DIR": str(keys),
-        "EDGELOOP_ROLLOUT_TICK_S": "1",
-        "EDGELOOP_ROLLOUT_RECONCILE_S": "2",
-        "EDGELOOP_ROLLOUT_SHARED_GROUP": f"r{fleet}",  # chunks from this test's store only
-        "EDGELOOP_ROLLOUT_DWELL_HEARTBEATS": "3",
-        "EDGELOOP_CELERY_VISIBILITY_TIMEOUT_S": "10",
-        "MLFLOW_LOGGING_LEVEL": "WARNING",
-    }
+    return celery_env(
+        pg_url, store, mlflow_uri, fleet,
+        EDGELOOP_MQTT_PORT=str(MQTT_PORT),
+        EDGELOOP_TUF_KEYS_DIR=str(keys),
+        EDGELOOP_ROLLOUT_TICK_S="1",
+        EDGELOOP_ROLLOUT_RECONCILE_S="2",
+        EDGELOOP_ROLLOUT_SHARED_GROUP=f"r{fleet}",  # chunks from this test's store only
+        EDGELOOP_ROLLOUT_DWELL_HEARTBEATS="3",
+        EDGELOOP_CELERY_VISIBILITY_TIMEOUT_S="10",
+        MLFLOW_LOGGING_LEVEL="WARNING",
+    )  # fmt: skip
 
 
 def start_cloud(live: LiveFleet, mlflow_uri: str) -> None:
