@@ -181,6 +181,16 @@ class Updates:
         if download is not None and (download.cancelled or isinstance(exc, TransferCancelled)):
             log.info("download of %s superseded by a newer release", download.target)
             return None
+        if (
+            isinstance(exc, UpdateRefused)
+            and exc.reason == "rollback_attack"
+            and offer.release == self.last_release()
+        ):
+            # The release this device already trusts, under an older timestamp: an offer
+            # redelivered after the beat re-signed the timestamp. Refused all the same, but
+            # no alarm: reported, it would read as a failed install and abort a rollout.
+            log.info("stale offer of release %d (older timestamp) dropped", offer.release)
+            return None
         if isinstance(exc, UpdateRefused):
             reason = exc.reason if exc.reason in UPDATE_REASONS else "internal_error"
         else:

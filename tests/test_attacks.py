@@ -6,6 +6,7 @@ rotated root is followed without enrolling again."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import timedelta
 
@@ -24,18 +25,20 @@ from .test_transfer import FleetRepo, start_transport
 
 def test_each_attack_is_refused_reported_and_the_device_keeps_serving(
     tmp_path,
+    caplog,
     mqtt_port,
     cloud_on,  # noqa: F811 - the fixture imported above
     s3_store,
     fleet,
     tiny_package,
-    tep_small,  # noqa: F811
+    tep_small,
 ):
     """Tampered metadata (bad_signature), a bundle without the releases role
     (missing_metadata), an old release replayed (rollback_attack), a frozen release past its
     expiry (expired_metadata), a target for another device (mix_and_match) and a target
     longer than signed (endless_data): each refused, reported with its reason to the
-    update table, v2 serving all along; after a root rotation that replaces the online
+    update table, the installed model serving all along (the same release under an older
+    timestamp, as a late redelivery brings it, is refused without a report); after a root rotation that replaces the online
     keys, a new release installs."""
     sessions, start_ingest = cloud_on
     start_ingest(mqtt_port)
@@ -96,6 +99,21 @@ def test_each_attack_is_refused_reported_and_the_device_keeps_serving(
         repo.offer(transport, release3, path3, v3)
         wait_for(lambda: agent.model_version == "v3", 30, what="v3 installed")
         attack(offer_of(release, path, old_bundle, len(v2)), "v2", "rollback_attack")
+
+        # The beat re-signs the timestamp of the release the device runs; the same release
+        # under the older timestamp, redelivered late, is refused without an alarm.
+        stale = repo.signer.bundle()
+        assert repo.signer.refresh_timestamp(within=timedelta(days=2))
+        n = len(agent.update_events)
+        repo.offer(transport, release3, path3, v3)  # runs it already: "applied" again
+        wait_for(lambda: len(agent.update_events) > n, 30, what="the repeated offer's answer")
+        n = len(agent.update_events)
+        with caplog.at_level(logging.INFO, logger="edge_agent.updates"):
+            late = UpdateOffer(fleet=fleet, device_id="d1", release=release3, target=path3,
+                               length=len(v3), chunk_size=4096, metadata=stale)  # fmt: skip
+            transport.client.publish(topic(fleet, "d1", "updates"), late.encode(), qos=1)
+            wait_for(lambda: "stale offer" in caplog.text, 30, what="the stale offer dropped")
+        assert len(agent.update_events) == n
 
         # A release signed with a one-second timestamp, held back until it has expired.
         frozen = ReleaseSigner(store=s3_store, fleet=fleet, keys_dir=keys / "online",
