@@ -518,3 +518,47 @@ def test_fields_the_database_would_refuse_and_stale_wills(pg_url, s3_store, flee
         device = s.get(Device, "d1")
         assert not device.online
         assert device.last_seen > utcnow() - timedelta(minutes=1)
+
+
+def test_a_refused_offer_of_unverified_metadata_never_fails_a_rollout_row(pg_url, s3_store, fleet):
+    """Anyone on the network can send a device a forged offer naming a rollout's target: its
+    refusal (bad_signature, …) is recorded in a row of its own, and the rollout's row for
+    that device and version keeps its state until the device reports the real outcome."""
+    from cloud.store.db import DeviceUpdate, ModelVersion, Rollout
+    from shared.messages import UpdateStatus
+
+    sessions = session_factory(pg_url)
+    with sessions() as s:
+        register_device(session=s, device_id="d1", fleet=fleet, profile="cpu-fp32")
+        mv = ModelVersion(name="m", version="v2", profile="cpu-fp32", sha256="0" * 64,
+                          object_key="k", class_names=["normal", "f"])  # fmt: skip
+        s.add(mv)
+        s.flush()
+        r = Rollout(model_version_id=mv.id, fleet=fleet, profile="cpu-fp32", state="wave")
+        s.add(r)
+        s.flush()
+        s.add(DeviceUpdate(rollout_id=r.id, device_id="d1", target_version="v2", state="sent"))
+        s.commit()
+        rollout_id = r.id
+    ingestor = Ingestor(sessions=sessions, store=s3_store)
+
+    def report(status, reason=None):
+        msg = UpdateStatus(fleet=fleet, device_id="d1", target_version="v2", status=status,
+                           reason=reason, running_version="v1" if reason else "v2")  # fmt: skip
+        ack = ingestor.handle(topic(fleet, "d1", "update-status"), msg.encode())
+        assert ack is not None and ack.status == "stored"
+
+    def rows():
+        with sessions() as s:
+            return [(u.rollout_id, u.state, u.reason)
+                    for u in s.scalars(select(DeviceUpdate).order_by(DeviceUpdate.id))]  # fmt: skip
+
+    report("rejected", "bad_signature")
+    report("rejected", "mix_and_match")
+    assert rows() == [
+        (rollout_id, "sent", None),
+        (None, "rejected", "bad_signature"),
+        (None, "rejected", "mix_and_match"),
+    ]
+    report("applied")
+    assert rows()[0] == (rollout_id, "installed", None)

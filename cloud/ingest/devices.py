@@ -42,14 +42,35 @@ def record_heartbeat(*, session: Session, device: Device, msg: Heartbeat) -> Non
     session.commit()
 
 
+# Refusals of an offer whose metadata did not verify for this device: what anyone on the
+# network can provoke with a forged or replayed offer naming any version. Recorded, for
+# operators, in a row of their own; never as the outcome of a rollout's update.
+TRUST_REFUSALS = frozenset(
+    {"bad_signature", "missing_metadata", "rollback_attack", "expired_metadata", "mix_and_match"}
+)
+
+
 def record_update_status(*, session: Session, msg: UpdateStatus) -> None:
     """The outcome on the device's newest update to that version: a version can come back
-    in a later rollout (champion moved back), and only the newest row is live."""
+    in a later rollout (champion moved back), and only the newest row is live. A refusal
+    of unverified metadata (TRUST_REFUSALS) gets a row outside any rollout instead."""
+    if msg.status == "rejected" and msg.reason in TRUST_REFUSALS:
+        session.add(
+            DeviceUpdate(
+                device_id=msg.device_id,
+                target_version=msg.target_version,
+                state="rejected",
+                reason=msg.reason,
+            )
+        )
+        session.commit()
+        return
     row = session.scalars(
         select(DeviceUpdate)
         .where(
             DeviceUpdate.device_id == msg.device_id,
             DeviceUpdate.target_version == msg.target_version,
+            DeviceUpdate.rollout_id.is_not(None) | DeviceUpdate.state.not_in(["rejected"]),
         )
         .order_by(DeviceUpdate.id.desc())
     ).first()
