@@ -381,6 +381,19 @@ def rollout_on_alias(
     from cloud.rollout.controller import RolloutError, start_rollout
 
     sessions, _, _ = _services()
+    if trigger == "alias":
+        # MLflow delivers from a thread pool, and retries: an event can arrive after a newer
+        # move of the same alias. Only the version the alias names now is rolled out.
+        try:
+            current = _tracker().champions().get((fleet, profile))
+        except Exception as exc:  # noqa: BLE001 - the registry down: trust the event
+            log.warning("champion of %s/%s not re-read (%s): trusting the event", fleet,
+                        profile, exc)  # fmt: skip
+            current = str(mlflow_version)
+        if current != str(mlflow_version):
+            log.info("champion event %s/%s → %s is stale (champion is %s): ignored", fleet,
+                     profile, mlflow_version, current)  # fmt: skip
+            return {"skipped": f"stale: champion of {fleet}/{profile} is {current}"}
     try:
         row = start_rollout(
             sessions=sessions,
@@ -427,7 +440,8 @@ def rollout_reconcile() -> list[int]:
     from cloud.rollout.controller import reconcile
 
     sessions, _, _ = _services()
-    started = reconcile(sessions=sessions, champions=_tracker().champions())
+    read_at = datetime.now(UTC)
+    started = reconcile(sessions=sessions, champions=_tracker().champions(), read_at=read_at)
     for row in started:
         log.info("reconcile started rollout %d (%s/%s %s)", row.id, row.fleet, row.profile,
                  row.target_version)  # fmt: skip

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud.config import CloudSettings, get_settings
 from cloud.rollout.fleet import fleet_status, status_table
 from cloud.rollout.steps import RolloutSettings, Signer, Step, Transport, lock_fleet
-from cloud.store.db import Device, DeviceUpdate, Fleet, ModelVersion, Rollout
+from cloud.store.db import Device, DeviceUpdate, Fleet, ModelVersion, Rollout, aware
 from cloud.store.objects import ObjectStore
 from shared.errors import EdgeloopError
 from shared.package import model_name
@@ -225,9 +225,16 @@ def active_rollouts(*, sessions: sessionmaker) -> list[int]:
         return list(session.scalars(q))
 
 
-def reconcile(*, sessions: sessionmaker, champions: dict[tuple[str, str], str]) -> list[Rollout]:
+def reconcile(
+    *,
+    sessions: sessionmaker,
+    champions: dict[tuple[str, str], str],
+    read_at: datetime | None = None,
+) -> list[Rollout]:
     """Start a rollout for each (fleet, profile) whose champion (MLflow version, as the
-    caller read it from the registry) is not the newest rollout's; the ones started."""
+    caller read it from the registry at ``read_at``) is not the newest rollout's; the ones
+    started. A rollout newer than the read was started by a newer champion move than the
+    one read: the snapshot is stale there, and that rollout stands."""
     started = []
     for (fleet, profile), mlflow_version in sorted(champions.items()):
         with sessions() as session:
@@ -237,6 +244,8 @@ def reconcile(*, sessions: sessionmaker, champions: dict[tuple[str, str], str]) 
                 .order_by(Rollout.id.desc())
                 .limit(1)
             )
+        if newest is not None and read_at is not None and aware(newest.created_at) > read_at:
+            continue
         trigger = "reconcile"
         if newest is not None and newest.mlflow_version == str(mlflow_version):
             if newest.state != "done" or not newcomers(sessions=sessions, rollout=newest):
@@ -250,17 +259,17 @@ def reconcile(*, sessions: sessionmaker, champions: dict[tuple[str, str], str]) 
                 mlflow_version=str(mlflow_version),
                 trigger=trigger,
             )
-        except RolloutError as exc:  # one fleet's missing row does not stop the others
-            log.error("reconcile: %s", exc)
+        except EdgeloopError as exc:  # one fleet's missing row or bad settings: the others go on
+            log.error("reconcile %s/%s: %s", fleet, profile, exc)
             continue
         started.append(r)
     return started
 
 
 def newcomers(*, sessions: sessionmaker, rollout: Rollout) -> list[str]:
-    """Devices of the rollout's fleet and profile it never planned for (enrolled after it)
-    that do not run its target: the reconcile sends them the champion in a rollout of
-    their own, canaries first like any other."""
+    """Devices of the rollout's fleet and profile it never planned for (enrolled after it),
+    online, that do not run its target: the reconcile sends them the champion in a rollout
+    of their own, canaries first like any other."""
     with sessions() as session:
         planned = select(DeviceUpdate.device_id).where(DeviceUpdate.rollout_id == rollout.id)
         return list(
@@ -268,6 +277,9 @@ def newcomers(*, sessions: sessionmaker, rollout: Rollout) -> list[str]:
                 select(Device.id).where(
                     Device.fleet == rollout.fleet,
                     Device.profile == rollout.profile,
+                    # Heard from (a heartbeat): one enrolled before it is powered on would
+                    # be a silent canary of its own rollout, and abort it.
+                    Device.online.is_(True),
                     Device.id.not_in(planned),
                     (Device.model_version != rollout.target_version)
                     | Device.model_version.is_(None),
