@@ -1,5 +1,5 @@
 """The judgement of a wave: install failures, inference errors, budgets, the anomaly-rate
-test (against a hand-computed case) and labelled accuracy."""
+test stratified by device (against a hand-computed case) and labelled accuracy."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from cloud.rollout.health import (
     Budget,
     DeviceHealth,
     LabelCounts,
+    Stratum,
     Thresholds,
+    cmh,
     judge,
-    two_proportion,
 )
 
 
@@ -29,13 +30,68 @@ def healthy(n: int = 4, before: float = 0.05, after: float = 0.05) -> list[Devic
 BUDGET = Budget(max_latency_ms=5.0, max_memory_mb=150.0)
 
 
-def test_two_proportion_matches_a_hand_computed_case():
-    """10/200 before, 30/200 after: pooled 0.1, se = sqrt(0.1·0.9·(2/200)) = 0.03,
-    z = 0.10/0.03 = 3.333, one-sided p = 1 − Φ(3.333) = 4.29e-4."""
-    z, p = two_proportion(10, 200, 30, 200)
+def test_cmh_matches_a_hand_computed_case():
+    """Device 1: 10/100 → 20/100 (N 200, m 30: E 15, V = 100·100·30·170/(200²·199) = 6.4070);
+    device 2: 5/200 → 10/50 (N 250, m 15: E 3, V = 200·50·15·235/(250²·249) = 2.2651);
+    z = (5 + 7)/√8.6721 = 4.0749, p = 1 − Φ(z) = 2.30e-5; risk difference
+    (20·100 − 10·100)/200 + (10·200 − 5·50)/250 = 12 over 100·100/200 + 200·50/250 = 90."""
+    z, p, rd = cmh([Stratum(10, 100, 20, 100), Stratum(5, 200, 10, 50)])
 
-    assert z == pytest.approx(10 / 3, rel=1e-9)
-    assert p == pytest.approx(4.29e-4, rel=5e-3)
+    assert z == pytest.approx(4.0749, rel=1e-4)
+    assert p == pytest.approx(2.3015e-5, rel=1e-3)
+    assert rd == pytest.approx(12 / 90, rel=1e-12)
+
+
+def mixed(a: tuple[float, float], b: tuple[float, float]) -> list[DeviceHealth]:
+    """Device A with 500 windows before and 50 after, B with 50 before and 200 after, at
+    the anomaly rates (before, after) given for each."""
+    return [
+        DeviceHealth("A", "installed", before=beat(a[0], 500), after=beat(a[1], 50)),
+        DeviceHealth("B", "installed", before=beat(b[0], 50), after=beat(b[1], 200)),
+    ]
+
+
+def test_unchanged_devices_with_shifting_window_counts_do_not_abort():
+    """A at 2% and B at 30% both sides: pooled, 0.045 → 0.244 (p ≈ 2e-17) would abort; within
+    each device nothing changed, so the stratified test finds nothing."""
+    verdict = judge(devices=mixed((0.02, 0.02), (0.30, 0.30)), budget=BUDGET,
+                    thresholds=Thresholds())  # fmt: skip
+
+    assert verdict.figures["anomaly_before"] == pytest.approx(0.045, abs=1e-3)
+    assert verdict.figures["anomaly_after"] == pytest.approx(0.244, abs=1e-3)
+    assert verdict.figures["risk_difference"] == pytest.approx(0.0)
+    assert verdict.figures["p_value"] == pytest.approx(0.5)
+    assert not verdict.abort
+
+
+def test_a_rise_on_every_device_aborts_even_when_the_pooled_rate_falls():
+    """A 2% → 10% with 100 windows before and 1000 after, B 30% → 38% with 400 before and
+    100 after: pooled 0.244 → 0.125 falls, yet each device rose 8 points: abort."""
+    devices = [
+        DeviceHealth("A", "installed", before=beat(0.02, 100), after=beat(0.10, 1000)),
+        DeviceHealth("B", "installed", before=beat(0.30, 400), after=beat(0.38, 100)),
+    ]
+
+    verdict = judge(devices=devices, budget=BUDGET, thresholds=Thresholds())
+
+    assert verdict.figures["anomaly_after"] < verdict.figures["anomaly_before"]
+    assert verdict.figures["risk_difference"] >= 0.05
+    assert verdict.figures["p_value"] < 0.01
+    assert verdict.abort and "within devices" in verdict.reasons[0]
+
+
+@pytest.mark.parametrize(
+    "devices",
+    [healthy(before=0.30, after=0.05), mixed((0.10, 0.02), (0.40, 0.30))],
+    ids=["fall", "fall-that-pools-as-a-rise"],
+)
+def test_a_fall_never_aborts(devices):
+    """Anomaly rates falling on every device, even when the pooled rate rises: no abort."""
+    verdict = judge(devices=devices, budget=BUDGET, thresholds=Thresholds())
+
+    assert verdict.figures["risk_difference"] < 0
+    assert verdict.figures["p_value"] > 0.5
+    assert not verdict.abort
 
 
 def test_healthy_wave_goes_on_with_its_figures():
@@ -50,7 +106,7 @@ def test_healthy_wave_goes_on_with_its_figures():
 
 
 def test_anomaly_jump_aborts():
-    """Pooled over four devices 5% → 15%: p ≪ 0.01 and a rise of 10 points abort."""
+    """Four devices each 5% → 15%: p ≪ 0.01 and a rise of 10 points abort."""
     verdict = judge(
         devices=healthy(before=0.05, after=0.15), budget=BUDGET, thresholds=Thresholds()
     )

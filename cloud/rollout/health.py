@@ -63,16 +63,43 @@ class Verdict:
         return {"abort": self.abort, "reasons": list(self.reasons), **self.figures}
 
 
-def two_proportion(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
-    """``(z, p)`` of the pooled two-proportion z-test that rate 2 exceeds rate 1
-    (one-sided: a model whose anomaly rate falls is no reason to stop)."""
-    pooled = (x1 + x2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    diff = x2 / n2 - x1 / n1
-    if se == 0:  # both rates 0 or both 1: no evidence either way
-        return 0.0, 1.0 if diff <= 0 else 0.0
-    z = diff / se
-    return z, 0.5 * math.erfc(z / math.sqrt(2))  # P(Z ≥ z)
+@dataclass(frozen=True)
+class Stratum:
+    """One device's windows: anomalous of all before the install (x1 of n1), after (x2 of n2)."""
+
+    x1: int
+    n1: int
+    x2: int
+    n2: int
+
+
+def cmh(strata: Sequence[Stratum]) -> tuple[float, float, float]:
+    """``(z, p, rd)``: the Cochran–Mantel–Haenszel test, stratified by device, that the
+    anomaly rate after exceeds the rate before, and the Mantel–Haenszel risk difference.
+
+    Per device i, with Nᵢ = n1ᵢ + n2ᵢ and mᵢ = x1ᵢ + x2ᵢ, the "after" count x2ᵢ has, with
+    no change, mean Eᵢ = n2ᵢ·mᵢ/Nᵢ and (hypergeometric) variance
+    Vᵢ = n1ᵢ·n2ᵢ·mᵢ·(Nᵢ − mᵢ) / (Nᵢ²·(Nᵢ − 1)); then z = Σ(x2ᵢ − Eᵢ) / √ΣVᵢ and
+    p = 1 − Φ(z) (one-sided: a model whose anomaly rate falls is no reason to stop).
+    rd = Σ (x2ᵢ·n1ᵢ − x1ᵢ·n2ᵢ)/Nᵢ ÷ Σ n1ᵢ·n2ᵢ/Nᵢ, the rise within devices. Pooling the
+    counts across devices instead would compare different mixes of devices whenever
+    their window counts differ before and after. Strata with no windows on a side add
+    nothing; with no variance at all (every window anomalous, or none) z = 0, p = 1."""
+    dev = var = num = den = 0.0
+    for s in strata:
+        n, m = s.n1 + s.n2, s.x1 + s.x2
+        if not s.n1 or not s.n2:
+            continue
+        dev += s.x2 - s.n2 * m / n
+        if n > 1:
+            var += s.n1 * s.n2 * m * (n - m) / (n * n * (n - 1))
+        num += (s.x2 * s.n1 - s.x1 * s.n2) / n
+        den += s.n1 * s.n2 / n
+    rd = num / den if den else 0.0
+    if var <= 0:
+        return 0.0, 1.0, rd
+    z = dev / math.sqrt(var)
+    return z, 0.5 * math.erfc(z / math.sqrt(2)), rd  # P(Z ≥ z)
 
 
 # A device already over a budget on the old model is blamed on the new one only when the
@@ -117,8 +144,9 @@ def judge(
 ) -> Verdict:
     """Abort if any install failed or rolled back, inference errors rose on any device, the
     target's p99 latency or memory breaks the profile's budget (``over_budget``), the
-    pooled anomaly rate rose significantly (p < alpha) by at least the minimum effect, or
-    labelled accuracy fell by more than the allowed points."""
+    anomaly rate rose within devices (``cmh``: p < alpha) by a Mantel–Haenszel risk
+    difference of at least the minimum effect, or labelled accuracy fell by more than the
+    allowed points."""
     reasons = install_failures(devices)
     dwelt = [d for d in devices if d.after is not None]
     figures: dict[str, Any] = {
@@ -155,22 +183,25 @@ def judge(
         if over:
             reasons.append(f"{key} over the profile's {limit:g} {unit} on {', '.join(over)}")
 
-    x1 = n1 = x2 = n2 = 0
+    strata = []
     for d in dwelt:
         b, a = _count(d.before), _count(d.after or {})
         if b[1] and a[1]:  # the same devices each side, or the comparison is not like for like
-            x1, n1, x2, n2 = x1 + b[0], n1 + b[1], x2 + a[0], n2 + a[1]
+            strata.append(Stratum(b[0], b[1], a[0], a[1]))
+    x1, n1 = sum(s.x1 for s in strata), sum(s.n1 for s in strata)
+    x2, n2 = sum(s.x2 for s in strata), sum(s.n2 for s in strata)
+    # The crude pooled rates are shown, for operators; the test is within devices.
     figures.update(windows_before=n1, windows_after=n2, z=None, p_value=None)
+    figures.update(risk_difference=None, strata=len(strata))
     figures["anomaly_before"] = x1 / n1 if n1 else None
     figures["anomaly_after"] = x2 / n2 if n2 else None
-    if n1 and n2:
-        z, p = two_proportion(x1, n1, x2, n2)
-        figures.update(z=z, p_value=p)
-        rise = x2 / n2 - x1 / n1
-        if p < thresholds.alpha and rise >= thresholds.min_effect:
+    if strata:
+        z, p, rd = cmh(strata)
+        figures.update(z=z, p_value=p, risk_difference=rd)
+        if p < thresholds.alpha and rd >= thresholds.min_effect:
             reasons.append(
-                f"anomaly rate rose {x1 / n1:.3f} → {x2 / n2:.3f} "
-                f"(p = {p:.2g} < {thresholds.alpha:g}, rise ≥ {thresholds.min_effect:g})"
+                f"anomaly rate rose {rd:+.3f} within devices (Mantel–Haenszel; "
+                f"p = {p:.2g} < {thresholds.alpha:g}, rise ≥ {thresholds.min_effect:g})"
             )
 
     labels = labels or LabelCounts()
