@@ -450,6 +450,7 @@ def test_the_rotate_root_command_rotates_every_key_and_devices_follow(tmp_path, 
 
     from cloud.commands.trust import rotate_root_cmd
     from cloud.config import get_settings
+    from cloud.store.db import migrate
 
     # Prepare
     home = tmp_path / "home"
@@ -457,6 +458,8 @@ def test_the_rotate_root_command_rotates_every_key_and_devices_follow(tmp_path, 
     monkeypatch.setenv("EDGELOOP_STORE", "local")
     monkeypatch.setenv("EDGELOOP_TUF_KEYS_DIR", str(tmp_path / "keys"))
     get_settings.cache_clear()
+    home.mkdir()
+    migrate(get_settings().resolved_database_url)  # the command takes the fleet's row lock
     repo = make_repo(LocalObjectStore(home / "objects"), tmp_path)
     device = enrolled(repo, tmp_path)
     app = typer.Typer()

@@ -45,12 +45,18 @@ def rotate_root_cmd(
     renewed expiry, so run this at least once within each expiry (a year by default)."""
     from securesystemslib.signer import CryptoSigner
 
+    from cloud.commands.common import sessions
     from cloud.config import get_settings
     from cloud.rollout.signing import Expiries, rotate_root
+    from cloud.rollout.steps import lock_fleet
     from cloud.store.objects import open_store
 
     settings = get_settings()
+    # Under the fleet's row lock, as every publish and timestamp refresh is: they compute
+    # their next versions from what is stored, and a rotation rewrites it.
+    session = sessions()()
     try:
+        lock_fleet(session, fleet)
         signer = None
         if new_key is not None:
             from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -71,5 +77,8 @@ def rotate_root_cmd(
     except (EdgeloopError, OSError, ValueError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
+    finally:
+        session.commit()
+        session.close()
     keys = ["root", *(["targets"] if targets else []), *(["online"] if online else [])]
     typer.echo(f"fleet {fleet}: root v{version} signed; new {', '.join(keys)} key(s) written")
