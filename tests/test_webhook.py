@@ -105,6 +105,28 @@ def test_verifier_refuses_forged_unsigned_stale_and_replayed_calls():
         Verifier("short")
 
 
+def test_a_replay_to_another_receiver_is_refused_through_redis(fleet):
+    """Two receivers of one deployment (replicas, or one restarted) share the delivery ids
+    in Redis: a delivery handled by one is refused by the other; one whose handling failed
+    is let in again (MLflow's retry)."""
+    from cloud.rollout.webhook import RedisSeen
+
+    require("Redis", REDIS_PORT)
+    shared = RedisSeen(f"redis://127.0.0.1:{REDIS_PORT}/15", prefix=f"test:{fleet}:")
+    first, second = Verifier(SECRET, shared=shared), Verifier(SECRET, shared=shared)
+    body = alias_event(f"edgeloop.{fleet}.cpu-fp32", "champion", "3")
+    handled, failed = signed(body), signed(body)
+
+    first.done(first.check(handled, body))
+    first.release(first.check(failed, body))
+    with pytest.raises(WebhookError) as err:
+        second.check(handled, body)
+    retried = second.check(failed, body)
+
+    assert err.value.reason == "replayed"
+    assert retried == failed[DELIVERY_HEADER]
+
+
 def test_model_names_map_to_fleet_and_profile():
     """edgeloop.{fleet}.{profile}: a fleet may hold dots; other models are not ours."""
     assert parse_model_name(model_name("plant-a", "rpi4-int8")) == ("plant-a", "rpi4-int8")

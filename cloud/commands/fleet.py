@@ -184,7 +184,7 @@ def webhook_cmd(
     from pydantic import ValidationError
 
     from cloud.config import get_settings
-    from cloud.rollout.webhook import WebhookServer, WebhookSettings
+    from cloud.rollout.webhook import RedisSeen, WebhookServer, WebhookSettings
     from cloud.tasks import app as celery
     from cloud.tracking.webhooks import ensure_webhook
 
@@ -211,6 +211,8 @@ def webhook_cmd(
         host=hook.host,
         port=hook.port,
         tolerance_s=hook.tolerance_s,
+        # Delivery ids in Redis: a replay to another replica, or after a restart, is refused.
+        shared=RedisSeen(get_settings().redis_url),
     )
     uri = get_settings().resolved_mlflow_uri
     if register and uri.startswith(("http://", "https://")):

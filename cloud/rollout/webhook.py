@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -119,7 +119,10 @@ class Verifier:
         *,
         tolerance_s: float = 300.0,
         clock: Callable[[], float] = time.time,
+        shared: SeenStore | None = None,
     ) -> None:
+        """``shared``: where the receivers of one deployment (replicas, restarts) record the
+        delivery ids they took, so a replay to another one is refused too."""
         if len(secret) < MIN_SECRET:
             raise ValueError(f"the webhook secret must have at least {MIN_SECRET} characters")
         self._secret = secret
@@ -128,6 +131,7 @@ class Verifier:
         self._seen: dict[str, float] = {}  # delivery id → when it may be forgotten
         self._pending: set[str] = set()  # being handled now: a concurrent copy waits its turn
         self._lock = threading.Lock()
+        self._shared = shared
 
     def check(self, headers: Mapping[str, str], body: bytes) -> str:
         """The delivery id of a genuine, fresh, first-seen call (reserved until ``done`` or
@@ -162,6 +166,12 @@ class Verifier:
                 raise WebhookError(
                     f"delivery {delivery} seen before", reason="replayed", status=400
                 )
+            if self._shared is not None and not self._shared.claim(
+                delivery, ttl_s=2 * self.tolerance_s
+            ):
+                raise WebhookError(
+                    f"delivery {delivery} taken by another receiver", reason="replayed", status=400
+                )
             self._pending.add(delivery)
         return delivery
 
@@ -175,6 +185,33 @@ class Verifier:
         """Handling failed: MLflow's retry of the same delivery is let in."""
         with self._lock:
             self._pending.discard(delivery)
+        if self._shared is not None:
+            self._shared.unclaim(delivery)
+
+
+class SeenStore(Protocol):
+    """Delivery ids shared by every receiver of a deployment (Redis in production)."""
+
+    def claim(self, delivery: str, *, ttl_s: float) -> bool:
+        """True if no receiver took ``delivery`` before; it is taken for ``ttl_s``."""
+        ...
+
+    def unclaim(self, delivery: str) -> None: ...
+
+
+class RedisSeen:
+    """SeenStore in Redis: SET NX with an expiry, atomic across receivers."""
+
+    def __init__(self, url: str, *, prefix: str = "edgeloop:webhook:") -> None:
+        import redis
+
+        self.redis, self.prefix = redis.Redis.from_url(url), prefix
+
+    def claim(self, delivery: str, *, ttl_s: float) -> bool:
+        return bool(self.redis.set(self.prefix + delivery, 1, nx=True, ex=max(1, int(ttl_s))))
+
+    def unclaim(self, delivery: str) -> None:
+        self.redis.delete(self.prefix + delivery)
 
 
 @dataclass(frozen=True)
@@ -275,12 +312,13 @@ class WebhookServer:
         host: str = "127.0.0.1",
         port: int = 0,
         tolerance_s: float = 300.0,
+        shared: SeenStore | None = None,
     ) -> None:
         import socket
 
         import uvicorn
 
-        self.verifier = Verifier(secret, tolerance_s=tolerance_s)
+        self.verifier = Verifier(secret, tolerance_s=tolerance_s, shared=shared)
         self.app = build_app(verifier=self.verifier, on_alias=on_alias)
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
