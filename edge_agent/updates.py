@@ -18,12 +18,11 @@ from edge_agent.config import EdgeSettings
 from edge_agent.runtime import ModelRuntime
 from edge_agent.transfer import (
     Download,
-    LatestOffer,
     TransferCancelled,
     Transfers,
-    transfer_length,
 )
 from edge_agent.updater import ModelSlots
+from edge_agent.urlfetch import allowed_url
 from shared.errors import PackageError
 from shared.messages import UPDATE_REASONS, ChunkRequest, UpdateChunk, UpdateOffer, UpdateStatus
 from shared.trust import DeviceTrust, Target, UpdateRefused
@@ -74,6 +73,7 @@ class Updates:
             retry_s=s.transfer_retry_s,
             stall_s=s.transfer_stall_s,
             url_timeout_s=s.url_timeout_s,
+            url_deadline_s=s.url_deadline_s,
             online=online,
         )
         self._offers = LatestOffer()
@@ -125,8 +125,23 @@ class Updates:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             offer = self._offers.take(timeout=0.5)
-            if offer is not None and not self._stopping.is_set():
+            if offer is None or self._stopping.is_set():
+                continue
+            try:
                 self.handle(offer)
+            except Exception as exc:  # noqa: BLE001 - this thread is the device's only updater
+                # What handle() did not report itself (a bug, or a report that failed):
+                # said once more if possible; the next offer is taken all the same.
+                log.exception("update offer of release %d failed", offer.release)
+                try:
+                    self.report(
+                        _version_of(offer.target),
+                        "failed",
+                        "internal_error",
+                        release=offer.release,
+                    )
+                except Exception:  # noqa: BLE001
+                    log.exception("and its failure could not be reported (%s)", exc)
 
     def handle(self, offer: UpdateOffer) -> UpdateStatus | None:
         """Verify an offer's release, fetch the target it assigns this device and install
@@ -164,16 +179,27 @@ class Updates:
                     offered=offer.length, signed=target.length, chunk_size=offer.chunk_size
                 ),
                 chunk_size=offer.chunk_size,
-                url=offer.url if self.settings.fetch_urls else None,
+                url=self._url(offer),
             )
             data = self.trust.download(target, offer.metadata, download.chunks)
+            download.discard()  # TUF verified the bytes, which are in hand
         except Exception as exc:  # noqa: BLE001 - every failure is reported, none is fatal
             return self._refused(offer, wanted, download, exc)
         finally:
             if download is not None:
                 self.transfers.end(download)
-        download.discard()  # TUF verified the bytes, which are in hand
         return self._install(target, data)
+
+    def _url(self, offer: UpdateOffer) -> str | None:
+        """The offer's URL where this device fetches URLs and it names an allowed host.
+        The offer is not signed: a URL elsewhere would have the device GET whatever host
+        an attacker names, so it is ignored and the chunks come over MQTT."""
+        if not offer.url or not self.settings.fetch_urls:
+            return None
+        url = allowed_url(offer.url, self.settings.url_hosts)
+        if url is None:
+            log.warning("offer's URL ignored: its host is not in fetch_url_hosts")
+        return url
 
     def _refused(
         self, offer: UpdateOffer, wanted: str, download: Download | None, exc: Exception
@@ -212,6 +238,9 @@ class Updates:
             status, reason = _INSTALL_OUTCOMES.get(exc.reason, ("rejected", "corrupt_package"))
             log.warning("model %s not installed (%s): %s", target.version, reason, exc)
             return self.report(target.version, status, reason, release=target.release)
+        except Exception:  # noqa: BLE001 - the device's fault (a full disk), not the release's
+            log.exception("model %s not installed", target.version)
+            return self.report(target.version, "failed", "internal_error", release=target.release)
         log.info("model %s live (release %d)", runtime.version, target.release)
         return self.report(runtime.version, "applied", None, release=target.release)
 
@@ -221,3 +250,36 @@ def _version_of(target: str) -> str:
     before the signed metadata says it."""
     name = target.rsplit("/", 1)[-1].removesuffix(".edgepkg")
     return name[:64] or "unknown"
+
+
+def transfer_length(*, offered: int, signed: int, chunk_size: int) -> int:
+    """How many bytes to fetch: what the offer says, but never more than one whole chunk
+    past the signed length, so a target longer than signed shows TUF its excess
+    (``endless_data``) at the cost of a chunk, and a device never downloads without bound.
+    (Whole chunks: the cloud cuts a longer object into full ones.)"""
+    cap = (-(-signed // chunk_size) + 1) * chunk_size
+    return max(1, min(offered, cap))
+
+
+class LatestOffer:
+    """A one-place mailbox between paho's thread and the updater: a newer offer (a higher
+    release) replaces one still waiting; an older one is dropped."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._offer: UpdateOffer | None = None
+
+    def put(self, offer: UpdateOffer) -> bool:
+        with self._cond:
+            if self._offer is not None and offer.release < self._offer.release:
+                return False
+            self._offer = offer
+            self._cond.notify()
+            return True
+
+    def take(self, timeout: float) -> UpdateOffer | None:
+        with self._cond:
+            if self._offer is None:
+                self._cond.wait(timeout)
+            offer, self._offer = self._offer, None
+            return offer
