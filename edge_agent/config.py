@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.errors import ConfigError
 
@@ -52,8 +52,26 @@ class EdgeSettings(BaseSettings):
     transfer_stall_s: float = Field(120.0, gt=0)
     # Whether this device can reach object storage: then a presigned URL in an offer is
     # fetched first (HTTP range from the first missing chunk), and MQTT fills the rest.
+    # Offers are not signed, so only a URL on one of fetch_url_hosts ("host:port", comma
+    # separated; none by default) is fetched: any other is ignored, never requested.
+    # url_timeout_s: seconds without a whole chunk from the URL; url_deadline_s: the most
+    # the URL may take in all. Past either, the rest comes over MQTT.
     fetch_urls: bool = False
+    fetch_url_hosts: Annotated[tuple[str, ...], NoDecode] = ()
     url_timeout_s: float = Field(20.0, gt=0)
+    url_deadline_s: float = Field(600.0, gt=0)
+
+    @field_validator("fetch_url_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(h.strip().lower() for h in value.split(",") if h.strip())
+        return value
+
+    @property
+    def url_hosts(self) -> frozenset[str]:
+        """The object-storage hosts ("host:port", lower case) a URL may name."""
+        return frozenset(h.lower() for h in self.fetch_url_hosts)
 
     @property
     def trust_dir(self) -> Path:

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import binascii
 import hashlib
-import http.client
 import json
 import logging
 import os
 import queue
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from shared.messages import ChunkRequest, UpdateChunk, UpdateOffer
+from edge_agent.urlfetch import UrlReader
+from shared.messages import ChunkRequest, UpdateChunk
 from shared.trust import UpdateRefused
 
 log = logging.getLogger(__name__)
@@ -56,6 +55,7 @@ class Download:
         release: int = 0,
         url: str | None = None,
         url_timeout_s: float = 20.0,
+        url_deadline_s: float = 600.0,
         online: Callable[[], bool] = lambda: True,
     ) -> None:
         if length < 1 or chunk_size < 1:
@@ -70,7 +70,7 @@ class Download:
         # A presigned object-store URL, where this device can reach the store: tried first,
         # and what it does not deliver comes over MQTT.
         self.url = url if url and url.startswith(("https://", "http://")) else None
-        self.url_timeout_s = url_timeout_s
+        self.url_timeout_s, self.url_deadline_s = url_timeout_s, url_deadline_s
         self.part = Path(directory) / f"{sha256}.part"
         self.record = Path(directory) / f"{sha256}.held"
         self.part.parent.mkdir(parents=True, exist_ok=True)
@@ -197,34 +197,53 @@ class Download:
 
     def _fetch_url(self, url: str) -> None:
         """Fill the missing chunks from ``url`` in order (an HTTP range from the first one
-        missing); on any error, what is still missing comes over MQTT."""
+        missing). A reader thread does the blocking reads, so a server that drips bytes
+        holds nothing: this gives up past ``url_deadline_s`` in all, after ``url_timeout_s``
+        without a whole chunk, on ``cancel()`` or on any error, and MQTT brings the rest."""
         start = self.first_missing()
         if start >= self.n_chunks:
             return
-        first_byte = start * self.chunk_size
-        request = urllib.request.Request(
-            url, headers={"Range": f"bytes={first_byte}-{self.length - 1}"}
+        reader = UrlReader(
+            url,
+            first_byte=start * self.chunk_size,
+            last_byte=self.length - 1,
+            timeout_s=self.url_timeout_s,
         )
-        index = start
+        index, buf, why = start, bytearray(), "it ended early"
+        deadline = progress_at = time.monotonic()
+        deadline += self.url_deadline_s
         try:
-            with urllib.request.urlopen(request, timeout=self.url_timeout_s) as resp:
-                if resp.status != 206:  # the server ignored the range: the whole object
-                    index = 0
-                while index < self.n_chunks and not self._cancelled.is_set():
-                    size = self._expected_size(index)
-                    data = resp.read(size)
-                    if len(data) != size:
-                        raise http.client.IncompleteRead(data, size - len(data))
+            while index < self.n_chunks and not self._cancelled.is_set():
+                now = time.monotonic()
+                if now > deadline or now - progress_at > self.url_timeout_s:
+                    why = "past its deadline" if now > deadline else "stalled"
+                    break
+                try:
+                    item = reader.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                if item is None or isinstance(item, Exception):
+                    why = str(item or why)
+                    break
+                if isinstance(item, int):  # the status: not 206, the whole object came
+                    index = start if item == 206 else 0
+                    continue
+                buf += item
+                while index < self.n_chunks and len(buf) >= self._expected_size(index):
+                    data = bytes(buf[: self._expected_size(index)])
+                    del buf[: len(data)]
                     if index not in self.held:
                         self._write(index, data, hashlib.sha256(data).hexdigest())
-                    index += 1
-        except (OSError, ValueError, http.client.HTTPException) as exc:
+                    index, progress_at = index + 1, time.monotonic()
+        finally:
+            reader.close()  # the reader thread stops at its next piece
+        if index < self.n_chunks and not self._cancelled.is_set():
             log.warning(
-                "%s: the URL gave chunks %d-%d, then failed (%s); the rest over MQTT",
+                "%s: the URL gave chunks %d-%d, then %s; the rest over MQTT",
                 self.target,
                 start,
                 index - 1,
-                exc,
+                why,
             )
 
     def _write(self, index: int, data: bytes, digest: str) -> None:
@@ -299,13 +318,15 @@ class Transfers:
         retry_s: float = 3.0,
         stall_s: float = 120.0,
         url_timeout_s: float = 20.0,
+        url_deadline_s: float = 600.0,
         online: Callable[[], bool] = lambda: True,
     ) -> None:
         self.directory = Path(directory)
         self.fleet, self.device_id = fleet, device_id
         self.send = send
         self.window, self.retry_s, self.stall_s = window, retry_s, stall_s
-        self.url_timeout_s, self.online = url_timeout_s, online
+        self.url_timeout_s, self.url_deadline_s = url_timeout_s, url_deadline_s
+        self.online = online
         self.current: Download | None = None
 
     def begin(
@@ -350,6 +371,7 @@ class Transfers:
             release=release,
             url=url,
             url_timeout_s=self.url_timeout_s,
+            url_deadline_s=self.url_deadline_s,
             online=self.online,
         )
         self.current = download
@@ -364,36 +386,3 @@ class Transfers:
     def end(self, download: Download) -> None:
         if self.current is download:
             self.current = None
-
-
-def transfer_length(*, offered: int, signed: int, chunk_size: int) -> int:
-    """How many bytes to fetch: what the offer says, but never more than one whole chunk
-    past the signed length, so a target longer than signed shows TUF its excess
-    (``endless_data``) at the cost of a chunk, and a device never downloads without bound.
-    (Whole chunks: the cloud cuts a longer object into full ones.)"""
-    cap = (-(-signed // chunk_size) + 1) * chunk_size
-    return max(1, min(offered, cap))
-
-
-class LatestOffer:
-    """A one-place mailbox between paho's thread and the updater: a newer offer (a higher
-    release) replaces one still waiting; an older one is dropped."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._offer: UpdateOffer | None = None
-
-    def put(self, offer: UpdateOffer) -> bool:
-        with self._cond:
-            if self._offer is not None and offer.release < self._offer.release:
-                return False
-            self._offer = offer
-            self._cond.notify()
-            return True
-
-    def take(self, timeout: float) -> UpdateOffer | None:
-        with self._cond:
-            if self._offer is None:
-                self._cond.wait(timeout)
-            offer, self._offer = self._offer, None
-            return offer
