@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import resource
 import threading
 import time
@@ -59,6 +60,18 @@ SampleJob = tuple[Upload, bytes, tuple[int, ...], Detection, datetime, str]
 _F32 = np.dtype("<f4")
 # What the writer thread makes durable: a selected window, or another message.
 Queued = SampleJob | Envelope
+
+
+def resident_mb() -> float:
+    """The process's resident set now, in MiB. Not the peak (ru_maxrss), which an install
+    raises for good: the package's bytes held a few times over and two ONNX Runtime
+    sessions during the smoke check would read as the live model's footprint."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    except (OSError, ValueError, IndexError):  # not Linux: the peak, in KiB there
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class EdgeAgent:
@@ -299,8 +312,7 @@ class EdgeAgent:
             online=online,
             recent_windows=recent,
             latency_ms_p99=lat[min(len(lat) - 1, len(lat) * 99 // 100)] if lat else 0.0,
-            # Peak resident set: ru_maxrss is in KiB on Linux.
-            memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            memory_mb=resident_mb(),
             inference_errors=self.inference_errors,
             agent_version=AGENT_VERSION,
             capabilities=CAPABILITIES,
@@ -337,7 +349,9 @@ class EdgeAgent:
     def _swap(self, runtime: ModelRuntime) -> None:
         with self._model_lock:
             self.runtime = runtime
-            self.recent_anomalies.clear()  # the heartbeat's rate is the live model's
+            # The heartbeat's anomaly rate and latencies are the live model's alone.
+            self.recent_anomalies.clear()
+            self.latencies_ms.clear()
 
     def _auto_rollback(self, failed: ModelRuntime, exc: PackageError) -> None:
         try:

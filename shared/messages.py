@@ -157,7 +157,7 @@ class Heartbeat(Envelope):
     # rate × windows is a count a two-proportion test can use.
     recent_windows: int = Field(default=0, ge=0)
     latency_ms_p99: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
-    memory_mb: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # peak resident set
+    memory_mb: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # resident set now, not peak
     inference_errors: int = Field(default=0, ge=0)  # windows the live model failed on
     agent_version: Name | None = None
     # What the agent can take: "tuf" (signed releases) and the payload kinds it applies
