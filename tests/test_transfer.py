@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -497,7 +498,7 @@ def test_transport_survives_bad_requests(tmp_path, s3_store, fleet, mqtt_port, t
 def test_a_newer_offer_supersedes_a_waiting_one():
     """The updater's mailbox keeps the newest release: an older offer arriving later is
     dropped, a newer one replaces the one waiting."""
-    from edge_agent.transfer import LatestOffer
+    from edge_agent.updates import LatestOffer
 
     def offer(release):
         return UpdateOffer(
@@ -521,13 +522,23 @@ def test_presigned_url_is_fetched_and_mqtt_fills_in(tmp_path, repo, fleet, mqtt_
     Both install the signed target."""
     release, path, v2 = repo.release(repackage(tiny_package, "v2"), devices=("d1", "d2"))
     transport = start_transport(mqtt_port, repo.store, fleet)
+    urls = {"d1": transport.target_url(fleet, path), "d2": "http://127.0.0.1:9/gone"}
+    assert urls["d1"] and urls["d1"].startswith("http://")
+    hosts = f"{urlsplit(urls['d1']).netloc},127.0.0.1:9"
     agents = [
-        enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo, device=d, fetch_urls=True)
+        enrolled_agent(
+            tmp_path,
+            fleet,
+            mqtt_port,
+            tiny_package[0],
+            repo,
+            device=d,
+            fetch_urls=True,
+            fetch_url_hosts=hosts,
+        )
         for d in ("d1", "d2")
     ]
-    urls = {"d1": transport.target_url(fleet, path), "d2": "http://127.0.0.1:9/gone"}
     try:
-        assert urls["d1"] and urls["d1"].startswith("http://")
         for device, url in urls.items():
             transport.offer(
                 fleet=fleet,
@@ -672,3 +683,217 @@ def test_offline_time_does_not_fail_a_download(tmp_path, tiny_package):
     link_up.set()
     worker.join(5)
     assert outcome == [("transfer_failed", True)]
+
+
+# -- the review's defects: a dying updater, a wedged URL, a stale heartbeat -----------------
+
+
+def test_install_error_is_reported_and_the_updater_lives_on(
+    tmp_path, repo, fleet, mqtt_port, tiny_package
+):
+    """An install that fails for the device's own reason (the disk full: OSError ENOSPC
+    from the slots) is reported failed (internal_error) with v1 still live, and the
+    updater thread goes on: the next release installs."""
+    import errno
+
+    release, path, v2 = repo.release(repackage(tiny_package, "v2"))
+    transport = start_transport(mqtt_port, repo.store, fleet)
+    agent = enrolled_agent(tmp_path, fleet, mqtt_port, tiny_package[0], repo)
+    real_install = agent.slots.install
+
+    def full_disk(data, **kw):  # the disk edge: what a full filesystem does to a write
+        agent.slots.install = real_install
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    agent.slots.install = full_disk
+    try:
+        repo.offer(transport, release, path, v2)
+        wait_for(lambda: agent.update_events, 30, what="the failure report")
+        report = agent.update_events[-1]
+        assert (report.target_version, report.status, report.reason, report.release) == (
+            "v2",
+            "failed",
+            "internal_error",
+            release,
+        )
+        assert agent.model_version == report.running_version == "v1"
+        assert agent.updates._thread.is_alive()
+        newer, path3, v3 = repo.release(repackage(tiny_package, "v3"))
+        repo.offer(transport, newer, path3, v3)
+        wait_for(lambda: agent.model_version == "v3", 30, what="v3 live after the failure")
+        assert agent.update_events[-1].status == "applied"
+    finally:
+        agent.stop()
+        transport.stop()
+
+
+class DripServer:
+    """A local HTTP server of a target's bytes (a 206 of the range asked): the first
+    ``fast`` bytes at once, then ``piece`` bytes every ``every_s``; ``redirect`` answers
+    every GET with a 302 there instead. Counts the GETs it gets."""
+
+    def __init__(self, data: bytes, *, fast=0, piece=1, every_s=0.1, redirect=None) -> None:
+        import http.server
+
+        server = self
+        self.gets = 0
+        self.stopped = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                server.gets += 1
+                if redirect:
+                    self.send_response(302)
+                    self.send_header("Location", redirect)
+                    self.end_headers()
+                    return
+                first, last = self.headers["Range"].removeprefix("bytes=").split("-")
+                body = data[int(first) : int(last) + 1]
+                self.send_response(206)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:fast])
+                self.wfile.flush()
+                for i in range(fast, len(body), piece):
+                    if server.stopped.wait(every_s):
+                        return
+                    self.wfile.write(body[i : i + piece])
+                    self.wfile.flush()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+        self.httpd.daemon_threads = True
+        self.host = f"{HOST}:{self.httpd.server_address[1]}"
+        self.url = f"http://{self.host}/bucket/p/v2.edgepkg"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize(
+    ("drip", "limits"),
+    [
+        # two chunks at once, then a byte every 0.1 s: no whole chunk for url_timeout_s
+        ({"fast": 2 * CHUNK, "piece": 1, "every_s": 0.1}, {"url_timeout_s": 1.0}),
+        # half a chunk every 0.2 s: steady progress, but past the URL's overall deadline
+        ({"piece": CHUNK // 2, "every_s": 0.2}, {"url_timeout_s": 3.0, "url_deadline_s": 1.5}),
+    ],
+    ids=["stalled", "past-deadline"],
+)
+def test_dripping_url_falls_back_to_mqtt_in_time(tmp_path, tiny_package, drip, limits):
+    """A URL whose server drips bytes (never quiet long enough for a socket timeout)
+    gives what whole chunks it delivered, and MQTT the rest, within the URL's limits; a
+    download cancelled while the URL drips stops at once."""
+    data = repackage(tiny_package, "v2")
+    server = DripServer(data, **drip)
+    downloads: list = [None]
+    asked: list = []
+    downloads[0] = new_download(
+        tmp_path, data, feeder(data, downloads, asked), url=server.url, **limits
+    )
+    outcome: list = []
+
+    def consume(download):
+        try:
+            outcome.append(b"".join(download.chunks()))
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            outcome.append(exc)
+
+    try:
+        t0 = time.monotonic()
+        worker = threading.Thread(target=consume, args=(downloads[0],), daemon=True)
+        worker.start()
+        worker.join(15)
+        assert outcome == [data], "the download finished, bit for bit"
+        assert time.monotonic() - t0 < 10
+        assert server.gets == 1 and asked and asked[0][0] >= 2  # the URL's chunks kept
+        downloads[0].discard()
+        outcome.clear()
+        downloads[0] = new_download(tmp_path, data, lambda first, count: True, url=server.url)
+        worker = threading.Thread(target=consume, args=(downloads[0],), daemon=True)
+        worker.start()
+        time.sleep(0.5)
+        downloads[0].cancel()
+        worker.join(3)
+        assert len(outcome) == 1 and isinstance(outcome[0], TransferCancelled)
+    finally:
+        server.close()
+
+
+def test_url_on_a_host_not_allowed_is_never_fetched(tmp_path, repo, fleet, mqtt_port, tiny_package):
+    """Offers are unsigned: a URL on a host not in fetch_url_hosts is never requested,
+    nor is one an allowed host redirects to; both devices install over MQTT."""
+    release, path, v2 = repo.release(repackage(tiny_package, "v2"), devices=("d1", "d2"))
+    transport = start_transport(mqtt_port, repo.store, fleet)
+    elsewhere = DripServer(v2, fast=len(v2))
+    allowed = DripServer(v2, redirect=elsewhere.url)
+    agents = [
+        enrolled_agent(
+            tmp_path,
+            fleet,
+            mqtt_port,
+            tiny_package[0],
+            repo,
+            device=d,
+            fetch_urls=True,
+            fetch_url_hosts=f"{allowed.host},s3.example:443",
+        )
+        for d in ("d1", "d2")
+    ]
+    try:
+        for device, url in (("d1", elsewhere.url), ("d2", allowed.url)):
+            transport.offer(
+                fleet=fleet,
+                device_id=device,
+                release=release,
+                target_path=path,
+                length=len(v2),
+                bundle=repo.signer.bundle(),
+                url=url,
+            )
+        for agent in agents:
+            wait_for(lambda a=agent: a.model_version == "v2", 30, what="v2 live")
+        assert elsewhere.gets == 0 and allowed.gets == 1
+        for device in ("d1", "d2"):
+            assert sorted(set(requested(transport, device))) == list(range(-(-len(v2) // CHUNK)))
+    finally:
+        for agent in agents:
+            agent.stop()
+        transport.stop()
+        elsewhere.close()
+        allowed.close()
+
+
+def test_heartbeat_speaks_for_the_live_model_and_memory_now(tmp_path, tiny_package, tep_small):
+    """After a swap, and after the automatic rollback, the heartbeat's latencies are the
+    live model's only; memory_mb is the resident set now, not the peak an install (or
+    anything else) once reached."""
+    import resource
+
+    agent = EdgeAgent(EdgeSettings(fleet="f", device_id="d1", mqtt_port=9, state_dir=tmp_path))
+    agent.bootstrap(tiny_package[0])
+    window = windows_of(tep_small[1], "idv_01", 1)[0]
+    try:
+        for _ in range(5):
+            agent.process(window)
+        assert agent.heartbeat().latency_ms_p99 > 0
+        agent._swap(agent.slots.install(nan_on_live_data(tiny_package, "v2-bad")))
+        hb = agent.heartbeat()
+        assert (hb.latency_ms_p50, hb.latency_ms_p99, hb.recent_windows) == (0.0, 0.0, 0)
+        agent.latencies_ms.append(1e6)  # as if v2-bad had been slow on a window
+        with pytest.raises(PackageError):
+            agent.process(window)  # rolled back to v1
+        assert agent.model_version == "v1"
+        assert agent.heartbeat().latency_ms_p99 == 0.0
+        peak = b"\x01" * (192 << 20)  # touched pages: resident, then handed back
+        del peak
+        hb = agent.heartbeat()
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - hb.memory_mb > 150
+        assert hb.memory_mb > 20  # Python, numpy and ONNX Runtime at least
+    finally:
+        agent.stop()
