@@ -5,6 +5,7 @@ recorded by the real ingest logic."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -19,10 +20,12 @@ from cloud.ingest.ingestor import Ingestor
 from cloud.rollout import controller
 from cloud.rollout.fleet import fleet_status, format_status
 from cloud.rollout.signing import ReleaseSigner, init_fleet_trust
+from cloud.rollout.steps import RolloutSettings
 from cloud.rollout.transport import RolloutTransport
 from cloud.store.db import Device, DeviceUpdate, Fleet, ModelVersion, Rollout, session_factory
 from cloud.store.keys import package_key
 from cloud.store.objects import LocalObjectStore
+from shared.errors import ConfigError
 from shared.messages import Heartbeat, UpdateOffer, UpdateStatus
 from shared.package import model_name
 from shared.topics import topic
@@ -271,20 +274,22 @@ def test_anomaly_jump_on_canaries_rolls_them_back_and_no_one_else_gets_the_model
     assert set(world.plant.version.values()) == {"v1"}
 
 
-def test_a_failed_install_aborts_at_once(world):
-    """One canary's smoke check fails: the next step aborts without waiting for the dwell."""
+@pytest.mark.parametrize("reason", ["smoke_check_failed", "transfer_failed"])
+def test_a_failed_install_aborts_at_once(world, reason):
+    """One canary's smoke check fails, or its transfer (a canary that cannot be judged
+    fails the rollout): the next step aborts without waiting for the dwell."""
     rid = world.start()
     world.advance(rid)
     canaries = world.rollout(rid).plan[0]
     wait_for(lambda: set(canaries) <= set(world.offers.by_device), 10, what="canary offers")
     world.offers.take(canaries[0])
-    world.plant.status(canaries[0], "v2", "failed", "smoke_check_failed")
+    world.plant.status(canaries[0], "v2", "failed", reason)
 
     state = world.advance(rid)
 
     r = world.rollout(rid)
     assert state == "rolling_back"
-    assert r.reason == f"wave 0: {canaries[0]} failed (smoke_check_failed)"
+    assert r.reason == f"wave 0: {canaries[0]} failed ({reason})"
     assert world.releases()[-1]["v1"] == {f"d{i}" for i in range(8)}
     assert world.drive(rid) == "aborted"
 
@@ -644,3 +649,124 @@ def test_two_profiles_of_one_fleet_roll_out_side_by_side(world):
     for release in world.releases():
         assert release.get("j1", set()) | release.get("j2", set()) <= {"d8", "d9"}
     assert set(world.plant.version.values()) == {"v2", "j2"}
+
+
+def drive_to_wave(world, rid: int, wave: int, steps: int = 20) -> None:
+    """Advance with every device following and heartbeating until wave ``wave`` is sent."""
+    for _ in range(steps):
+        world.advance(rid)
+        if world.rollout(rid).wave >= wave:
+            world.wait_offers(rid)
+            return
+        world.wait_offers(rid)
+        world.plant.follow(world.offers)
+        world.plant.beat_all()
+    raise AssertionError(f"rollout {rid} never reached wave {wave}")
+
+
+def test_a_canary_rolling_itself_back_after_its_wave_was_judged_aborts(world):
+    """The canaries were judged healthy and wave 1 dwells when a canary rolls itself back
+    (inference_error): the next step aborts on it, and the rollout ends aborted."""
+    rid = world.start()
+    drive_to_wave(world, rid, 1)
+    canary = world.rollout(rid).plan[0][0]
+    world.plant.version[canary] = "v1"
+    world.plant.status(canary, "v2", "rolled_back", "inference_error")
+
+    state = world.advance(rid)
+
+    r = world.rollout(rid)
+    assert state == "rolling_back" and r.wave == 1
+    assert f"{canary} rolled_back (inference_error)" in r.reason
+    assert world.drive(rid) == "aborted"
+    assert set(world.plant.version.values()) == {"v1"}
+
+
+def test_planned_devices_that_left_the_profile_are_failed_not_a_stuck_rollout(world):
+    """Two devices of wave 1 leave before it is sent (one re-enrolled with another profile,
+    one moved to another fleet): their rows fail "left the profile", are left out of the
+    judgement, and the rollout finishes with the others on the target."""
+    rid = world.start()
+    world.advance(rid)
+    moved = world.rollout(rid).plan[1][:2]
+    with world.sessions() as s:
+        s.get(Device, moved[0]).profile = "jetson-fp16"
+        s.get(Device, moved[1]).fleet = f"{world.fleet}-other"
+        s.commit()
+    for d in moved:
+        world.plant.silent.add(d)
+
+    state = world.drive(rid)
+
+    rows = world.rows(rid)
+    assert state == "done"
+    assert {(rows[d].state, rows[d].reason) for d in moved} == {("failed", "left the profile")}
+    assert {u.state for d, u in rows.items() if d not in moved} == {"installed"}
+    assert world.rollout(rid).health["devices"] == len(world.rollout(rid).plan[-1])
+
+
+def test_canaries_without_a_previous_model_keep_the_target_and_are_named(world):
+    """Devices with no model yet (a fleet's first model): after the canaries abort, they
+    cannot be given "none": their rows fail saying so, the rollout's reason names them,
+    and none counts as rolled back."""
+    with world.sessions() as s:
+        for d in s.scalars(select(Device).where(Device.fleet == world.fleet)):
+            d.model_version = None
+        s.commit()
+    for d in world.plant.version:
+        world.plant.version[d] = None
+    rid = world.start()
+
+    state = world.drive(rid, bad={"v2": 0.30})
+
+    r, rows = world.rollout(rid), world.rows(rid)
+    canaries = sorted(r.plan[0])
+    assert state == "aborted"
+    assert r.reason.endswith(f"having no previous model (take them out of service): "
+                             f"{', '.join(canaries)}")  # fmt: skip
+    for d in canaries:
+        assert rows[d].state == "failed"
+        assert rows[d].reason.startswith("keeps v2: it had no previous model")
+    assert "rolled_back" not in {u.state for u in rows.values()}
+
+
+def test_a_link_refusal_after_the_canaries_is_left_out_and_offered_again(world):
+    """A wave-1 device whose transfer fails does not abort the fleet: it is left out of the
+    judgement, offered again, installs and the rollout finishes done."""
+    with world.sessions() as s:
+        row = s.get(Fleet, world.fleet)
+        row.settings = {**row.settings, "rollout_resend_s": 5}
+        s.commit()
+    rid = world.start()
+    drive_to_wave(world, rid, 1)
+    flaky = world.rollout(rid).plan[1][0]
+    world.offers.take(flaky)
+    world.plant.status(flaky, "v2", "failed", "transfer_failed")
+
+    state = world.drive(rid)
+
+    r = world.rollout(rid)
+    assert state == "done", r.reason
+    assert world.rows(rid)[flaky].state == "installed"
+    assert world.plant.version[flaky] == "v2"
+
+
+def test_fleet_overrides_are_coerced_to_the_settings_types_or_refused(world):
+    """A fleet's "5" is the integer 5 and "0.5" the share 0.5; "five", a boolean for a
+    count, or a list are a ConfigError naming the key and value, also when a rollout of
+    that fleet starts."""
+    ok = RolloutSettings.resolve(CloudSettings(), {"rollout_dwell_heartbeats": "5",
+                                                   "rollout_canary_share": "0.5",
+                                                   "rollout_presigned_urls": "true"})  # fmt: skip
+
+    assert (ok.dwell_heartbeats, ok.canary_share, ok.presigned_urls) == (5, 0.5, True)
+    assert isinstance(ok.dwell_heartbeats, int)
+    for value in ("five", True, [3], 2.5):
+        with pytest.raises(ConfigError, match=re.escape(f"rollout_dwell_heartbeats = {value!r}")):
+            RolloutSettings.resolve(CloudSettings(), {"rollout_dwell_heartbeats": value})
+    with world.sessions() as s:
+        row = s.get(Fleet, world.fleet)
+        row.settings = {**row.settings, "rollout_alpha": "a lot"}
+        s.commit()
+    with pytest.raises(ConfigError, match="rollout_alpha = 'a lot'"):
+        world.start()

@@ -45,6 +45,24 @@ def test_canaries_spread_across_sites():
     assert Counter(site[d] for d in canaries) == {f"site{i}": 1 for i in range(5)}
 
 
+def test_canaries_are_online_devices_spread_across_sites():
+    """Of 60 devices over three sites, 4 online at each: the five canaries are online and
+    from all three sites; with only two online, those two and three offline ones."""
+    devices = fleet_of(60, 3)
+    site = dict(devices)
+    online = {d for d, _ in devices[:12]}
+
+    canaries = plan_waves(devices=devices, profile_devices=60, policy=WavePolicy(), seed="r3",
+                          online=online)[0]  # fmt: skip
+    few = plan_waves(devices=devices, profile_devices=60, policy=WavePolicy(), seed="r3",
+                     online={"d007", "d031"})  # fmt: skip
+
+    assert set(canaries) <= online and len(canaries) == 5
+    assert set(Counter(site[d] for d in canaries)) == {"site0", "site1", "site2"}
+    assert len(few[0]) == 5 and {"d007", "d031"} <= set(few[0])
+    assert sorted(d for w in few for d in w) == sorted(d for d, _ in devices)
+
+
 def test_plan_is_deterministic_by_seed():
     """The same devices and seed give the same plan whatever their order; another seed another."""
     devices = fleet_of(40, 3)

@@ -4,6 +4,7 @@ statuses, dwell, judge, roll back. The controller (cloud.rollout.controller) cal
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta
@@ -17,6 +18,7 @@ from cloud.compress.profiles import get_profile
 from cloud.config import CloudSettings
 from cloud.rollout.fleet import label_counts
 from cloud.rollout.health import (
+    FAILED_STATES,
     Budget,
     DeviceHealth,
     Thresholds,
@@ -36,8 +38,29 @@ INSTALL_BEATS = "beats_at_install"  # in DeviceUpdate.before: the heartbeat coun
 SILENT = "silent: "  # how a failed row's reason starts when the device said nothing in time
 
 
+# Refusals that are the device's link or clock, not the release: after the canary wave,
+# treated like silence (left out of the judgement, offered again).
+LINK_REASONS = frozenset({"transfer_failed", "internal_error", "expired_metadata"})
+LEFT, GONE = "left the profile", "no longer registered"  # a planned device that is not here
+KEEPS = "keeps "  # how the reason of a canary without a previous model starts after an abort
+
+
 def _silent(u: DeviceUpdate) -> bool:
     return (u.reason or "").startswith(SILENT)
+
+
+def _left_out(u: DeviceUpdate) -> bool:
+    """The row is not judged: its device left the profile, or (after the canary wave) it
+    is silent or its refusal is its link's or clock's."""
+    if u.reason in (LEFT, GONE):
+        return True
+    if u.wave == 0:
+        return False
+    return (u.state == "failed" and _silent(u)) or _link_refusal(u)
+
+
+def _link_refusal(u: DeviceUpdate) -> bool:
+    return u.state in ("failed", "rejected") and u.reason in LINK_REASONS
 
 
 class Signer(Protocol):
@@ -78,9 +101,11 @@ class RolloutSettings:
         )
         if unknown:
             raise ConfigError(f"fleet settings name unknown rollout settings {unknown}")
-        values = {
-            n: overrides.get(f"rollout_{n}", getattr(settings, f"rollout_{n}")) for n in names
-        }
+        values = {n: getattr(settings, f"rollout_{n}") for n in names}
+        for f in fields(cls):
+            key = f"rollout_{f.name}"
+            if key in overrides:
+                values[f.name] = _coerce(key, overrides[key], type(f.default))
         out = cls(**values)
         out.waves.check()
         return out
@@ -92,6 +117,31 @@ class RolloutSettings:
     @property
     def thresholds(self) -> Thresholds:
         return Thresholds(self.alpha, self.min_effect, self.max_accuracy_drop_pts, self.min_labels)
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """A fleet's override as the setting's type (JSON numbers, or numbers and booleans
+    written as strings, as environment variables are); else a ConfigError naming it: an
+    unchecked "5" would break every step's comparisons."""
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+                return value.strip().lower() in _TRUE
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            number = float(value)
+            if math.isfinite(number):
+                if kind is float:
+                    return number
+                if number.is_integer():
+                    return int(number)
+    except ValueError:
+        pass
+    raise ConfigError(f"fleet setting {key} = {value!r} is not a valid {kind.__name__}")
 
 
 def lock_fleet(session: Session, fleet: str) -> Fleet:
@@ -158,7 +208,11 @@ class Step:
             (d.id, d.site) for d in devices.values() if d.model_version != self.r.target_version
         ]
         waves = plan_waves(
-            devices=need, profile_devices=len(devices), policy=self.cfg.waves, seed=f"r{self.r.id}"
+            devices=need,
+            profile_devices=len(devices),
+            policy=self.cfg.waves,
+            seed=f"r{self.r.id}",
+            online={d.id for d in devices.values() if d.online},
         )
         for k, wave in enumerate(waves):
             for device_id in wave:
@@ -268,11 +322,17 @@ class Step:
 
     # -- forward ------------------------------------------------------------------------------
     def wave(self) -> None:
-        """Send wave k, wait for its statuses, dwell, judge; next wave, done or roll back."""
+        """Send wave k, wait for its statuses, dwell, judge; next wave, done or roll back.
+        Every judgement also counts the install failures of waves 0..k-1 (a canary that
+        rolls itself back after its wave was judged aborts the wave dwelling now)."""
         r, k = self.r, self.r.wave
-        rows = self.rows(range(k, k + 1))
+        sent_so_far = self.rows(range(0, k + 1))
         devices = self.devices()
-        target = {u.device_id: r.target_version for u in rows}
+        self.drop_gone(sent_so_far, devices)
+        wave = set(r.plan[k])
+        rows = [u for u in sent_so_far if u.device_id in wave]
+        earlier = [u for u in sent_so_far if u not in rows]
+        target = {u.device_id: r.target_version for u in sent_so_far}
         pending = [u for u in rows if u.state == "pending"]
         if pending:
             self.publish({d: r.target_version for w in r.plan[: k + 1] for d in w})
@@ -281,7 +341,8 @@ class Step:
                 u.before = dict(devices[u.device_id].health or {})
             r.wave_started_at = r.wave_started_at or self.now
             return
-        self.offer([u for u in rows if u.state == "sent" and self.due(u)], target)
+        again = [u for u in rows if u.state == "sent" or (k > 0 and _link_refusal(u))]
+        self.offer([u for u in again if self.due(u)], target)
         for u in rows:
             d = devices.get(u.device_id)
             if u.state != "installed" or d is None or d.model_version != r.target_version:
@@ -304,9 +365,10 @@ class Step:
                 elif u.state == "installed" and u.beats_after < self.cfg.dwell_heartbeats:
                     u.state = "failed"
                     u.reason = f"{SILENT}{u.beats_after} heartbeat(s) on the target in time"
-        if k > 0:
-            rows = [u for u in rows if not (u.state == "failed" and _silent(u))]
-        observed = self.observe(rows, devices)
+        rows = [u for u in rows if not _left_out(u)]
+        observed = self.observe(rows, devices) + self.observe(
+            [u for u in earlier if not _left_out(u) and u.state in FAILED_STATES], devices
+        )
         failures = install_failures(observed)
         dwelt = all(o.after is not None for o in observed)
         if not failures and not dwelt:
@@ -328,6 +390,15 @@ class Step:
         else:
             self.finish("done")
 
+    def drop_gone(self, rows: list[DeviceUpdate], devices: dict[str, Device]) -> None:
+        """Fail, and leave out from now on, the rows still in play whose device has left
+        the profile (re-enrolled with another) or was deleted."""
+        for u in rows:
+            if u.device_id in devices or u.state not in ("pending", "sent", "installed"):
+                continue
+            u.state = "failed"
+            u.reason = LEFT if self.session.get(Device, u.device_id) is not None else GONE
+
     def observe(self, rows: list[DeviceUpdate], devices: dict[str, Device]) -> list[DeviceHealth]:
         out = []
         for u in rows:
@@ -341,7 +412,9 @@ class Step:
     # -- back ---------------------------------------------------------------------------------
     def roll_back(self) -> None:
         """Publish the release giving every device the rollout reached its previous version;
-        offer it until each reports running it (then rolled_back), or the wave timeout."""
+        offer it until each reports running it (then rolled_back), or the wave timeout.
+        A device that had no model before (the first model of a fleet) cannot be given
+        "none": its row is failed, named in the rollout's reason, never counted back."""
         r = self.r
         reached = [u for u in self.rows(range(0, r.wave + 1)) if u.sent_at is not None]
         previous = {u.device_id: u.base_version for u in reached if u.base_version}
@@ -350,7 +423,16 @@ class Step:
         left = []
         for u in reached:
             d = devices.get(u.device_id)
-            if u.device_id not in previous or d is None or u.state == "rolled_back":
+            if d is None or u.state == "rolled_back":
+                continue
+            if u.device_id not in previous:  # it had no model before
+                if d.model_version == r.target_version or u.state == "installed":
+                    u.state = "failed"
+                    u.reason = (f"{KEEPS}{r.target_version}: it had no previous model to go "
+                                "back to; take it out of service")  # fmt: skip
+                elif u.state == "sent":  # never installed: the abort's release assigns it none
+                    u.state = "failed"
+                    u.reason = "no previous model; aborted before it installed the target"
                 continue
             seen = (d.health or {}).get("release")
             if seen is None:  # an agent that does not say which release it has seen
@@ -364,11 +446,16 @@ class Step:
         started = aware(r.wave_started_at or self.now)
         self.offer([u for u in left if aware(u.sent_at or started) < started or self.due(u)],
                    previous)  # fmt: skip
+        kept = sorted(u.device_id for u in reached if (u.reason or "").startswith(KEEPS))
+        why = r.reason or ""
+        if kept:
+            why += (f"; keep {r.target_version}, having no previous model (take them out "
+                    f"of service): {', '.join(kept)}")  # fmt: skip
         if not left:
-            self.finish("aborted")
+            self.finish("aborted", why)
         elif self.now - started > timedelta(seconds=self.cfg.wave_timeout_s):
             ids = ", ".join(u.device_id for u in left)
-            self.finish("aborted", f"{r.reason}; not confirmed back on the previous model: {ids}")
+            self.finish("aborted", f"{why}; not confirmed back on the previous model: {ids}")
 
 
 _LENGTHS: dict[str, int] = {}  # sha256 → bytes: content-addressed, so never stale

@@ -1,11 +1,11 @@
-"""The cohort plan of a rollout: which devices go in which wave, canaries first, spread
-across sites, the same plan for the same devices and seed."""
+"""The cohort plan of a rollout: which devices go in which wave, canaries first (online
+ones, spread across sites), the same plan for the same devices and seed."""
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from shared.errors import ConfigError
@@ -58,21 +58,32 @@ def plan_waves(
     profile_devices: int,
     policy: WavePolicy,
     seed: str,
+    online: Collection[str] = (),
 ) -> list[list[str]]:
     """Waves of the ``devices`` (id, site) that need the target: the canary cohort, then
     the rest in waves of canaries × growth, × growth², … (the last takes what is left).
 
-    ``profile_devices`` counts every device of the profile, those already on the target
-    too: the canary share is of the profile."""
+    Canaries are taken from the ``online`` devices first (spread across their sites), and
+    from the offline ones only when too few are online: a canary that cannot hear the
+    offer fails the canary wave at its timeout. ``profile_devices`` counts every device of
+    the profile, those already on the target too: the canary share is of the profile."""
     policy.check()
+    devices = list(devices)
     order = site_order(devices, seed)
     if not order:
         return []
     size = canary_size(policy, profile_devices)
-    waves = [order[:size]]
-    at, k = size, 1
-    while at < len(order):
+    up = set(online)
+    canaries = site_order([d for d in devices if d[0] in up], seed)[:size]
+    if len(canaries) < size:
+        down = [d for d in devices if d[0] not in up]
+        canaries += site_order(down, seed)[: size - len(canaries)]
+    taken = set(canaries)
+    rest = [d for d in order if d not in taken]
+    waves = [canaries]
+    at, k = 0, 1
+    while at < len(rest):
         n = max(1, math.ceil(size * policy.growth**k))
-        waves.append(order[at : at + n])
+        waves.append(rest[at : at + n])
         at, k = at + n, k + 1
     return waves
