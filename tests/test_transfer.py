@@ -897,3 +897,71 @@ def test_heartbeat_speaks_for_the_live_model_and_memory_now(tmp_path, tiny_packa
         assert hb.memory_mb > 20  # Python, numpy and ONNX Runtime at least
     finally:
         agent.stop()
+
+
+def test_repeated_chunk_requests_are_served_once(
+    tmp_path, s3_store, fleet, mqtt_port, tiny_package
+):
+    """A burst of the same chunk request from one device (a device re-asking faster than
+    its chunks come) queues each chunk once; another device asking the same is served."""
+    from shared.messages import ChunkRequest, decode
+
+    s3_store.put(package_key(fleet, "cpu-fp32", "v1"), tiny_package[0])
+    transport = start_transport(mqtt_port, s3_store, fleet, repeat_s=10.0)
+    got: dict = {"d1": [], "d2": []}
+    device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    device.on_message = lambda c, u, m: got[m.topic.split("/")[-2]].append(
+        decode("updates", m.payload).index
+    )
+    device.connect(HOST, mqtt_port)
+    for d in got:
+        device.subscribe(topic(fleet, d, "updates"), qos=1)
+    device.loop_start()
+
+    def ask(device_id, first=0, count=8):
+        req = ChunkRequest(
+            fleet=fleet,
+            device_id=device_id,
+            target="cpu-fp32/v1.edgepkg",
+            release=1,
+            first=first,
+            count=count,
+        )
+        device.publish(topic(fleet, device_id, "update-status"), req.encode(), qos=1)
+
+    try:
+        time.sleep(0.3)  # the SUBACKs
+        for _ in range(10):
+            ask("d1")
+        ask("d1", first=4, count=8)  # overlaps: only chunks 8-11 are new
+        ask("d2")
+        wait_for(lambda: len(transport.served) == 12, 10, what="every request handled")
+        wait_for(lambda: len(got["d1"]) >= 12 and len(got["d2"]) >= 8, 10, what="chunks")
+        time.sleep(0.5)  # any copy would have come by now
+        assert sorted(got["d1"]) == list(range(12)) and sorted(got["d2"]) == list(range(8))
+        assert transport.chunks_sent == 20 and transport.repeats == 9 * 8 + 4
+    finally:
+        device.loop_stop()
+        transport.stop()
+
+
+def test_transport_queue_is_bounded(tmp_path, spare_broker, s3_store, fleet, tiny_package):
+    """With the broker gone, chunks past the transport's queue bound are dropped at once
+    (the device asks again), not held in memory."""
+    from shared.messages import ChunkRequest
+
+    s3_store.put(package_key(fleet, "cpu-fp32", "v1"), tiny_package[0])
+    transport = start_transport(spare_broker.port, s3_store, fleet, max_queued=4)
+    req = ChunkRequest(
+        fleet=fleet, device_id="d1", target="cpu-fp32/v1.edgepkg", release=1, first=0, count=8
+    )
+    try:
+        spare_broker.stop()
+        wait_for(lambda: not transport.client.is_connected(), 10, what="the link down")
+        assert transport.serve(topic(fleet, "d1", "update-status"), req.encode()) == 4
+        assert transport.chunks_dropped == 4
+        other = req.model_copy(update={"device_id": "d2"})
+        assert transport.serve(topic(fleet, "d2", "update-status"), other.encode()) == 0
+        assert transport.chunks_dropped == 12
+    finally:
+        transport.stop()

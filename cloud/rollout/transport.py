@@ -44,7 +44,7 @@ class ServedRequest:
     target: str
     first: int
     count: int
-    sent: int  # chunks published for it (0: refused)
+    sent: int  # chunks queued for it (0: refused, or all of them still being served)
 
 
 class RolloutTransport:
@@ -68,6 +68,9 @@ class RolloutTransport:
         chunk_size: int = 64 << 10,
         shared_group: str = "rollout",
         cached_targets: int = 4,
+        max_queued: int = 1024,
+        repeat_s: float = 0.5,
+        pending_ttl_s: float = 60.0,
     ) -> None:
         self.host, self.port = host, port
         self.store = store
@@ -76,10 +79,19 @@ class RolloutTransport:
         self.ready = threading.Event()  # connected and subscribed
         self.served: deque[ServedRequest] = deque(maxlen=10_000)
         self.chunks_sent = 0
+        self.chunks_dropped = 0  # not queued: paho's queue was full (the device asks again)
+        self.repeats = 0  # chunks asked again while still being served: not sent twice
         self.bad_requests = 0
         self.last_activity = time.monotonic()
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cache_size = cached_targets
+        # (fleet, device, target, index) → the chunk's publish and when it was queued: a
+        # chunk asked again within repeat_s, or while the broker has not taken it (up to
+        # pending_ttl_s), is not queued again. Devices re-ask every few seconds; without
+        # this, one device behind a slow link fills memory with copies of its chunks.
+        self._sent: dict[tuple[str, str, str, int], tuple[mqtt.MQTTMessageInfo, float]] = {}
+        self._swept_at = 0.0
+        self.repeat_s, self.pending_ttl_s = repeat_s, pending_ttl_s
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
         self._stopping = threading.Event()
         self._server = threading.Thread(target=self._serve, name="rollout-chunks", daemon=True)
@@ -94,6 +106,9 @@ class RolloutTransport:
         if tls:
             self.client.tls_set()
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
+        # Bounded: ~90 MB of 64 KiB chunks at most (offers included); a publish past it
+        # fails at once and that chunk is asked for again, never held.
+        self.client.max_queued_messages_set(max_queued)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
@@ -224,15 +239,52 @@ class RolloutTransport:
         cs = self.chunk_size
         last = min(msg.first + msg.count, -(-len(data) // cs))
         out = topic(fleet, device_id, "updates")
+        now = time.monotonic()
+        self._sweep(now)
+        sent = 0
         for index in range(msg.first, last):
+            key = (fleet, device_id, msg.target, index)
+            if self._being_served(key, now):
+                self.repeats += 1
+                continue
             chunk = self.chunk_message(
                 fleet, device_id, msg.target, index, data[index * cs : (index + 1) * cs]
             )
-            self.client.publish(out, chunk.encode(), qos=1)
-        sent = max(0, last - msg.first)
+            info = self.client.publish(out, chunk.encode(), qos=1)
+            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                self.chunks_dropped += last - index
+                log.warning(
+                    "outgoing queue full: chunks %d-%d of %s to %s/%s dropped",
+                    index,
+                    last - 1,
+                    msg.target,
+                    fleet,
+                    device_id,
+                )
+                break
+            self._sent[key] = (info, now)
+            sent += 1
         self.chunks_sent += sent
         self.served.append(ServedRequest(fleet, device_id, msg.target, msg.first, msg.count, sent))
         return sent
+
+    def _being_served(self, key: tuple[str, str, str, int], now: float) -> bool:
+        entry = self._sent.get(key)
+        if entry is None:
+            return False
+        info, queued_at = entry
+        if now - queued_at < self.repeat_s:
+            return True
+        return now - queued_at < self.pending_ttl_s and _pending(info)
+
+    def _sweep(self, now: float) -> None:
+        """Forget chunks no longer being served (once a second: the map is at most the
+        queue's size plus what repeat_s holds)."""
+        if now - self._swept_at < 1.0:
+            return
+        self._swept_at = now
+        for key in [k for k in self._sent if not self._being_served(k, now)]:
+            del self._sent[key]
 
     def _serve(self) -> None:
         while not self._stopping.is_set():
@@ -272,3 +324,13 @@ class RolloutTransport:
         except queue.Full:  # the device asks again
             self.bad_requests += 1
             log.warning("chunk request on %s dropped: server backlog full", msg.topic)
+
+
+def _pending(info: mqtt.MQTTMessageInfo) -> bool:
+    """Whether paho still holds a publish: queued for the broker or awaiting its ack."""
+    if info.rc == mqtt.MQTT_ERR_NO_CONN:
+        return True  # queued while offline: paho sends it on the reconnect
+    try:
+        return not info.is_published()
+    except (ValueError, RuntimeError):  # never queued: nothing is pending
+        return False
