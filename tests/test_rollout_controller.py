@@ -513,6 +513,13 @@ def test_the_tasks_carry_a_champion_move_to_every_device(world, eager_worker):
     """on_alias starts the rollout and takes its first step; beat's ticks take it to done
     with every device on v2, and its MLflow run is finished."""
     tasks = eager_worker
+    client, name = tasks._tracker().client, model_name(world.fleet, PROFILE)
+    training = client.create_run(tasks._tracker().experiment(world.fleet)).info.run_id
+    client.create_registered_model(name)
+    for _ in range(2):
+        client.create_model_version(name, source=f"runs:/{training}/edge_package",
+                                    run_id=training)  # fmt: skip
+    client.set_registered_model_alias(name, "champion", "2")  # on_alias re-reads it
 
     first = tasks.rollout_on_alias.apply(args=(world.fleet, PROFILE, "2")).get()
     rid = first["rollout"]

@@ -11,6 +11,25 @@ from typing import Any
 # An update state that aborts at once: the device refused or failed the install, or rolled
 # itself back because the new model failed on real windows.
 FAILED_STATES = ("failed", "rejected", "rolled_back")
+SILENT = "silent: "  # how a failed row's reason starts when the device said nothing in time
+# Refusals that are the device's link or clock, not the release: after the canary wave,
+# treated like silence (left out of the judgement, offered again).
+LINK_REASONS = frozenset({"transfer_failed", "internal_error", "expired_metadata"})
+LEFT, GONE = "left the profile", "no longer registered"  # a planned device that is not here
+
+
+def link_refusal(state: str, reason: str | None) -> bool:
+    return state in ("failed", "rejected") and reason in LINK_REASONS
+
+
+def left_out(*, wave: int, state: str, reason: str | None) -> bool:
+    """An update row not judged: its device left the profile, or, after the canary wave
+    (a canary that cannot be judged fails the rollout), it is silent or its refusal is its
+    link's or clock's: one device offline must not roll back a fleet."""
+    if reason in (LEFT, GONE):
+        return True
+    silent = state == "failed" and (reason or "").startswith(SILENT)
+    return wave > 0 and (silent or link_refusal(state, reason))
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,16 @@ from cloud.config import CloudSettings
 from cloud.rollout.fleet import label_counts
 from cloud.rollout.health import (
     FAILED_STATES,
+    GONE,
+    LEFT,
+    SILENT,
     Budget,
     DeviceHealth,
     Thresholds,
     install_failures,
     judge,
+    left_out,
+    link_refusal,
 )
 from cloud.rollout.signing import Assignment
 from cloud.rollout.waves import WavePolicy, plan_waves
@@ -35,32 +40,11 @@ from shared.package import model_name
 log = logging.getLogger(__name__)
 
 INSTALL_BEATS = "beats_at_install"  # in DeviceUpdate.before: the heartbeat count at install
-SILENT = "silent: "  # how a failed row's reason starts when the device said nothing in time
-
-
-# Refusals that are the device's link or clock, not the release: after the canary wave,
-# treated like silence (left out of the judgement, offered again).
-LINK_REASONS = frozenset({"transfer_failed", "internal_error", "expired_metadata"})
-LEFT, GONE = "left the profile", "no longer registered"  # a planned device that is not here
 KEEPS = "keeps "  # how the reason of a canary without a previous model starts after an abort
 
 
-def _silent(u: DeviceUpdate) -> bool:
-    return (u.reason or "").startswith(SILENT)
-
-
 def _left_out(u: DeviceUpdate) -> bool:
-    """The row is not judged: its device left the profile, or (after the canary wave) it
-    is silent or its refusal is its link's or clock's."""
-    if u.reason in (LEFT, GONE):
-        return True
-    if u.wave == 0:
-        return False
-    return (u.state == "failed" and _silent(u)) or _link_refusal(u)
-
-
-def _link_refusal(u: DeviceUpdate) -> bool:
-    return u.state in ("failed", "rejected") and u.reason in LINK_REASONS
+    return left_out(wave=u.wave, state=u.state, reason=u.reason)
 
 
 class Signer(Protocol):
@@ -119,29 +103,28 @@ class RolloutSettings:
         return Thresholds(self.alpha, self.min_effect, self.max_accuracy_drop_pts, self.min_labels)
 
 
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True,
+          "false": False, "0": False, "no": False, "off": False}  # fmt: skip
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
-    """A fleet's override as the setting's type (JSON numbers, or numbers and booleans
-    written as strings, as environment variables are); else a ConfigError naming it: an
-    unchecked "5" would break every step's comparisons."""
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-                return value.strip().lower() in _TRUE
-        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+    """A fleet's override as the setting's type (numbers and booleans may be written as
+    strings, as environment variables are); else a ConfigError naming it: an unchecked "5"
+    would break every step's comparisons."""
+    if kind is bool:
+        out = value if isinstance(value, bool) else _BOOLS.get(str(value).strip().lower())
+    elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
             number = float(value)
-            if math.isfinite(number):
-                if kind is float:
-                    return number
-                if number.is_integer():
-                    return int(number)
-    except ValueError:
-        pass
-    raise ConfigError(f"fleet setting {key} = {value!r} is not a valid {kind.__name__}")
+        except ValueError:
+            number = math.nan
+        ok = math.isfinite(number) and (kind is float or number.is_integer())
+        out = kind(number) if ok else None
+    else:
+        out = None
+    if out is None:
+        raise ConfigError(f"fleet setting {key} = {value!r} is not a valid {kind.__name__}")
+    return out
 
 
 def lock_fleet(session: Session, fleet: str) -> Fleet:
@@ -341,7 +324,7 @@ class Step:
                 u.before = dict(devices[u.device_id].health or {})
             r.wave_started_at = r.wave_started_at or self.now
             return
-        again = [u for u in rows if u.state == "sent" or (k > 0 and _link_refusal(u))]
+        again = [u for u in rows if u.state == "sent" or link_refusal(u.state, u.reason) and k]
         self.offer([u for u in again if self.due(u)], target)
         for u in rows:
             d = devices.get(u.device_id)
