@@ -87,6 +87,11 @@ class Updates:
                 "this device holds no fleet root: every update offer will be refused "
                 "(missing_metadata) until `edgeloop edge enroll --root FILE`"
             )
+        if self.settings.fetch_urls and not self.settings.url_hosts:
+            log.warning(
+                "fetch_urls is set but fetch_url_hosts is empty: offers' URLs are ignored "
+                "(set EDGELOOP_EDGE_FETCH_URL_HOSTS to the object store's host:port)"
+            )
         self._thread.start()
 
     def stop(self) -> None:
