@@ -38,8 +38,8 @@ def test_each_attack_is_refused_reported_and_the_device_keeps_serving(
     expiry (expired_metadata), a target for another device (mix_and_match) and a target
     longer than signed (endless_data): each refused, reported with its reason to the
     update table, the installed model serving all along (the same release under an older
-    timestamp, as a late redelivery brings it, is refused without a report); after a root rotation that replaces the online
-    keys, a new release installs."""
+    timestamp, as a late redelivery brings it, is refused without a report); after a root
+    rotation that replaces the online keys, a new release installs."""
     sessions, start_ingest = cloud_on
     start_ingest(mqtt_port)
     keys = tmp_path / "keys"

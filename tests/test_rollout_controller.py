@@ -19,8 +19,8 @@ from cloud.config import CloudSettings
 from cloud.ingest.ingestor import Ingestor
 from cloud.rollout import controller
 from cloud.rollout.fleet import fleet_status, format_status
+from cloud.rollout.settings import RolloutSettings
 from cloud.rollout.signing import ReleaseSigner, init_fleet_trust
-from cloud.rollout.steps import RolloutSettings
 from cloud.rollout.transport import RolloutTransport
 from cloud.store.db import Device, DeviceUpdate, Fleet, ModelVersion, Rollout, session_factory
 from cloud.store.keys import package_key

@@ -47,8 +47,8 @@ def rotate_root_cmd(
 
     from cloud.commands.common import sessions
     from cloud.config import get_settings
+    from cloud.rollout.settings import lock_fleet
     from cloud.rollout.signing import Expiries, rotate_root
-    from cloud.rollout.steps import lock_fleet
     from cloud.store.objects import open_store
 
     settings = get_settings()

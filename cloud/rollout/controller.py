@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.config import CloudSettings, get_settings
 from cloud.rollout.fleet import fleet_status, status_table
-from cloud.rollout.steps import RolloutSettings, Signer, Step, Transport, lock_fleet
+from cloud.rollout.settings import RolloutSettings, lock_fleet
+from cloud.rollout.steps import Signer, Step, Transport
 from cloud.store.db import Device, DeviceUpdate, Fleet, ModelVersion, Rollout, aware
 from cloud.store.objects import ObjectStore
 from shared.errors import EdgeloopError
