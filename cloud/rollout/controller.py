@@ -316,6 +316,7 @@ HEALTH_METRICS = {  # figure of the last judgement → the run's metric
     "anomaly_before": "anomaly_before",
     "anomaly_after": "anomaly_after",
     "p_value": "anomaly_p_value",
+    "risk_difference": "anomaly_risk_difference",  # within devices: what the gate compares
     "latency_ms_p99_after": "latency_ms_p99",
     "memory_mb_after": "memory_mb",
     "accuracy_target": "accuracy_target",
