@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 
+import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -131,7 +132,12 @@ def test_transport_answers_garbage_with_a_named_error_and_keeps_serving(s3_store
     logs and counts them); a real request after them is answered."""
     transport = RolloutTransport(host="127.0.0.1", port=1, store=s3_store)  # never started
     published: list[str] = []
-    transport.client.publish = lambda t, *_a, **_k: published.append(t)  # the broker's edge
+
+    def publish(topic_name: str, *_a, **_k) -> mqtt.MQTTMessageInfo:  # the broker's edge
+        published.append(topic_name)
+        return mqtt.MQTTMessageInfo(len(published))
+
+    transport.client.publish = publish
     s3_store.put(f"packages/{fleet}/cpu-fp32/v1.edgepkg", b"p" * 200_000)
     where = topic(fleet, "d1", "update-status")
 
@@ -145,12 +151,13 @@ def test_transport_answers_garbage_with_a_named_error_and_keeps_serving(s3_store
 
     check()
     published.clear()
-    good = json.dumps({
-        "type": "chunks", "fleet": fleet, "device_id": "d1", "release": 1,
+    good = json.dumps({  # from a device no fuzzed request named
+        "type": "chunks", "fleet": fleet, "device_id": "d2", "release": 1,
         "target": "cpu-fp32/v1.edgepkg", "first": 0, "count": 3,
         "message_id": str(uuid.uuid4()), "sent_at": "2026-11-30T00:00:00Z",
     })  # fmt: skip
-    assert transport.serve(where, good.encode()) == 3 and len(published) == 3
+    sent = transport.serve(topic(fleet, "d2", "update-status"), good.encode())
+    assert sent == 3 and len(published) == 3
 
 
 def test_webhook_payloads_signed_but_malformed_get_a_400():

@@ -89,7 +89,10 @@ class RolloutTransport:
         # chunk asked again within repeat_s, or while the broker has not taken it (up to
         # pending_ttl_s), is not queued again. Devices re-ask every few seconds; without
         # this, one device behind a slow link fills memory with copies of its chunks.
-        self._sent: dict[tuple[str, str, str, int], tuple[mqtt.MQTTMessageInfo, float]] = {}
+        self._sent: dict[tuple[str, str, str, int], tuple[mqtt.MQTTMessageInfo, float, int]] = {}
+        # Counts the transport's connections: what was queued on an earlier one may be lost
+        # with it (a broker restart), so a device's request after that is served afresh.
+        self._epoch = 0
         self._swept_at = 0.0
         self.repeat_s, self.pending_ttl_s = repeat_s, pending_ttl_s
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
@@ -262,7 +265,7 @@ class RolloutTransport:
                     device_id,
                 )
                 break
-            self._sent[key] = (info, now)
+            self._sent[key] = (info, now, self._epoch)
             sent += 1
         self.chunks_sent += sent
         self.served.append(ServedRequest(fleet, device_id, msg.target, msg.first, msg.count, sent))
@@ -272,7 +275,9 @@ class RolloutTransport:
         entry = self._sent.get(key)
         if entry is None:
             return False
-        info, queued_at = entry
+        info, queued_at, epoch = entry
+        if epoch != self._epoch:
+            return False
         if now - queued_at < self.repeat_s:
             return True
         return now - queued_at < self.pending_ttl_s and _pending(info)
@@ -307,6 +312,7 @@ class RolloutTransport:
         if reason_code.is_failure:
             log.warning("broker refused the rollout transport: %s", reason_code)
             return
+        self._epoch += 1  # one writer (this thread); readers only compare
         client.subscribe(self.subscription, qos=1)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
