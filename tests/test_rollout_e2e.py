@@ -250,8 +250,13 @@ def test_champion_moved_in_the_registry_reaches_canaries_first_then_everyone(liv
              what="the rollout's MLflow run to finish")  # fmt: skip
     on_target = f.client.get_metric_history(first.mlflow_run_id, "devices_on_target")
     assert on_target[-1].value == DEVICES and len(on_target) >= 2
-    tags = f.client.get_model_version(model_name(f.fleet, PROFILE), f.versions["v2"]).tags
-    assert (tags["rollout_id"], tags["rollout_state"]) == (str(first.id), "done")
+
+    def version_tags():  # the run ends first, then the version is tagged
+        mv = f.client.get_model_version(model_name(f.fleet, PROFILE), f.versions["v2"])
+        return mv.tags.get("rollout_id"), mv.tags.get("rollout_state")
+
+    wait_for(lambda: version_tags() == (str(first.id), "done"), 30,
+             what=f"the version tagged with its rollout: {version_tags()}")  # fmt: skip
 
     f.champion("v1")
     wait_for(lambda: set(f.running().values()) == {"v1"}, 180, what=f"back to v1\n{f.logs()}")
