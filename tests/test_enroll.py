@@ -161,3 +161,34 @@ def test_ingest_refuses_labels_outside_the_allow_list(
     assert [d.reason for d in letters] == ["label_not_allowed"]
     assert "idv_02" in letters[0].detail and labels == ["idv_02"]
     assert s3_store.exists(letters[0].payload_key)  # the raw message kept beside its reason
+
+
+def test_an_operator_label_outside_the_allow_list_says_how_to_extend_it(
+    initialised, s3_store, fleet, tep_small
+):
+    """`edgeloop cloud label` with a class the fleet does not list (a typo, or a new fault)
+    is refused with the command that adds it; nothing is stored; once added, it is."""
+    from cloud.rollout.fleet import label_samples
+    from cloud.store.records import allow_classes
+    from shared.errors import DataError
+
+    sessions, _ = initialised
+    with sessions() as s:
+        register_device(session=s, device_id="d1", fleet=fleet, profile="cpu-fp32")
+    train, _ = tep_small
+    sample = sample_message(fleet, windows_of(train, "idv_02", 1)[0])
+    Ingestor(sessions=sessions, store=s3_store).handle(
+        topic(fleet, "d1", "samples"), sample.encode()
+    )
+    ids = [str(sample.message_id)]
+
+    with sessions() as s, pytest.raises(DataError) as err:
+        label_samples(session=s, sample_ids=ids, label="idv_2")
+    with sessions() as s:
+        allow_classes(session=s, fleet=fleet, add=["idv_02"])
+        labelled = label_samples(session=s, sample_ids=ids, label="idv_02")
+        labels = s.scalars(select(Label.label)).all()
+
+    assert err.value.reason == "label_not_allowed"
+    assert f"edgeloop fleet classes --fleet {fleet} --add idv_2" in str(err.value)
+    assert labelled == 1 and labels == ["idv_02"]

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from cloud.rollout.health import LabelCounts
 from cloud.store.db import DeadLetter, Device, DeviceUpdate, Label, Sample, aware
-from cloud.store.records import upsert_labels
+from cloud.store.records import allowed_labels, upsert_labels
 from shared.errors import DataError
 
 
@@ -110,14 +110,27 @@ def unknown_device_dead_letters(*, session: Session) -> dict[str, int]:
 def label_samples(
     *, session: Session, sample_ids: list[str], label: str, source: str = "operator"
 ) -> int:
-    """Label uploaded windows by hand; an operator's label replaces their earlier one."""
-    found = set(session.scalars(select(Sample.id).where(Sample.id.in_(sample_ids))))
-    missing = sorted(set(sample_ids) - found)
+    """Label uploaded windows by hand; an operator's label replaces their earlier one. The
+    class must be in each sample's fleet's allow-list (a typo would otherwise make a class
+    of its own): DataError, saying how to extend the list, if not."""
+    found = dict(
+        session.execute(select(Sample.id, Sample.fleet).where(Sample.id.in_(sample_ids))).all()
+    )
+    missing = sorted(set(sample_ids) - set(found))
     if missing:
         raise DataError(
             f"no uploaded sample with id {', '.join(missing[:5])}"
             + (" …" if len(missing) > 5 else "")
         )
+    for fleet in sorted(set(found.values())):
+        allowed = allowed_labels(session, fleet)
+        if allowed is not None and label not in allowed:
+            raise DataError(
+                f"{label!r} is not a class of fleet {fleet} ({', '.join(sorted(allowed))}); "
+                f"if it is a new one, add it first: edgeloop fleet classes --fleet {fleet} "
+                f"--add {label}",
+                reason="label_not_allowed",
+            )
     upsert_labels(session=session, sample_ids=sample_ids, label=label, source=source)
     return len(sample_ids)
 
