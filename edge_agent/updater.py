@@ -102,6 +102,23 @@ class ModelSlots:
         log.info("model %s live in slot %s", pkg.version, spare)
         return runtime
 
+    def activate_spare(self, sha256: str) -> ModelRuntime | None:
+        """Make the spare slot live if it holds exactly the package ``sha256`` names (a
+        model this device ran before: going back to it needs no download), smoke-checked
+        again; None, with nothing changed, if it holds anything else or fails its check."""
+        live = self.live_slot()
+        if live is None:
+            return None
+        spare = "b" if live == "a" else "a"
+        try:
+            ModelPackage.from_path(self._slot_path(spare), expected_sha256=sha256)
+            runtime = self._load(spare)
+        except (PackageError, FileNotFoundError):
+            return None
+        _write_atomic(self.pointer, spare.encode())
+        log.info("model %s live again from slot %s", runtime.version, spare)
+        return runtime
+
     def rollback(self, *, expected_version: str | None = None) -> ModelRuntime:
         """Make the other slot live again, if it still holds a valid model (and, when
         ``expected_version`` is given, that version); otherwise nothing changes."""

@@ -171,6 +171,9 @@ class Updates:
                 # Already live (a repeated offer, or a release that keeps this device's
                 # model): say so, so the rollout counts it as installed.
                 return self.report(wanted, "applied", None, release=target.release)
+            reused = self._from_spare(target)
+            if reused is not None:  # the model it ran before (a rollback): no download
+                return reused
             if target.kind not in PAYLOAD_KINDS:
                 raise UpdateRefused(
                     f"payload kind {target.kind!r} cannot be applied here",
@@ -194,6 +197,16 @@ class Updates:
             if download is not None:
                 self.transfers.end(download)
         return self._install(target, data)
+
+    def _from_spare(self, target: Target) -> UpdateStatus | None:
+        """The target made live from the spare slot, when that holds its exact bytes (the
+        signed sha256: as good as a download TUF verified)."""
+        with self._slots_lock:
+            runtime = self.slots.activate_spare(target.sha256)
+            if runtime is None:
+                return None
+            self.swap(runtime)
+        return self.report(runtime.version, "applied", None, release=target.release)
 
     def _url(self, offer: UpdateOffer) -> str | None:
         """The offer's URL where this device fetches URLs and it names an allowed host.

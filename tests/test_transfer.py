@@ -139,6 +139,34 @@ def test_signed_offer_installs_over_mqtt_chunks(
         transport.stop()
 
 
+def test_going_back_to_the_model_in_the_spare_slot_needs_no_download(
+    tmp_path, repo, fleet, mqtt_port, tiny_package
+):
+    """A release that assigns the device the model it ran before (a canary rolled back,
+    or champion moved back) makes the spare slot live again: its bytes are the signed
+    sha256, so not one chunk is asked for; a model it never held is downloaded."""
+    v1 = tiny_package[0]
+    transport = start_transport(mqtt_port, repo.store, fleet)
+    agent = enrolled_agent(tmp_path, fleet, mqtt_port, v1, repo)
+    try:
+        release, path, v2 = repo.release(repackage(tiny_package, "v2"))
+        repo.offer(transport, release, path, v2)
+        wait_for(lambda: agent.model_version == "v2", 30, what="v2 live")
+        asked_for_v2 = len(transport.served)
+        back, path1, _ = repo.release(v1)
+        repo.offer(transport, back, path1, v1)
+        wait_for(lambda: agent.model_version == "v1", 30, what="v1 live again")
+        report = agent.update_events[-1]
+    finally:
+        agent.stop()
+        transport.stop()
+
+    assert asked_for_v2 > 0
+    assert [r.target for r in transport.served] == [path] * asked_for_v2  # none for v1
+    assert (report.target_version, report.status, report.release) == ("v1", "applied", back)
+    assert agent.runtime.package.sha256 == hashlib.sha256(v1).hexdigest()
+
+
 class CuttingTransport(RolloutTransport):
     """Signals when it serves chunk ``cut_at`` the first time (the test then stops the
     broker), and corrupts chunk ``corrupt_at`` the first time it is served."""
