@@ -47,7 +47,7 @@ TENSOR_WINDOW_LOG = 23  # the tensor frame's window: a device's decoder holds at
 MAX_DELTA_BYTES = 1 << 40  # a sanity cap on every declared length (no 2**60 anything)
 CHUNK = 1 << 20
 CODINGS = ("same", "dense", "sparse", "full")
-TRANSFORMS = ("none", "sub8", "sub4", "xor")
+TRANSFORMS = ("none", "sub", "sub4", "xor")
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _SPARSE_HEAD = struct.Struct("<IB")  # changed elements k, width of the index gaps
 
@@ -113,8 +113,8 @@ def _unplanes(data: bytes, itemsize: int) -> np.ndarray:
 def _diff(base: np.ndarray, target: np.ndarray, transform: str) -> np.ndarray:
     if transform == "xor":
         return target ^ base
-    if transform == "sub8":
-        return target - base  # uint8 wraps: mod 256
+    if transform == "sub":
+        return target - base  # unsigned: wraps mod 2**(8·itemsize)
     lo = ((target & 15) - (base & 15)) & 15
     return lo | (((target >> 4) - (base >> 4)) << 4)
 
@@ -122,7 +122,7 @@ def _diff(base: np.ndarray, target: np.ndarray, transform: str) -> np.ndarray:
 def _undiff(base: np.ndarray, diff: np.ndarray, transform: str) -> np.ndarray:
     if transform == "xor":
         return base ^ diff
-    if transform == "sub8":
+    if transform == "sub":
         return base + diff
     lo = ((base & 15) + (diff & 15)) & 15
     return lo | (((base >> 4) + (diff >> 4)) << 4)
@@ -141,7 +141,9 @@ def _payloads(base: bytes | None, target: bytes, itemsize: int) -> list[tuple[st
     if base == target:
         return [("same", "none", b"")]
     b = _words(base, itemsize)
-    for transform in ("xor",) if itemsize > 1 else ("sub8", "sub4"):
+    # Wide elements try the integer difference of their bit patterns too: a float nudged
+    # within its binade moves by a small integer, where XOR also flips the carried bits.
+    for transform in ("xor", "sub") if itemsize > 1 else ("sub", "sub4"):
         d = _diff(b, t, transform)
         out.append(("dense", transform, _planes(d, itemsize)))
         idx = np.flatnonzero(d)
@@ -366,7 +368,7 @@ def _parse(raw: dict[str, Any], head: bytes) -> DeltaHeader:
             and (coding == "full") == (b < 0)
             and (transform == "none") == (coding in ("full", "same"))
             and (transform != "xor" or size > 1)
-            and (transform not in ("sub8", "sub4") or size == 1)
+            and (transform != "sub4" or size == 1)
             and (b < 0 or base_tensors[b][1] == length)
         )
         if not ok:

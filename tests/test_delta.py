@@ -425,3 +425,22 @@ def test_onnx_package_is_what_the_codec_walks(packages):
     # Assert
     assert {k: v for k, v in found.items() if k in raw} == raw
     assert set(raw) <= set(found)
+
+
+def test_entropy_bound_counts_only_what_changed(packages):
+    """The entropy bound: nothing for tensors that did not change, the head's values for a
+    head-only change, and nibbles as the values of packed INT4 weights."""
+    # Prepare
+    from bench.entropy import entropy_bound_bytes
+
+    base, target = packages["int4-v1"], packages["int4-head"]
+    # Execute
+    same = entropy_bound_bytes(base, base)
+    head = entropy_bound_bytes(base, target)
+    # Assert
+    assert same["tensors"] == 0 and same["rest"] > 0
+    changed = {r["name"]: r for r in head["per_tensor"] if r["k"]}
+    assert changed and all("head" in name for name in changed)
+    q4 = next(r for r in head["per_tensor"] if r["name"].endswith("_Q4"))
+    assert q4["values"] == "nibbles"
+    assert head["total"] == head["rest"] + head["tensors"]
