@@ -69,7 +69,7 @@ def entropy_bound_bytes(base: bytes, target: bytes) -> dict[str, Any]:
     value Ĥ, bytes)."""
     base_t = {t.name: t for t in tensor_ranges(base)}
     target_t = tensor_ranges(target)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for t in target_t:
         new = _values(target[t.offset : t.offset + t.length], t)
         old_t = base_t.get(t.name)

@@ -20,8 +20,6 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 from shared.delta import (
-    MAGIC,
-    VERSION,
     DeltaError,
     apply,
     apply_bytes,
@@ -29,6 +27,7 @@ from shared.delta import (
     read_header,
     stats,
 )
+from shared.deltaformat import MAGIC, VERSION
 from shared.package import InputSpec, Manifest, ModelPackage, build_package, sha256_hex
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
