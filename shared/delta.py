@@ -188,19 +188,33 @@ def _check_base(base: BinaryIO, header: DeltaHeader, expected: str | None) -> No
         )
 
 
-def _read_at(stream: BinaryIO, offset: int, n: int) -> bytes:
+def _read_into(stream: Any, n: int) -> bytearray:
+    """Exactly ``n`` bytes or fewer at the end, read into one buffer (no joined copies)."""
+    buf = bytearray(n)
+    got = 0
+    with memoryview(buf) as view:
+        while got < n:
+            k = stream.readinto(view[got : got + CHUNK])
+            if not k:
+                break
+            got += k
+    del buf[got:]
+    return buf
+
+
+def _read_at(stream: BinaryIO, offset: int, n: int) -> bytearray:
     stream.seek(offset)
-    data = stream.read(n)  # n is within the base, whose length and hash were checked
-    if len(data) < n:
-        data += read_exact(stream, n - len(data))
+    # n lies within the base, whose length and hash were checked
+    data = _read_into(stream, n) if hasattr(stream, "readinto") else bytearray(stream.read(n))
     if len(data) != n:
         raise fail("delta_base_mismatch", "the base changed while the delta was applied")
     return data
 
 
-def _frame_bytes(reader: Any, n: int) -> bytes:
+def _frame_bytes(reader: Any, n: int) -> bytearray:
+    """The next ``n`` bytes of a frame; n was checked against the header's bounds."""
     try:
-        data = read_exact(reader, n)
+        data = _read_into(reader, n)
     except zstd.ZstdError as exc:
         raise fail("delta_corrupt", f"delta body unreadable: {exc}") from exc
     if len(data) != n:
@@ -298,12 +312,13 @@ def _write(
 
     for seg in header.segments:
         emit_rest(seg.gap)
-        payload = _frame_bytes(tensor_reader, seg.raw_length)
         old = _read_at(base, *header.base_tensors[seg.base]) if seg.base >= 0 else None
-        data: bytes | memoryview = old if seg.coding == "same" and old is not None else b""
-        if seg.coding != "same":
-            data = decode(old, payload, seg).data
-            del old  # one tensor at a time
+        data: bytearray | memoryview
+        if seg.coding == "same" and old is not None:
+            data = old
+        else:  # decoded in old's buffer; the payload is freed as soon as it is used
+            data = decode(old, _frame_bytes(tensor_reader, seg.raw_length), seg).data
+        del old
         if len(data) != seg.length:
             raise fail("delta_corrupt", "a delta tensor decodes to the wrong length")
         if seg.sha256 and sha_hex(data) != seg.sha256:

@@ -14,13 +14,15 @@ import numpy as np
 
 from shared.deltaformat import SPARSE_HEAD, UINT, Segment
 
+STEP = 1 << 16  # elements per slice when decoding in place
+
 
 def _planes(data: np.ndarray, itemsize: int) -> bytes:
     """Bytes of equal significance together: (n, s) → (s, n); exponents stay apart from noise."""
     return data.view(np.uint8).reshape(-1, itemsize).T.tobytes()
 
 
-def _unplanes(data: bytes, itemsize: int) -> np.ndarray:
+def _unplanes(data: bytes | bytearray, itemsize: int) -> np.ndarray:
     planes = np.frombuffer(data, np.uint8).reshape(itemsize, -1)
     return np.ascontiguousarray(planes.T).view(UINT[itemsize]).reshape(-1)
 
@@ -71,15 +73,32 @@ def payloads(base: bytes | None, target: bytes, itemsize: int) -> list[tuple[str
     return out
 
 
-def decode(base: bytes | None, payload: bytes, seg: Segment) -> np.ndarray:
-    """The target tensor's bytes (uint8) from its payload; ValueError on any inconsistency.
-    No ``tobytes``: the result is written from the array, one copy of the tensor fewer."""
+def _unplane_into(payload: bytes | bytearray, s: int, out: np.ndarray, transform: str) -> None:
+    """``out`` (elements) set to the payload's planes, or to itself combined with them by
+    ``transform``, one slice at a time: no full-size transposed copy is ever made."""
+    planes = np.frombuffer(payload, np.uint8).reshape(s, -1)
+    if planes.shape[1] != out.size:
+        raise ValueError("payload and tensor differ in length")
+    for a in range(0, out.size, STEP):
+        chunk = np.ascontiguousarray(planes[:, a : a + STEP].T).view(UINT[s]).reshape(-1)
+        out[a : a + STEP] = (
+            chunk if transform == "none" else _undiff(out[a : a + STEP], chunk, transform)
+        )
+
+
+def decode(base: bytearray | None, payload: bytes | bytearray, seg: Segment) -> np.ndarray:
+    """The target tensor's bytes (a uint8 array) from its payload, made in ``base``'s own
+    buffer where there is one: memory is the tensor and its payload, nothing more.
+    ValueError on any inconsistency."""
     s = seg.itemsize
     if seg.coding == "full" or base is None:
-        return _unplanes(payload, s).view(np.uint8)
-    b = _words(base, s)
+        out = np.empty(len(payload) // s, UINT[s])
+        _unplane_into(payload, s, out, "none")
+        return out.view(np.uint8)
+    b = np.frombuffer(base, UINT[s])  # writable: a bytearray
     if seg.coding == "dense":
-        return _undiff(b, _unplanes(payload, s), seg.transform).view(np.uint8)
+        _unplane_into(payload, s, b, seg.transform)
+        return b.view(np.uint8)
     k, width = SPARSE_HEAD.unpack_from(payload)
     if width not in (1, 2, 4) or len(payload) != SPARSE_HEAD.size + k * (width + s):
         raise ValueError("sparse payload of the wrong size")
@@ -87,6 +106,5 @@ def decode(base: bytes | None, payload: bytes, seg: Segment) -> np.ndarray:
     idx = np.cumsum(_unplanes(payload[SPARSE_HEAD.size : end], width), dtype=np.int64)
     if k and (idx[-1] >= len(b) or (k > 1 and np.any(np.diff(idx) <= 0))):
         raise ValueError("sparse positions out of range")
-    out = b.copy()
-    out[idx] = _undiff(b[idx], _unplanes(payload[end:], s), seg.transform)
-    return out.view(np.uint8)
+    b[idx] = _undiff(b[idx], _unplanes(payload[end:], s), seg.transform)
+    return b.view(np.uint8)

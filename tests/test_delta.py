@@ -249,15 +249,20 @@ def test_header_names_base_and_target(real_delta):
 # --- memory ---------------------------------------------------------------------------------
 
 
-def test_apply_streams_with_bounded_memory(tmp_path):
-    """A 4 MB tensor with a few values changed is applied from files in under two tensors'
-    worth of Python memory, not a package's worth (tracemalloc sees numpy and bytes)."""
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_apply_streams_with_bounded_memory(tmp_path, kind):
+    """A 4 MB tensor with a few values changed (sparse) or all nudged (dense) is applied
+    from files in under two tensors' worth of Python memory, not a package's worth
+    (tracemalloc sees numpy's buffers and bytes; zstd's window is capped apart)."""
     # Prepare
     rng = np.random.default_rng(0)
     big = rng.normal(size=1 << 20).astype(np.float32)
     other = rng.normal(size=1 << 18).astype(np.float32)
     changed = big.copy()
-    changed[rng.choice(big.size, 10, replace=False)] += 1.0
+    if kind == "sparse":
+        changed[rng.choice(big.size, 10, replace=False)] += 1.0
+    else:
+        changed += (rng.normal(size=big.size) * 1e-4).astype(np.float32)
     base = _graph_package({"big": big, "other": other})
     target = _graph_package({"big": changed, "other": other}, "v2")
     delta = encode(base, target, level=3)
@@ -274,6 +279,7 @@ def test_apply_streams_with_bounded_memory(tmp_path):
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     # Assert
+    assert stats(delta)[f"tensors_{kind}"] == 1
     assert (tmp_path / "out").read_bytes() == target
     assert digest == sha256_hex(target)
     assert peak < 2 * big.nbytes + (1 << 20), peak
