@@ -160,6 +160,8 @@ class _Bounded:
 
 
 def _stream_length(delta: BinaryIO, delta_length: int | None) -> int | None:
+    """The delta's bytes from the stream's position on: as the caller says, or as seeking
+    to the end finds; None for a stream that cannot tell (checked as it is read instead)."""
     if delta_length is not None:
         return delta_length
     try:
@@ -168,7 +170,7 @@ def _stream_length(delta: BinaryIO, delta_length: int | None) -> int | None:
         here = delta.tell()
         end = delta.seek(0, io.SEEK_END)
         delta.seek(here)
-        return end
+        return end - here
     except (OSError, AttributeError):
         return None
 
@@ -242,11 +244,19 @@ def apply(
     expected_target_sha256: str | None = None,
     delta_length: int | None = None,
 ) -> str:
-    """Write the delta's target to ``out`` and return its sha256. Everything the header can
-    be refused for is refused before the first byte is written; then one tensor at a time
-    is decoded (the base tensor read by seek), its sha256 checked as it is written, and the
-    whole target's at the end. A bad delta raises DeltaError, never anything else."""
-    start = delta.tell() if delta.seekable() else 0
+    """Write the delta's target to ``out`` and return its sha256; a bad delta raises
+    DeltaError, never anything else.
+
+    Refused before the first byte is written: a malformed header, a base (``base`` must
+    seek) or an expected hash other than the header's, a target longer than
+    ``max_target_bytes``, and a delta (read from ``delta``'s position on) shorter or longer
+    than its header says, its length being ``delta_length`` or found by seeking. A stream
+    that can do neither is checked as it is read, so write ``out`` to a temporary file.
+    Then one tensor at a time is decoded, in a buffer holding the base tensor read by
+    seek; each changed tensor's sha256 (from the header: the hash of its stored bytes,
+    which the manifest's tensor_sha256 also records) is checked as it is written, an
+    unchanged one is the base's (whose hash was checked), and the whole target's sha256
+    and the delta's digest are checked at the end."""
     total = _stream_length(delta, delta_length)
     header = read_header(delta)
     if expected_target_sha256 is not None and expected_target_sha256 != header.target_sha256:
@@ -256,10 +266,10 @@ def apply(
             "delta_too_large",
             f"delta's target is {header.target_length} bytes; at most {max_target_bytes}",
         )
-    if total is not None and total - start != header.delta_length + 32:
+    if total is not None and total != header.delta_length + 32:
         raise fail(
             "delta_truncated",
-            f"delta is {total - start} bytes; its header says {header.delta_length + 32}",
+            f"delta is {total} bytes; its header says {header.delta_length + 32}",
         )
     _check_base(base, header, expected_base_sha256)
     base_rest = b"".join(

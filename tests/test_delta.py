@@ -449,3 +449,45 @@ def test_entropy_bound_counts_only_what_changed(packages):
     q4 = next(r for r in head["per_tensor"] if r["name"].endswith("_Q4"))
     assert q4["values"] == "nibbles"
     assert head["total"] == head["rest"] + head["tensors"]
+
+
+class _Pipe(io.RawIOBase):
+    """A delta arriving over a stream that cannot seek or tell its length."""
+
+    def __init__(self, data: bytes) -> None:
+        self.src = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        chunk = self.src.read(min(len(buf), 4096))
+        buf[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_apply_reads_unseekable_and_offset_streams(real_delta):
+    """A delta from a pipe (no length known) or from the middle of a file both apply."""
+    # Prepare
+    base, target, delta = real_delta
+    offset = io.BytesIO(b"junk" + delta)
+    offset.seek(4)
+    outs = [io.BytesIO(), io.BytesIO()]
+    # Execute
+    apply(base=io.BytesIO(base), delta=_Pipe(delta), out=outs[0], max_target_bytes=1 << 26)
+    apply(base=io.BytesIO(base), delta=offset, out=outs[1], max_target_bytes=1 << 26)
+    # Assert
+    assert outs[0].getvalue() == target == outs[1].getvalue()
+
+
+def test_truncated_pipe_is_refused(real_delta):
+    """A pipe that ends early, or runs on past the delta, is refused by name."""
+    # Prepare
+    base, _, delta = real_delta
+    # Execute / Assert
+    for bad in (delta[:-1], delta[: len(delta) // 2], delta + b"x"):
+        with pytest.raises(DeltaError) as info:
+            apply(
+                base=io.BytesIO(base), delta=_Pipe(bad), out=io.BytesIO(), max_target_bytes=1 << 26
+            )
+        assert info.value.reason in ("delta_truncated", "delta_corrupt")
