@@ -127,6 +127,9 @@ def encode(base: bytes, target: bytes, *, level: int = 19) -> bytes:
     rest_frame = _compressor(
         level, len(rest), window_log=window, dict_data=_rest_dict(base_rest)
     ).compress(rest)
+    # One frame for all payloads rather than one per tensor: on the TEP CNN with every
+    # weight nudged (8 tensors changed) 90 710 bytes against 90 965, the per-frame headers
+    # and tables saved; the window cap keeps the device's decoder at 8 MiB either way.
     body = b"".join(chosen)
     tensor_frame = _compressor(level, len(body)).compress(body)
     return pack(
