@@ -161,7 +161,7 @@ class Heartbeat(Envelope):
     inference_errors: int = Field(default=0, ge=0)  # windows the live model failed on
     agent_version: Name | None = None
     # What the agent can take: "tuf" (signed releases) and the payload kinds it applies
-    # ("package"; the delta issue adds "delta").
+    # ("package", and "delta" where it applies deltas: only those are offered one).
     capabilities: tuple[Name, ...] = Field(default=(), max_length=32)
     release: int | None = Field(default=None, ge=0)  # the newest signed release it has seen
 
@@ -232,6 +232,11 @@ class UpdateStatus(Envelope):
     reason: Text | None = None  # one of UPDATE_REASONS when rejected, failed or rolled back
     running_version: Name | None = None
     release: int | None = Field(default=None, ge=0)
+    # How the target arrived: the payload kind the device applied, the bytes it received
+    # for it, and, when a delta was signed for it but refused, why (it then took the package).
+    payload: PayloadKind | None = None
+    received_bytes: int | None = Field(default=None, ge=0, le=MAX_PACKAGE_BYTES)
+    delta_refused: Text | None = None
 
 
 class ChunkRequest(Envelope):

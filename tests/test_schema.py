@@ -20,6 +20,7 @@ TABLES = {
     "rollouts",
     "rounds",
     "device_updates",
+    "deltas",
     "fleets",
 }
 

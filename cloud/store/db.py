@@ -220,6 +220,37 @@ class DeviceUpdate(Base):
     # The device's heartbeat health before it installed, and the heartbeats counted since.
     before: Mapped[dict[str, Any]] = mapped_column(default=dict)
     beats_after: Mapped[int] = mapped_column(Integer, default=0)
+    # What was offered (a delta from base_version, or the package) and its bytes; what the
+    # device says it applied and received (a refused delta falls back to the package).
+    payload: Mapped[str | None] = mapped_column(String(16))
+    payload_bytes: Mapped[int | None] = mapped_column(Integer)
+    received_bytes: Mapped[int | None] = mapped_column(Integer)
+    delta_refused: Mapped[str | None] = mapped_column(Text)
+
+
+class Delta(Base):
+    """A delta the rollout made from one version of a profile's model to another (lineage:
+    which deltas each version has, their sizes; device_updates say who received which).
+    ``length`` is None when the delta was not smaller than the package (none is offered)."""
+
+    __tablename__ = "deltas"
+    __table_args__ = (
+        UniqueConstraint("fleet", "profile", "base_sha256", "target_sha256", name="uq_delta_pair"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    fleet: Mapped[str] = mapped_column(String(64), index=True)
+    profile: Mapped[str] = mapped_column(String(64))
+    base_version: Mapped[str] = mapped_column(String(64))
+    target_version: Mapped[str] = mapped_column(String(64))
+    base_sha256: Mapped[str] = mapped_column(String(64))
+    target_sha256: Mapped[str] = mapped_column(String(64))
+    object_key: Mapped[str] = mapped_column(String(200))
+    sha256: Mapped[str | None] = mapped_column(String(64))  # the delta's own (TUF signs it)
+    length: Mapped[int | None] = mapped_column(Integer)
+    target_length: Mapped[int] = mapped_column(Integer)
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
 def make_engine(url: str) -> Engine:

@@ -21,6 +21,11 @@ def package_key(fleet: str, profile: str, version: str) -> str:
     return f"packages/{fleet}/{profile}/{version}.edgepkg"
 
 
+def delta_key(fleet: str, profile: str, target_version: str, base_sha256: str) -> str:
+    """A delta to a version from the package whose sha256 starts ``base_sha256[:16]``."""
+    return f"deltas/{fleet}/{profile}/{target_version}.{base_sha256[:16]}.edgedelta"
+
+
 def dataset_key(name: str) -> str:
     """A registered data set (.npz)."""
     return f"datasets/{name}.npz"
