@@ -4,6 +4,7 @@ one (the Celery beat carries out what these record)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import typer
@@ -57,7 +58,7 @@ def _summary_lines(rows: list[Any], counts: dict[int, Counter]) -> list[str]:
     return lines
 
 
-def _detail_lines(r: Any, updates: list[Any]) -> list[str]:
+def _detail_lines(r: Any, updates: list[Any], deltas: Sequence[Any] = ()) -> list[str]:
     lines = [
         f"rollout {r.id}: {r.fleet}/{r.profile} → {r.target_version} (MLflow version "
         f"{r.mlflow_version}, by {r.trigger}), {r.state}",
@@ -77,11 +78,23 @@ def _detail_lines(r: Any, updates: list[Any]) -> list[str]:
         for key, label, spec in FIGURES:
             if health.get(key) is not None:
                 lines.append(f"    {label:<28} {format(health[key], spec)}")
-    lines.append(f"  {'device':<14} {'wave':>4} {'state':<12} {'from':<8} reason")
+    for d in deltas:
+        size = "not smaller than the package" if d.length is None else f"{d.length} bytes"
+        lines.append(
+            f"  delta from {d.base_version}: {size} (package {d.target_length} bytes), "
+            f"applied by {', '.join(d.devices) or 'none yet'}"
+        )
+    lines.append(
+        f"  {'device':<14} {'wave':>4} {'state':<12} {'from':<8} {'payload':<8} "
+        f"{'received':>9} reason"
+    )
     for u in sorted(updates, key=lambda u: (u.wave, u.device_id)):
+        payload = "package" if u.delta_refused else (u.payload or "-")
+        got = "-" if u.received_bytes is None else str(u.received_bytes)
+        why = u.reason or (f"delta refused: {u.delta_refused}" if u.delta_refused else "")
         lines.append(
             f"  {u.device_id:<14} {u.wave:>4} {u.state:<12} {u.base_version or '-':<8} "
-            f"{u.reason or ''}"
+            f"{payload:<8} {got:>9} {why}"
         )
     return lines
 
@@ -96,6 +109,7 @@ def status(
     judgement with every figure, and each device's state."""
     from sqlalchemy import func, select
 
+    from cloud.rollout.deltas import lineage
     from cloud.store.db import DeviceUpdate, Rollout
 
     with sessions()() as session:
@@ -107,7 +121,8 @@ def status(
             updates = session.scalars(
                 select(DeviceUpdate).where(DeviceUpdate.rollout_id == rollout_id)
             )
-            typer.echo("\n".join(_detail_lines(r, list(updates))))
+            made = lineage(session, fleet=r.fleet, profile=r.profile, version=r.target_version)
+            typer.echo("\n".join(_detail_lines(r, list(updates), made)))
             return
         newest = select(Rollout).order_by(Rollout.id.desc()).limit(limit)
         rows = list(session.scalars(newest.where(Rollout.fleet == fleet) if fleet else newest))

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.config import CloudSettings, get_settings
+from cloud.rollout.deltas import lineage, transfers
 from cloud.rollout.fleet import fleet_status, status_table
 from cloud.rollout.settings import RolloutSettings, lock_fleet
 from cloud.rollout.steps import Signer, Step, Transport
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 ACTIVE = ("pending", "wave", "paused", "rolling_back")
 ADVANCING = ("pending", "wave", "rolling_back")  # what the beat advances
 FINISHED = ("done", "aborted", "superseded")
+TRANSFERS = "transfers.json"  # per device: payload offered (delta or package), bytes
 
 
 class RolloutError(EdgeloopError):
@@ -356,6 +358,8 @@ def track(*, sessions: sessionmaker, tracker: Any, rollout_id: int) -> str:
         r = _get(session, rollout_id, lock=False)
         metrics = progress(session=session, rollout=r)
         table = status_table(fleet_status(session=session, fleet=r.fleet, profile=r.profile))
+        sent, totals = transfers(session, r)
+        deltas = lineage(session, fleet=r.fleet, profile=r.profile, version=r.target_version)
     seen = dict((r.params or {}).get("tracked") or {})
     run_id = r.mlflow_run_id or tracker.open_run(
         fleet=r.fleet,
@@ -371,10 +375,11 @@ def track(*, sessions: sessionmaker, tracker: Any, rollout_id: int) -> str:
         },
     )
     step = int(seen.get("step", -1)) + 1
-    tracker.log_step(run_id=run_id, step=step, metrics=metrics)
+    tracker.log_step(run_id=run_id, step=step, metrics={**metrics, **totals})
     mark = [r.state, r.wave]
     if mark != seen.get("mark"):
         tracker.log_table(run_id=run_id, columns=table, step=step)
+        tracker.log_table(run_id=run_id, columns=sent, step=step, artifact_file=TRANSFERS)
     if r.state in FINISHED and not seen.get("finished"):
         tracker.finish(run_id=run_id, state=r.state, reason=r.reason)
     with sessions() as session:
@@ -387,5 +392,5 @@ def track(*, sessions: sessionmaker, tracker: Any, rollout_id: int) -> str:
         # Last: a version registered outside MLflow's registry (or deleted) fails only this.
         tracker.tag_version(name=model_name(r.fleet, r.profile),
                             mlflow_version=r.mlflow_version, rollout_id=r.id,
-                            state=r.state)  # fmt: skip
+                            state=r.state, deltas=deltas)  # fmt: skip
     return run_id

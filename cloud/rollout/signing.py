@@ -63,8 +63,8 @@ class Assignment:
     profile: str
     version: str
     devices: tuple[str, ...]  # sorted
-    kind: str = "package"
-    base: str | None = None  # the version a delta applies to
+    kind: str = "package"  # or "delta", signed beside the package of the same version
+    base: str | None = None  # a delta's: the sha256 of the package it applies to
 
 
 @dataclass(frozen=True)

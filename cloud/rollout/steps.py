@@ -12,6 +12,7 @@ from typing import Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from cloud.rollout.deltas import delta_assignments, delta_of
 from cloud.rollout.fleet import label_counts
 from cloud.rollout.health import (
     FAILED_STATES,
@@ -30,6 +31,7 @@ from cloud.rollout.waves import plan_waves
 from cloud.store.db import Device, DeviceUpdate, ModelVersion, Rollout, aware
 from cloud.store.objects import ObjectStore
 from shared.errors import EdgeloopError
+from shared.messages import PayloadKind
 from shared.package import model_name
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ class Signer(Protocol):
 
 class Transport(Protocol):
     def offer(self, *, fleet: str, device_id: str, release: int, target_path: str,
-              length: int, bundle: dict[str, str], url: str | None = None) -> None: ...  # fmt: skip
+              length: int, bundle: dict[str, str], url: str | None = None,
+              payload_kind: PayloadKind = "package") -> None: ...  # fmt: skip
     def target_url(self, fleet: str, target: str) -> str | None: ...
 
 
@@ -139,6 +142,10 @@ class Step:
             if version is not None:
                 by_version.setdefault(version, []).append(d.id)
         out = [a for a in self.signer.assignments() if a.profile != self.r.profile]
+        wanted = {d: v for v, ids in by_version.items() for d in ids}
+        out += delta_assignments(session=self.session, store=self.store, fleet=self.r.fleet,
+                                 profile=self.r.profile, devices=self.devices(), assign=wanted,
+                                 version=self.version)  # fmt: skip
         for version, ids in sorted(by_version.items()):
             target = self.target(version)
             if target is None:
@@ -150,13 +157,16 @@ class Step:
         fleet_row.release = self.r.release = release
         return release
 
-    def target(self, version: str) -> Assignment | None:
-        mv = self.session.scalar(
+    def version(self, version: str) -> ModelVersion | None:
+        return self.session.scalar(
             select(ModelVersion).where(
                 ModelVersion.name == model_name(self.r.fleet, self.r.profile),
                 ModelVersion.version == version,
             )
         )
+
+    def target(self, version: str) -> Assignment | None:
+        mv = self.version(version)
         if mv is None:
             return None
         return Assignment(
@@ -177,10 +187,13 @@ class Step:
         if not rows:
             return []
         release, bundle, sent = self.signer.current_release(), self.signer.bundle(), []
+        signed = self.signer.assignments()
         for u in rows:
             target = self.target(version_of[u.device_id])
             if target is None:
                 continue
+            # The device's delta where the release signs one for it, else the package.
+            target = delta_of(signed, u.device_id, target.version) or target
             try:
                 self.transport.offer(
                     fleet=self.r.fleet,
@@ -188,6 +201,7 @@ class Step:
                     release=release,
                     target_path=target.path,
                     length=target.length,
+                    payload_kind="delta" if target.kind == "delta" else "package",
                     bundle=bundle,
                     # Devices that reach object storage fetch it there (and fill any gap
                     # over MQTT); the others ignore the URL.
@@ -199,6 +213,7 @@ class Step:
                 log.warning("rollout %d: offer to %s failed: %s", self.r.id, u.device_id, exc)
                 continue
             u.sent_at = self.now
+            u.payload, u.payload_bytes = target.kind, target.length
             sent.append(u)
         return sent
 

@@ -18,6 +18,7 @@ from datetime import timedelta
 import paho.mqtt.client as mqtt
 
 from cloud.config import CloudSettings
+from cloud.rollout.deltas import object_key_of as delta_object_key
 from cloud.store.keys import package_key
 from cloud.store.objects import ObjectStore
 from shared.errors import EdgeloopError, MessageError
@@ -188,10 +189,15 @@ class RolloutTransport:
 
     # -- serving chunks ---------------------------------------------------------------------
     def target_key(self, fleet: str, target: str) -> str:
-        """The object-store key of a target path (the delta issue adds its own paths)."""
+        """The object-store key of a target path: a package's or a delta's."""
+        delta = delta_object_key(fleet, target)
+        if delta is not None:
+            return delta
         match = _PACKAGE_PATH.match(target)
         if match is None:
-            raise MessageError(f"target {target!r} is not a package path", reason="bad_target")
+            raise MessageError(
+                f"target {target!r} is not a package or delta path", reason="bad_target"
+            )
         return package_key(fleet, match.group(1), match.group(2))
 
     def target_url(

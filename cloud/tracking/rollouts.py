@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from cloud.config import CloudSettings
@@ -75,19 +76,42 @@ class RolloutTracker:
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
-    def log_table(self, *, run_id: str, columns: dict[str, list[Any]], step: int) -> None:
-        """One snapshot of the fleet's status (appended to the run's table)."""
+    def log_table(
+        self, *, run_id: str, columns: dict[str, list[Any]], step: int, artifact_file: str = TABLE
+    ) -> None:
+        """One snapshot of a table, by default the fleet's status (appended to the run's)."""
         n = len(next(iter(columns.values()), []))
         if n:
             with warnings.catch_warnings():
                 # MLflow 3.x's own select_dtypes call warns under pandas 3 (not ours to fix).
                 warnings.filterwarnings("ignore", message=".*select_dtypes.*")
                 data = {"step": [step] * n, **columns}
-                self.client.log_table(run_id, data=data, artifact_file=TABLE)
+                self.client.log_table(run_id, data=data, artifact_file=artifact_file)
 
-    def tag_version(self, *, name: str, mlflow_version: str, rollout_id: int, state: str) -> None:
+    def tag_version(
+        self,
+        *,
+        name: str,
+        mlflow_version: str,
+        rollout_id: int,
+        state: str,
+        deltas: Sequence[Any] = (),
+    ) -> None:
+        """The version's rollout and state; and its lineage (``cloud.rollout.deltas.Lineage``
+        rows): on it, the deltas made to it (base version: bytes, "-" when not smaller
+        than the package); on each base version, the delta made from it to this one."""
         self.client.set_model_version_tag(name, mlflow_version, "rollout_id", str(rollout_id))
         self.client.set_model_version_tag(name, mlflow_version, "rollout_state", state)
+        size = {d.base_version: "-" if d.length is None else str(d.length) for d in deltas}
+        if size:
+            text = ", ".join(f"{b}: {n}" for b, n in size.items())
+            self.client.set_model_version_tag(name, mlflow_version, "deltas_from", text[:5000])
+        for d in deltas:
+            if d.base_mlflow_version is not None:
+                devices = ", ".join(d.devices) or "none yet"
+                text = f"{size[d.base_version]} bytes of {d.target_length}; applied by {devices}"
+                key = f"delta_to_{d.target_version}"
+                self.client.set_model_version_tag(name, d.base_mlflow_version, key, text[:5000])
 
     def finish(self, *, run_id: str, state: str, reason: str = "") -> None:
         if reason:
