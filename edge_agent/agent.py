@@ -11,7 +11,7 @@ import time
 import uuid
 from collections import deque
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from edge_agent.link import MqttLink
 from edge_agent.runtime import Detection, ModelRuntime
 from edge_agent.selection import Selector
 from edge_agent.updater import ModelSlots
-from edge_agent.updates import CAPABILITIES, Updates
+from edge_agent.updates import Updates
 from edge_agent.wire import SampleEncoder
 from edge_agent.writer import BufferWriter, MessageIds
 from shared.errors import DataError, PackageError
@@ -315,7 +315,7 @@ class EdgeAgent:
             memory_mb=resident_mb(),
             inference_errors=self.inference_errors,
             agent_version=AGENT_VERSION,
-            capabilities=CAPABILITIES,
+            capabilities=self.updates.capabilities,
             release=self.updates.last_release(),
         )
         # Heartbeats are state, not data: the next one supersedes a lost one, so no buffer.
@@ -373,7 +373,13 @@ class EdgeAgent:
         )
 
     def _report(
-        self, target: str, status: str, reason: str | None, *, release: int | None = None
+        self,
+        target: str,
+        status: str,
+        reason: str | None,
+        *,
+        release: int | None = None,
+        **transfer: Any,  # payload, received_bytes, delta_refused: how the target arrived
     ) -> UpdateStatus:
         report = UpdateStatus(
             fleet=self.settings.fleet,
@@ -383,6 +389,7 @@ class EdgeAgent:
             reason=reason,
             running_version=self.model_version,
             release=release,
+            **transfer,
         )
         self.update_events.append(report)
         self.writer.put(report)

@@ -57,6 +57,10 @@ class EdgeSettings(BaseSettings):
     # url_timeout_s: seconds without a whole chunk from the URL; url_deadline_s: the most
     # the URL may take in all. Past either, the rest comes over MQTT.
     fetch_urls: bool = False
+    # Whether this agent applies delta updates (heartbeats then list "delta" and the cloud
+    # signs it a delta from the model it runs, when smaller than the package). Off, it
+    # takes whole packages, as agents before delta updates do.
+    deltas: bool = True
     fetch_url_hosts: Annotated[tuple[str, ...], NoDecode] = ()
     url_timeout_s: float = Field(20.0, gt=0)
     url_deadline_s: float = Field(600.0, gt=0)

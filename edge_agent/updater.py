@@ -9,11 +9,14 @@ falls back to the other one.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
 
 from edge_agent.runtime import ModelRuntime
+from shared.delta import DeltaError
+from shared.delta import apply as apply_delta
 from shared.errors import PackageError
 from shared.package import ModelPackage
 
@@ -28,7 +31,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself must survive a power cut
     finally:
@@ -100,6 +107,44 @@ class ModelSlots:
             raise PackageError("slot content changed while installing", reason="sha_mismatch")
         _write_atomic(self.pointer, spare.encode())
         log.info("model %s live in slot %s", pkg.version, spare)
+        return runtime
+
+    def install_delta(
+        self, delta: bytes, *, base_sha256: str, expected_sha256: str, max_bytes: int
+    ) -> ModelRuntime:
+        """Rebuild a package from the live slot's and ``delta`` into the spare slot (streamed:
+        about one tensor in memory), smoke-check it, then flip the pointer. DeltaError when
+        the delta is not for the live package, claims more than ``max_bytes`` (the signed
+        length), or does not rebuild ``expected_sha256``; nothing is written before its
+        header is checked, and on any failure the live slot is untouched."""
+        live = self.live_slot()
+        if live is None:
+            raise DeltaError("no live model to apply a delta to", reason="delta_base_mismatch")
+        spare = "b" if live == "a" else "a"
+        path = self._slot_path(spare)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(self._slot_path(live), "rb") as base, open(tmp, "wb") as out:
+                apply_delta(
+                    base=base,
+                    delta=io.BytesIO(delta),
+                    out=out,
+                    max_target_bytes=max_bytes,
+                    expected_base_sha256=base_sha256,
+                    expected_target_sha256=expected_sha256,
+                    delta_length=len(delta),
+                )
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+        runtime = self._load(spare)  # re-read from disk: what runs is what was stored
+        if runtime.package.sha256 != expected_sha256:
+            raise PackageError("slot content changed while installing", reason="sha_mismatch")
+        _write_atomic(self.pointer, spare.encode())
+        log.info("model %s live in slot %s (from a delta)", runtime.version, spare)
         return runtime
 
     def activate_spare(self, sha256: str) -> ModelRuntime | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from edge_agent.config import EdgeSettings
 from edge_agent.runtime import ModelRuntime
@@ -23,13 +24,13 @@ from edge_agent.transfer import (
 )
 from edge_agent.updater import ModelSlots
 from edge_agent.urlfetch import allowed_url
+from shared.delta import DeltaError
 from shared.errors import PackageError
 from shared.messages import UPDATE_REASONS, ChunkRequest, UpdateChunk, UpdateOffer, UpdateStatus
 from shared.trust import DeviceTrust, Target, UpdateRefused
 
 log = logging.getLogger(__name__)
-PAYLOAD_KINDS = ("package",)  # the apply steps this agent has (the delta issue adds "delta")
-CAPABILITIES = ("tuf", *PAYLOAD_KINDS)
+PAYLOAD_KINDS = ("package", "delta")  # the apply steps this agent has
 # A package check's reason → the status and UPDATE_REASONS entry reported for it.
 _INSTALL_OUTCOMES = {
     "smoke_check_failed": ("failed", "smoke_check_failed"),
@@ -108,6 +109,12 @@ class Updates:
         self.trust = self._open_trust()
         log.info("enrolled in fleet %s's signed releases", self.settings.fleet)
 
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """What heartbeats say this agent takes: signed releases and its payload kinds."""
+        kinds = PAYLOAD_KINDS if self.settings.deltas else ("package",)
+        return ("tuf", *kinds)
+
     def last_release(self) -> int | None:
         return self.trust.last_release() if self.trust.enrolled() else None
 
@@ -174,21 +181,20 @@ class Updates:
             reused = self._from_spare(target)
             if reused is not None:  # the model it ran before (a rollback): no download
                 return reused
-            if target.kind not in PAYLOAD_KINDS:
+            if target.kind != "package":
                 raise UpdateRefused(
                     f"payload kind {target.kind!r} cannot be applied here",
                     reason="corrupt_package",
                 )
-            download = self.transfers.begin(
-                target=target.path,
-                release=offer.release,
-                sha256=target.sha256,
-                length=transfer_length(
-                    offered=offer.length, signed=target.length, chunk_size=offer.chunk_size
-                ),
-                chunk_size=offer.chunk_size,
-                url=self._url(offer),
-            )
+            delta = self._delta_for(target, runtime)
+            if delta is not None:
+                by_delta = self._by_delta(offer, target, delta)
+                if by_delta is None or isinstance(by_delta, UpdateStatus):
+                    return by_delta  # superseded, or installed (or failed as a package)
+                refused = by_delta  # the delta was refused: the whole package comes instead
+            else:
+                refused = None
+            download = self._begin(offer, target)
             data = self.trust.download(target, offer.metadata, download.chunks)
             download.discard()  # TUF verified the bytes, which are in hand
         except Exception as exc:  # noqa: BLE001 - every failure is reported, none is fatal
@@ -196,7 +202,89 @@ class Updates:
         finally:
             if download is not None:
                 self.transfers.end(download)
-        return self._install(target, data)
+        received = len(data) + (delta.length if refused and delta else 0)
+        return self._install(
+            target, data, payload="package", received_bytes=received, delta_refused=refused
+        )
+
+    def _begin(self, offer: UpdateOffer, target: Target) -> Download:
+        """Start (or resume) the download of ``target``: the offer's length and URL where
+        the offer names this target, the signed length where it names another (a delta's
+        offer whose device takes the package)."""
+        offered = offer.target == target.path
+        return self.transfers.begin(
+            target=target.path,
+            release=offer.release,
+            sha256=target.sha256,
+            length=transfer_length(
+                offered=offer.length if offered else target.length,
+                signed=target.length,
+                chunk_size=offer.chunk_size,
+            ),
+            chunk_size=offer.chunk_size,
+            url=self._url(offer) if offered else None,
+        )
+
+    def _delta_for(self, target: Target, runtime: ModelRuntime | None) -> Target | None:
+        """The signed delta to ``target`` that applies to the live package, if any (a delta
+        for another base is never used: its result could not be the signed package)."""
+        if not self.settings.deltas or runtime is None:
+            return None
+        for delta in target.deltas:
+            if delta.base == runtime.package.sha256 and delta.length < target.length:
+                return delta
+        if target.deltas:
+            log.info("no signed delta to %s applies to the live package", target.version)
+        return None
+
+    def _by_delta(
+        self, offer: UpdateOffer, target: Target, delta: Target
+    ) -> UpdateStatus | str | None:
+        """Download ``delta`` (TUF checks its signed length and hash), rebuild the target
+        from the live package into the spare slot and swap. The report when installed, or
+        when the rebuilt package fails as a package would; None when superseded; the
+        refusal's reason when the delta cannot be used (the caller takes the package)."""
+        download: Download | None = None
+        try:
+            download = self._begin(offer, delta)
+            data = self.trust.download(delta, offer.metadata, download.chunks)
+            download.discard()
+        except TransferCancelled:
+            return None
+        except UpdateRefused as exc:
+            if download is not None and download.cancelled:
+                return None
+            if exc.reason == "transfer_failed":
+                raise  # the link's fault: reported, and the next offer resumes this delta
+            if download is not None and exc.reason in ("bad_hash", "endless_data"):
+                download.discard()
+            log.warning("delta to %s refused (%s): %s; taking the package", target.version,
+                        exc.reason, exc)  # fmt: skip
+            return f"delta_{exc.reason}"
+        finally:
+            if download is not None:
+                self.transfers.end(download)
+        extra = {"payload": "delta", "received_bytes": len(data)}
+        try:
+            with self._slots_lock:
+                runtime = self.slots.install_delta(
+                    data, base_sha256=str(delta.base), expected_sha256=target.sha256,
+                    max_bytes=target.length,
+                )  # fmt: skip
+                self.swap(runtime)
+        except DeltaError as exc:
+            log.warning("delta to %s not applied (%s): %s; taking the package", target.version,
+                        exc.reason, exc)  # fmt: skip
+            return exc.reason
+        except PackageError as exc:
+            return self._install_failed(target, exc, **extra)
+        except Exception:  # noqa: BLE001 - the device's fault (a full disk), not the release's
+            log.exception("model %s not installed from its delta", target.version)
+            return self.report(target.version, "failed", "internal_error",
+                               release=target.release, **extra)  # fmt: skip
+        log.info("model %s live from a %d-byte delta (release %d)", runtime.version, len(data),
+                 target.release)  # fmt: skip
+        return self.report(runtime.version, "applied", None, release=target.release, **extra)
 
     def _from_spare(self, target: Target) -> UpdateStatus | None:
         """The target made live from the spare slot, when that holds its exact bytes (the
@@ -246,21 +334,26 @@ class Updates:
         log.warning("update to %s %s (%s): %s", wanted, status, reason, exc)
         return self.report(wanted, status, reason, release=offer.release)
 
-    def _install(self, target: Target, data: bytes) -> UpdateStatus:
-        """Put a verified package in the spare slot, smoke-check it, swap."""
+    def _install(self, target: Target, data: bytes, **extra: Any) -> UpdateStatus:
+        """Put a verified package in the spare slot, smoke-check it, swap. ``extra``: how
+        it arrived, for the report."""
         try:
             with self._slots_lock:
                 runtime = self.slots.install(data, expected_sha256=target.sha256)
                 self.swap(runtime)
         except PackageError as exc:
-            status, reason = _INSTALL_OUTCOMES.get(exc.reason, ("rejected", "corrupt_package"))
-            log.warning("model %s not installed (%s): %s", target.version, reason, exc)
-            return self.report(target.version, status, reason, release=target.release)
+            return self._install_failed(target, exc, **extra)
         except Exception:  # noqa: BLE001 - the device's fault (a full disk), not the release's
             log.exception("model %s not installed", target.version)
-            return self.report(target.version, "failed", "internal_error", release=target.release)
+            return self.report(target.version, "failed", "internal_error",
+                               release=target.release, **extra)  # fmt: skip
         log.info("model %s live (release %d)", runtime.version, target.release)
-        return self.report(runtime.version, "applied", None, release=target.release)
+        return self.report(runtime.version, "applied", None, release=target.release, **extra)
+
+    def _install_failed(self, target: Target, exc: PackageError, **extra: Any) -> UpdateStatus:
+        status, reason = _INSTALL_OUTCOMES.get(exc.reason, ("rejected", "corrupt_package"))
+        log.warning("model %s not installed (%s): %s", target.version, reason, exc)
+        return self.report(target.version, status, reason, release=target.release, **extra)
 
 
 def _version_of(target: str) -> str:

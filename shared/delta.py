@@ -262,13 +262,15 @@ def apply(
     and the delta's digest are checked at the end."""
     total = _stream_length(delta, delta_length)
     header = read_header(delta)
-    if expected_target_sha256 is not None and expected_target_sha256 != header.target_sha256:
-        raise fail("delta_hash_mismatch", "delta names another target than expected")
+    # Size first: a delta that would expand past the signed length is a bomb, whatever
+    # target it names.
     if header.target_length > max_target_bytes:
         raise fail(
             "delta_too_large",
             f"delta's target is {header.target_length} bytes; at most {max_target_bytes}",
         )
+    if expected_target_sha256 is not None and expected_target_sha256 != header.target_sha256:
+        raise fail("delta_hash_mismatch", "delta names another target than expected")
     if total is not None and total != header.delta_length + 32:
         raise fail(
             "delta_truncated",

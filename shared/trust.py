@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -67,6 +67,9 @@ class Target:
     kind: str
     base: str | None
     release: int
+    # A package's: the delta targets the release signs for this device to the same version
+    # (each applies to the package whose sha256 is its ``base``).
+    deltas: tuple[Target, ...] = ()
 
 
 class _OfferFetcher(FetcherInterface):
@@ -207,7 +210,9 @@ class DeviceTrust:
             releases = self._walk(updater, stage)
             info = updater.get_targetinfo(target.path)
             mine = self._pick(releases, target.path)
-            if info is None or mine is None or mine.sha256 != target.sha256:
+            signed = [] if mine is None else [mine, *mine.deltas]
+            if info is None or not any(t.path == target.path and t.sha256 == target.sha256
+                                       for t in signed):  # fmt: skip
                 raise UpdateRefused(
                     f"{target.path} is not signed for this device as offered",
                     reason="mix_and_match",
@@ -257,24 +262,35 @@ class DeviceTrust:
         return md.signed
 
     def _pick(self, releases: Targets, offered: str | None) -> Target | None:
+        """The package the release assigns this device (one at most), with the deltas it
+        signs for this device to that package's version."""
         mine = [
             t for t in releases.targets.values() if self.device_id in _custom(t).get("devices", ())
         ]
-        if offered is not None and offered in releases.targets:
-            if releases.targets[offered] not in mine:
-                raise UpdateRefused(
-                    f"release {releases.version} assigns {offered} to other devices",
-                    reason="mix_and_match",
-                )
-            mine = [releases.targets[offered]]
-        if not mine:
-            return None
-        if len(mine) > 1:
+        if (
+            offered is not None
+            and offered in releases.targets
+            and releases.targets[offered] not in mine
+        ):
             raise UpdateRefused(
-                f"release {releases.version} assigns {len(mine)} targets to {self.device_id}",
+                f"release {releases.version} assigns {offered} to other devices",
                 reason="mix_and_match",
             )
-        return self._check(mine[0], releases.version)
+        packages = [t for t in mine if _custom(t).get("kind", "package") == "package"]
+        if not packages:
+            return None
+        if len(packages) > 1:
+            raise UpdateRefused(
+                f"release {releases.version} assigns {len(packages)} packages to {self.device_id}",
+                reason="mix_and_match",
+            )
+        package = self._check(packages[0], releases.version)
+        deltas = tuple(
+            self._check(t, releases.version)
+            for t in mine
+            if _custom(t).get("kind") == "delta" and _custom(t).get("version") == package.version
+        )
+        return replace(package, deltas=deltas)
 
     def _check(self, info: TargetFile, release: int) -> Target:
         c = _custom(info)

@@ -129,7 +129,7 @@ def test_signed_offer_installs_over_mqtt_chunks(
         assert (hb.release, hb.model_version, hb.capabilities) == (
             release,
             "v2",
-            ("tuf", "package"),
+            ("tuf", "package", "delta"),
         )
         assert hb.agent_version and hb.memory_mb > 0 and hb.latency_ms_p99 >= hb.latency_ms_p50
         assert hb.recent_windows == 0  # the anomaly rate restarts with the new model
