@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from cloud.rollout.signing import Assignment
 from cloud.store.db import Delta, Device, DeviceUpdate, ModelVersion, Rollout
 from cloud.store.keys import delta_key
-from cloud.store.objects import ObjectStore
+from cloud.store.objects import ObjectNotFound, ObjectStore
 from shared import delta as codec
 from shared.package import model_name, sha256_hex
 
@@ -128,7 +128,12 @@ def delta_assignments(
         base, target = version(base_version), version(target_version)
         if base is None or target is None or base.sha256 == target.sha256:
             continue
-        row = delta_record(session=session, store=store, base=base, target=target, fleet=fleet)
+        try:
+            row = delta_record(session=session, store=store, base=base, target=target,
+                               fleet=fleet)  # fmt: skip
+        except ObjectNotFound as exc:  # a base deleted since: those devices take the package
+            log.warning("no delta %s → %s: %s", base_version, target_version, exc)
+            continue
         if row.length is None or row.sha256 is None:
             continue
         out.append(
