@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edge_agent.config import EdgeSettings
+from edge_agent.deltas import DeltaPath, Refused
 from edge_agent.runtime import ModelRuntime
 from edge_agent.transfer import (
     Download,
@@ -24,7 +25,6 @@ from edge_agent.transfer import (
 )
 from edge_agent.updater import ModelSlots
 from edge_agent.urlfetch import allowed_url
-from shared.delta import DeltaError
 from shared.errors import PackageError
 from shared.messages import UPDATE_REASONS, ChunkRequest, UpdateChunk, UpdateOffer, UpdateStatus
 from shared.trust import DeviceTrust, Target, UpdateRefused
@@ -76,6 +76,17 @@ class Updates:
             url_timeout_s=s.url_timeout_s,
             url_deadline_s=s.url_deadline_s,
             online=online,
+        )
+        self.deltas = DeltaPath(
+            enabled=s.deltas,
+            trust=lambda: self.trust,
+            transfers=self.transfers,
+            slots=slots,
+            slots_lock=slots_lock,
+            swap=swap,
+            begin=self._begin,
+            report=report,
+            install_failed=self._install_failed,
         )
         self._offers = LatestOffer()
         self._stopping = threading.Event()
@@ -177,7 +188,8 @@ class Updates:
             if runtime is not None and runtime.package.sha256 == target.sha256:
                 # Already live (a repeated offer, or a release that keeps this device's
                 # model): say so, so the rollout counts it as installed.
-                return self.report(wanted, "applied", None, release=target.release)
+                return self.report(wanted, "applied", None, release=target.release,
+                                   payload="spare", received_bytes=0)  # fmt: skip
             reused = self._from_spare(target)
             if reused is not None:  # the model it ran before (a rollback): no download
                 return reused
@@ -186,14 +198,13 @@ class Updates:
                     f"payload kind {target.kind!r} cannot be applied here",
                     reason="corrupt_package",
                 )
-            delta = self._delta_for(target, runtime)
+            delta = self.deltas.pick(target, runtime)
+            refused: Refused | None = None
             if delta is not None:
-                by_delta = self._by_delta(offer, target, delta)
-                if by_delta is None or isinstance(by_delta, UpdateStatus):
-                    return by_delta  # superseded, or installed (or failed as a package)
-                refused = by_delta  # the delta was refused: the whole package comes instead
-            else:
-                refused = None
+                outcome = self.deltas.take(offer, target, delta)
+                if not isinstance(outcome, Refused):
+                    return outcome  # installed (or failed as a package would), or superseded
+                refused = outcome  # the whole package comes instead
             download = self._begin(offer, target)
             data = self.trust.download(target, offer.metadata, download.chunks)
             download.discard()  # TUF verified the bytes, which are in hand
@@ -202,9 +213,12 @@ class Updates:
         finally:
             if download is not None:
                 self.transfers.end(download)
-        received = len(data) + (delta.length if refused and delta else 0)
         return self._install(
-            target, data, payload="package", received_bytes=received, delta_refused=refused
+            target,
+            data,
+            payload="package",
+            received_bytes=len(data) + (refused.received if refused else 0),
+            delta_refused=refused.reason if refused else None,
         )
 
     def _begin(self, offer: UpdateOffer, target: Target) -> Download:
@@ -225,67 +239,6 @@ class Updates:
             url=self._url(offer) if offered else None,
         )
 
-    def _delta_for(self, target: Target, runtime: ModelRuntime | None) -> Target | None:
-        """The signed delta to ``target`` that applies to the live package, if any (a delta
-        for another base is never used: its result could not be the signed package)."""
-        if not self.settings.deltas or runtime is None:
-            return None
-        for delta in target.deltas:
-            if delta.base == runtime.package.sha256 and delta.length < target.length:
-                return delta
-        if target.deltas:
-            log.info("no signed delta to %s applies to the live package", target.version)
-        return None
-
-    def _by_delta(
-        self, offer: UpdateOffer, target: Target, delta: Target
-    ) -> UpdateStatus | str | None:
-        """Download ``delta`` (TUF checks its signed length and hash), rebuild the target
-        from the live package into the spare slot and swap. The report when installed, or
-        when the rebuilt package fails as a package would; None when superseded; the
-        refusal's reason when the delta cannot be used (the caller takes the package)."""
-        download: Download | None = None
-        try:
-            download = self._begin(offer, delta)
-            data = self.trust.download(delta, offer.metadata, download.chunks)
-            download.discard()
-        except TransferCancelled:
-            return None
-        except UpdateRefused as exc:
-            if download is not None and download.cancelled:
-                return None
-            if exc.reason == "transfer_failed":
-                raise  # the link's fault: reported, and the next offer resumes this delta
-            if download is not None and exc.reason in ("bad_hash", "endless_data"):
-                download.discard()
-            log.warning("delta to %s refused (%s): %s; taking the package", target.version,
-                        exc.reason, exc)  # fmt: skip
-            return f"delta_{exc.reason}"
-        finally:
-            if download is not None:
-                self.transfers.end(download)
-        extra = {"payload": "delta", "received_bytes": len(data)}
-        try:
-            with self._slots_lock:
-                runtime = self.slots.install_delta(
-                    data, base_sha256=str(delta.base), expected_sha256=target.sha256,
-                    max_bytes=target.length,
-                )  # fmt: skip
-                self.swap(runtime)
-        except DeltaError as exc:
-            log.warning("delta to %s not applied (%s): %s; taking the package", target.version,
-                        exc.reason, exc)  # fmt: skip
-            return exc.reason
-        except PackageError as exc:
-            return self._install_failed(target, exc, **extra)
-        except Exception:  # noqa: BLE001 - the device's fault (a full disk), not the release's
-            log.exception("model %s not installed from its delta", target.version)
-            return self.report(target.version, "failed", "internal_error",
-                               release=target.release, **extra)  # fmt: skip
-        log.info("model %s live from a %d-byte delta (release %d)", runtime.version, len(data),
-                 target.release)  # fmt: skip
-        return self.report(runtime.version, "applied", None, release=target.release, **extra)
-
     def _from_spare(self, target: Target) -> UpdateStatus | None:
         """The target made live from the spare slot, when that holds its exact bytes (the
         signed sha256: as good as a download TUF verified)."""
@@ -294,7 +247,8 @@ class Updates:
             if runtime is None:
                 return None
             self.swap(runtime)
-        return self.report(runtime.version, "applied", None, release=target.release)
+        return self.report(runtime.version, "applied", None, release=target.release,
+                           payload="spare", received_bytes=0)  # fmt: skip
 
     def _url(self, offer: UpdateOffer) -> str | None:
         """The offer's URL where this device fetches URLs and it names an allowed host.

@@ -150,7 +150,8 @@ class _Bounded:
 
     def read(self, n: int = -1) -> bytes:
         n = self.left if n < 0 else min(n, self.left)
-        data = self.stream.read(n) if n else b""
+        # In pieces: a declared length is only a bound; memory grows with what arrives.
+        data = read_exact(self.stream, n) if n else b""
         self.left -= len(data)
         self.digest.update(data)
         return data

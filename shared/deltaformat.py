@@ -125,7 +125,14 @@ def pack(
         "rest": len(rest_frame),
         "tensors": len(tensor_frame),
     }
-    head = zstd.ZstdCompressor(level=19, write_checksum=True).compress(canonical_json(header))
+    text = canonical_json(header)
+    head = zstd.ZstdCompressor(level=19, write_checksum=True).compress(text)
+    if max(len(text), len(head)) > MAX_HEADER_BYTES:  # apply would refuse it: never made
+        raise fail(
+            "delta_too_large",
+            f"a delta of {len(segments)} tensors needs a {len(text)}-byte header; "
+            f"the cap is {MAX_HEADER_BYTES} (send the package)",
+        )
     delta = PREFIX.pack(MAGIC, VERSION, len(head)) + head + rest_frame + tensor_frame
     # The digest: any flipped bit anywhere is caught, even one zstd would decode the same.
     return delta + hashlib.sha256(delta).digest()

@@ -232,10 +232,11 @@ class UpdateStatus(Envelope):
     reason: Text | None = None  # one of UPDATE_REASONS when rejected, failed or rolled back
     running_version: Name | None = None
     release: int | None = Field(default=None, ge=0)
-    # How the target arrived: the payload kind the device applied, the bytes it received
-    # for it, and, when a delta was signed for it but refused, why (it then took the package).
-    payload: PayloadKind | None = None
-    received_bytes: int | None = Field(default=None, ge=0, le=MAX_PACKAGE_BYTES)
+    # How the target arrived: the payload the device applied ("spare": made live with no
+    # download, from its spare slot or already live), the bytes it received for it (a
+    # refused delta's and then the package's), and why it refused a delta signed for it.
+    payload: Literal["package", "delta", "spare"] | None = None
+    received_bytes: int | None = Field(default=None, ge=0, le=2 * MAX_PACKAGE_BYTES)
     delta_refused: Text | None = None
 
 

@@ -20,9 +20,9 @@ from cloud.config import CloudSettings
 from cloud.ingest.ingestor import Ingestor
 from cloud.ingest.service import IngestService
 from cloud.rollout import controller
-from cloud.rollout.deltas import delta_path, lineage
+from cloud.rollout.deltas import delta_assignments, delta_path, lineage
 from cloud.rollout.signing import Assignment
-from cloud.store.db import Delta, Device, DeviceUpdate, Fleet, session_factory
+from cloud.store.db import Delta, Device, DeviceUpdate, Fleet, ModelVersion, session_factory
 from cloud.store.keys import delta_key, package_key
 from cloud.tracking.registry import Registry
 from cloud.tracking.rollouts import RolloutTracker
@@ -173,10 +173,39 @@ def test_a_bad_delta_is_refused_before_the_slot_is_written_and_the_package_comes
         report = [e for e in agent.update_events if e.status == "applied"][-1]
         assert agent.runtime.package.sha256 == hashlib.sha256(v2).hexdigest()
         assert (report.payload, report.delta_refused) == ("package", REFUSALS[fault])
+        # Both downloads are counted: the delta (all of it arrived) and the package.
+        assert report.received_bytes == len(signed) + len(v2)
         assert f"{PROFILE}/v2.edgepkg" in {s.target for s in transport.served}
         # The refused delta left both slots as they were (corrupt never reached apply).
         assert writes == ([] if fault == "corrupt" else ["True"])
         assert not list(spare.glob("*.tmp"))
+    finally:
+        agent.stop()
+        transport.stop()
+
+
+def test_a_delta_that_never_arrives_gives_way_to_the_package(
+    tmp_path, repo, fleet, mqtt_port, versions
+):
+    """A signed delta whose chunks never come (its object left the store) stalls once; the
+    agent then takes the package and remembers not to try that delta again."""
+    v1, v2 = versions["v1"], versions["v2"]
+    data = codec.encode(v1, v2)
+    release = sign(repo, versions, {"d1": (v1, data)}, {"d1": "v2"})
+    repo.store.delete(delta_key(fleet, PROFILE, "v2", hashlib.sha256(v1).hexdigest()))
+    transport = start_transport(mqtt_port, repo.store, fleet)
+    agent = enrolled_agent(tmp_path, fleet, mqtt_port, v1, repo, transfer_stall_s=3.0)
+    try:
+        offer_delta(repo, transport, release, "d1", "v2", v1, data)
+        wait_for(lambda: agent.model_version == "v2", 60, what="v2 live from the package")
+        report = [e for e in agent.update_events if e.status == "applied"][-1]
+        assert (report.payload, report.delta_refused) == ("package", "delta_transfer_failed")
+        assert report.received_bytes == len(v2)
+        assert transport.bad_requests > 0  # the delta's requests found no object
+        # Remembered: the next offer naming this delta goes straight to the package.
+        assert agent.updates.deltas.refused == {
+            hashlib.sha256(data).hexdigest(): "delta_transfer_failed"
+        }
     finally:
         agent.stop()
         transport.stop()
@@ -329,3 +358,57 @@ def _why(sessions, rid) -> str:
         return f"{r.state} {r.reason} " + ", ".join(
             f"{u.device_id}:{u.state}:{u.reason}" for u in rows
         )
+
+
+def test_the_cloud_makes_each_pair_once_again_when_gone_and_never_from_wrong_bytes(
+    pg_url, s3_store, fleet, versions
+):
+    """A pair's delta is made once and cached (object store + row); made again if its
+    object left the store; none when a package is gone or is not the recorded bytes (those
+    devices take the package), and none for agents without the capability."""
+    sessions = session_factory(pg_url)
+    name = model_name(fleet, PROFILE)
+    with sessions() as s:
+        mvs = {}
+        for i, (v, pkg) in enumerate(versions.items()):
+            s3_store.put(package_key(fleet, PROFILE, v), pkg)
+            mvs[v] = ModelVersion(name=name, version=v, mlflow_version=str(i + 1), profile=PROFILE,
+                                  sha256=hashlib.sha256(pkg).hexdigest(),
+                                  object_key=package_key(fleet, PROFILE, v),
+                                  class_names=["normal"])  # fmt: skip
+            s.add(mvs[v])
+        devices = {
+            "a": Device(id=f"{fleet}a", fleet=fleet, profile=PROFILE, model_version="v1",
+                        capabilities=["tuf", "package", "delta"]),
+            "b": Device(id=f"{fleet}b", fleet=fleet, profile=PROFILE, model_version="v2",
+                        capabilities=["tuf", "package", "delta"]),
+            "old": Device(id=f"{fleet}o", fleet=fleet, profile=PROFILE, model_version="v1",
+                          capabilities=["tuf", "package"]),
+        }  # fmt: skip
+        s.add_all(devices.values())
+        s.flush()
+
+        def assignments(**kw):
+            return delta_assignments(session=s, store=s3_store, fleet=fleet, profile=PROFILE,
+                                     devices={d.id: d for d in devices.values()},
+                                     assign={d.id: "v3" for d in devices.values()},
+                                     version=mvs.get, **kw)  # fmt: skip
+
+        first = assignments()
+        key = delta_key(fleet, PROFILE, "v3", mvs["v1"].sha256)
+        made = s3_store.get(key)
+        again = assignments()
+        s3_store.delete(key)
+        remade = assignments()
+        s3_store.put(package_key(fleet, PROFILE, "v2"), versions["v1"])  # not v2's bytes
+        s.query(Delta).filter(Delta.base_version == "v2").delete()
+        wrong = assignments()
+        rollback = assignments(make=False)  # only what exists: v1 → v3
+
+    by_base = {a.base: a for a in first}
+    assert set(by_base) == {mvs["v1"].sha256, mvs["v2"].sha256}
+    assert by_base[mvs["v1"].sha256].devices == (devices["a"].id,)  # not the old agent
+    assert hashlib.sha256(made).hexdigest() == by_base[mvs["v1"].sha256].sha256
+    assert again == first and remade == first and s3_store.exists(key)
+    assert [a.base for a in wrong] == [mvs["v1"].sha256]  # v2's bytes are not v2
+    assert rollback == [a for a in first if a.base == mvs["v1"].sha256]

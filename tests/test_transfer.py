@@ -164,6 +164,7 @@ def test_going_back_to_the_model_in_the_spare_slot_needs_no_download(
     assert asked_for_v2 > 0
     assert [r.target for r in transport.served] == [path] * asked_for_v2  # none for v1
     assert (report.target_version, report.status, report.release) == ("v1", "applied", back)
+    assert (report.payload, report.received_bytes) == ("spare", 0)
     assert agent.runtime.package.sha256 == hashlib.sha256(v1).hexdigest()
 
 

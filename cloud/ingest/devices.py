@@ -79,8 +79,9 @@ def record_update_status(*, session: Session, msg: UpdateStatus) -> None:
         session.add(row)
     row.state = "installed" if msg.status == "applied" else msg.status
     row.reason = msg.reason
-    if msg.payload is not None:  # agents before delta updates do not say
-        row.received_bytes, row.delta_refused = msg.received_bytes, msg.delta_refused
+    if msg.payload is not None:  # what the device did (agents before deltas do not say)
+        row.payload, row.received_bytes = msg.payload, msg.received_bytes
+        row.delta_refused = msg.delta_refused
     if msg.status == "applied" and row.installed_at is None:
         row.installed_at = datetime.now(UTC)
     device = session.get(Device, msg.device_id)

@@ -27,6 +27,8 @@ from cloud.store.db import Delta, Device, DeviceUpdate, ModelVersion, Rollout
 from cloud.store.keys import delta_key
 from cloud.store.objects import ObjectNotFound, ObjectStore
 from shared import delta as codec
+from shared.delta import DeltaError
+from shared.errors import EdgeloopError
 from shared.package import model_name, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -51,11 +53,56 @@ def object_key_of(fleet: str, path: str) -> str | None:
     return delta_key(fleet, profile, version, base16)
 
 
+class DeltaUnavailable(EdgeloopError):
+    """No delta can be made for a pair now (a package gone from the object store, or not
+    the bytes its version recorded): its devices take the package."""
+
+    reason = "delta_unavailable"
+
+
+def _package(store: ObjectStore, mv: ModelVersion) -> bytes:
+    """A version's package from the object store, refused unless it is the recorded one."""
+    try:
+        data = store.get(mv.object_key)
+    except ObjectNotFound as exc:
+        raise DeltaUnavailable(f"{mv.version}'s package is gone: {exc}") from exc
+    if sha256_hex(data) != mv.sha256:
+        raise DeltaUnavailable(f"{mv.object_key} is not the package {mv.version} recorded")
+    return data
+
+
+def _encode(base: bytes, target: bytes) -> tuple[bytes | None, dict[str, Any]]:
+    """The delta and its stats; None when it is not smaller than the package, or the codec
+    cannot make one (a header past its cap)."""
+    started = time.perf_counter()
+    try:
+        data = codec.encode(base, target)
+    except DeltaError as exc:
+        return None, {"error": str(exc)}
+    stats = {**codec.stats(data), "encode_s": round(time.perf_counter() - started, 3)}
+    return (data if len(data) < len(target) else None), {**stats, "delta_bytes": len(data)}
+
+
+def _made(session: Session, fleet: str, base: ModelVersion, target: ModelVersion) -> bool:
+    return (
+        session.scalar(
+            select(Delta.id).where(
+                Delta.fleet == fleet,
+                Delta.profile == target.profile,
+                Delta.base_sha256 == base.sha256,
+                Delta.target_sha256 == target.sha256,
+            )
+        )
+        is not None
+    )
+
+
 def delta_record(
     *, session: Session, store: ObjectStore, base: ModelVersion, target: ModelVersion, fleet: str
 ) -> Delta:
-    """The pair's delta row, made now if it is not yet: encoded from the two packages in
-    the object store, stored there when smaller than the package (else ``length`` None)."""
+    """The pair's delta row, made now if it is not yet (or made again if its object left
+    the store): encoded from the two packages, stored when smaller than the package (else
+    ``length`` None). DeltaUnavailable when a package is missing or not what was recorded."""
     row = session.scalar(
         select(Delta).where(
             Delta.fleet == fleet,
@@ -64,40 +111,40 @@ def delta_record(
             Delta.target_sha256 == target.sha256,
         )
     )
-    if row is not None:
+    if row is not None and (row.length is None or store.exists(row.object_key)):
         return row
-    base_bytes, target_bytes = store.get(base.object_key), store.get(target.object_key)
-    started = time.perf_counter()
-    data = codec.encode(base_bytes, target_bytes)
-    took = time.perf_counter() - started
+    target_bytes = _package(store, target)
+    data, stats = _encode(_package(store, base), target_bytes)
     key = delta_key(fleet, target.profile, target.version, base.sha256)
-    smaller = len(data) < len(target_bytes)
-    if smaller:
+    if data is not None:
         store.put(key, data)
-    row = Delta(
-        fleet=fleet,
-        profile=target.profile,
-        base_version=base.version,
-        target_version=target.version,
-        base_sha256=base.sha256,
-        target_sha256=target.sha256,
-        object_key=key,
-        sha256=sha256_hex(data) if smaller else None,
-        length=len(data) if smaller else None,
-        target_length=len(target_bytes),
-        stats={**codec.stats(data), "encode_s": round(took, 3), "delta_bytes": len(data)},
-    )
-    session.add(row)
+    if row is None:
+        row = Delta(
+            fleet=fleet,
+            profile=target.profile,
+            base_version=base.version,
+            target_version=target.version,
+            base_sha256=base.sha256,
+            target_sha256=target.sha256,
+            object_key=key,
+        )
+        session.add(row)
+    else:
+        log.warning("delta %s → %s was gone from the store: made again", base.version,
+                    target.version)  # fmt: skip
+    row.sha256 = sha256_hex(data) if data is not None else None
+    row.length = len(data) if data is not None else None
+    row.target_length, row.stats = len(target_bytes), stats
     session.flush()
     log.info(
-        "delta %s → %s of %s/%s: %d bytes of %d (%s)",
+        "delta %s → %s of %s/%s: %s bytes of %d (%s)",
         base.version,
         target.version,
         fleet,
         target.profile,
-        len(data),
+        stats.get("delta_bytes", "no"),
         len(target_bytes),
-        "offered" if smaller else "not smaller: the package goes",
+        "offered" if data is not None else "none offered: the package goes",
     )
     return row
 
@@ -111,10 +158,12 @@ def delta_assignments(
     devices: dict[str, Device],
     assign: dict[str, str],
     version: Callable[[str], ModelVersion | None],
+    make: bool = True,
 ) -> list[Assignment]:
     """The delta targets of a release that gives each device in ``assign`` that version:
     one per (running version, assigned version) pair among the devices that can apply one
-    and run another registered version."""
+    and run another registered version. ``make`` False: only deltas made before (a
+    rollback does not wait for an encoding)."""
     pairs: dict[tuple[str, str], list[str]] = {}
     for device_id, wanted in assign.items():
         d = devices.get(device_id)
@@ -128,10 +177,12 @@ def delta_assignments(
         base, target = version(base_version), version(target_version)
         if base is None or target is None or base.sha256 == target.sha256:
             continue
+        if not make and not _made(session, fleet, base, target):
+            continue
         try:
             row = delta_record(session=session, store=store, base=base, target=target,
                                fleet=fleet)  # fmt: skip
-        except ObjectNotFound as exc:  # a base deleted since: those devices take the package
+        except DeltaUnavailable as exc:  # those devices take the package
             log.warning("no delta %s → %s: %s", base_version, target_version, exc)
             continue
         if row.length is None or row.sha256 is None:
@@ -184,12 +235,13 @@ def transfers(session: Session, rollout: Rollout) -> tuple[dict[str, list[Any]],
     totals["devices_by_delta"] = 0.0
     for u in rows:
         whole = full.get(u.target_version, u.payload_bytes)
-        by_delta = u.payload == "delta" and not u.delta_refused
+        # What the device reported doing (until then, the offer: not counted).
+        by_delta = u.payload == "delta" and u.state == "installed"
         row = {
             "device": u.device_id,
             "base": u.base_version,
             "target": u.target_version,
-            "payload": "delta" if by_delta else "package",
+            "payload": u.payload if u.received_bytes is not None else f"{u.payload} (offered)",
             "offered_bytes": u.payload_bytes,
             "received_bytes": u.received_bytes,
             "package_bytes": whole,

@@ -132,7 +132,7 @@ class Step:
             self.r.reason = reason
 
     # -- releases and offers ----------------------------------------------------------------
-    def publish(self, assign: dict[str, str]) -> int:
+    def publish(self, assign: dict[str, str], *, make_deltas: bool = True) -> int:
         """Sign the release giving the profile's devices in ``assign`` those versions, every
         other device of the profile the version it runs, other profiles what they have."""
         fleet_row = lock_fleet(self.session, self.r.fleet)
@@ -145,7 +145,7 @@ class Step:
         wanted = {d: v for v, ids in by_version.items() for d in ids}
         out += delta_assignments(session=self.session, store=self.store, fleet=self.r.fleet,
                                  profile=self.r.profile, devices=self.devices(), assign=wanted,
-                                 version=self.version)  # fmt: skip
+                                 version=self.version, make=make_deltas)  # fmt: skip
         for version, ids in sorted(by_version.items()):
             target = self.target(version)
             if target is None:
@@ -213,7 +213,8 @@ class Step:
                 log.warning("rollout %d: offer to %s failed: %s", self.r.id, u.device_id, exc)
                 continue
             u.sent_at = self.now
-            u.payload, u.payload_bytes = target.kind, target.length
+            if target.version == u.target_version:  # a rollback's offer keeps the forward's
+                u.payload, u.payload_bytes = target.kind, target.length
             sent.append(u)
         return sent
 
@@ -320,7 +321,7 @@ class Step:
         r = self.r
         reached = [u for u in self.rows(range(0, r.wave + 1)) if u.sent_at is not None]
         previous = {u.device_id: u.base_version for u in reached if u.base_version}
-        release = self.publish(previous)
+        release = self.publish(previous, make_deltas=False)  # an abort waits for no encoding
         devices = self.devices()
         left = []
         for u in reached:

@@ -220,8 +220,9 @@ class DeviceUpdate(Base):
     # The device's heartbeat health before it installed, and the heartbeats counted since.
     before: Mapped[dict[str, Any]] = mapped_column(default=dict)
     beats_after: Mapped[int] = mapped_column(Integer, default=0)
-    # What was offered (a delta from base_version, or the package) and its bytes; what the
-    # device says it applied and received (a refused delta falls back to the package).
+    # The payload offered (a delta from base_version, or the package) until the device
+    # reports what it applied (delta, package, or spare: no download), and the offer's
+    # bytes; what the device received, and why it refused a delta (it took the package).
     payload: Mapped[str | None] = mapped_column(String(16))
     payload_bytes: Mapped[int | None] = mapped_column(Integer)
     received_bytes: Mapped[int | None] = mapped_column(Integer)
