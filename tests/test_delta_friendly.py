@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from cloud.compress.adapters import adapter_round, merge_adapters, with_adapters
+from cloud.compress.close_training import CloseConfig, anchors
 from cloud.compress.delta_friendly import (
-    CloseConfig,
-    anchors,
     delta_friendly_student,
-    int8_weights,
     recompress_close_to,
+    recompress_gated,
 )
+from cloud.compress.grid import int8_weights
 from cloud.compress.quantization import plan_table, quantize
 from cloud.model.evaluation import package_predict
 from cloud.model.export import export_onnx, package_graph
@@ -197,3 +197,25 @@ def test_unmerged_adapters_keep_the_base_codes_byte_identical(base):
     pred = package_predict(out.package, data.x[keep])
     assert (pred == data.y[keep]).mean() > 0.5
     assert set(tensors(merged.package)) == set(before)
+
+
+def test_the_gate_ships_the_first_rung_that_passes_or_none(base):
+    """recompress_gated returns the first rung its check accepts, and None (with every rung
+    tried) when the check refuses them all."""
+    # Prepare
+    model, pkg, data = base
+    keep = data.y < 3
+    args = dict(
+        previous_package=pkg, previous_student=model, teacher=model, x=data.x[keep],
+        y=data.y[keep], class_names=data.class_names[:3], version="v1", parent="v0",
+        cfg=CloseConfig(epochs=1), ladder=((0.01, 1), (None, 1)),
+    )  # fmt: skip
+    # Execute
+    first, steps_ok = recompress_gated(**args, accept=lambda p: True)
+    none, steps_no = recompress_gated(**args, accept=lambda p: False)
+    # Assert
+    assert first is not None and [s.share for s in steps_ok] == [0.01]
+    assert none is None and [(s.share, s.passed) for s in steps_no] == [
+        (0.01, False),
+        (None, False),
+    ]

@@ -19,14 +19,9 @@ import onnx
 import torch
 from torch import nn
 
-from cloud.compress.delta_friendly import (
-    CloseConfig,
-    CloseResult,
-    anchors,
-    distill_close,
-    head_path,
-    requantize_on_grid,
-)
+from cloud.compress.close_training import CloseConfig, anchors, distill_close, head_path
+from cloud.compress.delta_friendly import CloseResult
+from cloud.compress.grid import requantize_on_grid
 from cloud.compress.quantization import plan_table
 from cloud.model.export import export_onnx, package_graph
 from cloud.model.train import extend_classes
