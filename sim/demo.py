@@ -61,6 +61,8 @@ class RoundRow:
     old_acc_before: float
     old_acc_after: float
     round_seconds: float
+    update_bytes: float = 0.0  # what each device received for the update, on average
+    package_bytes: float = 0.0  # …and what the whole package would have been
 
 
 def _to_labelled(w: Windows) -> LabelledWindows:
@@ -242,6 +244,7 @@ def run_demo(
                 "uploads and labels to be acked",
             )
             result = run_round(sessions=sessions, store=store, registry=registry, cfg=cfg)
+            sent = (0.0, 0.0)
             if result.promoted:
                 assert result.mlflow_version is not None  # a promoted version is registered
                 rollout = rollouts.roll_out(
@@ -254,6 +257,7 @@ def run_demo(
                     raise RuntimeError(
                         f"rollout of {result.version} ended {rollout.state}: {rollout.reason}"
                     )
+                sent = rollouts.bytes_per_device(rollout.id)
             after, _, _ = _stream(sim, agents, rnd, "eval", plant_start)
             row = RoundRow(
                 round=rnd,
@@ -272,6 +276,8 @@ def run_demo(
                 old_acc_before=_accuracy(before, old),
                 old_acc_after=_accuracy(after, old),
                 round_seconds=time.perf_counter() - t_round,
+                update_bytes=sent[0] if result.promoted else 0.0,
+                package_bytes=sent[1] if result.promoted else 0.0,
             )
             rows.append(row)
             version = row.version_after
@@ -358,15 +364,22 @@ def _stream(
 def format_table(rows: list[RoundRow]) -> str:
     head = (
         "round  new fault  model       uploads  new-fault acc  flagged  old-class acc  "
-        "\n                   before→after        before→after  before   before→after"
+        "update KB per device"
+        "\n                   before→after        before→after  before   before→after   "
+        "(delta) of package"
     )
-    lines = [head, "-" * 86]
+    lines = [head, "-" * 106]
     for r in rows:
         lines.append(
             f"{r.round:>5}  {r.new_fault:<9}  {r.version_before:>3}→{r.version_after:<3}"
             f"{'' if r.promoted else '(held)':6}  {r.uploaded:>7}  "
             f"{100 * r.new_acc_before:5.1f}%→{100 * r.new_acc_after:5.1f}%  "
             f"{100 * r.new_flagged_before:5.1f}%  "
-            f"{100 * r.old_acc_before:5.1f}%→{100 * r.old_acc_after:5.1f}%"
+            f"{100 * r.old_acc_before:5.1f}%→{100 * r.old_acc_after:5.1f}%  "
+            + (
+                f"{r.update_bytes / 1000:7.1f} of {r.package_bytes / 1000:.1f}"
+                if r.package_bytes
+                else f"{'-':>7}"
+            )
         )
     return "\n".join(lines)

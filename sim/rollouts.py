@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cloud.config import CloudSettings
 from cloud.rollout.controller import FINISHED, advance, start_rollout
+from cloud.rollout.deltas import transfers
 from cloud.rollout.signing import ReleaseSigner, init_fleet_trust
 from cloud.rollout.transport import RolloutTransport
 from cloud.store.db import Rollout
@@ -78,3 +79,14 @@ class DemoRollouts:
             time.sleep(0.2)
         with self.sessions() as session:
             return session.get(Rollout, row.id)
+
+    def bytes_per_device(self, rollout_id: int) -> tuple[float, float]:
+        """What the rollout's devices received on average, and what the whole package
+        would have been (read back from their update reports)."""
+        with self.sessions() as session:
+            rollout = session.get(Rollout, rollout_id)
+            if rollout is None:
+                return 0.0, 0.0
+            table, totals = transfers(session, rollout)
+        n = sum(1 for got in table.get("received_bytes", []) if got is not None)
+        return totals["bytes_received"] / max(1, n), totals["bytes_full"] / max(1, n)

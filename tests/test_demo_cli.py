@@ -31,6 +31,8 @@ def test_demo_loop_learns_the_new_fault(tmp_path):
     assert row.new_acc_after >= 0.9
     assert row.old_acc_after >= 0.9
     assert row.uploaded > 0 and row.labelled == row.uploaded
+    # The devices received the delta from v1 (read back from their reports), not v2 whole.
+    assert 0 < row.update_bytes < row.package_bytes
     assert format_table(rows) in "\n".join(lines)
     assert (home / "mlartifacts").is_dir() and not (ROOT / "mlruns").exists()
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
