@@ -57,6 +57,10 @@ class CloudSettings(BaseSettings):
     round_epochs: int = 25
     round_replay_per_class: int = 120
     round_distill_epochs: int = 30
+    # Compressing profiles: ship a package kept close to the parent's (small delta) when it
+    # is within this many points of the unconstrained one on validation (cloud.learn.close).
+    round_delta_friendly: bool = True
+    round_close_tolerance_pts: float = 1.0
     round_pseudo_label_min_confidence: float | None = None
     # A round's gates, set to the product's goals: each new class's recall on held-out
     # uploads, the old classes' macro-F1 drop and the detection-rate drop on the golden set

@@ -390,6 +390,16 @@ def test_round_recompresses_a_transformer_teacher_for_its_profile(
     # (after the packaging renamed the graph's other tensors).
     assert inspect_schemes(pkg.graph, [w for _, w, _ in quant]) == {w: q for _, w, q in quant}
     assert comp["kept_layers"] and comp["edge_bytes"] == len(result.package)
+    # The round tried a package close to v1's (from v1's stored student) and shipped it
+    # only if it passed validation and made the smaller delta (cloud.learn.close).
+    close = comp["delta_friendly"]
+    assert close["parent"] == "v1" and close["ladder"], close
+    assert store.exists(f"students/{fleet}/rpi4-int8/v2.safetensors")
+    if close["strategy"] == "close":
+        assert close["delta_bytes_close"] < close["delta_bytes_unconstrained"]
+        assert close["ladder"][-1]["passed"]
+    else:
+        assert not close["ladder"][-1]["passed"] or close["why"] == "its delta is not smaller"
     assert result.gates["passed"], result.gates
     assert result.gates["holdout_new_recall"]["idv_06"] >= 0.9
     model, classes = from_bytes(store.get(f"checkpoints/{fleet}/rpi4-int8/v2.safetensors"))

@@ -11,6 +11,7 @@ import numpy as np
 from cloud.compress.distill import DistillConfig
 from cloud.compress.pipeline import compress
 from cloud.compress.profiles import load_profiles
+from cloud.learn.close import choose, keep_student
 from cloud.learn.data import golden_known, load_teacher, validation_set
 from cloud.learn.state import RecompressOutput, RoundState, Services
 from cloud.model.export import package_model
@@ -86,8 +87,16 @@ def stage_recompress(svc: Services, st: RoundState, say: Callable[[str], None]) 
             latency_windows=100,
             progress=say,
         )
-        package = result.package
-        summary = result.summary()
+        package, student, close = choose(
+            svc, st, unconstrained=result, teacher=teacher, x=x,
+            y=LabelledWindows(x, labels).indices(class_names), val_x=val.x,
+            val_y=val.indices(class_names), class_names=class_names,
+            new_classes=list(trained.get("new_classes", [])), say=say,
+        )  # fmt: skip
+        keep_student(svc, st, student, class_names)
+        summary = {**result.summary(), "delta_friendly": close}
+        if close["strategy"] == "close":  # the other figures are the unconstrained one's
+            summary.update(sha256=ModelPackage(package).sha256, edge_bytes=len(package))
     key = package_key(st.fleet, st.profile, st.version)
     svc.store.put(key, package)
     return {

@@ -54,6 +54,8 @@ class RoundConfig:
         default_factory=lambda: TrainConfig(epochs=_setting("round_epochs"), lr=2e-3)
     )
     distill_epochs: int = _setting("round_distill_epochs")  # student recovery (compression)
+    delta_friendly: bool = _setting("round_delta_friendly")  # cloud.learn.close
+    close_tolerance_pts: float = _setting("round_close_tolerance_pts")
     # The initial round's teacher: None for the CNN, else cloud.model.transformer.ModelSpec
     # fields (a transformer, which the compression pipeline can prune).
     teacher: dict[str, Any] | None = None

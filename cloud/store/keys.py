@@ -11,6 +11,12 @@ def checkpoint_key(fleet: str, profile: str, version: str) -> str:
     return f"checkpoints/{fleet}/{profile}/{version}.safetensors"
 
 
+def student_key(fleet: str, profile: str, version: str) -> str:
+    """The FP32 student a round's package was quantized from (safetensors): where the next
+    round's delta-friendly package starts (cloud.learn.close)."""
+    return f"students/{fleet}/{profile}/{version}.safetensors"
+
+
 def replay_key(fleet: str, profile: str, version: str) -> str:
     """A round's replay reservoir (JSON)."""
     return f"replay/{fleet}/{profile}/{version}.json"
