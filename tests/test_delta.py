@@ -417,6 +417,27 @@ def test_payload_expanding_past_its_declared_length_is_refused(real_delta):
     assert peak < 16 << 20
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"[" * 200_000 + b"]" * 200_000,  # past any parser's recursion
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+        b'"' + b"x" * (2 << 20) + b'"',  # past the header's cap once decompressed
+        b"\xff\xfe not json",
+    ],
+)
+def test_deeply_nested_huge_or_garbled_headers_are_refused(real_delta, text):
+    """A header frame holding deep nesting, a string past the cap or bytes that are not
+    JSON: refused as delta_corrupt (or too large), never a RecursionError or a crash."""
+    # Prepare
+    base, _, _ = real_delta
+    frame = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(text)
+    out = struct.pack("<7sBI", MAGIC, VERSION, len(frame)) + frame
+    forged = out + hashlib.sha256(out).digest()
+    # Execute / Assert
+    assert _refused(base, forged) in ("delta_corrupt", "delta_too_large")
+
+
 def test_onnx_package_is_what_the_codec_walks(packages):
     """The walker finds every raw_data initializer the onnx package itself sees."""
     # Prepare
