@@ -370,8 +370,8 @@ class Seed:
             return unc.package, {"budget": "unconstrained", "tried": tried}
         ch.student = r.student
         last = steps[-1]
-        return r.package, {"budget": last.share, "epochs": last.epochs, "tried": tried,
-                           **r.grid.summary()}  # fmt: skip
+        choice = {"budget": last.share, "epochs": last.epochs, "saliency": last.saliency}
+        return r.package, {**choice, "tried": tried, **r.grid.summary()}
 
     def round(self, rnd: Round) -> dict[str, Any]:
         t0 = time.perf_counter()

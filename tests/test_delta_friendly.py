@@ -208,7 +208,7 @@ def test_the_gate_ships_the_first_rung_that_passes_or_none(base):
     args = dict(
         previous_package=pkg, previous_student=model, teacher=model, x=data.x[keep],
         y=data.y[keep], class_names=data.class_names[:3], version="v1", parent="v0",
-        cfg=CloseConfig(epochs=1), ladder=((0.01, 1), (None, 1)),
+        cfg=CloseConfig(epochs=1), ladder=((0.01, 1, "movement"), (None, 1, "gradient")),
     )  # fmt: skip
     # Execute
     first, steps_ok = recompress_gated(**args, accept=lambda p: True)

@@ -95,22 +95,43 @@ def saliency_masks(
     for start in range(0, len(xt), 256):
         idx = slice(start, start + 256)
         _loss(student(xt[idx]), soft[idx], yt[idx], weights, cfg).backward()
-    scores = [
-        (a.param.grad[: len(a.ref)].abs() * a.step).flatten()
-        for a in pull
+    scores = {
+        id(a.param): a.param.grad[: len(a.ref)].abs() * a.step
         if a.param.grad is not None
-    ]
-    flat = torch.cat(scores)
+        else torch.zeros_like(a.ref)
+        for a in pull
+    }
+    student.zero_grad()
+    student.eval()
+    return top_share(pull, scores, share)
+
+
+def movement_masks(
+    probe: nn.Module, pull: list[Anchor], probe_pull: list[Anchor], share: float
+) -> dict[int, torch.Tensor]:
+    """Which anchored weights may move: the ``share`` that moved furthest, in code steps,
+    when ``probe`` (the same student, every weight free) was trained on the round's data.
+    ``probe_pull`` are the probe's anchors, in the same order as ``pull``."""
+    scores = {
+        id(a.param): ((b.param[: len(a.ref)] - a.ref).abs() / a.step).detach()
+        for a, b in zip(pull, probe_pull, strict=True)
+    }
+    return top_share(pull, scores, share)
+
+
+def top_share(
+    pull: list[Anchor], scores: dict[int, torch.Tensor], share: float
+) -> dict[int, torch.Tensor]:
+    """Masks (1: free) of the ``share`` of all anchored weights with the highest scores;
+    rows past the anchor (new classes) always free."""
+    flat = torch.cat([scores[id(a.param)].flatten() for a in pull])
     k = int(share * flat.numel())
     cut = torch.topk(flat, k).values[-1] if k else torch.tensor(float("inf"))
     masks = {}
     for a in pull:
-        grad = a.param.grad if a.param.grad is not None else torch.zeros_like(a.param)
         m = torch.ones_like(a.param)
-        m[: len(a.ref)] = ((grad[: len(a.ref)].abs() * a.step) >= cut).float()
+        m[: len(a.ref)] = (scores[id(a.param)] >= cut).float()
         masks[id(a.param)] = m
-    student.zero_grad()
-    student.eval()
     return masks
 
 

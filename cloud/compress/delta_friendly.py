@@ -26,6 +26,7 @@ from cloud.compress.close_training import (
     anchors,
     distill_close,
     head_path,
+    movement_masks,
     saliency_masks,
     snap_to_codes,
 )
@@ -47,18 +48,28 @@ def delta_friendly_student(
     n_classes: int,
     share: float | None,
     cfg: CloseConfig,
+    saliency: str = "gradient",
 ) -> SensorTransformer:
     """The round's student, warm: ``previous_student`` with its head grown to ``n_classes``
     and its INT8-stored weights set to ``previous_package``'s codes (dequantized), distilled
     from ``teacher`` on ``x, y`` with only the ``share`` most salient of those weights free
-    to move (None: all), the head always."""
+    to move (None: all), the head always. ``saliency``: ``gradient`` (|gradient| × scale at
+    the start) or ``movement`` (how far each weight moved, in code steps, when a copy with
+    every weight free was trained first: twice the training)."""
     student = extend_classes(copy.deepcopy(previous_student), n_classes)
     assert isinstance(student, SensorTransformer)
-    pull = anchors(student, ModelPackage(previous_package).graph)
+    graph = ModelPackage(previous_package).graph
+    pull = anchors(student, graph)
     snap_to_codes(pull)
     masks = None
-    if share is not None:
+    if share is not None and saliency == "movement":
+        probe = copy.deepcopy(student)
+        probe_pull = anchors(probe, graph)
+        distill_close(probe, teacher, x, y, cfg, pull=probe_pull)
+        masks = movement_masks(probe, pull, probe_pull, share)
+    elif share is not None:
         masks = saliency_masks(student, teacher, x, y, pull, share, cfg)
+    if masks is not None:
         head = student.get_submodule(head_path(student))
         assert isinstance(head, nn.Linear)
         masks[id(head.weight)] = torch.ones_like(head.weight)
@@ -86,6 +97,7 @@ def recompress_close_to(
     parent: str | None,
     cfg: CloseConfig | None = None,
     share: float | None = None,
+    saliency: str = "gradient",
     margin: float = 0.0,
     budget: float | None = None,
     student: SensorTransformer | None = None,
@@ -102,7 +114,7 @@ def recompress_close_to(
     if student is None:
         student = delta_friendly_student(
             previous_student=previous_student, previous_package=previous_package,
-            teacher=teacher, x=x, y=y, n_classes=len(class_names), share=share,
+            teacher=teacher, x=x, y=y, n_classes=len(class_names), share=share, saliency=saliency,
             cfg=cfg or CloseConfig(),
         )  # fmt: skip
     graph = export_onnx(student, meta.get("ood"))
@@ -132,11 +144,13 @@ def _rows_like(graph: bytes, meta: dict[str, Any]) -> list[QuantRow]:
     return [replace(r, scheme=recorded.get(r.weight, r.scheme)) for r in rows]
 
 
-# (share of INT8 weights free or None for all, epochs as a multiple of CloseConfig's), in
-# rising order of what a rung may change. On TEP (docs/benchmarks.md) the first rung
-# passed in most rounds; a hard new fault needed the last ones.
-LADDER: tuple[tuple[float | None, int], ...] = (
-    (0.01, 1), (0.03, 1), (0.1, 1), (0.3, 1), (None, 1), (0.3, 3), (None, 3),
+# (share of INT8 weights free or None for all, epochs as a multiple of CloseConfig's, how
+# the free weights are picked), in rising order of what a rung may change or cost. On TEP
+# (docs/benchmarks.md) the first rung passed in most rounds; hard new faults needed more.
+LADDER: tuple[tuple[float | None, int, str], ...] = (
+    (0.01, 1, "gradient"), (0.03, 1, "gradient"), (0.1, 1, "gradient"),
+    (0.1, 1, "movement"), (0.3, 1, "gradient"), (0.3, 1, "movement"), (None, 1, "gradient"),
+    (0.3, 3, "movement"), (None, 3, "gradient"),
 )  # fmt: skip
 
 
@@ -144,6 +158,7 @@ LADDER: tuple[tuple[float | None, int], ...] = (
 class GateStep:
     share: float | None
     epochs: int
+    saliency: str
     passed: bool
     changed_share: float
 
@@ -160,7 +175,7 @@ def recompress_gated(
     parent: str | None,
     accept: Callable[[bytes], bool],
     cfg: CloseConfig | None = None,
-    ladder: tuple[tuple[float | None, int], ...] = LADDER,
+    ladder: tuple[tuple[float | None, int, str], ...] = LADDER,
 ) -> tuple[CloseResult | None, list[GateStep]]:
     """The first rung of ``ladder`` whose package ``accept`` passes, and every rung tried;
     None when none did (the round then ships its unconstrained package, and the next round
@@ -169,14 +184,15 @@ def recompress_gated(
     the golden set."""
     cfg = cfg or CloseConfig()
     steps = []
-    for share, times in ladder:
+    for share, times, saliency in ladder:
         out = recompress_close_to(
             previous_package=previous_package, previous_student=previous_student,
             teacher=teacher, x=x, y=y, class_names=class_names, version=version,
             parent=parent, cfg=replace(cfg, epochs=times * cfg.epochs), share=share,
+            saliency=saliency,
         )  # fmt: skip
         ok = accept(out.package)
-        steps.append(GateStep(share, times * cfg.epochs, ok, out.grid.changed_share))
+        steps.append(GateStep(share, times * cfg.epochs, saliency, ok, out.grid.changed_share))
         if ok:
             return out, steps
     return None, steps
