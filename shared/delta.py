@@ -28,6 +28,7 @@ from shared.deltacoding import decode, payloads
 from shared.deltaformat import (
     CHUNK,
     CODINGS,
+    TENSOR_HASH_HEX,
     TENSOR_WINDOW_LOG,
     DeltaError,
     DeltaHeader,
@@ -115,7 +116,7 @@ def encode(base: bytes, target: bytes, *, level: int = 19) -> bytes:
                 coding=coding,
                 transform=transform,
                 raw_length=len(payload),
-                sha256="" if coding == "same" else sha_hex(data),
+                sha256="" if coding == "same" else sha_hex(data)[:TENSOR_HASH_HEX],
             )
         )
         chosen.append(payload)
@@ -337,7 +338,7 @@ def _write(
         del old
         if len(data) != seg.length:
             raise fail("delta_corrupt", "a delta tensor decodes to the wrong length")
-        if seg.sha256 and sha_hex(data) != seg.sha256:
+        if seg.sha256 and sha_hex(data)[:TENSOR_HASH_HEX] != seg.sha256:
             raise fail("delta_hash_mismatch", "a tensor of the delta's target fails its sha256")
         out.write(data)
         written.update(data)

@@ -383,7 +383,8 @@ def _set(path: tuple, value):
         (("tensors",), 1 << 30, "delta_truncated"),
         (("base_tensors", 0, 1), 2**31, "delta_corrupt"),
         (("segments", 0, 4), "pickle", "delta_corrupt"),
-        (("segments", "changed", 7), "f" * 64, "delta_hash_mismatch"),
+        (("segments", "changed", 7), "f" * 16, "delta_hash_mismatch"),
+        (("segments", "changed", 7), "f" * 64, "delta_corrupt"),
     ],
 )
 def test_forged_headers_are_refused_quickly(real_delta, path, value, reason):
