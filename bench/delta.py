@@ -49,11 +49,11 @@ episodes: 38 min with other jobs on the cores (load 4-5). Episodes are cached in
 .edgeloop/bench-cache (bench/learning.py's). --dump DIR keeps every package. Prints one
 JSON object on the last line.
 
-Measured (docs/benchmarks.md): ours' median update 34.9x (quick) and 43.8x (full) smaller
-than the 87 KB package at unconstrained's golden recall and old-class macro-F1 in every
-round; larger than xdelta3 in 2 of 5 and 13 of 21 rounds (the codec's fixed header, 0.6-0.8
-KB, on 1.5-2.5 KB updates); hard new faults (idv_11, idv_14) needed every weight free
-(41-48 KB) or unconstrained's package.
+Measured (docs/benchmarks.md; shared.delta of commit 2c13f16): ours' median update 36.8x
+(quick) and 47.0x (full) smaller than the 87 KB package at unconstrained's golden recall and
+old-class macro-F1 in every round; larger than xdelta3 in 2 of 5 and 8 of 21 rounds (the
+codec's fixed header, ~0.6 KB, on 1.5-2.5 KB updates); hard new faults (idv_11, idv_14)
+needed every weight free (41-47 KB) or unconstrained's package.
 """
 
 from __future__ import annotations
