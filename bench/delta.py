@@ -49,10 +49,10 @@ episodes: 38 min with other jobs on the cores (load 4-5). Episodes are cached in
 .edgeloop/bench-cache (bench/learning.py's). --dump DIR keeps every package. Prints one
 JSON object on the last line.
 
-Measured (docs/benchmarks.md; shared.delta of commit 2c13f16): ours' median update 36.8x
-(quick) and 47.0x (full) smaller than the 87 KB package at unconstrained's golden recall and
-old-class macro-F1 in every round; larger than xdelta3 in 2 of 5 and 8 of 21 rounds (the
-codec's fixed header, ~0.6 KB, on 1.5-2.5 KB updates); hard new faults (idv_11, idv_14)
+Measured (docs/benchmarks.md; shared.delta of commit 0cfee5c): ours' median update 40.2x
+(quick) and 53.0x (full) smaller than the 87 KB package at unconstrained's golden recall and
+old-class macro-F1 in every round; larger than xdelta3 in 0 of 5 and 1 of 21 rounds (by 38
+B: the codec's header still lists the base's tensors); hard new faults (idv_11, idv_14)
 needed every weight free (41-47 KB) or unconstrained's package.
 """
 
