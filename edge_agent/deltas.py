@@ -20,6 +20,8 @@ from shared.messages import UpdateOffer, UpdateStatus
 from shared.trust import DeviceTrust, Target, UpdateRefused
 
 log = logging.getLogger(__name__)
+# Refusals of the delta's own bytes (or their transfer): the package is taken instead.
+DELTA_FAULTS = ("bad_hash", "endless_data", "transfer_failed")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class DeltaPath:
         except UpdateRefused as exc:
             if download is not None and download.cancelled:
                 return None
+            if exc.reason not in DELTA_FAULTS:
+                raise  # the release's metadata, not this delta: reported as any update's
             received = sum(download.held.values()) if download is not None else 0
             if download is not None:
                 download.discard()  # not resumed: the package comes instead

@@ -71,6 +71,10 @@ def choose(
     if not st.cfg.delta_friendly or parent is None:
         report["why"] = "off" if not st.cfg.delta_friendly else "no parent"
         return chosen
+    schemes = set(unconstrained.profile.schemes.values()) - {"fp32"}
+    if schemes - {"int8"}:  # the kept grid is ORT's INT8 one
+        report["why"] = f"the profile's schemes {sorted(schemes)} are not all INT8"
+        return chosen
     try:
         previous = svc.store.get(package_key(st.fleet, st.profile, parent))
         student, _ = from_bytes(svc.store.get(student_key(st.fleet, st.profile, parent)))

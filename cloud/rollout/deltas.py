@@ -228,8 +228,8 @@ def transfers(session: Session, rollout: Rollout) -> tuple[dict[str, list[Any]],
             select(Delta).where(Delta.fleet == rollout.fleet, Delta.profile == rollout.profile)
         )
     }
-    full.update({u.target_version: u.payload_bytes for u in rows
-                 if u.payload == "package" and u.payload_bytes})  # fmt: skip
+    offered_package = [u for u in rows if u.payload == "package" and not u.delta_refused]
+    full.update({u.target_version: u.payload_bytes for u in offered_package if u.payload_bytes})
     columns: dict[str, list[Any]] = {}
     totals = dict.fromkeys(("bytes_offered", "bytes_received", "bytes_full"), 0.0)
     totals["devices_by_delta"] = 0.0
