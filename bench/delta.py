@@ -327,14 +327,14 @@ class Seed:
         return distill_close(s, self.teacher, self.x, self.y, self.ccfg)
 
     def warm_requant(self, chain: Chain) -> tuple[bytes, Any]:
+        from cloud.compress.delta_friendly import package_meta
         from cloud.compress.quantization import plan_table, quantize
         from cloud.model.export import export_onnx, package_graph
         from shared.package import ModelPackage
 
         s = self.warm(chain)
         g = export_onnx(s, self.ood)
-        meta = dict(ModelPackage(self.first.package).manifest.metadata)
-        meta.pop("model_config")
+        meta = package_meta(ModelPackage(self.first.package))
         pkg = package_graph(
             quantize(g, plan_table(g, self.profile.schemes)), s,
             name="edgeloop.bench.rpi4-int8", version=self.version, parent=self.parent,

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from cloud.compress.close_training import CloseConfig, anchors, distill_close, head_path
-from cloud.compress.delta_friendly import CloseResult
-from cloud.compress.grid import requantize_on_grid
+from cloud.compress.delta_friendly import CloseResult, on_grid, package_meta, rows_like
 from cloud.compress.quantization import plan_table
-from cloud.model.export import export_onnx, package_graph
+from cloud.model.export import export_onnx
 from cloud.model.train import extend_classes
 from cloud.model.transformer import SensorTransformer
 from shared.package import ModelPackage
@@ -144,25 +143,9 @@ def adapter_round(
     grow_head(model, len(class_names))
     distill_close(model, teacher, x, y, cfg, trainable=adapter_trainable(head_path(model)))
     base = ModelPackage(base_package)
-    meta = dict(base.manifest.metadata)
-    meta.pop("model_config", None)
+    meta = package_meta(base)
     graph = export_onnx(model, meta.get("ood"))
     graph = rename_initializers(graph, base_names(graph, meta))
-    recorded = {w: s for _, w, s in meta.get("compression", {}).get("quantization", [])}
-    rows = [
-        replace(r, scheme=recorded.get(r.weight, r.scheme))
-        for r in plan_table(graph, {"attention": "int8", "ffn": "int8", "other": "int8"})
-    ]
-    prev_graph = ModelPackage(previous_package).graph
-    qgraph, report = requantize_on_grid(graph, rows, prev_graph)
-    package = package_graph(
-        qgraph,
-        model,
-        name=base.manifest.name,
-        version=version,
-        parent=parent,
-        profile=base.manifest.profile,
-        class_names=class_names,
-        metadata=meta,
-    )
-    return CloseResult(package, model, report, rows)
+    return on_grid(graph, model, rows_like(graph, meta), like=base,
+                   previous_graph=ModelPackage(previous_package).graph, meta=meta,
+                   version=version, parent=parent, class_names=class_names)  # fmt: skip

@@ -115,8 +115,7 @@ def recompress_close_to(
     requantize_on_grid's). The package keeps the previous manifest's name, profile and
     metadata. Pass ``student`` (already distilled) to only requantize it."""
     prev = ModelPackage(previous_package)
-    meta = dict(prev.manifest.metadata)
-    meta.pop("model_config", None)
+    meta = package_meta(prev)
     if student is None:
         student = delta_friendly_student(
             previous_student=previous_student, previous_package=previous_package,
@@ -125,24 +124,52 @@ def recompress_close_to(
         )  # fmt: skip
     graph = export_onnx(student, meta.get("ood"))
     schemes = {r[2] for r in meta.get("compression", {}).get("quantization", [])}
-    rows = _rows_like(graph, meta)
+    rows = rows_like(graph, meta)
     if schemes - {"int8", "fp32"}:
         raise ValueError(f"grid-kept requantization handles INT8 profiles only, not {schemes}")
-    qgraph, report = requantize_on_grid(graph, rows, prev.graph, margin=margin, budget=budget)
+    return on_grid(graph, student, rows, like=prev, previous_graph=prev.graph, meta=meta,
+                   version=version, parent=parent, class_names=class_names, margin=margin,
+                   budget=budget)  # fmt: skip
+
+
+def on_grid(
+    graph: bytes,
+    model: SensorTransformer,
+    rows: list[QuantRow],
+    *,
+    like: ModelPackage,
+    previous_graph: bytes,
+    meta: dict[str, Any],
+    version: str,
+    parent: str | None,
+    class_names: list[str],
+    margin: float = 0.0,
+    budget: float | None = None,
+) -> CloseResult:
+    """``graph`` (``model``'s export) written on ``previous_graph``'s INT8 grid and packaged
+    under ``like``'s name and profile with ``meta``: what every close strategy ships."""
+    qgraph, report = requantize_on_grid(graph, rows, previous_graph, margin=margin, budget=budget)
     package = package_graph(
         qgraph,
-        student,
-        name=prev.manifest.name,
+        model,
+        name=like.manifest.name,
         version=version,
         parent=parent,
-        profile=prev.manifest.profile,
+        profile=like.manifest.profile,
         class_names=class_names,
         metadata=meta,
     )
-    return CloseResult(package, student, report, rows)
+    return CloseResult(package, model, report, rows)
 
 
-def _rows_like(graph: bytes, meta: dict[str, Any]) -> list[QuantRow]:
+def package_meta(package: ModelPackage) -> dict[str, Any]:
+    """A package's metadata as a new package of the same lineage carries it."""
+    meta = dict(package.manifest.metadata)
+    meta.pop("model_config", None)
+    return meta
+
+
+def rows_like(graph: bytes, meta: dict[str, Any]) -> list[QuantRow]:
     """The previous package's quantization table applied to this graph: each weight the
     scheme the previous one recorded (the profile's, by role), by name."""
     recorded = {w: s for _, w, s in meta.get("compression", {}).get("quantization", [])}
