@@ -136,15 +136,14 @@ class Step:
         """Sign the release giving the profile's devices in ``assign`` those versions, every
         other device of the profile the version it runs, other profiles what they have."""
         fleet_row = lock_fleet(self.session, self.r.fleet)
+        devices = self.devices()
+        wanted = {i: v for i, d in devices.items() if (v := assign.get(i, d.model_version))}
         by_version: dict[str, list[str]] = {}
-        for d in self.devices().values():
-            version = assign.get(d.id, d.model_version)
-            if version is not None:
-                by_version.setdefault(version, []).append(d.id)
+        for device_id, version in wanted.items():
+            by_version.setdefault(version, []).append(device_id)
         out = [a for a in self.signer.assignments() if a.profile != self.r.profile]
-        wanted = {d: v for v, ids in by_version.items() for d in ids}
         out += delta_assignments(session=self.session, store=self.store, fleet=self.r.fleet,
-                                 profile=self.r.profile, devices=self.devices(), assign=wanted,
+                                 profile=self.r.profile, devices=devices, assign=wanted,
                                  version=self.version, make=make_deltas)  # fmt: skip
         for version, ids in sorted(by_version.items()):
             target = self.target(version)
