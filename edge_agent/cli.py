@@ -51,9 +51,9 @@ def run(
     ),
     windows: Path | None = typer.Option(
         None,
-        help="A .npy file of windows (N, T, C) to replay "
-        "as the sensor feed; without it the agent only keeps "
-        "its link, heartbeats and takes updates.",
+        help="Windows (N, T, C) to replay as the sensor feed: a .npy file, or the .npz "
+        "`edgeloop data generate` writes (its `x`); without it the agent only keeps its "
+        "link, heartbeats and takes updates.",
     ),
     rate: float = typer.Option(1.0, min=0.001, help="Windows per second from --windows."),
     fleet: str | None = typer.Option(None, help="Overrides EDGELOOP_EDGE_FLEET."),
@@ -99,6 +99,11 @@ def run(
         raise typer.Exit(2)
     # np.load with allow_pickle=False: the feed is data, never code.
     feed = np.load(windows, allow_pickle=False) if windows is not None else None
+    if isinstance(feed, np.lib.npyio.NpzFile):
+        if "x" not in feed.files:
+            typer.secho(f"error: {windows} holds {feed.files}, not windows `x`", fg="red", err=True)
+            raise typer.Exit(2)
+        feed = feed["x"]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -112,8 +112,10 @@ def test_sigkill_with_unacked_samples_resends_them(
     restart; each is stored once. SIGTERM then stops it cleanly."""
     sessions, start_ingest = cloud_on
     _, golden = tep_small
-    feed = tmp_path / "feed.npy"
-    np.save(feed, np.concatenate([windows_of(golden, c, 8) for c in ("idv_01", "idv_07")]))
+    # The feed as `edgeloop data generate` writes it (compose's sensor feed): x, y, classes.
+    feed = tmp_path / "feed.npz"
+    x = np.concatenate([windows_of(golden, c, 8) for c in ("idv_01", "idv_07")])
+    np.savez(feed, x=x, y=np.zeros(len(x), np.int64), class_names=np.array(["idv_01"]))
     pkg = tmp_path / "v1.edgepkg"
     pkg.write_bytes(tiny_package[0])
     state = tmp_path / "state"
