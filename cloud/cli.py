@@ -89,6 +89,7 @@ def ingest(
         Ingestor(sessions=session_factory(s.resolved_database_url), store=open_store(s)),
         host=s.mqtt_host,
         port=s.mqtt_port,
+        options=s.mqtt_options(),
         fleet=fleet,
         group=group or None,
         client_id=client_id or f"edgeloop-ingest-{socket.gethostname()}",
