@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from cloud.commands.broker import revoke_cmd
 from cloud.commands.common import sessions as _sessions
 from cloud.commands.datasets import register_dataset_cmd
 from cloud.commands.fleet import classes_cmd, enroll_cmd, init_fleet_cmd, webhook_cmd
@@ -178,6 +179,7 @@ def fleet_status_cmd(
 
 
 fleet_app.command("enroll")(enroll_cmd)
+fleet_app.command("revoke")(revoke_cmd)
 fleet_app.command("classes")(classes_cmd)
 fleet_app.command("rotate-root")(rotate_root_cmd)
 

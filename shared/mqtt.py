@@ -70,7 +70,7 @@ def make_client(
     *,
     client_id: str,
     clean_session: bool = True,
-    protocol: int = mqtt.MQTTv311,
+    protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv311,
 ) -> mqtt.Client:
     """A paho client with TLS, credentials and timeouts applied; connect it with
     ``connect_async(client, options)``. Refuses TLS without credentials (ConfigError)."""
