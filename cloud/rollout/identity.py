@@ -19,7 +19,7 @@ from typing import Any
 
 from shared.errors import EdgeloopError
 from shared.mqtt import MqttOptions, connect_async, device_client_id, device_username, make_client
-from shared.topics import UPLINK_KINDS, topic
+from shared.topics import TOPIC_ROOT, UPLINK_KINDS, Kind, check_name, topic
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
@@ -46,12 +46,15 @@ def device_role(fleet: str, device: str) -> str:
 
 def device_acls(fleet: str, device: str) -> list[dict[str, Any]]:
     """Publish its uploads, read its acks and updates: its own topics and nothing else."""
+    check_name(fleet, "fleet")
+    check_name(device, "device")
     acls: list[dict[str, Any]] = [
-        {"acltype": "publishClientSend", "topic": topic(fleet, device, k), "allow": True}
-        for k in UPLINK_KINDS
+        {"acltype": "publishClientSend", "topic": own, "allow": True}
+        for own in (f"{TOPIC_ROOT}/{fleet}/{device}/{k}" for k in UPLINK_KINDS)
     ]
-    for kind in ("acks", "updates"):
-        own = topic(fleet, device, kind)  # type: ignore[arg-type]
+    downlink: tuple[Kind, ...] = ("acks", "updates")
+    for kind in downlink:
+        own = topic(fleet, device, kind)
         acls += [
             {"acltype": "subscribeLiteral", "topic": own, "allow": True},
             {"acltype": "publishClientReceive", "topic": own, "allow": True},
