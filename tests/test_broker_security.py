@@ -244,7 +244,7 @@ def test_packets_over_max_packet_size_are_refused(broker, creds, clients, fleet)
     rollout = clients(broker.options("rollout"))
     assert rollout.publish(topic(fleet, "b", "updates"), b"x" * MAX_UPDATE_MESSAGE_BYTES, 30)
     wait_for(lambda: len(b.messages) == 1, 30, what="the largest update message")
-    rollout.publish(topic(fleet, "b", "updates"), b"x" * (MAX_UPDATE_MESSAGE_BYTES + 8192), 5)
+    rollout.publish(topic(fleet, "b", "updates"), b"x" * (MAX_UPDATE_MESSAGE_BYTES + 8192), 1)
     wait_for(rollout.disconnected.is_set, 10, what="the oversize sender disconnected")
     assert len(b.messages) == 1
 
@@ -275,3 +275,119 @@ def test_unsafe_mqtt_settings_are_refused(tmp_path):
         .mqtt_options()
         .tls
     )
+
+
+@pytest.fixture
+def enrolling(monkeypatch, broker, pg_url, s3_store, fleet, tmp_path):
+    """A fleet as `cloud init` leaves it, and `edgeloop fleet enroll` against the
+    production broker (admin identity, CA) on this test's database and bucket."""
+    from cloud.commands.fleet import enroll_cmd
+    from cloud.rollout.signing import init_fleet_trust
+    from cloud.store.db import ModelVersion
+    from cloud.store.records import create_fleet
+    from shared.package import model_name
+
+    from .conftest import HOST, S3_KEY, S3_PORT, S3_SECRET
+
+    sessions = session_factory(pg_url)
+    with sessions() as s:
+        create_fleet(session=s, fleet=fleet, classes=["normal", "idv_01", "idv_02", "idv_07"])
+        s.add(
+            ModelVersion(
+                name=model_name(fleet, "cpu-fp32"), version="v1", mlflow_version="1",
+                profile="cpu-fp32", sha256="0" * 64, parent=None,
+                object_key=f"packages/{fleet}/cpu-fp32/v1.edgepkg",
+                class_names=["normal"], gates={"passed": True},
+            )
+        )  # fmt: skip
+        s.commit()
+    init_fleet_trust(
+        store=s3_store, fleet=fleet, keys_dir=tmp_path / "online", offline_dir=tmp_path / "off"
+    )
+    for key, value in {
+        "EDGELOOP_DATABASE_URL": pg_url,
+        "EDGELOOP_STORE": "s3",
+        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
+        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
+        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
+        "EDGELOOP_S3_BUCKET": s3_store.bucket,
+        "EDGELOOP_MQTT_HOST": "localhost",
+        "EDGELOOP_MQTT_PORT": str(broker.port),
+        "EDGELOOP_MQTT_TLS": "true",
+        "EDGELOOP_MQTT_CA_FILE": str(broker.ca_file),
+        "EDGELOOP_MQTT_ADMIN_USERNAME": "admin",
+        "EDGELOOP_MQTT_ADMIN_PASSWORD": broker.passwords["admin"],
+    }.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    app = typer.Typer()
+    app.command("enroll")(enroll_cmd)
+    app.command("unused")(lambda: None)
+    yield sessions, lambda *args: CliRunner().invoke(app, ["enroll", *args])
+    get_settings.cache_clear()
+
+
+def test_enrolled_agent_uploads_over_tls_with_its_own_credentials(
+    broker, enrolling, fleet, s3_store, tiny_package, tep_small, tmp_path
+):
+    """`fleet enroll` issues d1's login (mqtt.env, 0600; in the database only the username
+    and date); a real edge agent started from it uploads over TLS to a real ingest running
+    as the ingest role, every selected sample is stored and acked back to the device."""
+    import numpy as np
+    from sqlalchemy import func, select
+
+    from cloud.ingest.ingestor import Ingestor
+    from cloud.ingest.service import IngestService
+    from cloud.store.db import Device, Sample
+
+    from .conftest import make_agent, windows_of
+
+    sessions, enroll = enrolling
+    out = tmp_path / "enroll-d1"
+    result = enroll("d1", "--fleet", fleet, "--profile", "cpu-fp32", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert (out / "mqtt.env").stat().st_mode & 0o777 == 0o600
+    login = dict(line.split("=", 1) for line in (out / "mqtt.env").read_text().splitlines())
+    identity = (out / "device.json").read_text()
+    assert login["EDGELOOP_EDGE_MQTT_PASSWORD"] not in identity
+    with sessions() as s:
+        row = s.get(Device, "d1")
+        assert row.broker_username == f"{fleet}/d1" and row.credentials_issued_at is not None
+        assert login["EDGELOOP_EDGE_MQTT_PASSWORD"] not in repr(
+            [getattr(row, c.key) for c in Device.__table__.columns]
+        )
+    ingest = IngestService(
+        Ingestor(sessions=sessions, store=s3_store),
+        host="unused",
+        port=0,
+        options=broker.options("ingest"),
+        fleet=fleet,
+        group=f"g{fleet}",
+    )
+    ingest.start()
+    agent = None
+    try:
+        assert ingest.ready.wait(10)
+        agent = make_agent(
+            tmp_path, fleet, int(login["EDGELOOP_EDGE_MQTT_PORT"]), tiny_package[0],
+            device=login["EDGELOOP_EDGE_DEVICE_ID"],
+            mqtt_host=login["EDGELOOP_EDGE_MQTT_HOST"],
+            mqtt_tls=login["EDGELOOP_EDGE_MQTT_TLS"] == "true",
+            mqtt_ca_file=out / login["EDGELOOP_EDGE_MQTT_CA_FILE"],
+            mqtt_username=login["EDGELOOP_EDGE_MQTT_USERNAME"],
+            mqtt_password=login["EDGELOOP_EDGE_MQTT_PASSWORD"],
+        )  # fmt: skip
+        _, golden = tep_small
+        faulty = np.concatenate([windows_of(golden, c, 4) for c in ("idv_01", "idv_07")])
+        selected = [m for w in faulty if (m := agent.process(w)[1])]
+        assert selected
+        wait_for(lambda: agent.backlog() == 0, 30, agent.tick, "acks over TLS")
+        with sessions() as s:
+            stored = s.scalar(
+                select(func.count()).select_from(Sample).where(Sample.device_id == "d1")
+            )
+        assert stored == len(selected)
+    finally:
+        if agent is not None:
+            agent.stop()
+        ingest.stop()
