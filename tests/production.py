@@ -34,6 +34,7 @@ class ProductionBroker:
     state_dir: Path
     port: int
     passwords: dict[str, str] = field(default_factory=dict)  # role → password
+    redis_port: int = 0  # set: `start("redis")` runs deploy/redis/ there too
 
     @property
     def certs(self) -> Path:
@@ -48,6 +49,7 @@ class ProductionBroker:
             **os.environ,
             "EDGELOOP_SERVICES_DIR": str(self.state_dir),
             "EDGELOOP_PRODUCTION_MOSQUITTO_PORT": str(self.port),
+            "EDGELOOP_PRODUCTION_REDIS_PORT": str(self.redis_port or spare_port()),
         }
 
     def services(self, *args: str) -> subprocess.CompletedProcess:
@@ -59,18 +61,21 @@ class ProductionBroker:
             timeout=120,
         )
 
-    def start(self) -> ProductionBroker:
-        r = self.services("up", "mosquitto")
+    def start(self, *names: str) -> ProductionBroker:
+        self.names = names or ("mosquitto",)
+        r = self.services("up", *self.names)
         if r.returncode != 0:
             raise RuntimeError(f"scripts/services up --production failed:\n{r.stdout}{r.stderr}")
         for line in (self.certs / "broker.env").read_text().splitlines():
             key, _, value = line.partition("=")
             role = key.removeprefix("EDGELOOP_MQTT_").removesuffix("_PASSWORD").lower()
             self.passwords[role] = value
+        services_env = (self.certs / "services.env").read_text()
+        self.passwords["redis"] = services_env.split("REDIS_PASSWORD=", 1)[1].split()[0]
         return self
 
     def stop(self) -> None:
-        self.services("down", "mosquitto")
+        self.services("down", *self.names)
 
     def options(
         self, username: str | None = None, password: str | None = None, **kw
