@@ -4,7 +4,9 @@ started once per session and stopped after it."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,6 +37,7 @@ class ProductionBroker:
     port: int
     passwords: dict[str, str] = field(default_factory=dict)  # role → password
     redis_port: int = 0  # set: `start("redis")` runs deploy/redis/ there too
+    postgres_port: int = 0  # … and `start("postgres")` deploy/postgres/
 
     @property
     def certs(self) -> Path:
@@ -50,6 +53,7 @@ class ProductionBroker:
             "EDGELOOP_SERVICES_DIR": str(self.state_dir),
             "EDGELOOP_PRODUCTION_MOSQUITTO_PORT": str(self.port),
             "EDGELOOP_PRODUCTION_REDIS_PORT": str(self.redis_port or spare_port()),
+            "EDGELOOP_PRODUCTION_POSTGRES_PORT": str(self.postgres_port or spare_port()),
         }
 
     def services(self, *args: str) -> subprocess.CompletedProcess:
@@ -70,12 +74,16 @@ class ProductionBroker:
             key, _, value = line.partition("=")
             role = key.removeprefix("EDGELOOP_MQTT_").removesuffix("_PASSWORD").lower()
             self.passwords[role] = value
-        services_env = (self.certs / "services.env").read_text()
-        self.passwords["redis"] = services_env.split("REDIS_PASSWORD=", 1)[1].split()[0]
+        for line in (self.certs / "services.env").read_text().splitlines():
+            key, _, value = line.partition("=")
+            self.passwords[key.removesuffix("_PASSWORD").lower()] = value
         return self
 
     def stop(self) -> None:
+        state = json.loads((self.state_dir / "production" / "state.json").read_text())
         self.services("down", *self.names)
+        if "postgres" in state:  # as root its cluster lives under the postgres user's home
+            shutil.rmtree(Path(state["postgres"]["data"]).parent, ignore_errors=True)
 
     def options(
         self, username: str | None = None, password: str | None = None, **kw

@@ -1,8 +1,10 @@
-"""The production Redis (deploy/redis/redis.conf, run by `scripts/services up --production
-redis` on a spare port): TLS only, and only with its password."""
+"""The production Redis and PostgreSQL (deploy/redis/, deploy/postgres/, run by
+`scripts/services up --production redis postgres` on spare ports): TLS only, and only with
+their passwords."""
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 import redis
 from redis.backoff import NoBackoff
@@ -14,8 +16,11 @@ from .production import ProductionBroker, spare_port
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
     running = ProductionBroker(
-        tmp_path_factory.mktemp("prod-redis"), spare_port(), redis_port=spare_port()
-    ).start("redis")
+        tmp_path_factory.mktemp("prod-services"),
+        spare_port(),
+        redis_port=spare_port(),
+        postgres_port=spare_port(),
+    ).start("redis", "postgres")
     yield running
     running.stop()
 
@@ -41,3 +46,25 @@ def test_redis_answers_over_tls_with_its_password_only(services):
         client(password="not-it", **tls).get("probe")
     with pytest.raises(redis.ConnectionError):
         client(password=services.passwords["redis"]).get("probe")
+
+
+def test_postgres_answers_over_verified_tls_with_its_password_only(services):
+    """verify-full against the fleet CA with the password works (and the session is TLS);
+    without TLS, or with a wrong password, the server refuses."""
+
+    def dsn(**kw: str) -> str:
+        base = {"host": "localhost", "port": str(services.postgres_port), "user": "edgeloop",
+                "dbname": "edgeloop", "password": services.passwords["postgres"],
+                "sslmode": "verify-full", "sslrootcert": str(services.ca_file),
+                "connect_timeout": "5"}  # fmt: skip
+        return " ".join(f"{k}={v}" for k, v in {**base, **kw}.items())
+
+    with psycopg.connect(dsn()) as conn:
+        ssl_on, version = conn.execute(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        ).fetchone()
+    assert ssl_on and version in ("TLSv1.2", "TLSv1.3")
+    with pytest.raises(psycopg.OperationalError, match="no encryption"):
+        psycopg.connect(dsn(sslmode="disable"))
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(dsn(password="not-it"))
