@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from cloud.commands.broker import revoke_cmd
 from cloud.commands.common import sessions as _sessions
 from cloud.commands.datasets import register_dataset_cmd
 from cloud.commands.fleet import classes_cmd, enroll_cmd, init_fleet_cmd, webhook_cmd
@@ -89,6 +90,7 @@ def ingest(
         Ingestor(sessions=session_factory(s.resolved_database_url), store=open_store(s)),
         host=s.mqtt_host,
         port=s.mqtt_port,
+        options=s.mqtt_options(),
         fleet=fleet,
         group=group or None,
         client_id=client_id or f"edgeloop-ingest-{socket.gethostname()}",
@@ -177,6 +179,7 @@ def fleet_status_cmd(
 
 
 fleet_app.command("enroll")(enroll_cmd)
+fleet_app.command("revoke")(revoke_cmd)
 fleet_app.command("classes")(classes_cmd)
 fleet_app.command("rotate-root")(rotate_root_cmd)
 

@@ -10,6 +10,7 @@ from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
+from shared.mqtt import MqttOptions
 
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "minioadmin", "edgeloop", "secret", "password"})
 
@@ -36,6 +37,36 @@ class CloudSettings(BaseSettings):
     mqtt_tls: bool = False
     mqtt_username: str | None = None
     mqtt_password: str | None = None
+    # -- MQTT transport security (issue 15): applied to every MQTT client by shared.mqtt --
+    # Each cloud process connects with its own broker role (ingest, rollout: see
+    # docs/security-broker.md); the CA file verifies a broker with a private CA.
+    mqtt_ca_file: Path | None = None
+    mqtt_system_ca: bool = False  # the broker's certificate is publicly signed
+    mqtt_cert_file: Path | None = None  # a client certificate, where the broker asks one
+    mqtt_key_file: Path | None = None
+    mqtt_timeout_s: float = 10.0  # TCP + TLS connect
+    mqtt_keepalive_s: int = 30
+    # The broker's dynamic-security admin: `edgeloop fleet enroll` and `revoke` only.
+    mqtt_admin_username: str | None = None
+    mqtt_admin_password: str | None = None
+
+    def mqtt_options(self, *, admin: bool = False) -> MqttOptions:
+        """How this process reaches the broker (``admin``: as the credential admin)."""
+        return MqttOptions(
+            host=self.mqtt_host,
+            port=self.mqtt_port,
+            tls=self.mqtt_tls,
+            ca_file=self.mqtt_ca_file,
+            system_ca=self.mqtt_system_ca,
+            cert_file=self.mqtt_cert_file,
+            key_file=self.mqtt_key_file,
+            username=self.mqtt_admin_username if admin else self.mqtt_username,
+            password=self.mqtt_admin_password if admin else self.mqtt_password,
+            timeout_s=self.mqtt_timeout_s,
+            keepalive_s=self.mqtt_keepalive_s,
+        )
+
+    # -- end MQTT transport security --
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     celery_queue: str = "celery"  # where rounds and trigger checks are queued
@@ -119,10 +150,9 @@ class CloudSettings(BaseSettings):
             problems.append("EDGELOOP_S3_SECRET_KEY is a placeholder")
         if not self.s3_secure:
             problems.append("EDGELOOP_S3_SECURE must be true (TLS)")
-        if not self.mqtt_tls:
-            problems.append("EDGELOOP_MQTT_TLS must be true")
-        if not self.mqtt_password or self.mqtt_password in PLACEHOLDER_SECRETS:
-            problems.append("EDGELOOP_MQTT_PASSWORD is missing or a placeholder")
+        problems += self.mqtt_options().problems(production=True, prefix="EDGELOOP_")
+        if self.mqtt_password in PLACEHOLDER_SECRETS:
+            problems.append("EDGELOOP_MQTT_PASSWORD is a placeholder")
         if not self.mlflow_tracking_uri.startswith(("http://", "https://")):
             problems.append("EDGELOOP_MLFLOW_TRACKING_URI must be an MLflow server")
         if problems:

@@ -89,16 +89,11 @@ class EdgeAgent:
             diversity_distance=s.diversity_distance,
         )
         self.link = link or MqttLink(
-            host=s.mqtt_host,
-            port=s.mqtt_port,
+            options=s.mqtt_options(),
             fleet=s.fleet,
             device=s.device_id,
             profile=s.profile,
             on_message=self.on_message,
-            keepalive=s.keepalive_s,
-            username=s.mqtt_username,
-            password=s.mqtt_password,
-            tls=s.mqtt_tls,
         )
         self._model_lock = threading.Lock()  # guards self.runtime
         self._slots_lock = threading.Lock()  # one install or rollback at a time

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.errors import ConfigError
+from shared.mqtt import MqttOptions
 
 
 class EdgeSettings(BaseSettings):
@@ -26,6 +27,30 @@ class EdgeSettings(BaseSettings):
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     keepalive_s: int = 30
+    # -- MQTT transport security (issue 15): the credentials `edgeloop fleet enroll` wrote
+    # (mqtt.env in the enrollment folder) and the fleet's broker CA --
+    mqtt_ca_file: Path | None = None
+    mqtt_system_ca: bool = False  # the broker's certificate is publicly signed
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
+    mqtt_timeout_s: float = Field(10.0, gt=0)  # TCP + TLS connect
+
+    def mqtt_options(self) -> MqttOptions:
+        return MqttOptions(
+            host=self.mqtt_host,
+            port=self.mqtt_port,
+            tls=self.mqtt_tls,
+            ca_file=self.mqtt_ca_file,
+            system_ca=self.mqtt_system_ca,
+            cert_file=self.mqtt_cert_file,
+            key_file=self.mqtt_key_file,
+            username=self.mqtt_username,
+            password=self.mqtt_password,
+            timeout_s=self.mqtt_timeout_s,
+            keepalive_s=self.keepalive_s,
+        )
+
+    # -- end MQTT transport security --
 
     threads: int = Field(1, ge=1, le=64)
     # Which score a sample carries to the cloud (see edge_agent.scoring); energy when the
@@ -84,12 +109,11 @@ class EdgeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> EdgeSettings:
-        if self.mode == "production":
-            problems = []
-            if not self.mqtt_tls:
-                problems.append("EDGELOOP_EDGE_MQTT_TLS must be true")
-            if not self.mqtt_password:
-                problems.append("EDGELOOP_EDGE_MQTT_PASSWORD must be set")
-            if problems:
-                raise ConfigError("unsafe production settings: " + "; ".join(problems))
+        # Production refuses TLS off, no CA and no credentials; any mode refuses TLS without
+        # a username (the broker would refuse it: the setting is missing).
+        problems = self.mqtt_options().problems(
+            production=self.mode == "production", prefix="EDGELOOP_EDGE_"
+        )
+        if problems:
+            raise ConfigError("unsafe MQTT settings: " + "; ".join(problems))
         return self

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from shared.messages import Heartbeat
+from shared.mqtt import MqttOptions, connect_async, device_client_id, make_client
 from shared.topics import Kind, topic
 
 log = logging.getLogger(__name__)
@@ -21,33 +22,24 @@ class MqttLink:
     def __init__(
         self,
         *,
-        host: str,
-        port: int,
+        options: MqttOptions,
         fleet: str,
         device: str,
         profile: str,
         on_message: Callable[[str, bytes], None],
-        keepalive: int = 30,
-        username: str | None = None,
-        password: str | None = None,
-        tls: bool = False,
     ) -> None:
-        self.host, self.port, self.keepalive = host, port, keepalive
+        self.options = options
+        self.host, self.port = options.host, options.port
         self.fleet, self.device = fleet, device
         self.on_message = on_message
         self.connected = threading.Event()
+        self.refused: str | None = None  # the broker's reason, while it refuses us
         # clean_session=False: the broker keeps our subscriptions and queues QoS 1 acks and
-        # updates while we are offline.
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"edgeloop-{fleet}-{device}",
-            clean_session=False,
-            protocol=mqtt.MQTTv311,
+        # updates while we are offline. The broker binds the device's credentials to this
+        # client id (`edgeloop fleet enroll`), so no other device can take the session over.
+        self.client = make_client(
+            options, client_id=device_client_id(fleet, device), clean_session=False
         )
-        if username:
-            self.client.username_pw_set(username, password)
-        if tls:
-            self.client.tls_set()
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.max_queued_messages_set(0)
         will = Heartbeat(
@@ -70,7 +62,7 @@ class MqttLink:
         return topic(self.fleet, self.device, kind)
 
     def start(self) -> None:
-        self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        connect_async(self.client, self.options)
         self.client.loop_start()
 
     def stop(self) -> None:
@@ -96,8 +88,10 @@ class MqttLink:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self.refused = str(reason_code)
             log.warning("broker refused connection: %s", reason_code)
             return
+        self.refused = None
         client.subscribe([(self.topic("acks"), 1), (self.topic("updates"), 1)])
         self.connected.set()
         log.info("connected to %s:%s as %s/%s", self.host, self.port, self.fleet, self.device)

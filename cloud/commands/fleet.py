@@ -235,8 +235,11 @@ def enroll_cmd(
     out: Path = typer.Option(..., help="Folder for the device's enrollment files."),
 ) -> None:
     """Register a device of a fleet, with its site and tags, and write what it is enrolled
-    with: the fleet's TUF root metadata (`root.json`, for `edgeloop edge enroll --root`)
-    and `device.json` (fleet, device, profile, site, tags)."""
+    with: the fleet's TUF root metadata (`root.json`, for `edgeloop edge enroll --root`),
+    `device.json` (fleet, device, profile, site, tags, MQTT username) and its broker login
+    `mqtt.env` (0600, new credentials bound to its client id; with the broker's CA as
+    `broker-ca.crt`). Enrolling again issues new credentials and lifts a revocation."""
+    from cloud.commands.broker import issue_credentials
     from cloud.config import get_settings
     from cloud.rollout.signing import root_metadata
     from cloud.store.objects import open_store
@@ -262,9 +265,12 @@ def enroll_cmd(
                 tags=tags,
             )
         root = root_metadata(store=open_store(get_settings()), fleet=fleet)
+        out.mkdir(parents=True, exist_ok=True)
+        broker = issue_credentials(
+            settings=get_settings(), fleet=fleet, device_id=device_id, out=out
+        )
     except EdgeloopError as exc:
         raise _fail(exc) from exc
-    out.mkdir(parents=True, exist_ok=True)
     (out / "root.json").write_bytes(root)
     identity = {
         "fleet": fleet,
@@ -272,6 +278,7 @@ def enroll_cmd(
         "profile": device.profile,
         "site": device.site,
         "tags": device.tags,
+        **broker,
     }
     (out / "device.json").write_text(json.dumps(identity, indent=2) + "\n")
     typer.echo(

@@ -8,12 +8,11 @@ import queue
 import threading
 import uuid
 
-import paho.mqtt.client as mqtt
-
 from cloud.ingest.ingestor import TRANSIENT, Ingestor
 from cloud.ingest.validate import Receipt
 from shared.errors import MessageError
 from shared.messages import Ack
+from shared.mqtt import MqttOptions, connect_async, make_client
 from shared.topics import UPLINK_KINDS, subscription, topic
 
 log = logging.getLogger(__name__)
@@ -46,6 +45,7 @@ class IngestService:
         fleet: str = "+",
         group: str | None = "ingest",
         client_id: str | None = None,
+        options: MqttOptions | None = None,  # TLS and credentials; overrides host and port
         max_batch: int = 500,
         workers: int = 1,
     ) -> None:
@@ -65,11 +65,11 @@ class IngestService:
             threading.Thread(target=self._work, name=f"ingest-worker-{i}", daemon=True)
             for i in range(workers)
         ]
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+        self.options = options or MqttOptions(host=host, port=port)
+        self.client = make_client(
+            self.options,
             client_id=client_id or f"edgeloop-ingest-{uuid.uuid4().hex[:8]}",
             clean_session=client_id is None,
-            protocol=mqtt.MQTTv311,
         )
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
         self.client.manual_ack_set(True)
@@ -80,7 +80,7 @@ class IngestService:
         self.ingestor.warm_up()
         for worker in self._workers:
             worker.start()
-        self.client.connect_async(self.host, self.port, keepalive=30)
+        connect_async(self.client, self.options)
         self.client.loop_start()
 
     def stop(self) -> None:

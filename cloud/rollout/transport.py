@@ -23,6 +23,7 @@ from cloud.store.keys import package_key
 from cloud.store.objects import ObjectStore
 from shared.errors import EdgeloopError, MessageError
 from shared.messages import ChunkRequest, PayloadKind, UpdateChunk, UpdateOffer, decode
+from shared.mqtt import MqttOptions, connect_async, make_client
 from shared.topics import parse_topic, subscription, topic
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,11 @@ class RolloutTransport:
     def __init__(
         self,
         *,
-        host: str,
-        port: int,
         store: ObjectStore,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        options: MqttOptions | None = None,  # TLS and credentials; overrides host and port
         client_id: str | None = None,
-        username: str | None = None,
-        password: str | None = None,
-        tls: bool = False,
         chunk_size: int = 64 << 10,
         shared_group: str = "rollout",
         cached_targets: int = 4,
@@ -73,7 +72,8 @@ class RolloutTransport:
         repeat_s: float = 0.5,
         pending_ttl_s: float = 60.0,
     ) -> None:
-        self.host, self.port = host, port
+        self.options = options or MqttOptions(host=host, port=port)
+        self.host, self.port = self.options.host, self.options.port
         self.store = store
         self.chunk_size = chunk_size
         self.subscription = subscription("update-status", shared_group=shared_group)
@@ -99,16 +99,11 @@ class RolloutTransport:
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
         self._stopping = threading.Event()
         self._server = threading.Thread(target=self._serve, name="rollout-chunks", daemon=True)
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+        self.client = make_client(
+            self.options,
             client_id=client_id or f"edgeloop-rollout-{uuid.uuid4().hex[:8]}",
             clean_session=client_id is None,
-            protocol=mqtt.MQTTv311,
         )
-        if username:
-            self.client.username_pw_set(username, password)
-        if tls:
-            self.client.tls_set()
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
         # Bounded: ~90 MB of 64 KiB chunks at most (offers included); a publish past it
         # fails at once and that chunk is asked for again, never held.
@@ -121,19 +116,15 @@ class RolloutTransport:
     @classmethod
     def from_settings(cls, settings: CloudSettings, *, store: ObjectStore) -> RolloutTransport:
         return cls(
-            host=settings.mqtt_host,
-            port=settings.mqtt_port,
+            options=settings.mqtt_options(),
             store=store,
-            username=settings.mqtt_username,
-            password=settings.mqtt_password,
-            tls=settings.mqtt_tls,
             shared_group=settings.rollout_shared_group,
         )
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         self._server.start()
-        self.client.connect_async(self.host, self.port, keepalive=30)
+        connect_async(self.client, self.options)
         self.client.loop_start()
 
     def stop(self) -> None:

@@ -62,6 +62,13 @@ class Device(Base):
     # What the agent says of itself in every heartbeat.
     agent_version: Mapped[str | None] = mapped_column(String(64))
     capabilities: Mapped[list[Any]] = mapped_column(default=list)
+    # -- Broker identity (issue 15, `edgeloop fleet enroll` / `revoke`): the MQTT username
+    # its credentials were issued for and when (never the password), and when it was
+    # revoked: ingest refuses a revoked device's messages (cloud.store.records.is_revoked).
+    broker_username: Mapped[str | None] = mapped_column(String(140))
+    credentials_issued_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    # -- end broker identity
 
 
 class Fleet(Base):

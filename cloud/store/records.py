@@ -3,6 +3,7 @@ versions."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, text
@@ -196,3 +197,39 @@ def _fleet_or_fail(session: Session, fleet: str) -> Fleet:
             reason="unknown_fleet",
         )
     return row
+
+
+# -- Broker identity (issue 15) ---------------------------------------------------------------
+def record_credentials(*, session: Session, device_id: str, username: str) -> Device:
+    """Note that broker credentials were issued to a device (the fact, the username and
+    the time; the password is never stored). Issuing them lifts a revocation."""
+    device = _enrolled(session, device_id)
+    device.broker_username = username
+    device.credentials_issued_at = datetime.now(UTC)
+    device.revoked_at = None
+    session.commit()
+    return device
+
+
+def revoke_device(*, session: Session, device_id: str) -> Device:
+    """Mark a device revoked (kept: it stays revoked when revoked again)."""
+    device = _enrolled(session, device_id)
+    if device.revoked_at is None:
+        device.revoked_at = datetime.now(UTC)
+        session.commit()
+    return device
+
+
+def is_revoked(session: Session, device_id: str) -> bool:
+    """Whether ingest must refuse this device's messages (reason ``device_revoked``)."""
+    return session.scalar(select(Device.revoked_at).where(Device.id == device_id)) is not None
+
+
+def _enrolled(session: Session, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise DataError(f"device {device_id!r} is not enrolled", reason="unknown_device")
+    return device
+
+
+# -- end broker identity
