@@ -42,28 +42,41 @@ def compose() -> dict:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("certs")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "certs"), "--out", str(out)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "certs"), "--out", str(out)],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
 def test_compose_and_env_example_are_generated_from_the_stack():
     for cmd in (["compose", "--check"], ["env-example", "--check"]):
-        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "stack"), *cmd],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "stack"), *cmd], capture_output=True, text=True
+        )
         assert done.returncode == 0, done.stderr
 
 
 def test_docker_compose_accepts_it(tmp_path):
     exe = shutil.which("docker-compose")
     assert exe, "docker-compose is missing: `scripts/install dev` installs Debian's package"
-    done = subprocess.run([exe, "--env-file", ".env.example", "config", "-q"], cwd=ROOT,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [exe, "--env-file", ".env.example", "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     # Without the secrets it refuses to start, naming what to set.
     (tmp_path / "empty.env").write_text("")
-    bare = subprocess.run([exe, "--env-file", str(tmp_path / "empty.env"), "config", "-q"],
-                          cwd=ROOT, capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    bare = subprocess.run(
+        [exe, "--env-file", str(tmp_path / "empty.env"), "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"]},
+    )
     assert bare.returncode != 0 and "set in .env" in bare.stderr
 
 
