@@ -72,7 +72,14 @@ def plan_lines(plan: Plan, swept: Swept | None = None) -> list[str]:
 def gc_cmd(
     fleet: str | None = typer.Option(None, help="Only this fleet (default: every fleet)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; delete nothing."),
+    without_lock: bool = typer.Option(
+        False,
+        "--without-lock",
+        help="Run without the gc lock in Redis (one machine without Redis, no worker running).",
+    ),
 ) -> None:
+    import redis
+
     from cloud.config import get_settings
     from cloud.retention.run import GcRunning, run_gc
     from cloud.store.objects import open_store
@@ -88,10 +95,19 @@ def gc_cmd(
             tracker=open_retention_tracker(settings),
             fleet=fleet,
             dry_run=dry_run,
+            locked=not without_lock,
             say=lambda line: None,
         )
     except (EdgeloopError, GcRunning) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from exc
+    except redis.RedisError as exc:
+        typer.secho(
+            f"error: Redis at {settings.redis_url} did not answer ({exc}); the gc lock lives "
+            "there: start Redis, or pass --without-lock if no worker runs gc",
+            fg="red",
+            err=True,
+        )
         raise typer.Exit(1) from exc
     for plan, swept in done:
         typer.echo("\n".join(plan_lines(plan, swept)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,8 @@ class Plan:
     doomed: list[Item] = field(default_factory=list)
     protected: list[Protected] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was not planned, and why
+    # When the plan read storage (``now`` is the time the ages count from).
+    planned_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def of(self, kind: str) -> list[Item]:
         return [i for i in self.doomed if i.kind == kind]

@@ -45,11 +45,16 @@ def run_gc(
     dry_run: bool = False,
     now: datetime | None = None,
     lock: GcLock | None = None,
+    locked: bool = True,
     say: Callable[[str], None] = log.info,
 ) -> list[tuple[Plan, Swept | None]]:
     """``collect`` holding ``lock`` (default: the gc lock on the settings' Redis);
-    GcRunning if another collection holds it. A dry run takes no lock: it deletes nothing."""
-    if dry_run:
+    GcRunning if another collection holds it. A dry run takes no lock: it deletes nothing;
+    nor does a run not ``locked`` (one machine without Redis, no worker running)."""
+    if dry_run or not locked:
+        if not dry_run:
+            return collect(settings=settings, sessions=sessions, store=store, tracker=tracker,
+                           fleet=fleet, now=now, say=say)  # fmt: skip
         return collect(settings=settings, sessions=sessions, store=store, tracker=tracker,
                        fleet=fleet, dry_run=True, now=now, say=say)  # fmt: skip
     if lock is None:

@@ -129,7 +129,11 @@ def sweep(
     _rows(sessions, store, plan, swept, "deltas", Delta)
     if tracker is not None:
         for item in plan.of("mlflow_runs"):
-            tracker.delete_run(item.ident)
+            try:
+                tracker.delete_run(item.ident)
+            except Exception as exc:  # MLflow away: the next collection deletes the rest
+                swept.notes.append(f"mlflow_runs: stopped at {item.ident} ({exc})")
+                break
             swept.count(item, 0)
     for kind, n in swept.deleted.items():
         say(f"gc {plan.fleet or '(no fleet)'}: {n} {kind} deleted ({swept.bytes[kind]} bytes)")
@@ -197,7 +201,7 @@ def _samples(sessions: sessionmaker, store: ObjectStore, plan: Plan, swept: Swep
         ids = [i.ident for i in batch]
         with sessions() as s:
             touched = s.scalars(select(Round.updated_at).where(Round.fleet == plan.fleet)).all()
-            if any(aware(t) >= plan.now for t in touched):
+            if any(aware(t) >= plan.planned_at for t in touched):
                 swept.notes.append("samples: a round ran since the plan; run gc again")
                 return
             keys = set(s.scalars(select(Sample.object_key).where(Sample.id.in_(ids))))
