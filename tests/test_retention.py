@@ -353,10 +353,21 @@ def test_dead_letters_and_cached_deltas_expire_unless_a_rollout_in_flight_uses_t
         delta_key(fleet, PROFILE, t, b.ljust(64, "0")) for b, t in (("v2", "v3"), ("v1", "v3"))
     )
 
-    # Every fleet: the other fleet's old one and the one no fleet could be read from go too.
-    collect(settings=SETTINGS, sessions=sessions, store=s3_store, tracker=None, now=NOW)
+    # Every fleet: the other fleet's old one and the one no fleet could be read from go too;
+    # a fleet whose overrides are wrong is left as it is, the others are collected.
     with sessions() as s:
-        assert set(s.scalars(select(DeadLetter.detail))) == {"young"}
+        s.add(Fleet(id=fleet + "bad", settings={"retention_sample_days": 1}))
+        s.add(
+            DeadLetter(
+                fleet=fleet + "bad", topic="t", reason="r", detail="bad fleet", received_at=ago(40)
+            )
+        )
+        s.commit()
+    done = collect(settings=SETTINGS, sessions=sessions, store=s3_store, tracker=None, now=NOW)
+    [bad] = [p for p, _ in done if p.fleet == fleet + "bad"]
+    assert "retention_sample_days" in bad.notes[0] and bad.doomed == []
+    with sessions() as s:
+        assert set(s.scalars(select(DeadLetter.detail))) == {"young", "bad fleet"}
     assert s3_store.list("dead-letters/") == [f"dead-letters/young-{fleet}.bin"]
 
 

@@ -30,6 +30,7 @@ from cloud.store.db import (
 )
 from cloud.store.objects import ObjectStore, StorageError
 from cloud.tracking.retention import RetentionTracker
+from shared.errors import ConfigError
 from shared.package import model_name
 
 log = logging.getLogger(__name__)
@@ -87,18 +88,27 @@ def collect(
     letters of no fleet). The plans with what each sweep did (None on a dry run)."""
     now = now or datetime.now(UTC)
     stale_after_s = settings.celery_visibility_timeout_s + 600  # as the round tasks judge
-    plans = [
-        plan_fleet(
-            sessions=sessions,
-            store=store,
-            tracker=tracker,
-            fleet=f,
-            policy=policy_of(sessions, settings, f),
-            now=now,
-            stale_after_s=stale_after_s,
+    plans = []
+    for f in [fleet] if fleet is not None else known_fleets(sessions):
+        try:
+            policy = policy_of(sessions, settings, f)
+        except ConfigError as exc:  # this fleet's overrides are wrong: the others go on
+            say(f"gc {f}: not collected: {exc}")
+            skipped = Plan(f, policy_of(sessions, settings, None), now)
+            skipped.notes.append(f"not collected: {exc}")
+            plans.append(skipped)
+            continue
+        plans.append(
+            plan_fleet(
+                sessions=sessions,
+                store=store,
+                tracker=tracker,
+                fleet=f,
+                policy=policy,
+                now=now,
+                stale_after_s=stale_after_s,
+            )  # fmt: skip
         )
-        for f in ([fleet] if fleet is not None else known_fleets(sessions))
-    ]
     if fleet is None:
         policy = policy_of(sessions, settings, None)
         plans.append(
