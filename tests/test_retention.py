@@ -621,9 +621,10 @@ def test_gc_command_prints_the_plan_deletes_under_the_lock_and_one_runs_at_a_tim
 
         out = cli.invoke(app, ["gc", "--fleet", fleet])
         assert out.exit_code == 0, out.output
-        assert "deleted 1" in next(
-            x for x in out.output.splitlines() if x.strip().startswith("dead_letters")
-        )
+        header = next(x for x in out.output.splitlines() if x.strip().startswith("kind"))
+        line = next(x for x in out.output.splitlines() if x.strip().startswith("dead_letters"))
+        assert header.split()[:4] == ["kind", "count", "bytes", "deleted"]
+        assert line.split()[:5] == ["dead_letters", "1", "2.0", "kB", "1"]
         assert s3_store.list("dead-letters/") == []
         with sessions() as s:
             assert s.scalar(select(func.count()).select_from(DeadLetter)) == 0

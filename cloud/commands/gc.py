@@ -56,14 +56,15 @@ def plan_lines(plan: Plan, swept: Swept | None = None) -> list[str]:
         f"{p.dead_letters_days:g} d, deltas {p.deltas_days:g} d, keep {p.versions_keep} "
         f"versions, runs {p.mlflow_runs_days:g} d)"
     )
-    lines = [head, f"  {'kind':<13}{'count':>7}{'bytes':>11}{'protected':>11}  why protected"]
+    done = "" if swept is None else f"{'deleted':>9}"
+    lines = [head, f"  {'kind':<13}{'count':>7}{'bytes':>11}{done}{'protected':>11}  why protected"]
     for row in plan.table():
         if plan.fleet is None and row.kind != "dead_letters":
             continue
-        deleted = "" if swept is None else f"  deleted {swept.deleted.get(row.kind, 0)}"
+        done = "" if swept is None else f"{swept.deleted.get(row.kind, 0):>9}"
         lines.append(
-            f"  {row.kind:<13}{row.count:>7}{_bytes(row.bytes):>11}{row.protected:>11}"
-            f"  {row.why or '-'}{deleted}"
+            f"  {row.kind:<13}{row.count:>7}{_bytes(row.bytes):>11}{done}{row.protected:>11}"
+            f"  {row.why or '-'}"
         )
     lines += [f"  note: {n}" for n in plan.notes + (swept.notes if swept is not None else [])]
     return lines
