@@ -3,6 +3,7 @@ expire goes (rows counted, objects listed), and each protection rule keeps what 
 
 from __future__ import annotations
 
+import json
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -353,6 +354,22 @@ def test_dead_letters_and_cached_deltas_expire_unless_a_rollout_in_flight_uses_t
         delta_key(fleet, PROFILE, t, b.ljust(64, "0")) for b, t in (("v2", "v3"), ("v1", "v3"))
     )
 
+    # A collection killed between its rows and its objects left a journal: the next one
+    # deletes the objects no row names any more, and the journal.
+    s3_store.put(f"dead-letters/killed-{fleet}.bin", b"z")
+    s3_store.put(
+        "gc/pending/killed.json",
+        json.dumps(
+            [f"dead-letters/killed-{fleet}.bin", f"dead-letters/young-{fleet}.bin"]
+        ).encode(),
+    )
+    collect(
+        settings=SETTINGS, sessions=sessions, store=s3_store, tracker=None, fleet=fleet, now=NOW
+    )
+    assert s3_store.list("gc/") == []
+    assert f"dead-letters/killed-{fleet}.bin" not in s3_store.list("dead-letters/")
+    assert f"dead-letters/young-{fleet}.bin" in s3_store.list("dead-letters/")
+
     # Every fleet: the other fleet's old one and the one no fleet could be read from go too;
     # a fleet whose overrides are wrong is left as it is, the others are collected.
     with sessions() as s:
@@ -562,7 +579,7 @@ def test_policy_takes_a_fleets_overrides_and_refuses_bad_ones():
         RetentionPolicy.resolve(SETTINGS, {"retention_deltas_days": -1})
 
 
-def test_gc_command_prints_the_plan_deletes_under_the_lock_and_one_runs_at_a_time(
+def test_gc_command_and_beat_task_print_the_plan_and_delete_under_one_lock(
     monkeypatch, pg_url, s3_store, fleet, mlflow_uri
 ):
     import redis
@@ -572,6 +589,7 @@ def test_gc_command_prints_the_plan_deletes_under_the_lock_and_one_runs_at_a_tim
     from cloud.cli import app
     from cloud.config import get_settings
     from cloud.retention.run import GcLock
+    from cloud.tasks import _services
 
     for key, value in {
         "EDGELOOP_DATABASE_URL": pg_url,
@@ -628,8 +646,35 @@ def test_gc_command_prints_the_plan_deletes_under_the_lock_and_one_runs_at_a_tim
         assert s3_store.list("dead-letters/") == []
         with sessions() as s:
             assert s.scalar(select(func.count()).select_from(DeadLetter)) == 0
+
+        # The beat task: skips while another collection holds the lock, collects after.
+        from cloud.tasks import gc
+
+        _services.cache_clear()
+        with sessions() as s:
+            s3_store.put(f"dead-letters/{fleet}-2.bin", b"y" * 10)
+            s.add(
+                DeadLetter(
+                    fleet=fleet,
+                    device_id="d1",
+                    topic="t",
+                    reason="bad_json",
+                    detail="",
+                    payload_key=f"dead-letters/{fleet}-2.bin",
+                    received_at=ago(40),
+                )
+            )
+            s.commit()
+        assert lock.acquire()
+        try:
+            assert "a garbage collection is running" in gc.run(fleet)["skipped"]
+        finally:
+            lock.release()
+        assert gc.run(fleet)[fleet]["deleted"] == {"dead_letters": 1}
+        assert s3_store.list("dead-letters/") == []
     finally:
         get_settings.cache_clear()
+        _services.cache_clear()
 
 
 def test_beat_runs_gc_daily_at_the_configured_hour():

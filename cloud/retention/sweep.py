@@ -1,12 +1,16 @@
 """Garbage collection itself: each fleet's plan (cloud.retention.plan) carried out in
-bounded batches, rows before objects, so a crash between the two leaves at worst an object
-no row names, never a row whose object is gone. Protection is read again before each step
-that could have changed since the plan (aliases, devices, rollouts, rounds)."""
+bounded batches, rows before objects, so a crash between the two leaves at worst objects
+no row names (listed in a journal the next collection finishes), never a row whose object
+is gone. The version rules are read again before versions go; uploads stop going if a
+round ran since the plan."""
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -107,13 +111,17 @@ def collect(
                 policy=policy,
                 now=now,
                 stale_after_s=stale_after_s,
-            )  # fmt: skip
+            )
         )
     if fleet is None:
         policy = policy_of(sessions, settings, None)
         plans.append(
             plan_orphan_dead_letters(sessions=sessions, store=store, policy=policy, now=now)
         )
+    if not dry_run:
+        left = finish_journals(sessions, store)
+        if left:
+            say(f"gc: {left} object(s) a collection killed half-way left were deleted")
     out: list[tuple[Plan, Swept | None]] = []
     for plan in plans:
         swept = None if dry_run else sweep(sessions, store, tracker, plan, stale_after_s, say)
@@ -209,19 +217,16 @@ def _samples(sessions: sessionmaker, store: ObjectStore, plan: Plan, swept: Swep
     not part of it."""
     for batch in _batches(plan.of("samples"), plan.policy.batch):
         ids = [i.ident for i in batch]
-        with sessions() as s:
-            touched = s.scalars(select(Round.updated_at).where(Round.fleet == plan.fleet)).all()
-            if any(aware(t) >= plan.planned_at for t in touched):
-                swept.notes.append("samples: a round ran since the plan; run gc again")
-                return
-            keys = set(s.scalars(select(Sample.object_key).where(Sample.id.in_(ids))))
-            s.execute(delete(Label).where(Label.sample_id.in_(ids)))
-            s.execute(delete(Sample).where(Sample.id.in_(ids)))
-            named = set(
-                s.scalars(select(Sample.object_key).where(Sample.object_key.in_(keys)).distinct())
-            )
-            s.commit()
-        objects = _delete_objects(store, keys - named)
+        with _journal(store, {k for i in batch for k in i.objects}) as keys:
+            with sessions() as s:
+                touched = s.scalars(select(Round.updated_at).where(Round.fleet == plan.fleet))
+                if any(aware(t) >= plan.planned_at for t in touched):
+                    swept.notes.append("samples: a round ran since the plan; run gc again")
+                    return
+                s.execute(delete(Label).where(Label.sample_id.in_(ids)))
+                s.execute(delete(Sample).where(Sample.id.in_(ids)))
+                s.commit()
+            objects = _delete_unnamed(sessions, store, keys)
         for n, item in enumerate(batch):
             swept.count(item, objects if n == 0 else 0)
 
@@ -236,9 +241,50 @@ def _rows(
 ) -> None:
     """Delete the planned rows of ``table`` batch by batch, then their objects."""
     for batch in _batches(plan.of(kind), plan.policy.batch):
-        with sessions() as s:
-            s.execute(delete(table).where(table.id.in_([int(i.ident) for i in batch])))
-            s.commit()
-        objects = _delete_objects(store, {k for i in batch for k in i.objects})
+        with _journal(store, {k for i in batch for k in i.objects}) as keys:
+            with sessions() as s:
+                s.execute(delete(table).where(table.id.in_([int(i.ident) for i in batch])))
+                s.commit()
+            objects = _delete_unnamed(sessions, store, keys)
         for n, item in enumerate(batch):
             swept.count(item, objects if n == 0 else 0)
+
+
+# -- the journal: objects whose rows are being deleted ------------------------------------------
+# Before a batch's rows go, the keys of their objects are written to an object under
+# JOURNAL; it is deleted once the objects are. A collection killed in between leaves the
+# journal, and the next one (finish_journals) deletes the objects no row names any more.
+
+JOURNAL = "gc/pending/"
+
+
+@contextmanager
+def _journal(store: ObjectStore, keys: set[str]) -> Iterator[set[str]]:
+    key = f"{JOURNAL}{uuid.uuid4()}.json"
+    store.put(key, json.dumps(sorted(keys)).encode())
+    yield keys
+    store.delete(key)
+
+
+def _named(sessions: sessionmaker, keys: set[str]) -> set[str]:
+    """Which of ``keys`` a row still names (an upload, a dead letter, a delta)."""
+    named: set[str] = set()
+    with sessions() as s:
+        for column in (Sample.object_key, DeadLetter.payload_key, Delta.object_key):
+            named |= {k for k in s.scalars(select(column).where(column.in_(keys))) if k}
+    return named
+
+
+def _delete_unnamed(sessions: sessionmaker, store: ObjectStore, keys: set[str]) -> int:
+    return _delete_objects(store, keys - _named(sessions, keys)) if keys else 0
+
+
+def finish_journals(sessions: sessionmaker, store: ObjectStore) -> int:
+    """Finish what a collection killed half-way left: the objects its journals list that no
+    row names any more are deleted, then the journals. How many objects went."""
+    done = 0
+    for key in store.list(JOURNAL):
+        keys = set(json.loads(store.get(key)))
+        done += _delete_unnamed(sessions, store, keys)
+        store.delete(key)
+    return done
