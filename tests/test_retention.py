@@ -16,7 +16,7 @@ from cloud.config import CloudSettings
 from cloud.learn.replay import ReplayBuffer
 from cloud.retention.plan import Plan
 from cloud.retention.policy import RetentionPolicy
-from cloud.retention.sweep import collect
+from cloud.retention.sweep import collect, sweep
 from cloud.store.db import (
     DeadLetter,
     Delta,
@@ -500,6 +500,20 @@ def test_old_versions_go_but_never_one_a_device_runs_an_alias_names_or_a_rollout
     )
     assert none is None and [i.ident for i in dry.of("versions")] == ["cpu-fp32/v4"]
     assert len(registry.client.search_model_versions(f"name = '{model_name(fleet, PROFILE)}'")) == 5
+
+    # d1 moves to v4 after the plan was made: the sweep reads the rules again and keeps
+    # v4, and with it what v4's going would have freed (its upload, its run).
+    with sessions() as s:
+        s.get(Device, f"{fleet}-d1").model_version = "v4"
+        s.commit()
+    swept = sweep(sessions, s3_store, tracker, dry, stale_after_s=3600)
+    assert swept.deleted == {} and any("cpu-fp32/v4 kept: device runs it" in n for n in swept.notes)
+    assert len(registry.client.search_model_versions(f"name = '{model_name(fleet, PROFILE)}'")) == 5
+    assert "s-v4" in ids(sessions, fleet)
+    assert registry.client.get_run(runs["v4"]).info.lifecycle_stage == "active"
+    with sessions() as s:
+        s.get(Device, f"{fleet}-d1").model_version = "v1"
+        s.commit()
 
     [(plan, swept)] = collect(
         settings=SETTINGS,

@@ -137,27 +137,43 @@ def sweep(
     stale_after_s: float,
     say: Callable[[str], None] = log.info,
 ) -> Swept:
-    """Carry ``plan`` out: versions, samples, dead letters, deltas, then MLflow runs."""
+    """Carry ``plan`` out: versions, samples, dead letters, deltas, then MLflow runs. If a
+    planned version stays (protected since the plan, or the registry failed), the uploads,
+    deltas and runs its going would have freed stay too: only dead letters go."""
     swept = Swept()
+    intact = True
     if plan.of("versions") and tracker is not None and plan.fleet is not None:
-        _versions(sessions, store, tracker, plan, swept)
-    if plan.fleet is not None:
+        try:
+            intact = _versions(sessions, store, tracker, plan, swept)
+        except Exception as exc:  # the registry failed: what is left stays for the next one
+            swept.notes.append(f"versions: stopped ({exc})")
+            intact = False
+    if not intact:
+        swept.notes.append(
+            "uploads, deltas and runs left for the next collection: a planned version stays"
+        )
+    if plan.fleet is not None and intact:
         _samples(sessions, store, plan, swept)
     _rows(sessions, store, plan, swept, "dead_letters", DeadLetter)
-    _rows(sessions, store, plan, swept, "deltas", Delta)
-    if tracker is not None:
-        for item in plan.of("mlflow_runs"):
-            try:
-                tracker.delete_run(item.ident)
-            except Exception as exc:  # MLflow away: the next collection deletes the rest
-                swept.notes.append(f"mlflow_runs: stopped at {item.ident} ({exc})")
-                break
-            swept.count(item, 0)
+    if intact:
+        _rows(sessions, store, plan, swept, "deltas", Delta)
+    if tracker is not None and intact:
+        _runs(tracker, plan, swept)
     for kind, n in swept.deleted.items():
         say(f"gc {plan.fleet or '(no fleet)'}: {n} {kind} deleted ({swept.bytes[kind]} bytes)")
     for note in swept.notes:
         say(f"gc {plan.fleet or '(no fleet)'}: {note}")
     return swept
+
+
+def _runs(tracker: RetentionTracker, plan: Plan, swept: Swept) -> None:
+    for item in plan.of("mlflow_runs"):
+        try:
+            tracker.delete_run(item.ident)
+        except Exception as exc:  # MLflow away: the next collection deletes the rest
+            swept.notes.append(f"mlflow_runs: stopped at {item.ident} ({exc})")
+            return
+        swept.count(item, 0)
 
 
 def _batches(items: list[Item], size: int) -> Iterator[list[Item]]:
@@ -180,9 +196,9 @@ def _delete_objects(store: ObjectStore, keys: set[str]) -> int:
 
 def _versions(
     sessions: sessionmaker, store: ObjectStore, tracker: RetentionTracker, plan: Plan, swept: Swept
-) -> None:
+) -> bool:
     """Expire the planned versions that are still unprotected now: the MLflow model
-    version, then the objects, then the row is marked expired."""
+    version, then the objects, then the row is marked expired. Whether all went."""
     assert plan.fleet is not None
     fleet = plan.fleet
     registry = {
@@ -192,10 +208,12 @@ def _versions(
     with sessions() as s:
         versions = fleet_versions(s, fleet)
         guard = guard_versions(s, fleet, versions, registry, keep=plan.policy.versions_keep)
+    intact = True
     for item in plan.of("versions"):
         profile, version = item.ident.split("/", 1)
         if guard.why(profile, version):
             swept.notes.append(f"{item.ident} kept: {'; '.join(guard.why(profile, version))}")
+            intact = False
             continue
         if item.ref:
             tracker.delete_version(model_name(fleet, profile), item.ref)
@@ -209,6 +227,7 @@ def _versions(
             )
             s.commit()
         swept.count(item, objects)
+    return intact
 
 
 def _samples(sessions: sessionmaker, store: ObjectStore, plan: Plan, swept: Swept) -> None:
