@@ -152,7 +152,7 @@ def guard_samples(
     if running is not None:
         guard.everything = f"round under way: {running.id} ({running.version})"
     rounds = session.scalars(select(Round).where(Round.fleet == fleet)).all()
-    by_version = {(r.profile, r.version): r for r in rounds if r.state == "done"}
+    by_version = {(r.profile, r.version): r for r in rounds}  # one round a version
     for r in rounds:
         if r.state not in ROUND_FINISHED:
             output = ((r.stages or {}).get("train") or {}).get("output") or {}
