@@ -160,13 +160,14 @@ def guard_samples(
     for profile, rows in kept.items():
         for mv in rows:
             row = by_version.get((profile, mv.version))
-            if row is None:
+            stages = (row.stages or {}) if row is not None else {}
+            output = (stages.get("train") or {}).get("output") or {}
+            if "fit" not in output:
                 if mv.parent is not None:  # trained on uploads, but which is not on record
                     guard.labelled = (
                         f"lineage unknown: {profile} {mv.version} (no round records it)"
                     )
                 continue
-            output = ((row.stages or {}).get("train") or {}).get("output") or {}
             guard.add(trained_on(output), f"lineage: {profile} {mv.version}")
             guard.add(
                 _reservoir(store, fleet, profile, mv.version),
