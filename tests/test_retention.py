@@ -697,3 +697,55 @@ def test_beat_runs_gc_daily_at_the_configured_hour():
     entry = app.conf.beat_schedule["edgeloop-gc"]
     assert entry["task"] == gc.name == "edgeloop.gc"
     assert entry["schedule"].hour == {CloudSettings().retention_gc_hour_utc}
+
+
+def test_embedded_sqlite_and_a_directory_store_are_collected_the_same_way(tmp_path):
+    """The demo's backends: SQLite (naive datetimes) and a local directory."""
+    from cloud.store.db import migrate
+    from cloud.store.objects import LocalObjectStore
+
+    url = f"sqlite:///{tmp_path / 'edgeloop.db'}"
+    migrate(url)
+    sessions = session_factory(url)
+    store = LocalObjectStore(tmp_path / "objects")
+    fleet = "plant"
+    with sessions() as s:
+        setup_fleet(s, fleet)
+        for name, days in (("old", 400), ("young", 5)):
+            put_windows(store, f"windows/{name}.npy", 1)
+            add_sample(s, fleet, name, days=days, key=f"windows/{name}.npy", index=None)
+            store.put(f"dead-letters/{name}.bin", b"x" * 7)
+            s.add(
+                DeadLetter(
+                    fleet=fleet,
+                    topic="t",
+                    reason="r",
+                    detail=name,
+                    payload_key=f"dead-letters/{name}.bin",
+                    received_at=ago(days),
+                )
+            )
+            s.add(
+                Delta(
+                    fleet=fleet,
+                    profile=PROFILE,
+                    base_version=name,
+                    target_version="v2",
+                    base_sha256=name.ljust(64, "0"),
+                    target_sha256="2" * 64,
+                    object_key=f"deltas/{name}",
+                    length=None,
+                    target_length=5,
+                    created_at=ago(days),
+                )
+            )
+        s.commit()
+    [(plan, swept), _] = collect(
+        settings=SETTINGS, sessions=sessions, store=store, tracker=None, now=NOW
+    )
+    assert swept is not None
+    assert swept.deleted == {"samples": 1, "dead_letters": 1, "deltas": 1}
+    assert swept.bytes["dead_letters"] == 7
+    assert store.list() == ["dead-letters/young.bin", "windows/young.npy"]
+    with sessions() as s:
+        assert set(s.scalars(select(Delta.base_version))) == {"young"}

@@ -51,10 +51,12 @@ def _bytes(n: int) -> str:
 def plan_lines(plan: Plan, swept: Swept | None = None) -> list[str]:
     """The plan's table (with what was deleted, after a sweep) and its notes."""
     p = plan.policy
-    head = (f"fleet {plan.fleet}" if plan.fleet is not None else "dead letters of no fleet") + (
-        f" (samples {p.samples_days:g} d, unlabelled {p.unlabelled_days:g} d, dead letters "
-        f"{p.dead_letters_days:g} d, deltas {p.deltas_days:g} d, keep {p.versions_keep} "
-        f"versions, runs {p.mlflow_runs_days:g} d)"
+    head = (
+        f"fleet {plan.fleet} (samples {p.samples_days:g} d, unlabelled {p.unlabelled_days:g} d, "
+        f"dead letters {p.dead_letters_days:g} d, deltas {p.deltas_days:g} d, keep "
+        f"{p.versions_keep} versions, runs {p.mlflow_runs_days:g} d)"
+        if plan.fleet is not None
+        else f"dead letters of no fleet (kept {p.dead_letters_days:g} d)"
     )
     done = "" if swept is None else f"{'deleted':>9}"
     lines = [head, f"  {'kind':<13}{'count':>7}{'bytes':>11}{done}{'protected':>11}  why protected"]

@@ -21,7 +21,16 @@ from cloud.retention.protect import (
     guard_versions,
 )
 from cloud.rollout.controller import FINISHED
-from cloud.store.db import DeadLetter, Delta, DeviceUpdate, Label, ModelVersion, Rollout, Sample
+from cloud.store.db import (
+    DeadLetter,
+    Delta,
+    DeviceUpdate,
+    Label,
+    ModelVersion,
+    Rollout,
+    Sample,
+    aware,
+)
 from cloud.store.keys import checkpoint_key, replay_key, student_key
 from cloud.store.objects import ObjectStore, object_size
 from cloud.tracking.retention import RegistryVersion, RetentionTracker
@@ -234,7 +243,7 @@ def _plan_deltas(session: Session, plan: Plan, fleet: str) -> None:
         offered[(base or "", target)].append(f"update in flight: rollout {rollout_id}")
     for d in session.scalars(select(Delta).where(Delta.fleet == fleet).order_by(Delta.id)):
         orphan = {f"{d.profile}/{d.base_version}", f"{d.profile}/{d.target_version}"} & gone
-        if not orphan and (cut is None or d.created_at >= cut):
+        if not orphan and (cut is None or aware(d.created_at) >= cut):
             continue
         why = live_targets.get((d.profile, d.target_version), []) + offered.get(
             (d.base_version, d.target_version), []
