@@ -14,6 +14,7 @@ from cloud.commands.broker import revoke_cmd
 from cloud.commands.common import sessions as _sessions
 from cloud.commands.datasets import register_dataset_cmd
 from cloud.commands.fleet import classes_cmd, enroll_cmd, init_fleet_cmd, webhook_cmd
+from cloud.commands.gc import gc_cmd
 from cloud.commands.models import compress, teacher
 from cloud.commands.rollout import rollout_app
 from cloud.commands.rounds import beat, retrain, rounds, worker
@@ -33,6 +34,7 @@ log = logging.getLogger("edgeloop.cloud")
 app.command("register-dataset")(register_dataset_cmd)
 app.command("init")(init_fleet_cmd)
 app.command("webhook")(webhook_cmd)
+app.command("gc")(gc_cmd)
 
 
 @app.command()

@@ -123,6 +123,17 @@ class CloudSettings(BaseSettings):
     tuf_keys_dir: Path | None = None  # default: home/keys
     tuf_timestamp_check_s: float = 600.0  # beat: re-sign timestamps expiring within …
     tuf_timestamp_refresh_within_h: float = 12.0  # … this many hours
+    # Retention (docs/retention.md): what `edgeloop cloud gc` and its daily beat task
+    # delete. Ages in days, 0 keeps forever. A fleet overrides any of these in its row's
+    # settings under the same name, e.g. {"retention_samples_days": 90}.
+    retention_samples_days: float = 365.0  # labelled uploads (unless a kept model names them)
+    retention_unlabelled_days: float = 30.0  # uploads no label ever reached
+    retention_dead_letters_days: float = 30.0  # dead letters and their raw payloads
+    retention_deltas_days: float = 30.0  # cached deltas (remade on demand)
+    retention_versions_keep: int = 5  # newest model versions kept per profile, protected or not
+    retention_mlflow_runs_days: float = 180.0  # MLflow runs no kept version or rollout needs
+    retention_batch: int = 500  # rows deleted per transaction
+    retention_gc_hour_utc: int = 3  # beat: the daily gc starts at this hour (UTC)
 
     @field_validator("round_gates_by_fleet")
     @classmethod

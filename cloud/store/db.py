@@ -152,6 +152,9 @@ class ModelVersion(Base):
     # was registered and the last label id its round learnt from.
     baselines: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=_now)
+    # Retention (cloud.retention): set when garbage collection removed the version's
+    # package, checkpoint and MLflow model version; the row stays (numbers never reused).
+    expired_at: Mapped[datetime | None]
 
 
 class Round(Base):

@@ -179,3 +179,21 @@ def open_store(settings: CloudSettings) -> ObjectStore:
             secure=settings.s3_secure,
         )
     return LocalObjectStore(settings.home / "objects")
+
+
+# -- retention (cloud.retention): what deleting an object frees ----------------------------------
+
+
+def object_size(store: ObjectStore, key: str) -> int:
+    """The bytes of object ``key`` (0 when there is none), without reading it where the
+    backend can say (S3 stat, a file's size)."""
+    if isinstance(store, S3ObjectStore):
+        try:
+            stat = store._call(lambda k: store.client.stat_object(store.bucket, k), _check_key(key))
+        except ObjectNotFound:
+            return 0
+        return int(stat.size or 0)
+    if isinstance(store, LocalObjectStore):
+        path = store._path(key)
+        return path.stat().st_size if path.is_file() else 0
+    return len(store.get(key)) if store.exists(key) else 0

@@ -1,6 +1,7 @@
 """Celery app (``celery -A cloud.tasks``) and what its thin tasks share; the tasks live in
-``rounds`` (learning rounds, triggers) and ``rollouts`` (rollouts, timestamps): ids in,
-state re-fetched, plain functions do the work."""
+``rounds`` (learning rounds, triggers), ``rollouts`` (rollouts, timestamps) and
+``retention`` (the daily garbage collection): ids in, state re-fetched, plain functions do
+the work."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery
+from celery.schedules import crontab
 from celery.signals import worker_init
 
 from cloud.config import get_settings
@@ -47,6 +49,12 @@ app.conf.update(
             "schedule": settings.tuf_timestamp_check_s,
             "options": {"expires": settings.tuf_timestamp_check_s},
         },
+        # Retention (docs/retention.md): once a day; a copy finding the gc lock held skips.
+        "edgeloop-gc": {
+            "task": "edgeloop.gc",
+            "schedule": crontab(hour=settings.retention_gc_hour_utc, minute=17),
+            "options": {"expires": 3600},
+        },
     },
 )
 
@@ -82,6 +90,7 @@ def _services():
 
 
 # The task modules register their tasks on ``app``; imported last, as they import it.
+from cloud.tasks.retention import gc  # noqa: E402
 from cloud.tasks.rollouts import (  # noqa: E402
     _signer,
     _tracker,
@@ -110,6 +119,7 @@ __all__ = [
     "advance_rollout",
     "app",
     "check_triggers",
+    "gc",
     "refresh_timestamps",
     "resume_round",
     "retrain",
