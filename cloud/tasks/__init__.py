@@ -12,12 +12,15 @@ from celery import Celery
 from celery.signals import worker_init
 
 from cloud.config import get_settings
+from cloud.store.connect import broker_transport_options, celery_connection
 
 log = logging.getLogger(__name__)
 
 settings = get_settings()
-app: Celery = Celery("edgeloop", broker=settings.redis_url, backend=settings.redis_url)
+app: Celery = Celery("edgeloop")
 app.conf.update(
+    # Broker and result backend: the settings' Redis URL, credentials, TLS and timeouts.
+    **celery_connection(settings),
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
@@ -25,7 +28,7 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     result_expires=7 * 24 * 3600,
     task_default_queue=settings.celery_queue,
-    broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout_s},
+    broker_transport_options=broker_transport_options(settings),
     beat_schedule={
         "edgeloop-check-triggers": {
             "task": "edgeloop.check_triggers",

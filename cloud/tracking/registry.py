@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from cloud.config import CloudSettings
+from cloud.tracking.connect import mlflow_client, refused
 from cloud.tracking.plots import confusion_figure, recall_figure
 from shared.package import ModelPackage, model_name
 
@@ -32,27 +33,38 @@ def open_registry(settings: CloudSettings, fleet: str) -> Registry:
         settings.resolved_mlflow_uri,
         experiment=f"edgeloop-{fleet}",
         artifact_location=settings.mlflow_artifact_location,
+        settings=settings,
     )
 
 
 class Registry:
     def __init__(
-        self, tracking_uri: str, *, experiment: str, artifact_location: str | None = None
+        self,
+        tracking_uri: str,
+        *,
+        experiment: str,
+        artifact_location: str | None = None,
+        settings: CloudSettings | None = None,
     ) -> None:
         """``artifact_location``: where a new experiment keeps its artifacts; needed with a
-        file or sqlite store, which otherwise writes to ./mlruns of the current directory."""
+        file or sqlite store, which otherwise writes to ./mlruns of the current directory.
+        ``settings``: credentials, CA and timeout (default: this process's). A server that
+        refuses them is a ConfigError that says what to set."""
         import mlflow
-        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         self.mlflow = mlflow
+        self.client = mlflow_client(tracking_uri, settings)
         mlflow.set_tracking_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id
-            if found is not None
-            else self.client.create_experiment(experiment, artifact_location=artifact_location)
-        )
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (
+                found.experiment_id
+                if found is not None
+                else self.client.create_experiment(experiment, artifact_location=artifact_location)
+            )
+        except MlflowException as exc:
+            raise (refused(exc, tracking_uri) or exc) from exc
 
     def log_training_run(
         self,

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cloud.config import CloudSettings
+from cloud.tracking.connect import mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,9 @@ TABLE = "fleet_status.json"  # one snapshot appended per wave and at the end (co
 
 def open_tracker(settings: CloudSettings) -> RolloutTracker:
     return RolloutTracker(
-        settings.resolved_mlflow_uri, artifact_location=settings.mlflow_artifact_location
+        settings.resolved_mlflow_uri,
+        artifact_location=settings.mlflow_artifact_location,
+        settings=settings,
     )
 
 
@@ -29,10 +32,14 @@ class RolloutTracker:
     """An MlflowClient (no fluent API: no process-wide active run, so a worker's threads
     may track rollouts side by side)."""
 
-    def __init__(self, tracking_uri: str, *, artifact_location: str | None = None) -> None:
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        artifact_location: str | None = None,
+        settings: CloudSettings | None = None,
+    ) -> None:
+        self.client = mlflow_client(tracking_uri, settings)
         self.artifact_location = artifact_location
         self._experiments: dict[str, str] = {}
 
