@@ -125,6 +125,7 @@ class CloudSettings(BaseSettings):
     mlflow_tracking_token: str | None = None
     mlflow_ca_file: Path | None = None
     mlflow_request_timeout_s: int = 120
+    mlflow_request_max_retries: int | None = None  # MLflow's default: 7, with backoff
     # --- end of client connection settings ----------------------------------------------
 
     @field_validator("round_gates_by_fleet")

@@ -52,7 +52,7 @@ def test_safe_production_settings_are_accepted():
         ({"mlflow_tracking_uri": ""}, "must be an https:// MLflow"),
         ({"mlflow_tracking_password": None}, "EDGELOOP_MLFLOW_TRACKING_USERNAME and _PASSWORD"),
         ({"mlflow_tracking_username": None}, "EDGELOOP_MLFLOW_TRACKING_USERNAME and _PASSWORD"),
-        ({"mlflow_tracking_password": "password"}, "EDGELOOP_MLFLOW_TRACKING_PASSWORD is a placeholder"),
+        ({"mlflow_tracking_password": "password"}, "MLFLOW_TRACKING_PASSWORD is a placeholder"),
         ({"mqtt_tls": False}, "EDGELOOP_MQTT_TLS must be true"),
         ({"database_url": "sqlite:///x.db"}, "must point at PostgreSQL"),
     ],

@@ -161,6 +161,7 @@ class TLSRecorder:
         self.port = self._server.getsockname()[1]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._open: list[socket.socket] = []
 
     def _sni(self, _sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
         self._tls.sni = name
@@ -168,6 +169,7 @@ class TLSRecorder:
     def _handshake(self, raw: socket.socket, seen: Seen) -> ssl.SSLSocket:
         self._tls.sni = None
         tls = self.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        self._open.append(tls)  # wrap_socket took over raw's descriptor
         try:
             tls.do_handshake()
         except (ssl.SSLError, OSError) as exc:
@@ -191,6 +193,9 @@ class TLSRecorder:
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
+        for raw in self._open:  # a client's kept-alive connection ends now, not at its timeout
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             t.join(5)
         self._server.close()
@@ -205,6 +210,7 @@ class TLSRecorder:
                 return
             seen = Seen()
             self.seen.append(seen)
+            self._open.append(raw)
             t = threading.Thread(target=self._serve, args=(raw, seen), daemon=True)
             t.start()
             self._threads.append(t)
@@ -228,12 +234,16 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes:
 # --- PostgreSQL --------------------------------------------------------------------------
 
 SSL_REQUEST = 80877103  # the SSLRequest code (PostgreSQL protocol, 53.2.10)
+GSSENC_REQUEST = 80877104
 
 
 def postgres(raw: socket.socket, seen: Seen, tls: Callable[[socket.socket], ssl.SSLSocket]) -> None:
     """Answer an SSLRequest with 'S', take the TLS handshake, record the StartupMessage's
     user and database, then refuse with an ErrorResponse (28000) that names the recorder."""
     length, code = struct.unpack("!ii", _read_exactly(raw, 8))
+    if code == GSSENC_REQUEST:  # libpq asks for GSS encryption first where it has Kerberos
+        raw.sendall(b"N")
+        length, code = struct.unpack("!ii", _read_exactly(raw, 8))
     seen.requests.append(("SSLRequest" if code == SSL_REQUEST else f"code {code}", ""))
     if code != SSL_REQUEST:
         return
@@ -289,8 +299,8 @@ def _resp_command(sock: ssl.SSLSocket, buf: bytearray) -> list[str] | None:
 
 
 def redis(raw: socket.socket, seen: Seen, tls: Callable[[socket.socket], ssl.SSLSocket]) -> None:
-    """TLS, then RESP: record AUTH's username and password and every command's name;
-    answer PING with PONG, anything else with OK."""
+    """TLS, then RESP: record the username and password of AUTH (or of HELLO's AUTH, as
+    redis-py 8 sends) and every command's name; answer PING with PONG, anything else OK."""
     sock = tls(raw)
     buf = bytearray()
     while (cmd := _resp_command(sock, buf)) is not None:
@@ -299,6 +309,10 @@ def redis(raw: socket.socket, seen: Seen, tls: Callable[[socket.socket], ssl.SSL
         if name == "AUTH":
             user, password = cmd[1:] if len(cmd) == 3 else ("default", cmd[1])
             seen.credentials = {"username": user, "password": password}
+        upper = [a.upper() for a in cmd]
+        if name == "HELLO" and "AUTH" in upper:  # HELLO 3 AUTH user password (RESP3)
+            i = upper.index("AUTH")
+            seen.credentials = {"username": cmd[i + 1], "password": cmd[i + 2]}
         sock.sendall(b"+PONG\r\n" if name == "PING" else b"+OK\r\n")
 
 

@@ -25,6 +25,7 @@ MLFLOW_ENV = {
     "mlflow_tracking_token": "MLFLOW_TRACKING_TOKEN",
     "mlflow_ca_file": "MLFLOW_TRACKING_SERVER_CERT_PATH",
     "mlflow_request_timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "mlflow_request_max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
 }
 _lock = threading.Lock()
 _ours: set[str] = set()  # the variables this process set from settings (and may unset)
