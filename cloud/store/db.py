@@ -190,6 +190,9 @@ class Rollout(Base):
     target_version: Mapped[str] = mapped_column(String(64), default="")
     mlflow_version: Mapped[str | None] = mapped_column(String(32))
     trigger: Mapped[str] = mapped_column(String(32), default="alias")  # alias | reconcile | init
+    # Who moved the champion alias (cloud.rollout.controller.moved_by); None: no move
+    # (devices enrolled since), or a rollout from before this was recorded.
+    moved_by: Mapped[str | None] = mapped_column(String(200))
     wave: Mapped[int] = mapped_column(Integer, default=0)  # the wave under way (0: canaries)
     plan: Mapped[list[Any]] = mapped_column(default=list)  # device ids per wave
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the settings it runs with

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,12 @@ from cloud.tracking.plots import confusion_figure, recall_figure
 from shared.package import ModelPackage, model_name
 
 log = logging.getLogger(__name__)
+
+
+# Who last moved ``champion`` to a version with our commands, and when (Unix seconds).
+MOVED_BY_TAG = "edgeloop.moved_by"
+MOVED_AT_TAG = "edgeloop.moved_at"
+ROUND_MOVER = "a learning round (its gates passed)"
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,15 @@ class Registry:
         """``challenger`` always; ``champion`` too if it passed its gates."""
         self.client.set_registered_model_alias(name, "challenger", mlflow_version)
         if champion:
-            self.client.set_registered_model_alias(name, "champion", mlflow_version)
+            self.promote(name, mlflow_version, by=ROUND_MOVER)
+
+    def promote(self, name: str, mlflow_version: str, *, by: str) -> None:
+        """Move ``champion`` to ``mlflow_version``, recording ``by`` and the time on the
+        version first (MLflow's alias event names no user; the rollout it starts reads
+        these tags, and the webhook may be handled before this returns)."""
+        self.client.set_model_version_tag(name, mlflow_version, MOVED_BY_TAG, by[:200])
+        self.client.set_model_version_tag(name, mlflow_version, MOVED_AT_TAG, f"{time.time():.3f}")
+        self.client.set_registered_model_alias(name, "champion", mlflow_version)
 
     def find_version(
         self, fleet: str, profile: str, version: str

@@ -12,6 +12,8 @@ from typing import Any
 
 from cloud.config import CloudSettings
 from cloud.tracking.connect import mlflow_client
+from cloud.tracking.registry import MOVED_AT_TAG, MOVED_BY_TAG
+from shared.package import model_name
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,16 @@ class RolloutTracker:
         if reason:
             self.client.set_tag(run_id, "rollout_reason", reason[:5000])
         self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FINISHED"))
+
+    def mover(self, fleet: str, profile: str, mlflow_version: str) -> tuple[str, float] | None:
+        """(who, when) the version's ``edgeloop.moved_by`` / ``_at`` tags name: the last
+        move of ``champion`` to it by our commands; None if it has none."""
+        tags = self.client.get_model_version(model_name(fleet, profile), str(mlflow_version)).tags
+        tags = tags or {}
+        try:
+            return tags[MOVED_BY_TAG], float(tags[MOVED_AT_TAG])
+        except (KeyError, ValueError):
+            return None
 
     def champions(self) -> dict[tuple[str, str], str]:
         """(fleet, profile) → the MLflow version its ``champion`` alias names, for every
