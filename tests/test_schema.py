@@ -72,6 +72,12 @@ def test_production_accepts_safe_settings(monkeypatch):
         "MQTT_TLS": "true",
         "MQTT_PASSWORD": "another-real-secret",
         "MLFLOW_TRACKING_URI": "https://mlflow.example",
+        # How PostgreSQL, Redis and MLflow are reached (tests/test_client_settings.py).
+        "DATABASE_SSLMODE": "verify-full",
+        "REDIS_URL": "rediss://redis.example:6380/0",
+        "REDIS_PASSWORD": "a-real-redis-secret",
+        "MLFLOW_TRACKING_USERNAME": "edgeloop-worker",
+        "MLFLOW_TRACKING_PASSWORD": "a-real-mlflow-secret",
     }.items():
         monkeypatch.setenv(f"EDGELOOP_{key}", value)
     assert CloudSettings().mode == "production"
