@@ -78,7 +78,7 @@ def _services():
 
     s = get_settings()
     return (
-        session_factory(s.resolved_database_url),
+        session_factory(s.resolved_database_url, s),
         open_store(s),
         lambda fleet: open_registry(s, fleet),
     )
