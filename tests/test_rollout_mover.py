@@ -93,3 +93,51 @@ def test_the_mover_is_recorded_with_the_rollout_and_shown(
     assert rows[back_in_the_ui.id].moved_by == UNKNOWN_MOVER
     assert "champion moved by alice" in status.stdout
     assert missing.exit_code == 1 and "has no registered version v9" in missing.stderr
+
+
+def test_the_alias_task_records_the_mover(
+    pg_url, mlflow_uri, fleet, tiny_package, tmp_path, monkeypatch
+):
+    """The webhook's path: `rollout promote --by carol`, then the alias task (as the worker
+    runs it for MLflow's event) starts the rollout with carol as its mover. Its first step
+    is only enqueued (recorded here): stepping is the controller tests' concern."""
+    from typer.testing import CliRunner
+
+    import cloud.tasks as tasks
+    from cloud.commands.rollout import rollout_app
+    from cloud.config import get_settings
+    from cloud.tracking.registry import open_registry
+
+    for key, value in {
+        "DATABASE_URL": pg_url,
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+        "HOME": str(tmp_path),
+        "STORE": "local",
+    }.items():
+        monkeypatch.setenv(f"EDGELOOP_{key}", value)  # fmt: skip
+    caches = (get_settings, tasks._services, tasks._tracker)
+    for cache in caches:
+        cache.cache_clear()
+    sessions, store, _ = tasks._services()
+    pkg, _ = tiny_package
+    profile = ModelPackage(pkg).manifest.profile
+    registry = open_registry(get_settings(), fleet)
+    version = register_package(
+        sessions=sessions, store=store, registry=registry, fleet=fleet, package=pkg
+    )
+    enqueued: list[int] = []
+    monkeypatch.setattr(tasks.advance_rollout, "delay", enqueued.append)
+
+    promoted = CliRunner().invoke(
+        rollout_app, ["promote", "v1", "--fleet", fleet, "--profile", profile, "--by", "carol"]
+    )
+    answer = tasks.rollout_on_alias.apply(args=(fleet, profile, version)).get()
+    for cache in caches:
+        cache.cache_clear()
+
+    assert promoted.exit_code == 0, promoted.output
+    assert enqueued == [answer["rollout"]]
+    with sessions() as s:
+        row = s.get(Rollout, answer["rollout"])
+        assert row is not None
+        assert (row.trigger, row.mlflow_version, row.moved_by) == ("alias", version, "carol")
