@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
-from cloud.rollout.controller import UNKNOWN_MOVER, moved_by, reconcile
+from cloud.rollout.controller import reconcile
+from cloud.rollout.mover import UNKNOWN_MOVER, moved_by
 from cloud.store.db import Rollout, session_factory
 from cloud.store.objects import LocalObjectStore
 from shared.package import ModelPackage, model_name

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud.config import CloudSettings, get_settings
 from cloud.rollout.deltas import lineage, transfers
 from cloud.rollout.fleet import fleet_status, status_table
+from cloud.rollout.mover import Mover, MoverOf, moved_by, read_mover
 from cloud.rollout.settings import RolloutSettings, lock_fleet
 from cloud.rollout.steps import Signer, Step, Transport
 from cloud.store.db import Device, DeviceUpdate, Fleet, ModelVersion, Rollout, aware
@@ -38,8 +39,7 @@ TRANSFERS = "transfers.json"  # per device: payload offered (delta or package), 
 
 
 class RolloutError(EdgeloopError):
-    """A rollout cannot do what was asked (reason: unknown_rollout, unknown_model_version,
-    bad_state)."""
+    """A rollout cannot do what was asked (unknown_rollout, unknown_model_version, bad_state)."""
 
     reason = "rollout_error"
 
@@ -50,23 +50,6 @@ def _get(session: Session, rollout_id: int, *, lock: bool = True) -> Rollout:
     if row is None:
         raise RolloutError(f"no rollout {rollout_id}", reason="unknown_rollout")
     return row
-
-
-UNKNOWN_MOVER = "unknown: moved in MLflow (its alias events name no user)"
-# The (who, when) our promote command tagged a version with (cloud.tracking).
-Mover = tuple[str, float]
-
-
-def moved_by(mover: Mover | None, previous: datetime | None) -> str:
-    """Who moved the alias to a version: the mover its tags name, if they were set after
-    the ``previous`` rollout of its profile began; an older tag is from an earlier move to
-    the same version, and this one was made without our command (the MLflow UI)."""
-    if mover is None:
-        return UNKNOWN_MOVER
-    who, at = mover
-    if previous is not None and at <= aware(previous).timestamp():
-        return UNKNOWN_MOVER
-    return who
 
 
 def start_rollout(
@@ -82,8 +65,7 @@ def start_rollout(
     """A rollout of ``fleet``/``profile`` to its registered ``mlflow_version``, superseding
     the active one. The same version as the newest rollout's returns that rollout while it
     is active or done (a webhook delivered twice), and always for ``reconcile`` (a reconcile
-    never retries an aborted model; an operator who sets the alias again does). ``mover``:
-    the version's moved-by tags, recorded as ``moved_by`` for an alias move."""
+    never retries an aborted model; an operator who sets the alias again does)."""
     name = model_name(fleet, profile)
     with sessions() as session:
         fleet_row = lock_fleet(session, fleet)
@@ -128,9 +110,7 @@ def start_rollout(
             mlflow_version=str(mlflow_version),
             trigger=trigger,
             params={"settings": asdict(cfg), "previous": previous, "sha256": mv.sha256},
-            moved_by=None
-            if trigger == "enrolled"
-            else moved_by(mover, newest.created_at if newest else None),
+            moved_by=moved_by(mover, newest.created_at if newest else None, trigger),
         )
         session.add(row)
         session.flush()
@@ -255,13 +235,12 @@ def reconcile(
     sessions: sessionmaker,
     champions: dict[tuple[str, str], str],
     read_at: datetime | None = None,
-    mover_of: Callable[[str, str, str], Mover | None] | None = None,
+    mover_of: MoverOf | None = None,  # the version's moved-by tags (cloud.tracking)
 ) -> list[Rollout]:
     """Start a rollout for each (fleet, profile) whose champion (MLflow version, as the
     caller read it from the registry at ``read_at``) is not the newest rollout's; the ones
     started. A rollout newer than the read was started by a newer champion move than the
-    one read: the snapshot is stale there, and that rollout stands. ``mover_of(fleet,
-    profile, mlflow_version)``: the version's moved-by tags (an error there: unknown)."""
+    one read: the snapshot is stale there, and that rollout stands."""
     started = []
     for (fleet, profile), mlflow_version in sorted(champions.items()):
         with sessions() as session:
@@ -278,12 +257,6 @@ def reconcile(
             if newest.state != "done" or not newcomers(sessions=sessions, rollout=newest):
                 continue
             trigger = "enrolled"  # devices enrolled since the champion went out
-        mover = None
-        if mover_of is not None and trigger == "reconcile":
-            try:
-                mover = mover_of(fleet, profile, str(mlflow_version))
-            except Exception as exc:  # noqa: BLE001 - the registry away: the mover unknown
-                log.warning("mover of %s/%s not read: %s", fleet, profile, exc)
         try:
             r = start_rollout(
                 sessions=sessions,
@@ -291,7 +264,7 @@ def reconcile(
                 profile=profile,
                 mlflow_version=str(mlflow_version),
                 trigger=trigger,
-                mover=mover,
+                mover=read_mover(mover_of, fleet, profile, str(mlflow_version), trigger),
             )
         except EdgeloopError as exc:  # one fleet's missing row or bad settings: the others go on
             log.error("reconcile %s/%s: %s", fleet, profile, exc)
