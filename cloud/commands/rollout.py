@@ -1,5 +1,6 @@
-"""`edgeloop rollout status|pause|resume|abort`: what the rollouts are doing, and steering
-one (the Celery beat carries out what these record)."""
+"""`edgeloop rollout promote|status|pause|resume|abort`: a champion moved (its mover
+recorded), what the rollouts are doing, and steering one (the Celery beat carries out what
+these record)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from cloud.commands.common import sessions
 from shared.errors import EdgeloopError
 
 rollout_app = typer.Typer(
-    help="Rollouts of champion models to devices: status, pause, resume, abort.",
+    help="Rollouts of champion models to devices: promote, status, pause, resume, abort.",
     no_args_is_help=True,
 )
 
