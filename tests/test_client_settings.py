@@ -122,17 +122,3 @@ def test_a_ca_file_for_plain_redis_is_refused(tmp_path):
     s = CloudSettings(_env_file=None, redis_ca_file=tmp_path / "ca.pem")
     with pytest.raises(ConfigError, match="use rediss://"):
         redis_client(s)
-
-
-def test_celery_app_uses_the_connection_settings():
-    """The worker's Celery app takes its broker and backend from cloud.store.connect."""
-    from cloud.config import get_settings
-    from cloud.store.connect import celery_connection
-    from cloud.tasks import app
-
-    conf = celery_connection(get_settings())
-    assert app.conf.broker_url == conf["broker_url"]
-    assert app.conf.result_backend == conf["result_backend"]
-    assert (
-        app.conf.broker_transport_options["socket_timeout"] == get_settings().redis_socket_timeout_s
-    )
