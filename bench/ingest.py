@@ -341,6 +341,8 @@ def main() -> None:
     import numpy as np
     import psycopg
 
+    from cloud.config import get_settings
+    from cloud.store.connect import pg_connect_args
     from cloud.store.db import migrate, session_factory
     from cloud.store.records import register_device
     from cloud.store.windows import content_sha256
@@ -349,6 +351,7 @@ def main() -> None:
     from sim.tep import generate
 
     n = 5000 if args.quick else 10000
+    pg_args = pg_connect_args(get_settings())  # TLS and timeout, as the services use
     devices = [f"plant-{i:02d}" for i in range(8)]
     print("simulating TEP windows …", file=sys.stderr)
     data = generate(
@@ -397,7 +400,7 @@ def main() -> None:
                 fleet = f"bench{uuid.uuid4().hex[:6]}"
                 msgs, published = stream(fleet)
                 db = f"edgeloop_bench_{uuid.uuid4().hex[:8]}"
-                with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+                with psycopg.connect(f"{PG}/postgres", autocommit=True, **pg_args) as conn:
                     conn.execute(f'CREATE DATABASE "{db}"')
                 url = f"postgresql+psycopg://postgres@{PG.split('@')[1]}/{db}"
                 migrate(url)
@@ -410,7 +413,7 @@ def main() -> None:
                         port, fleet, msgs, published, url, f"bench-{db[-8:]}", procs, Path(tmp)
                     )
                 finally:
-                    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+                    with psycopg.connect(f"{PG}/postgres", autocommit=True, **pg_args) as conn:
                         conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
                 results[f"{name}_rate"] = rate
                 results |= {f"{name}_{k}": v for k, v in outcome.items()}

@@ -97,7 +97,7 @@ def embedded_cloud(home: Path) -> Cloud:
     settings = CloudSettings(mode="embedded", home=home.resolve(), store="local")
     migrate(settings.resolved_database_url)
     return Cloud(
-        session_factory(settings.resolved_database_url),
+        session_factory(settings.resolved_database_url, settings),
         LocalObjectStore(home / "objects"),
         settings,
     )

@@ -89,7 +89,7 @@ def ingest(
     s = get_settings()
     migrate(s.resolved_database_url)  # a service brings the schema up to date at its start
     service = IngestService(
-        Ingestor(sessions=session_factory(s.resolved_database_url), store=open_store(s)),
+        Ingestor(sessions=session_factory(s.resolved_database_url, s), store=open_store(s)),
         host=s.mqtt_host,
         port=s.mqtt_port,
         options=s.mqtt_options(),

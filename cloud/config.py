@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -135,6 +136,40 @@ class CloudSettings(BaseSettings):
     retention_batch: int = 500  # rows deleted per transaction
     retention_gc_hour_utc: int = 3  # beat: the daily gc starts at this hour (UTC)
 
+    # --- How every client of ours connects: TLS, CA files, credentials, timeouts -------
+    # (docs/security-clients.md; cloud/store/connect.py and cloud/tracking/connect.py apply
+    # them.) PostgreSQL, as libpq parameters: they override the same ones in the URL.
+    database_sslmode: (
+        Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None
+    ) = None
+    database_sslrootcert: Path | None = None  # the CA that signed the server's certificate
+    database_sslcert: Path | None = None  # a client certificate, where the server asks one
+    database_sslkey: Path | None = None
+    database_connect_timeout_s: int = 10
+    # Redis (broker, results, round locks, webhook delivery ids): rediss:// in the URL for
+    # TLS; credentials here override those in the URL (Redis 6 ACL user, or only a password).
+    redis_ca_file: Path | None = None
+    redis_certfile: Path | None = None  # a client certificate, where the server asks one
+    redis_keyfile: Path | None = None
+    redis_username: str | None = None
+    redis_password: str | None = None
+    redis_connect_timeout_s: float = 5.0
+    redis_socket_timeout_s: float = 30.0
+    # S3: the CA of a private MinIO (s3_secure on), its region (saves a lookup), timeouts.
+    s3_ca_file: Path | None = None
+    s3_region: str | None = None
+    s3_connect_timeout_s: float = 3.0
+    s3_read_timeout_s: float = 20.0
+    # MLflow tracking server: basic-auth user and password, or a bearer token; the CA of its
+    # TLS certificate; seconds before a request gives up.
+    mlflow_tracking_username: str | None = None
+    mlflow_tracking_password: str | None = None
+    mlflow_tracking_token: str | None = None
+    mlflow_ca_file: Path | None = None
+    mlflow_request_timeout_s: int = 120
+    mlflow_request_max_retries: int | None = None  # MLflow's default: 7, with backoff
+    # --- end of client connection settings ----------------------------------------------
+
     @field_validator("round_gates_by_fleet")
     @classmethod
     def _known_gates(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -164,11 +199,38 @@ class CloudSettings(BaseSettings):
         problems += self.mqtt_options().problems(production=True, prefix="EDGELOOP_")
         if self.mqtt_password in PLACEHOLDER_SECRETS:
             problems.append("EDGELOOP_MQTT_PASSWORD is a placeholder")
-        if not self.mlflow_tracking_uri.startswith(("http://", "https://")):
-            problems.append("EDGELOOP_MLFLOW_TRACKING_URI must be an MLflow server")
+        problems += self._unsafe_clients()
         if problems:
             raise ConfigError("unsafe production settings: " + "; ".join(problems))
         return self
+
+    def _unsafe_clients(self) -> list[str]:
+        """What production refuses in how PostgreSQL, Redis and MLflow are reached."""
+        problems = []
+        db = urlsplit(self.database_url)
+        sslmode = self.database_sslmode or parse_qs(db.query).get("sslmode", [None])[-1]
+        if sslmode not in ("verify-full", "verify-ca"):
+            problems.append(
+                "EDGELOOP_DATABASE_SSLMODE must be verify-full (or verify-ca): without it "
+                "PostgreSQL is reached without checking whose certificate it is"
+            )
+        redis_url = urlsplit(self.redis_url)
+        if redis_url.scheme != "rediss":
+            problems.append("EDGELOOP_REDIS_URL must be rediss:// (Redis over TLS)")
+        password = self.redis_password or redis_url.password
+        if not password or password in PLACEHOLDER_SECRETS:
+            problems.append("EDGELOOP_REDIS_PASSWORD is missing or a placeholder")
+        if not self.mlflow_tracking_uri.startswith("https://"):
+            problems.append("EDGELOOP_MLFLOW_TRACKING_URI must be an https:// MLflow server")
+        has_password = bool(self.mlflow_tracking_username and self.mlflow_tracking_password)
+        if not (has_password or self.mlflow_tracking_token):
+            problems.append(
+                "EDGELOOP_MLFLOW_TRACKING_USERNAME and _PASSWORD (or _TOKEN) must be set: "
+                "the tracking server runs with authentication"
+            )
+        elif has_password and self.mlflow_tracking_password in PLACEHOLDER_SECRETS:
+            problems.append("EDGELOOP_MLFLOW_TRACKING_PASSWORD is a placeholder")
+        return problems
 
     @property
     def resolved_database_url(self) -> str:

@@ -157,7 +157,7 @@ def run_demo(
     )
 
     migrate(settings.resolved_database_url)
-    sessions = session_factory(settings.resolved_database_url)
+    sessions = session_factory(settings.resolved_database_url, settings)
     store = LocalObjectStore(home / "objects")
     registry = open_registry(settings, fleet)
     register_dataset(store=store, name="base", data=_to_labelled(base))

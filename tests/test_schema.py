@@ -70,8 +70,16 @@ def test_production_accepts_safe_settings(monkeypatch):
         "S3_SECRET_KEY": "a-long-real-secret",
         "S3_SECURE": "true",
         "MQTT_TLS": "true",
+        "MQTT_USERNAME": "ingest",
         "MQTT_PASSWORD": "another-real-secret",
+        "MQTT_SYSTEM_CA": "true",  # a publicly signed broker: no CA file to name
         "MLFLOW_TRACKING_URI": "https://mlflow.example",
+        # How PostgreSQL, Redis and MLflow are reached (tests/test_client_settings.py).
+        "DATABASE_SSLMODE": "verify-full",
+        "REDIS_URL": "rediss://redis.example:6380/0",
+        "REDIS_PASSWORD": "a-real-redis-secret",
+        "MLFLOW_TRACKING_USERNAME": "edgeloop-worker",
+        "MLFLOW_TRACKING_PASSWORD": "a-real-mlflow-secret",
     }.items():
         monkeypatch.setenv(f"EDGELOOP_{key}", value)
     assert CloudSettings().mode == "production"

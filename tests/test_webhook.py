@@ -109,10 +109,13 @@ def test_a_replay_to_another_receiver_is_refused_through_redis(fleet):
     """Two receivers of one deployment (replicas, or one restarted) share the delivery ids
     in Redis: a delivery handled by one is refused by the other; one whose handling failed
     is let in again (MLflow's retry)."""
+    from cloud.config import CloudSettings
     from cloud.rollout.webhook import RedisSeen
+    from cloud.store.connect import redis_client
 
     require("Redis", REDIS_PORT)
-    shared = RedisSeen(f"redis://127.0.0.1:{REDIS_PORT}/15", prefix=f"test:{fleet}:")
+    settings = CloudSettings(redis_url=f"redis://127.0.0.1:{REDIS_PORT}/15")
+    shared = RedisSeen(redis_client(settings), prefix=f"test:{fleet}:")
     first, second = Verifier(SECRET, shared=shared), Verifier(SECRET, shared=shared)
     body = alias_event(f"edgeloop.{fleet}.cpu-fp32", "champion", "3")
     handled, failed = signed(body), signed(body)

@@ -185,6 +185,7 @@ def webhook_cmd(
 
     from cloud.config import get_settings
     from cloud.rollout.webhook import RedisSeen, WebhookServer, WebhookSettings
+    from cloud.store.connect import redis_client
     from cloud.tasks import app as celery
     from cloud.tracking.webhooks import ensure_webhook
 
@@ -212,7 +213,7 @@ def webhook_cmd(
         port=hook.port,
         tolerance_s=hook.tolerance_s,
         # Delivery ids in Redis: a replay to another replica, or after a restart, is refused.
-        shared=RedisSeen(get_settings().redis_url),
+        shared=RedisSeen(redis_client(get_settings())),
     )
     uri = get_settings().resolved_mlflow_uri
     if register and uri.startswith(("http://", "https://")):

@@ -1,5 +1,6 @@
-"""`edgeloop rollout status|pause|resume|abort`: what the rollouts are doing, and steering
-one (the Celery beat carries out what these record)."""
+"""`edgeloop rollout promote|status|pause|resume|abort`: a champion moved (its mover
+recorded), what the rollouts are doing, and steering one (the Celery beat carries out what
+these record)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from cloud.commands.common import sessions
 from shared.errors import EdgeloopError
 
 rollout_app = typer.Typer(
-    help="Rollouts of champion models to devices: status, pause, resume, abort.",
+    help="Rollouts of champion models to devices: promote, status, pause, resume, abort.",
     no_args_is_help=True,
 )
 
@@ -62,6 +63,7 @@ def _detail_lines(r: Any, updates: list[Any], deltas: Sequence[Any] = ()) -> lis
     lines = [
         f"rollout {r.id}: {r.fleet}/{r.profile} → {r.target_version} (MLflow version "
         f"{r.mlflow_version}, by {r.trigger}), {r.state}",
+        f"  champion moved by {r.moved_by or '-'}",
         f"  started {_when(r.created_at)}, finished {_when(r.finished_at)}, "
         f"release {r.release or '-'}, MLflow run {r.mlflow_run_id or '-'}",
     ]
@@ -178,3 +180,48 @@ def abort(
         raise _fail(exc) from exc
     then = "its devices roll back" if r.state == "rolling_back" else "no device was reached"
     typer.echo(f"rollout {r.id} {r.state}: {then}")
+
+
+@rollout_app.command("promote")
+def promote(
+    version: str = typer.Argument(..., help="The edgeloop version to make champion, e.g. v3."),
+    fleet: str = typer.Option(..., help="Its fleet."),
+    profile: str = typer.Option(..., help="Its hardware profile, e.g. rpi4-int8."),
+    by: str | None = typer.Option(
+        None,
+        help="Who moves it, recorded with the rollout it starts (default: your login name, "
+        "and the MLflow account of EDGELOOP_MLFLOW_TRACKING_USERNAME if set).",
+    ),
+) -> None:
+    """Move the profile's `champion` alias in MLflow to VERSION, recording who moved it:
+    the rollout it starts (by MLflow's webhook, or the next reconcile) shows the mover in
+    `edgeloop rollout status ID`. A move made in the MLflow UI starts a rollout too, but
+    MLflow's alias events name no user: its mover shows as unknown."""
+    import getpass
+
+    from cloud.config import get_settings
+    from cloud.rollout.controller import RolloutError
+    from cloud.tracking.registry import open_registry
+    from shared.package import model_name
+
+    settings = get_settings()
+    who = by or getpass.getuser()
+    account = settings.mlflow_tracking_username
+    if account and account != who:
+        who = f"{who} (MLflow account {account})"
+    try:
+        registry = open_registry(settings, fleet)
+        found = registry.find_version(fleet, profile, version)
+        if found is None:
+            raise RolloutError(
+                f"{model_name(fleet, profile)} has no registered version {version}",
+                reason="unknown_model_version",
+            )
+        registry.promote(model_name(fleet, profile), found[0], by=who)
+    except EdgeloopError as exc:
+        raise _fail(exc) from exc
+    typer.echo(
+        f"champion of {model_name(fleet, profile)} is now {version} (MLflow version "
+        f"{found[0]}), moved by {who}; its rollout starts at once (webhook) or at the next "
+        "reconcile: `edgeloop rollout status`"
+    )

@@ -60,17 +60,19 @@ def retrain(
 
     from cloud.config import get_settings
     from cloud.learn.rounds import where
+    from cloud.store.connect import redis_client
     from cloud.tasks import resume_round
     from cloud.tasks import retrain as retrain_task
+    from shared.errors import ConfigError
 
     if fleet is None and resume is None:
         typer.secho("error: give --fleet F (a new round) or --resume N", fg="red", err=True)
         raise typer.Exit(2)
     settings = get_settings()
-    url = settings.redis_url
+    url = settings.redis_url.split("@")[-1]  # no password in what is printed
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=3).ping()
-    except redis.RedisError as exc:
+        redis_client(settings.model_copy(update={"redis_connect_timeout_s": 3})).ping()
+    except (redis.RedisError, ConfigError) as exc:
         typer.secho(
             f"error: the Celery broker (Redis at {url}) does not answer: {exc}. Start Redis "
             "(scripts/services up) or set EDGELOOP_REDIS_URL, and run `edgeloop cloud worker`.",

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud.config import CloudSettings, get_settings
 from cloud.rollout.deltas import lineage, transfers
 from cloud.rollout.fleet import fleet_status, status_table
+from cloud.rollout.mover import Mover, MoverOf, moved_by, read_mover
 from cloud.rollout.settings import RolloutSettings, lock_fleet
 from cloud.rollout.steps import Signer, Step, Transport
 from cloud.store.db import Device, DeviceUpdate, Fleet, ModelVersion, Rollout, aware
@@ -38,8 +39,7 @@ TRANSFERS = "transfers.json"  # per device: payload offered (delta or package), 
 
 
 class RolloutError(EdgeloopError):
-    """A rollout cannot do what was asked (reason: unknown_rollout, unknown_model_version,
-    bad_state)."""
+    """A rollout cannot do what was asked (unknown_rollout, unknown_model_version, bad_state)."""
 
     reason = "rollout_error"
 
@@ -60,6 +60,7 @@ def start_rollout(
     mlflow_version: str,
     trigger: str = "alias",
     settings: CloudSettings | None = None,
+    mover: Mover | None = None,
 ) -> Rollout:
     """A rollout of ``fleet``/``profile`` to its registered ``mlflow_version``, superseding
     the active one. The same version as the newest rollout's returns that rollout while it
@@ -109,6 +110,7 @@ def start_rollout(
             mlflow_version=str(mlflow_version),
             trigger=trigger,
             params={"settings": asdict(cfg), "previous": previous, "sha256": mv.sha256},
+            moved_by=moved_by(mover, newest.created_at if newest else None, trigger),
         )
         session.add(row)
         session.flush()
@@ -233,6 +235,7 @@ def reconcile(
     sessions: sessionmaker,
     champions: dict[tuple[str, str], str],
     read_at: datetime | None = None,
+    mover_of: MoverOf | None = None,  # the version's moved-by tags (cloud.tracking)
 ) -> list[Rollout]:
     """Start a rollout for each (fleet, profile) whose champion (MLflow version, as the
     caller read it from the registry at ``read_at``) is not the newest rollout's; the ones
@@ -261,6 +264,7 @@ def reconcile(
                 profile=profile,
                 mlflow_version=str(mlflow_version),
                 trigger=trigger,
+                mover=read_mover(mover_of, fleet, profile, str(mlflow_version), trigger),
             )
         except EdgeloopError as exc:  # one fleet's missing row or bad settings: the others go on
             log.error("reconcile %s/%s: %s", fleet, profile, exc)

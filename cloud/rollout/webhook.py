@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Protocol
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +32,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from shared.errors import EdgeloopError
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +205,10 @@ class SeenStore(Protocol):
 class RedisSeen:
     """SeenStore in Redis: SET NX with an expiry, atomic across receivers."""
 
-    def __init__(self, url: str, *, prefix: str = "edgeloop:webhook:") -> None:
-        import redis
-
-        self.redis, self.prefix = redis.Redis.from_url(url), prefix
+    def __init__(self, client: redis.Redis, *, prefix: str = "edgeloop:webhook:") -> None:
+        """``client``: from cloud.store.connect.redis_client (the settings' TLS and
+        credentials)."""
+        self.redis, self.prefix = client, prefix
 
     def claim(self, delivery: str, *, ttl_s: float) -> bool:
         return bool(self.redis.set(self.prefix + delivery, 1, nx=True, ex=max(1, int(ttl_s))))

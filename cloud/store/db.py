@@ -26,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from cloud.config import CloudSettings, get_settings
 from shared.errors import ConfigError
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -199,6 +200,9 @@ class Rollout(Base):
     target_version: Mapped[str] = mapped_column(String(64), default="")
     mlflow_version: Mapped[str | None] = mapped_column(String(32))
     trigger: Mapped[str] = mapped_column(String(32), default="alias")  # alias | reconcile | init
+    # Who moved the champion alias (cloud.rollout.controller.moved_by); None: no move
+    # (devices enrolled since), or a rollout from before this was recorded.
+    moved_by: Mapped[str | None] = mapped_column(String(200))
     wave: Mapped[int] = mapped_column(Integer, default=0)  # the wave under way (0: canaries)
     plan: Mapped[list[Any]] = mapped_column(default=list)  # device ids per wave
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the settings it runs with
@@ -264,10 +268,17 @@ class Delta(Base):
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, settings: CloudSettings | None = None) -> Engine:
+    """An engine on ``url``; on PostgreSQL with the settings' TLS, CA, client certificate
+    and connect timeout (cloud.store.connect.pg_connect_args; default: this process's)."""
+    from cloud.store.connect import pg_connect_args
+
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    engine = create_engine(url, pool_pre_ping=True)
+    connect_args = {}
+    if url.startswith("postgresql"):
+        connect_args = pg_connect_args(settings or get_settings())
+    engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -295,9 +306,9 @@ def migrate(url: str, revision: str = "head", *, downgrade: bool = False) -> Non
         (command.downgrade if downgrade else command.upgrade)(cfg, revision)
 
 
-def session_factory(url: str) -> sessionmaker:
+def session_factory(url: str, settings: CloudSettings | None = None) -> sessionmaker:
     """Sessions on ``url``, as it is: migrate first (``migrate``) where the schema may lag."""
-    return sessionmaker(make_engine(url), expire_on_commit=False)
+    return sessionmaker(make_engine(url, settings), expire_on_commit=False)
 
 
 def require_schema(url: str) -> None:

@@ -89,19 +89,38 @@ class S3ObjectStore:
     """Any S3 API through the MinIO SDK (MinIO in production, SeaweedFS in tests)."""
 
     def __init__(
-        self, *, endpoint: str, access_key: str, secret_key: str, bucket: str, secure: bool = False
+        self,
+        *,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        secure: bool = False,
+        ca_file: str | None = None,
+        region: str | None = None,
+        connect_timeout_s: float = 3.0,
+        read_timeout_s: float = 20.0,
     ) -> None:
+        """``ca_file``: the CA that signed the endpoint's certificate (a private MinIO);
+        default: the system's. The certificate and host name are always checked over TLS."""
         import urllib3
         from minio import Minio
 
         # Short timeouts and few retries: a store that is down must surface as an error the
         # caller can act on (ingest withholds its ack), not as a minute-long hang.
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=3, read=20),
+            timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
             retries=urllib3.Retry(total=2, backoff_factor=0.2),
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=ca_file,
         )
         self.client = Minio(
-            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, http_client=http
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=http,
         )
         self.bucket = bucket
         self._call(self._ensure_bucket)
@@ -177,6 +196,10 @@ def open_store(settings: CloudSettings) -> ObjectStore:
             secret_key=settings.s3_secret_key,
             bucket=settings.s3_bucket,
             secure=settings.s3_secure,
+            ca_file=str(settings.s3_ca_file) if settings.s3_ca_file else None,
+            region=settings.s3_region,
+            connect_timeout_s=settings.s3_connect_timeout_s,
+            read_timeout_s=settings.s3_read_timeout_s,
         )
     return LocalObjectStore(settings.home / "objects")
 

@@ -14,12 +14,15 @@ from celery.schedules import crontab
 from celery.signals import worker_init
 
 from cloud.config import get_settings
+from cloud.store.connect import broker_transport_options, celery_connection
 
 log = logging.getLogger(__name__)
 
 settings = get_settings()
-app: Celery = Celery("edgeloop", broker=settings.redis_url, backend=settings.redis_url)
+app: Celery = Celery("edgeloop")
 app.conf.update(
+    # Broker and result backend: the settings' Redis URL, credentials, TLS and timeouts.
+    **celery_connection(settings),
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
@@ -27,7 +30,7 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     result_expires=7 * 24 * 3600,
     task_default_queue=settings.celery_queue,
-    broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout_s},
+    broker_transport_options=broker_transport_options(settings),
     beat_schedule={
         "edgeloop-check-triggers": {
             "task": "edgeloop.check_triggers",
@@ -83,7 +86,7 @@ def _services():
 
     s = get_settings()
     return (
-        session_factory(s.resolved_database_url),
+        session_factory(s.resolved_database_url, s),
         open_store(s),
         lambda fleet: open_registry(s, fleet),
     )

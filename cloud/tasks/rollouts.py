@@ -89,15 +89,17 @@ def rollout_on_alias(
     from cloud.rollout.controller import RolloutError, start_rollout
 
     sessions, _, _ = _services()
+    mover = None  # who moved the alias: the version's moved-by tags
     if trigger == "alias":
         # MLflow delivers from a thread pool, and retries: an event can arrive after a newer
         # move of the same alias. Only the version the alias names now is rolled out.
         try:
             current = _tracker().champions().get((fleet, profile))
+            mover = _tracker().mover(fleet, profile, str(mlflow_version))
         except Exception as exc:  # noqa: BLE001 - the registry down: trust the event
             log.warning("champion of %s/%s not re-read (%s): trusting the event", fleet,
                         profile, exc)  # fmt: skip
-            current = str(mlflow_version)
+            current, mover = str(mlflow_version), None
         if current != str(mlflow_version):
             log.info("champion event %s/%s → %s is stale (champion is %s): ignored", fleet,
                      profile, mlflow_version, current)  # fmt: skip
@@ -109,6 +111,7 @@ def rollout_on_alias(
             profile=profile,
             mlflow_version=str(mlflow_version),
             trigger=trigger,
+            mover=mover,
         )
     except RolloutError as exc:
         if exc.reason != "unknown_model_version":
@@ -149,7 +152,13 @@ def rollout_reconcile() -> list[int]:
 
     sessions, _, _ = _services()
     read_at = datetime.now(UTC)
-    started = reconcile(sessions=sessions, champions=_tracker().champions(), read_at=read_at)
+    tracker = _tracker()
+    started = reconcile(
+        sessions=sessions,
+        champions=tracker.champions(),
+        read_at=read_at,
+        mover_of=tracker.mover,
+    )
     for row in started:
         log.info("reconcile started rollout %d (%s/%s %s)", row.id, row.fleet, row.profile,
                  row.target_version)  # fmt: skip

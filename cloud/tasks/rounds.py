@@ -53,12 +53,12 @@ def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual")
     At most one round per fleet and profile is under way. A round a trigger asked for checks
     under the lock that it is still due, so two triggers that fire together, or one that
     fires again while a round runs, give one round."""
-    import redis
     from sqlalchemy import select
 
     from cloud.learn import rounds
     from cloud.learn.lock import RoundLock
     from cloud.learn.triggers import check
+    from cloud.store.connect import redis_client
     from cloud.store.db import Round
 
     task_id = self.request.id or "eager"
@@ -68,7 +68,7 @@ def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual")
         known = session.scalar(select(Round).where(Round.task_id == task_id))
     if known is not None and known.state == "done" and known.result is not None:
         return known.result  # delivered again after it finished: the same answer
-    lock = RoundLock(redis.Redis.from_url(s.redis_url), fleet, profile, ttl_s=s.round_lock_ttl_s)
+    lock = RoundLock(redis_client(s), fleet, profile, ttl_s=s.round_lock_ttl_s)
     if not lock.acquire():
         if known is not None:
             # Delivered again after its worker died: the dead worker's lock expires within
@@ -119,19 +119,16 @@ def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual")
 def _stage(task, round_id: int, stage: str) -> dict:
     """Run ``stage`` of round ``round_id`` holding the fleet's round lock (a copy of the same
     task delivered while the first still runs waits for it, then finds the stage done)."""
-    import redis
-
     from cloud.learn.lock import RoundLock
     from cloud.learn.rounds import finish_if_done, state_of
     from cloud.learn.runner import run_stage
     from cloud.learn.state import STAGES, Services
+    from cloud.store.connect import redis_client
 
     s = get_settings()
     sessions, store, registry = _services()
     st = state_of(sessions, round_id)
-    lock = RoundLock(
-        redis.Redis.from_url(s.redis_url), st.fleet, st.profile, ttl_s=s.round_lock_ttl_s
-    )
+    lock = RoundLock(redis_client(s), st.fleet, st.profile, ttl_s=s.round_lock_ttl_s)
     if not lock.acquire():
         # Another copy of this round's work holds it (or a dead worker did, until its
         # key expires): wait, then find the stage done or run it.
@@ -191,17 +188,14 @@ STAGE_TASKS = {
 def resume_round(self, round_id: int) -> dict:
     """Run a failed or stalled round again from its first stage not done; a round still
     under way is left to its chain."""
-    import redis
-
     from cloud.learn import rounds
     from cloud.learn.lock import RoundLock
+    from cloud.store.connect import redis_client
 
     s = get_settings()
     sessions, _, _ = _services()
     st = rounds.state_of(sessions, round_id)
-    lock = RoundLock(
-        redis.Redis.from_url(s.redis_url), st.fleet, st.profile, ttl_s=s.round_lock_ttl_s
-    )
+    lock = RoundLock(redis_client(s), st.fleet, st.profile, ttl_s=s.round_lock_ttl_s)
     if not lock.acquire():
         return {"skipped": f"round {round_id} is running; nothing to resume"}
     try:

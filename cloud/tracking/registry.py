@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,17 @@ from typing import Any
 import numpy as np
 
 from cloud.config import CloudSettings
+from cloud.tracking.connect import mlflow_client, refused
 from cloud.tracking.plots import confusion_figure, recall_figure
 from shared.package import ModelPackage, model_name
 
 log = logging.getLogger(__name__)
+
+
+# Who last moved ``champion`` to a version with our commands, and when (Unix seconds).
+MOVED_BY_TAG = "edgeloop.moved_by"
+MOVED_AT_TAG = "edgeloop.moved_at"
+ROUND_MOVER = "a learning round (its gates passed)"
 
 
 @dataclass(frozen=True)
@@ -32,27 +40,38 @@ def open_registry(settings: CloudSettings, fleet: str) -> Registry:
         settings.resolved_mlflow_uri,
         experiment=f"edgeloop-{fleet}",
         artifact_location=settings.mlflow_artifact_location,
+        settings=settings,
     )
 
 
 class Registry:
     def __init__(
-        self, tracking_uri: str, *, experiment: str, artifact_location: str | None = None
+        self,
+        tracking_uri: str,
+        *,
+        experiment: str,
+        artifact_location: str | None = None,
+        settings: CloudSettings | None = None,
     ) -> None:
         """``artifact_location``: where a new experiment keeps its artifacts; needed with a
-        file or sqlite store, which otherwise writes to ./mlruns of the current directory."""
+        file or sqlite store, which otherwise writes to ./mlruns of the current directory.
+        ``settings``: credentials, CA and timeout (default: this process's). A server that
+        refuses them is a ConfigError that says what to set."""
         import mlflow
-        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         self.mlflow = mlflow
+        self.client = mlflow_client(tracking_uri, settings)
         mlflow.set_tracking_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id
-            if found is not None
-            else self.client.create_experiment(experiment, artifact_location=artifact_location)
-        )
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (
+                found.experiment_id
+                if found is not None
+                else self.client.create_experiment(experiment, artifact_location=artifact_location)
+            )
+        except MlflowException as exc:
+            raise (refused(exc, tracking_uri) or exc) from exc
 
     def log_training_run(
         self,
@@ -122,7 +141,15 @@ class Registry:
         """``challenger`` always; ``champion`` too if it passed its gates."""
         self.client.set_registered_model_alias(name, "challenger", mlflow_version)
         if champion:
-            self.client.set_registered_model_alias(name, "champion", mlflow_version)
+            self.promote(name, mlflow_version, by=ROUND_MOVER)
+
+    def promote(self, name: str, mlflow_version: str, *, by: str) -> None:
+        """Move ``champion`` to ``mlflow_version``, recording ``by`` and the time on the
+        version first (MLflow's alias event names no user; the rollout it starts reads
+        these tags, and the webhook may be handled before this returns)."""
+        self.client.set_model_version_tag(name, mlflow_version, MOVED_BY_TAG, by[:200])
+        self.client.set_model_version_tag(name, mlflow_version, MOVED_AT_TAG, f"{time.time():.3f}")
+        self.client.set_registered_model_alias(name, "champion", mlflow_version)
 
     def find_version(
         self, fleet: str, profile: str, version: str

@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from cloud.config import CloudSettings
+from cloud.tracking.connect import mlflow_client
+from cloud.tracking.registry import MOVED_AT_TAG, MOVED_BY_TAG
+from shared.package import model_name
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +24,9 @@ TABLE = "fleet_status.json"  # one snapshot appended per wave and at the end (co
 
 def open_tracker(settings: CloudSettings) -> RolloutTracker:
     return RolloutTracker(
-        settings.resolved_mlflow_uri, artifact_location=settings.mlflow_artifact_location
+        settings.resolved_mlflow_uri,
+        artifact_location=settings.mlflow_artifact_location,
+        settings=settings,
     )
 
 
@@ -29,10 +34,14 @@ class RolloutTracker:
     """An MlflowClient (no fluent API: no process-wide active run, so a worker's threads
     may track rollouts side by side)."""
 
-    def __init__(self, tracking_uri: str, *, artifact_location: str | None = None) -> None:
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        artifact_location: str | None = None,
+        settings: CloudSettings | None = None,
+    ) -> None:
+        self.client = mlflow_client(tracking_uri, settings)
         self.artifact_location = artifact_location
         self._experiments: dict[str, str] = {}
 
@@ -117,6 +126,16 @@ class RolloutTracker:
         if reason:
             self.client.set_tag(run_id, "rollout_reason", reason[:5000])
         self.client.set_terminated(run_id, status=RUN_STATUS.get(state, "FINISHED"))
+
+    def mover(self, fleet: str, profile: str, mlflow_version: str) -> tuple[str, float] | None:
+        """(who, when) the version's ``edgeloop.moved_by`` / ``_at`` tags name: the last
+        move of ``champion`` to it by our commands; None if it has none."""
+        tags = self.client.get_model_version(model_name(fleet, profile), str(mlflow_version)).tags
+        tags = tags or {}
+        try:
+            return tags[MOVED_BY_TAG], float(tags[MOVED_AT_TAG])
+        except (KeyError, ValueError):
+            return None
 
     def champions(self) -> dict[tuple[str, str], str]:
         """(fleet, profile) → the MLflow version its ``champion`` alias names, for every

@@ -8,6 +8,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from cloud.config import CloudSettings
+from cloud.tracking.connect import mlflow_client
+
 log = logging.getLogger(__name__)
 
 ALIAS_CREATED: Final[Literal["model_version_alias.created"]] = "model_version_alias.created"
@@ -23,14 +26,17 @@ class WebhookInfo:
 
 
 def ensure_webhook(
-    *, tracking_uri: str, url: str, secret: str, name: str = DEFAULT_NAME
+    *,
+    tracking_uri: str,
+    url: str,
+    secret: str,
+    name: str = DEFAULT_NAME,
+    settings: CloudSettings | None = None,
 ) -> WebhookInfo:
     """Create the webhook ``name`` for ``model_version_alias.created``, delivering to
     ``url`` signed with ``secret``; if one of that name exists, point it there instead (and
     make it active), so running this again never adds a second."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_client(tracking_uri, settings)
     found = next((w for w in _all(client) if w.name == name), None)
     if found is None:
         hook = client.create_webhook(
@@ -49,11 +55,11 @@ def ensure_webhook(
     return WebhookInfo(found.webhook_id, name, url, created=False)
 
 
-def delete_webhook(*, tracking_uri: str, name: str = DEFAULT_NAME) -> bool:
+def delete_webhook(
+    *, tracking_uri: str, name: str = DEFAULT_NAME, settings: CloudSettings | None = None
+) -> bool:
     """Remove the webhook ``name`` (True if there was one)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_client(tracking_uri, settings)
     found = [w for w in _all(client) if w.name == name]
     for hook in found:
         client.delete_webhook(hook.webhook_id)

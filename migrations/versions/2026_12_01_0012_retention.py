@@ -2,7 +2,7 @@
 number is never reused, old rollouts still name it) and records when it expired
 
 Revision ID: 20261201_0012
-Revises: 20261201_0010
+Revises: 20261201_0011
 Create Date: 2026-12-01 00:12:00
 """
 
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "20261201_0012"
-down_revision = "20261201_0010"
+down_revision = "20261201_0011"
 branch_labels = None
 depends_on = None
 
