@@ -19,7 +19,9 @@ SAFE = {
     "s3_secret_key": "s3-secret-from-a-vault",
     "s3_secure": True,
     "mqtt_tls": True,
+    "mqtt_username": "ingest",
     "mqtt_password": "mqtt-password-from-a-vault",
+    "mqtt_system_ca": True,  # a publicly signed broker: no CA file to name
     "redis_url": "rediss://redis.plant.example:6380/0",
     "redis_password": "redis-password-from-a-vault",
     "mlflow_tracking_uri": "https://mlflow.plant.example",
