@@ -83,6 +83,11 @@ class CloudSettings(BaseSettings):
     trigger_min_new_labels: int = 50
     trigger_anomaly_rate_jump: float = 0.2
     trigger_max_age_h: float | None = 24 * 7
+    # Hours between the starts of two rounds of a fleet and profile, whatever fires (label
+    # floods or claimed anomalies cannot start rounds back to back), and the devices that
+    # must report before the fleet's median anomaly rate counts as drift.
+    trigger_min_interval_h: float = 1.0
+    trigger_drift_min_devices: int = 3
     # What a Celery round trains with (cloud.learning.RoundConfig): fine-tuning epochs,
     # windows per class in the replay reservoir, the compression pipeline's distillation
     # epochs, and the teacher's confidence bar for pseudo-labels (unset: none).

@@ -67,12 +67,47 @@ def test_drift_fires_on_an_anomaly_rate_jump_with_labels_only(fleet_db):
     with fleet_db() as s:
         s.get(Device, "d1").health = {"anomaly_rate": 0.5}
         s.commit()
-    assert _check(fleet_db, min_new_labels=99)
-    assert any(r.startswith("drift") for r in _check(fleet_db, min_new_labels=99).reasons)
+    one = {"min_new_labels": 99, "drift_min_devices": 1}
+    assert any(r.startswith("drift") for r in _check(fleet_db, **one).reasons)
+    # Fewer devices report than drift asks for: nothing.
+    assert _check(fleet_db, min_new_labels=99).reasons == []
     with fleet_db() as s:
         s.query(Label).filter(Label.id > 3).delete()
         s.commit()
+    assert _check(fleet_db, **one).reasons == []
+
+
+def test_one_device_claiming_anomalies_is_not_drift(fleet_db):
+    """The median of the fleet's rates: one device of three claiming 1.0 fires nothing;
+    two of three at 0.5 are the fleet's rate, and fire."""
+    with fleet_db() as s:
+        s.add_all(
+            Device(id=d, fleet="f", profile="p", online=True, health={"anomaly_rate": 0.1})
+            for d in ("d2", "d3")
+        )
+        s.get(Device, "d1").health = {"anomaly_rate": 1.0}
+        s.commit()
     assert _check(fleet_db, min_new_labels=99).reasons == []
+    with fleet_db() as s:
+        s.get(Device, "d2").health = {"anomaly_rate": 0.5}
+        s.commit()
+    assert [r for r in _check(fleet_db, min_new_labels=99).reasons if r.startswith("drift")] == [
+        "drift: anomaly rate 0.10→0.50"
+    ]
+
+
+def test_rounds_never_start_back_to_back(fleet_db):
+    """Whatever fires, no round starts within min_interval_h of the previous one's start:
+    a device flooding labels gets at most one round per interval."""
+    with fleet_db() as s:
+        s.add(
+            Round(task_id="t1", fleet="f", profile="p", version="v2", state="done",
+                  reason="", attempts=1, created_at=NOW - timedelta(minutes=5),
+                  updated_at=NOW - timedelta(minutes=1))
+        )  # fmt: skip
+        s.commit()
+    assert _check(fleet_db, min_new_labels=1, min_interval_h=1).reasons == []
+    assert _check(fleet_db, min_new_labels=1, min_interval_h=0.05).reasons == ["new_labels=2"]
 
 
 def test_schedule_fires_only_when_old_enough(fleet_db):
@@ -87,11 +122,14 @@ def test_a_failed_round_backs_off(fleet_db):
     with fleet_db() as s:
         s.add(
             Round(task_id="t1", fleet="f", profile="p", version="v2", state="failed",
-                  reason="", attempts=1, updated_at=NOW - timedelta(minutes=10))
+                  reason="", attempts=1, created_at=NOW - timedelta(minutes=10),
+                  updated_at=NOW - timedelta(minutes=10))
         )  # fmt: skip
         s.commit()
     assert _check(fleet_db, min_new_labels=1, backoff_h=1).reasons == []
-    assert _check(fleet_db, min_new_labels=1, backoff_h=0.1).reasons == ["new_labels=2"]
+    # (min_interval_h=0: the failed round also started 10 minutes ago.)
+    late = _check(fleet_db, min_new_labels=1, backoff_h=0.1, min_interval_h=0)
+    assert late.reasons == ["new_labels=2"]
     with fleet_db() as s:
         assert [
             d.fleet for d in due_rounds(session=s, policy=TriggerPolicy(min_new_labels=1), now=NOW)

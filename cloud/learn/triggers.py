@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from statistics import median
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -18,19 +19,25 @@ class TriggerPolicy:
     """A round is due when any rule fires (and the fleet has a model to start from):
 
     - ``min_new_labels`` labelled uploads arrived since the last round;
-    - drift: the mean anomaly rate the fleet's online devices report in their heartbeats is
-      ``anomaly_rate_jump`` above the rate recorded when the last round ran;
+    - drift: the median anomaly rate the fleet's online devices report in their heartbeats
+      is ``anomaly_rate_jump`` above the rate recorded when the last round ran, with at
+      least ``drift_min_devices`` devices reporting (the median: one device claiming 1.0
+      moves nothing while most of the fleet is calm);
     - schedule: ``max_age_h`` hours passed since the last round and at least one new label
       exists (a quiet fleet is not retrained for nothing).
 
-    Drift needs at least one new label too (a round learns from labels), and after a
-    failed round none starts for ``backoff_h``.
+    Drift needs at least one new label too (a round learns from labels), after a failed
+    round none starts for ``backoff_h``, and none starts within ``min_interval_h`` of the
+    previous round's start, whatever fires: devices that flip labels or claim anomalies
+    cannot start rounds back to back.
     """
 
     min_new_labels: int = 50
     anomaly_rate_jump: float = 0.2
     max_age_h: float | None = 24 * 7
     backoff_h: float = 1.0  # after a failed round, wait this long before the next
+    min_interval_h: float = 1.0  # between the starts of two rounds of a fleet and profile
+    drift_min_devices: int = 3
 
 
 @dataclass
@@ -42,15 +49,20 @@ class Due:
     anomaly_rate: float | None = None
 
 
-def fleet_anomaly_rate(session: Session, fleet: str, profile: str) -> float | None:
-    rates = [
+def device_anomaly_rates(session: Session, fleet: str, profile: str) -> list[float]:
+    return [
         float(d.health["anomaly_rate"])
         for d in session.scalars(
             select(Device).where(Device.fleet == fleet, Device.profile == profile, Device.online)
         )
         if d.health and "anomaly_rate" in d.health
     ]
-    return sum(rates) / len(rates) if rates else None
+
+
+def fleet_anomaly_rate(session: Session, fleet: str, profile: str) -> float | None:
+    """The median rate the online devices report (None: none reports)."""
+    rates = device_anomaly_rates(session, fleet, profile)
+    return float(median(rates)) if rates else None
 
 
 def check(
@@ -69,6 +81,11 @@ def check(
     ).first()
     if failed is not None and now - aware(failed.updated_at) < timedelta(hours=policy.backoff_h):
         return due  # the last round failed: not again every beat (its error is in the row)
+    started = session.scalar(
+        select(func.max(Round.created_at)).where(Round.fleet == fleet, Round.profile == profile)
+    )
+    if started is not None and now - aware(started) < timedelta(hours=policy.min_interval_h):
+        return due  # a round started a moment ago: the next waits, whatever claims arrive
     watermark = (last.baselines or {}).get("label_watermark")
     newer = Label.id > watermark if watermark is not None else Label.created_at > since
     due.new_labels = (
@@ -82,7 +99,8 @@ def check(
         )
         or 0
     )
-    due.anomaly_rate = fleet_anomaly_rate(session, fleet, profile)
+    rates = device_anomaly_rates(session, fleet, profile)
+    due.anomaly_rate = float(median(rates)) if rates else None
     if due.new_labels >= policy.min_new_labels:
         due.reasons.append(f"new_labels={due.new_labels}")
     baseline = (last.baselines or {}).get("fleet_anomaly_rate")
@@ -90,6 +108,7 @@ def check(
         due.anomaly_rate is not None
         and baseline is not None
         and due.new_labels > 0  # a round learns from labels: with none it can only fail
+        and len(rates) >= policy.drift_min_devices
         and due.anomaly_rate - float(baseline) >= policy.anomaly_rate_jump
     ):
         due.reasons.append(f"drift: anomaly rate {float(baseline):.2f}→{due.anomaly_rate:.2f}")

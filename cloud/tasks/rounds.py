@@ -21,6 +21,8 @@ def _policy():
         min_new_labels=s.trigger_min_new_labels,
         anomaly_rate_jump=s.trigger_anomaly_rate_jump,
         max_age_h=s.trigger_max_age_h,
+        min_interval_h=s.trigger_min_interval_h,
+        drift_min_devices=s.trigger_drift_min_devices,
     )
 
 
