@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared import jsonguard
 from shared.errors import PackageError
 
 FORMAT_VERSION = 1
@@ -102,6 +104,25 @@ def _check_entry(info: zipfile.ZipInfo) -> None:
         )
 
 
+_EOCD = b"PK\x05\x06"  # the zip's end-of-central-directory record
+_ENTRIES = struct.Struct("<HH")  # entries on this disk, entries in all, at offset 8
+
+
+def _check_directory(data: bytes) -> None:
+    """Refuse a zip whose directory claims other than two entries before zipfile reads it:
+    a directory of a million entries would be a million objects in memory. (0xFFFF, a
+    zip64 count, is refused too: a package never needs zip64.)"""
+    at = data.rfind(_EOCD, max(0, len(data) - (1 << 16) - 22))
+    if at < 0 or at + 12 > len(data):
+        return  # no directory: zipfile says so by name
+    entries = _ENTRIES.unpack_from(data, at + 8)
+    if entries != (2, 2):
+        raise PackageError(
+            f"package directory claims {entries[1]} entries, expected manifest.json and model.onnx",
+            reason="corrupt_package",
+        )
+
+
 class ModelPackage:
     """A package read from bytes, with every check done: open it, or PackageError says why."""
 
@@ -113,6 +134,7 @@ class ModelPackage:
                 f"{expected_sha256[:12]}…",
                 reason="sha_mismatch",
             )
+        _check_directory(data)
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 names = zf.namelist()
@@ -132,7 +154,10 @@ class ModelPackage:
         except KeyError as exc:  # pragma: no cover - namelist check above covers it
             raise PackageError(str(exc), reason="corrupt_package") from exc
         try:
+            jsonguard.check(raw_manifest, max_bytes=MAX_MANIFEST_BYTES)
             self.manifest = Manifest.model_validate_json(raw_manifest)
+        except jsonguard.JsonRefused as exc:
+            raise PackageError(f"package manifest refused: {exc}", reason="bad_manifest") from exc
         except ValidationError as exc:
             raise PackageError(
                 f"package manifest is invalid: {exc.errors()[0]['msg']}", reason="bad_manifest"
