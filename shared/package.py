@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared import jsonguard
@@ -27,6 +28,9 @@ FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_GRAPH_BYTES = 64 << 20  # shared.messages.MAX_PACKAGE_BYTES, the largest target
 _CAPS = {"manifest.json": MAX_MANIFEST_BYTES, "model.onnx": MAX_GRAPH_BYTES}
+# A model's standardised input is clipped to ±CLIP_SIGMA of its training spread
+# (cloud.model.standardise); the manifest's ``input_range`` is that range in raw values.
+CLIP_SIGMA = 50.0
 
 
 def model_name(fleet: str, profile: str) -> str:
@@ -59,6 +63,39 @@ class Manifest(BaseModel):
     graph_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     tensor_sha256: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+def input_range(manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
+    """(low, high), float32 (C,) each: the raw values per channel that the package's model
+    standardises within ±CLIP_SIGMA. From ``metadata.input_range`` (packages since issue
+    15); for an older package, estimated from its ``ood`` calibration (a channel's level
+    ± CLIP_SIGMA × its spread around normal operation); None if it has neither. A range
+    of the wrong shape, not finite or inverted is a bad_manifest."""
+    c = manifest.input.channels
+    meta = manifest.metadata
+    try:
+        if isinstance(meta.get("input_range"), dict):
+            low = np.asarray(meta["input_range"]["low"], dtype=np.float32)
+            high = np.asarray(meta["input_range"]["high"], dtype=np.float32)
+        elif isinstance(meta.get("ood"), dict):
+            f_mean = np.asarray(meta["ood"]["feature_mean"], dtype=np.float64)
+            f_std = np.asarray(meta["ood"]["feature_std"], dtype=np.float64)
+            level, spread = f_mean[:c], np.hypot(f_mean[c:], f_std[:c])
+            low = (level - CLIP_SIGMA * spread).astype(np.float32)
+            high = (level + CLIP_SIGMA * spread).astype(np.float32)
+        else:
+            return None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"package input range unreadable: {exc}", reason="bad_manifest") from exc
+    if (
+        low.shape != (c,)
+        or high.shape != (c,)
+        or not (np.isfinite(low).all() and np.isfinite(high).all() and (low <= high).all())
+    ):
+        raise PackageError(
+            f"package input range must be {c} finite (low, high) pairs", reason="bad_manifest"
+        )
+    return low, high
 
 
 def sha256_hex(data: bytes) -> str:
