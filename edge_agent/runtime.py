@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_agent.scoring import scorers_for
-from shared.errors import PackageError
+from shared.errors import DataError, PackageError
 from shared.features import window_features
 from shared.package import ModelPackage, input_range
 
@@ -101,13 +101,16 @@ class ModelRuntime:
 
     def clip(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``windows`` (B, T, C) clipped into the package's input range, and which of them
-        held a value outside it ((B,) bool; None when none did, the common case, which
-        costs two comparisons). NaN is left as it is: the agent refuses it by name."""
+        held a finite value outside it ((B,) bool; None when none did, the common case,
+        which costs two comparisons). NaN or infinity is the sensor's fault too, but not a
+        value to clip: DataError ``non_finite``."""
         if self.range is None:
             return windows, None
         low, high = self.range
-        if not ((windows > high).any() or (windows < low).any()):
+        if (windows >= low).all() and (windows <= high).all():  # NaN fails both
             return windows, None
+        if not np.isfinite(windows).all():
+            raise DataError("window holds NaN or infinity", reason="non_finite")
         flagged = np.asarray(((windows > high) | (windows < low)).any(axis=(1, 2)))
         return np.clip(windows, low, high), flagged
 
