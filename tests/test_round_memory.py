@@ -124,3 +124,34 @@ def test_a_round_reads_back_at_most_the_cap(uploads, fleet, monkeypatch):
     assert counting.windows_read == 20 < len(labels)
     assert all(content_sha256(w) == u.sha256 for w, u in zip(x, chosen, strict=True))
     assert np.isfinite(x).all()
+
+
+def test_a_round_over_more_uploads_than_the_cap_trains_on_at_most_the_cap(
+    pg_url, s3_store, mlflow_uri, fleet, tep_small
+):
+    """A real round's train stage over a fleet with 56 labelled uploads of a new fault and
+    a cap of 20: it learns from at most 20 of them (fit, validation and held-out together)
+    and reads back from S3 at most 20 uploaded windows."""
+    from dataclasses import replace
+
+    from cloud.learn import rounds
+    from cloud.learn.runner import run_stage
+    from cloud.learn.state import RoundConfig, Services
+    from cloud.model.configs import TrainConfig
+
+    from .test_learning import seed_fleet
+
+    cfg = RoundConfig(fleet=fleet, train=TrainConfig(epochs=15, lr=2e-3))
+    sessions, store, registry, cfg, _ = seed_fleet(pg_url, s3_store, mlflow_uri, fleet,
+                                                   tep_small, cfg)  # fmt: skip
+    with sessions() as s:
+        uploaded = s.query(Sample).count()
+    assert uploaded == 56
+    counting = CountingStore(store)
+    cfg = replace(cfg, max_windows=20, train=TrainConfig(epochs=2, lr=2e-3))
+    row = rounds.reserve(sessions=sessions, task_id="t-cap", fleet=fleet, profile=cfg.profile,
+                         reason="test", config=cfg.to_dict())  # fmt: skip
+    out = run_stage(Services(sessions, counting, registry), row.id, "train")
+    learnt = len(out["fit"]) + len(out["validation"]) + len(out["holdout"])
+    assert 0 < learnt <= 20 and learnt + out["lineage"]["gap_windows"] <= 20
+    assert counting.windows_read <= 20
