@@ -27,7 +27,7 @@ from shared.messages import MAX_UPDATE_MESSAGE_BYTES, Ack, decode
 from shared.package import MAX_MANIFEST_BYTES, ModelPackage
 from shared.topics import topic
 
-from .conftest import HOST, make_agent, scaled_examples, wait_for, windows_of
+from .conftest import HOST, make_agent, wait_for, windows_of
 
 FUZZ = settings(deadline=None)  # examples: the profile; time is bounded by each test
 PER_EXAMPLE_S = 2.0  # far above any honest decode here (milliseconds): a hang, not noise
@@ -125,7 +125,7 @@ def _refused(data: bytes) -> str:
 REASONS = ("corrupt_package", "bad_manifest", "sha_mismatch")
 
 
-@settings(FUZZ, max_examples=scaled_examples(3))  # each example hashes a real package
+@FUZZ
 @given(data=st.data())
 def test_damaged_packages_are_refused_by_name(tiny_package, data):
     """A real package with a flipped bit, cut short, extended, or with its manifest
