@@ -119,3 +119,40 @@ def test_cloud_scores_an_extreme_window_as_the_device_does(tiny_package, tep_sma
     assert np.isfinite(device).all() and np.isfinite(cloud).all()
     np.testing.assert_allclose(device, cloud, rtol=1e-4, atol=1e-3)
     assert device.argmax() == cloud.argmax()
+
+
+def _with_metadata(package: bytes, **changes) -> ModelPackage:
+    """The package again with its manifest's metadata changed (None drops a key)."""
+    from shared.package import build_package
+
+    pkg = ModelPackage(package)
+    meta = {k: v for k, v in {**pkg.manifest.metadata, **changes}.items() if v is not None}
+    manifest = pkg.manifest.model_copy(update={"metadata": meta})
+    return ModelPackage(build_package(graph=pkg.graph, manifest=manifest))
+
+
+def test_a_package_without_a_range_gets_one_from_its_ood_calibration(tiny_package, tep_small):
+    """A package made before input_range (its ood calibration only): the device estimates
+    the range from the calibration; every golden window lies inside it and 1e38 does not."""
+    _, golden = tep_small
+    old = _with_metadata(tiny_package[0], input_range=None)
+    low, high = input_range(old.manifest)
+    assert ((golden.x >= low) & (golden.x <= high)).all()
+    assert (high < 1e38).all() and (low > -1e38).all()
+    det = ModelRuntime(old).detect(_extreme(golden.x[0], 1e38)[None])[0]
+    assert det.out_of_range and np.isfinite(det.scores["energy"])
+    assert input_range(_with_metadata(tiny_package[0], input_range=None, ood=None).manifest) is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"low": [0.0], "high": [1.0]}, {"low": "x"}, {"low": [1.0] * 53, "high": [0.0] * 53}],
+)
+def test_a_malformed_range_is_a_bad_manifest(tiny_package, bad):
+    """A range of the wrong length, unreadable or inverted: the package is refused by name
+    when the device loads it."""
+    from shared.errors import PackageError
+
+    with pytest.raises(PackageError) as err:
+        ModelRuntime(_with_metadata(tiny_package[0], input_range=bad))
+    assert err.value.reason == "bad_manifest"
