@@ -99,6 +99,10 @@ class CloudSettings(BaseSettings):
     round_delta_friendly: bool = True
     round_close_tolerance_pts: float = 1.0
     round_pseudo_label_min_confidence: float | None = None
+    # --- Round memory (issue 15) ---
+    # The most new labelled windows one round loads (cloud.learn.data.labelled_uploads):
+    # past it, a class-balanced sample, reservoir by reservoir, drawn with the round's seed.
+    round_max_windows: int = 20_000
     # A round's gates, set to the product's goals: each new class's recall on held-out
     # uploads, the old classes' macro-F1 drop and the detection-rate drop on the golden set
     # (points). Per fleet: EDGELOOP_ROUND_GATES_BY_FLEET='{"plant-a": {"min_new_recall": 0.8}}'.

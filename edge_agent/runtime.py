@@ -9,9 +9,9 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_agent.scoring import scorers_for
-from shared.errors import PackageError
+from shared.errors import DataError, PackageError
 from shared.features import window_features
-from shared.package import ModelPackage
+from shared.package import ModelPackage, input_range
 
 _F32 = np.dtype(np.float32)
 
@@ -24,6 +24,9 @@ class Detection(NamedTuple):
     confidence: float  # max softmax probability
     scores: dict[str, float]
     features: np.ndarray | None = None  # (2C,) channel means and spreads, when the graph has them
+    # A value outside the package's input range: clipped before scoring (the sensor's
+    # fault, not the model's), and the selector uploads the window as "ood".
+    out_of_range: bool = False
 
 
 class ModelRuntime:
@@ -47,6 +50,8 @@ class ModelRuntime:
         self.shape = (spec.window, spec.channels)
         self.class_names = package.manifest.class_names
         self.scorers = scorers_for(package.manifest.metadata)
+        # (low, high) per channel, or None for a package that carries no range.
+        self.range = input_range(package.manifest)
         outputs = self.outputs = [o.name for o in self.session.get_outputs()]
         # Packages from edgeloop's cloud compute the scores in the graph (one ORT call, no
         # per-window numpy); any other ONNX classifier gets them from edge_agent.scoring.
@@ -63,11 +68,12 @@ class ModelRuntime:
         # This runs on every window: one ORT call, then plain Python on a few numbers.
         if windows.dtype is not _F32:  # an identity test: astype(copy=False) costs 0.3 µs
             windows = windows.astype(np.float32)
+        windows, flagged = self.clip(windows)
         if self.graph_scores:
             logits, energy, confidence, distance, features = self._run(windows)
             if len(logits) == 1:  # the agent's path, once per window: no per-column lists
                 one = self._one(logits, energy.item(), confidence.item(), distance.item(), features)
-                return [one]
+                return [one if flagged is None else one._replace(out_of_range=bool(flagged[0]))]
             scores = {"energy": energy, "max_softmax": 1.0 - confidence, "distance": distance}
         else:
             logits = self._run(windows)[0]
@@ -81,15 +87,32 @@ class ModelRuntime:
             raise PackageError("the model produced non-finite logits", reason="bad_output")
         best = logits.argmax(axis=1).tolist()
         conf = confidence.tolist()
+        out = [False] * len(best) if flagged is None else flagged.tolist()
         return [
             Detection(
                 self.class_names[k],
                 conf[i],
                 {name: col[i] for name, col in columns.items()},
                 None if features is None else features[i],
+                out[i],
             )
             for i, k in enumerate(best)
         ]
+
+    def clip(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``windows`` (B, T, C) clipped into the package's input range, and which of them
+        held a finite value outside it ((B,) bool; None when none did, the common case,
+        which costs two comparisons). NaN or infinity is the sensor's fault too, but not a
+        value to clip: DataError ``non_finite``."""
+        if self.range is None:
+            return windows, None
+        low, high = self.range
+        if (windows >= low).all() and (windows <= high).all():  # NaN fails both
+            return windows, None
+        if not np.isfinite(windows).all():
+            raise DataError("window holds NaN or infinity", reason="non_finite")
+        flagged = np.asarray(((windows > high) | (windows < low)).any(axis=(1, 2)))
+        return np.clip(windows, low, high), flagged
 
     def _one(
         self, logits: np.ndarray, energy: float, confidence: float, distance: float, features

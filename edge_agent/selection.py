@@ -14,7 +14,8 @@ from shared.features import window_features
 class Selector:
     """Candidates are uncertain, out-of-distribution or predicted-faulty windows.
 
-    Out of distribution: the package's calibrated feature distance exceeds its threshold,
+    Out of distribution: the window held a value outside the package's input range (the
+    runtime clipped it), the package's calibrated feature distance exceeds its threshold,
     or (when configured) the energy score exceeds ``ood_energy_above``.
 
     Two brakes stop one long event from filling the uplink: a byte budget per hour (a token
@@ -56,8 +57,10 @@ class Selector:
             out.append("uncertain")
         if det.predicted != self.normal_class:
             out.append("faulty")
-        if det.scores.get("distance", 0.0) > 1.0 or (
-            self.ood_energy_above is not None and det.scores["energy"] > self.ood_energy_above
+        if (
+            det.out_of_range
+            or det.scores.get("distance", 0.0) > 1.0
+            or (self.ood_energy_above is not None and det.scores["energy"] > self.ood_energy_above)
         ):
             out.append("ood")
         return tuple(out)

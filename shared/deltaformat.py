@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import struct
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -29,6 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import zstandard as zstd
 
+from shared import jsonguard
 from shared.errors import PackageError
 from shared.package import canonical_json
 
@@ -298,7 +298,7 @@ def read_header(delta: bytes | BinaryIO) -> DeltaHeader:
         text = read_exact(reader, MAX_HEADER_BYTES + 1)
         if len(text) > MAX_HEADER_BYTES:
             raise fail("delta_too_large", "delta header expands past its cap")
-        raw = json.loads(text)
+        raw = jsonguard.loads_bounded(text, max_bytes=MAX_HEADER_BYTES)  # never RecursionError
     except (zstd.ZstdError, ValueError, RecursionError) as exc:
         if isinstance(exc, DeltaError):
             raise

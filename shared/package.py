@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared import jsonguard
 from shared.errors import PackageError
 
 FORMAT_VERSION = 1
@@ -25,6 +28,12 @@ FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_GRAPH_BYTES = 64 << 20  # shared.messages.MAX_PACKAGE_BYTES, the largest target
 _CAPS = {"manifest.json": MAX_MANIFEST_BYTES, "model.onnx": MAX_GRAPH_BYTES}
+# A model's standardised input is clipped to ±CLIP_SIGMA of its training spread
+# (cloud.model.standardise); the manifest's ``input_range`` is that range in raw values.
+# Far past real faults (TEP's reach 190 spreads: a clip at 50 would change what the model
+# sees of them), far below what overflows a layer (1e38 does). The graph bakes it in, so
+# it is a constant, not a setting: a device follows the range its package records.
+CLIP_SIGMA = 1000.0
 
 
 def model_name(fleet: str, profile: str) -> str:
@@ -57,6 +66,39 @@ class Manifest(BaseModel):
     graph_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     tensor_sha256: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+def input_range(manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
+    """(low, high), float32 (C,) each: the raw values per channel that the package's model
+    standardises within ±CLIP_SIGMA. From ``metadata.input_range`` (packages since issue
+    15); for an older package, estimated from its ``ood`` calibration (a channel's level
+    ± CLIP_SIGMA × its spread around normal operation); None if it has neither. A range
+    of the wrong shape, not finite or inverted is a bad_manifest."""
+    c = manifest.input.channels
+    meta = manifest.metadata
+    try:
+        if isinstance(meta.get("input_range"), dict):
+            low = np.asarray(meta["input_range"]["low"], dtype=np.float32)
+            high = np.asarray(meta["input_range"]["high"], dtype=np.float32)
+        elif isinstance(meta.get("ood"), dict):
+            f_mean = np.asarray(meta["ood"]["feature_mean"], dtype=np.float64)
+            f_std = np.asarray(meta["ood"]["feature_std"], dtype=np.float64)
+            level, spread = f_mean[:c], np.hypot(f_mean[c:], f_std[:c])
+            low = (level - CLIP_SIGMA * spread).astype(np.float32)
+            high = (level + CLIP_SIGMA * spread).astype(np.float32)
+        else:
+            return None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"package input range unreadable: {exc}", reason="bad_manifest") from exc
+    if (
+        low.shape != (c,)
+        or high.shape != (c,)
+        or not (np.isfinite(low).all() and np.isfinite(high).all() and (low <= high).all())
+    ):
+        raise PackageError(
+            f"package input range must be {c} finite (low, high) pairs", reason="bad_manifest"
+        )
+    return low, high
 
 
 def sha256_hex(data: bytes) -> str:
@@ -102,6 +144,25 @@ def _check_entry(info: zipfile.ZipInfo) -> None:
         )
 
 
+_EOCD = b"PK\x05\x06"  # the zip's end-of-central-directory record
+_ENTRIES = struct.Struct("<HH")  # entries on this disk, entries in all, at offset 8
+
+
+def _check_directory(data: bytes) -> None:
+    """Refuse a zip whose directory claims other than two entries before zipfile reads it:
+    a directory of a million entries would be a million objects in memory. (0xFFFF, a
+    zip64 count, is refused too: a package never needs zip64.)"""
+    at = data.rfind(_EOCD, max(0, len(data) - (1 << 16) - 22))
+    if at < 0 or at + 12 > len(data):
+        return  # no directory: zipfile says so by name
+    entries = _ENTRIES.unpack_from(data, at + 8)
+    if entries != (2, 2):
+        raise PackageError(
+            f"package directory claims {entries[1]} entries, expected manifest.json and model.onnx",
+            reason="corrupt_package",
+        )
+
+
 class ModelPackage:
     """A package read from bytes, with every check done: open it, or PackageError says why."""
 
@@ -113,6 +174,7 @@ class ModelPackage:
                 f"{expected_sha256[:12]}…",
                 reason="sha_mismatch",
             )
+        _check_directory(data)
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 names = zf.namelist()
@@ -132,7 +194,10 @@ class ModelPackage:
         except KeyError as exc:  # pragma: no cover - namelist check above covers it
             raise PackageError(str(exc), reason="corrupt_package") from exc
         try:
+            jsonguard.check(raw_manifest, max_bytes=MAX_MANIFEST_BYTES)
             self.manifest = Manifest.model_validate_json(raw_manifest)
+        except jsonguard.JsonRefused as exc:
+            raise PackageError(f"package manifest refused: {exc}", reason="bad_manifest") from exc
         except ValidationError as exc:
             raise PackageError(
                 f"package manifest is invalid: {exc.errors()[0]['msg']}", reason="bad_manifest"

@@ -25,8 +25,9 @@ from tuf.api import exceptions
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
+from shared import jsonguard
 from shared.errors import PackageError
-from shared.messages import UPDATE_REASONS
+from shared.messages import MAX_UPDATE_MESSAGE_BYTES, UPDATE_REASONS
 
 RELEASES = "releases"  # the delegated role that holds every target; its version = release
 CUSTOM = "edgeloop"  # the key of our custom fields in a target entry
@@ -91,6 +92,18 @@ class _OfferFetcher(FetcherInterface):
         if url.startswith(TARGETS_URL) and self._chunks is not None:
             return self._chunks()
         raise exceptions.DownloadHTTPError(f"nothing is offered at {url}", 404)
+
+
+def _bounded(metadata: Mapping[str, str]) -> Mapping[str, str]:
+    """The offer's metadata, each file checked for size and nesting before ngclient parses
+    it (json.loads recurses once per level): a file too deep or too large is not validly
+    signed metadata for us, refused as ngclient refuses one that does not parse."""
+    for name, text in metadata.items():
+        try:
+            jsonguard.check(text, max_bytes=MAX_UPDATE_MESSAGE_BYTES)
+        except jsonguard.JsonRefused as exc:
+            raise UpdateRefused(f"metadata {name} refused: {exc}", reason="bad_signature") from exc
+    return metadata
 
 
 @contextmanager
@@ -168,6 +181,7 @@ class DeviceTrust:
     def enroll(metadata_dir: Path, root: bytes) -> None:
         """Trust ``root`` (the fleet's root metadata from enrollment) from now on, replacing
         whatever this directory trusted before. A root that does not verify is refused."""
+        _bounded({"root.json": root.decode("utf-8", "replace")})
         metadata_dir = Path(metadata_dir)
         metadata_dir.mkdir(parents=True, exist_ok=True)
         with _staged(metadata_dir, fresh=True) as stage, _refusals():
@@ -189,6 +203,7 @@ class DeviceTrust:
         release assigns to this device (None if it assigns none). ``offered`` is the
         target the cloud expects: one in the release but not for this device is refused
         (mix_and_match); one not in the release at all is a stale offer and ignored."""
+        metadata = _bounded(metadata)
         with _staged(self._require()) as stage, _refusals():
             updater = self._updater(stage, metadata)
             updater.refresh()
@@ -204,6 +219,7 @@ class DeviceTrust:
         """The target's bytes, fetched from ``chunks()`` by ngclient's ``download_target``,
         which stops at the signed length (endless_data) and checks the signed hashes
         (bad_hash). Errors ``chunks()`` raises itself propagate unchanged."""
+        metadata = _bounded(metadata)
         with _staged(self._require()) as stage, _refusals():
             updater = self._updater(stage, metadata, chunks)
             updater.refresh()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+from hypothesis import HealthCheck, settings
 
 HOST = "127.0.0.1"
 PG_PORT = int(os.environ.get("EDGELOOP_POSTGRES_PORT", 5432))
@@ -22,6 +23,34 @@ S3_SECRET = os.environ.get("EDGELOOP_S3_SECRET_KEY", "edgeloop-dev-secret")
 ROOT = Path(__file__).resolve().parent.parent
 # Simulated TEP episodes are deterministic: cache them across tests and runs.
 TEP_CACHE = Path(os.environ.get("EDGELOOP_TEST_CACHE", ROOT / ".edgeloop" / "test-cache"))
+
+
+# --- Hypothesis profiles (issue 15) -------------------------------------------------------
+# Fuzz tests carry no max_examples of their own: they follow the profile chosen by
+# HYPOTHESIS_PROFILE (or pytest's --hypothesis-profile, which wins). `ci`, the default, is a
+# few hundred examples derived from a fixed seed, so a CI run is repeatable; `full` is
+# thousands, random each run, for a search before a release:
+#   HYPOTHESIS_PROFILE=full scripts/test -k fuzz
+# A test whose every example is slow (a real package, a service round trip) scales the
+# profile down with `scaled_examples(divisor)` and says why next to it.
+_FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile(
+    "ci", max_examples=300, deadline=None, derandomize=True, suppress_health_check=_FUZZ_HEALTH
+)
+settings.register_profile(
+    "full", max_examples=5000, deadline=None, suppress_health_check=_FUZZ_HEALTH
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def scaled_examples(divisor: int) -> int:
+    """The loaded profile's example count divided by ``divisor`` (at least 10): for a test
+    that costs many times a plain decode per example. Read at import, after any
+    --hypothesis-profile was applied."""
+    return max(10, settings.default.max_examples // divisor)
+
+
+# --- end of the Hypothesis profiles ---------------------------------------------------------
 
 
 def _answers(port: int) -> bool:

@@ -30,7 +30,7 @@ from shared.delta import (
 from shared.deltaformat import MAGIC, VERSION
 from shared.package import InputSpec, Manifest, ModelPackage, build_package, sha256_hex
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(deadline=None, suppress_health_check=list(HealthCheck))  # examples: the profile
 REASONS = {
     "delta_base_mismatch",
     "delta_truncated",
@@ -307,7 +307,7 @@ def _refused(base: bytes, delta: bytes, **kw) -> str:
     return info.value.reason
 
 
-@settings(FUZZ, max_examples=120)
+@settings(FUZZ)
 @given(data=st.data())
 def test_bit_flip_anywhere_is_refused(real_delta, data):
     """Any single flipped bit, anywhere in the delta, is refused with a named reason."""
@@ -320,7 +320,7 @@ def test_bit_flip_anywhere_is_refused(real_delta, data):
     _refused(base, bytes(bad))
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ)
 @given(data=st.data())
 def test_truncated_or_extended_delta_is_refused_before_writing(real_delta, data):
     """Any prefix, or the delta with bytes appended, is refused before a byte is written."""

@@ -324,7 +324,7 @@ def test_fuzzed_payloads_are_dead_lettered(pg_url, s3_store, fleet):
 
     reached: dict[str, set[str]] = {}
 
-    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(deadline=None, suppress_health_check=list(HealthCheck))
     @given(_mutations())
     def check(mutation):
         before, _ = dead_letters()

@@ -4,6 +4,8 @@ out), its teacher's checkpoint, its replay reservoir, and the golden set."""
 from __future__ import annotations
 
 import contextlib
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -40,43 +42,103 @@ class Upload:
     captured_at: datetime  # the window's last sample (cloud.learn.split)
 
 
-def labelled_uploads(*, sessions: sessionmaker, fleet: str, upto: int) -> list[Upload]:
-    """Every uploaded window of ``fleet`` with a label of id ≤ ``upto``, with the label that
-    wins (an operator's over a device's over a teacher's), in sample id order."""
-    with sessions() as session:
-        rows = session.execute(
-            select(
-                Sample.id,
-                Sample.content_sha256,
-                Sample.object_key,
-                Sample.object_index,
-                Label.label,
-                Label.source,
-                Label.id.label("label_id"),
-                Sample.device_id,
-                Sample.captured_at,
-            )
-            .join(Label, Label.sample_id == Sample.id)
-            .where(Sample.fleet == fleet, Label.id <= upto)
-        ).all()
-    best: dict[str, Any] = {}
-    for r in rows:
-        if r.id not in best or SOURCE_RANK[r.source] < SOURCE_RANK[best[r.id].source]:
-            best[r.id] = r
-    return [
-        Upload(
-            r.id,
-            r.content_sha256,
-            r.object_key,
-            r.object_index,
-            r.label,
-            r.source,
-            r.label_id,
-            r.device_id,
-            aware(r.captured_at),
+PAGE_ROWS = 1000  # label rows read from PostgreSQL at a time
+
+
+def labelled_uploads(
+    *,
+    sessions: sessionmaker,
+    fleet: str,
+    upto: int,
+    since: int = 0,
+    cap: int | None = None,
+    seed: int = 0,
+) -> list[Upload]:
+    """The uploaded windows of ``fleet`` whose winning label (an operator's over a device's
+    over a teacher's, among labels of id ≤ ``upto``) is newer than ``since``, in sample id
+    order: what a round learns from.
+
+    Read in pages of PAGE_ROWS label rows, never all at once. With ``cap``, at most that
+    many: each class keeps a reservoir (Algorithm R, ``random.Random(seed)``, so a round
+    rerun picks the same windows) and, past the cap, the classes share it evenly, a class
+    with fewer windows than its share giving the rest to the others. What is held meanwhile
+    is the rows' ids and labels, at most ``cap`` per class; the windows themselves are
+    loaded later, for the chosen ones only."""
+    rng = random.Random(seed)
+    kept: dict[str, list[Upload]] = {}
+    seen: dict[str, int] = {}
+    for upload in _winners(sessions, fleet, upto, since):
+        n = seen[upload.label] = seen.get(upload.label, 0) + 1
+        pool = kept.setdefault(upload.label, [])
+        if cap is None or len(pool) < cap:
+            pool.append(upload)
+        elif (j := rng.randrange(n)) < cap:
+            pool[j] = upload
+    chosen: list[Upload] = []
+    for label, share in _shares({c: len(p) for c, p in kept.items()}, cap).items():
+        pool = kept[label]
+        chosen += pool if share >= len(pool) else rng.sample(pool, share)
+    return sorted(chosen, key=lambda u: u.sample_id)
+
+
+def _winners(sessions: sessionmaker, fleet: str, upto: int, since: int) -> Iterator[Upload]:
+    """Each sample with a label newer than ``since``, with its winning label, streamed."""
+    newer = select(Label.sample_id).where(Label.id > since, Label.id <= upto)
+    query = (
+        select(
+            Sample.id,
+            Sample.content_sha256,
+            Sample.object_key,
+            Sample.object_index,
+            Label.label,
+            Label.source,
+            Label.id.label("label_id"),
+            Sample.device_id,
+            Sample.captured_at,
         )
-        for r in sorted(best.values(), key=lambda r: r.id)
-    ]
+        .join(Label, Label.sample_id == Sample.id)
+        .where(Sample.fleet == fleet, Label.id <= upto, Sample.id.in_(newer))
+        .order_by(Sample.id)
+        .execution_options(yield_per=PAGE_ROWS)
+    )
+    with sessions() as session:
+        best = None
+        for r in session.execute(query):
+            if best is not None and r.id != best.id:
+                if best.label_id > since:
+                    yield _upload(best)
+                best = None
+            if best is None or SOURCE_RANK[r.source] < SOURCE_RANK[best.source]:
+                best = r
+        if best is not None and best.label_id > since:
+            yield _upload(best)
+
+
+def _upload(r: Any) -> Upload:
+    return Upload(
+        r.id,
+        r.content_sha256,
+        r.object_key,
+        r.object_index,
+        r.label,
+        r.source,
+        r.label_id,
+        r.device_id,
+        aware(r.captured_at),
+    )
+
+
+def _shares(counts: dict[str, int], cap: int | None) -> dict[str, int]:
+    """How many windows each class keeps so that all keep at most ``cap`` together, shared
+    evenly (water-filling: the smallest classes keep all they have)."""
+    if cap is None or sum(counts.values()) <= cap:
+        return dict(counts)
+    shares, left = {}, cap
+    order = sorted(counts, key=lambda c: (counts[c], c))
+    for i, label in enumerate(order):
+        shares[label] = min(counts[label], left // (len(order) - i))
+        left -= shares[label]
+    return shares
 
 
 def class_order(labels: list[str]) -> list[str]:

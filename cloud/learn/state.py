@@ -50,6 +50,8 @@ class RoundConfig:
     # None: no pseudo-labels. Else unlabelled uploads the teacher classifies with at least
     # this softmax probability are labelled by it (source "teacher") before training.
     pseudo_label_min_confidence: float | None = _setting("round_pseudo_label_min_confidence")
+    # The most new labelled windows a round loads (a class-balanced sample past it).
+    max_windows: int = _setting("round_max_windows")
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=_setting("round_epochs"), lr=2e-3)
     )
@@ -97,6 +99,7 @@ class RoundConfig:
             max_detection_drop_pts=gates["max_detection_drop_pts"],
             replay_per_class=settings.round_replay_per_class,
             pseudo_label_min_confidence=settings.round_pseudo_label_min_confidence,
+            max_windows=settings.round_max_windows,
             train=TrainConfig(epochs=settings.round_epochs, lr=2e-3),
             distill_epochs=settings.round_distill_epochs,
         )

@@ -84,11 +84,14 @@ def stage_train(svc: Services, st: RoundState, say: Callable[[str], None]) -> Tr
     # arrives after it (also while the round trains) as new.
     watermark = label_watermark(svc.sessions)
     since = int((parent_row.baselines or {}).get("label_watermark") or 0)
-    new = [
-        u
-        for u in labelled_uploads(sessions=svc.sessions, fleet=st.fleet, upto=watermark)
-        if u.label_id > since
-    ]
+    new = labelled_uploads(
+        sessions=svc.sessions,
+        fleet=st.fleet,
+        upto=watermark,
+        since=since,
+        cap=cfg.max_windows,
+        seed=cfg.seed,
+    )
     if not new:
         raise DataError(f"fleet {st.fleet} has no labelled uploads since {parent} to learn from")
     buffer = load_buffer(svc.store, st.fleet, st.profile, parent) or base_buffer(base, cfg)

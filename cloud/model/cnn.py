@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cloud.model.standardise import fit_input_stats
+from cloud.model.standardise import fit_input_stats, standardise
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class WindowClassifier(nn.Module):
         self.head = nn.Linear(2 * cfg.hidden + cfg.channels, cfg.n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = (x - self.mean) / self.std  # (B, T, C)
+        z = standardise(x, self.mean, self.std)  # (B, T, C), clipped to ±CLIP_SIGMA
         level = z.mean(dim=1)  # (B, C): where each channel sits relative to normal operation
         h = self.body(z.transpose(1, 2))  # (B, H, T)
         pooled = torch.cat([h.mean(dim=2), h.std(dim=2), level], dim=1)  # (B, 2H + C)

@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from cloud.model.classifier import Classifier
+from cloud.model.standardise import input_range
 from shared.package import InputSpec, Manifest, build_package, sha256_hex
 
 SCORE_OUTPUTS = ("energy", "confidence", "distance", "features")
@@ -218,6 +219,7 @@ def package_graph(
         class_names=tuple(class_names),
         graph_sha256=sha256_hex(graph),
         tensor_sha256=tensor_hashes(graph),
-        metadata={"model_config": asdict(model.cfg), **metadata},
+        # input_range: the raw values this graph's standardisation keeps (never inherited).
+        metadata={"model_config": asdict(model.cfg), **metadata, "input_range": input_range(model)},
     )
     return build_package(graph=graph, manifest=manifest)

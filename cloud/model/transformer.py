@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cloud.model.backbones import BACKBONES, Backbone
-from cloud.model.standardise import fit_input_stats
+from cloud.model.standardise import fit_input_stats, standardise
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class SensorTransformer(nn.Module):
         return self.backbone.exporter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = (x - self.mean) / self.std  # (B, T, C)
+        z = standardise(x, self.mean, self.std)  # (B, T, C), clipped to ±CLIP_SIGMA
         return self.backbone.forward(self, z)
 
 
