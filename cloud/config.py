@@ -229,6 +229,13 @@ class CloudSettings(BaseSettings):
         password = self.redis_password or redis_url.password
         if not password or password in PLACEHOLDER_SECRETS:
             problems.append("EDGELOOP_REDIS_PASSWORD is missing or a placeholder")
+        db_password = db.password
+        if db_password is not None and db_password in PLACEHOLDER_SECRETS:
+            problems.append("the password in EDGELOOP_DATABASE_URL is a placeholder")
+        if self.mqtt_admin_username and (
+            not self.mqtt_admin_password or self.mqtt_admin_password in PLACEHOLDER_SECRETS
+        ):
+            problems.append("EDGELOOP_MQTT_ADMIN_PASSWORD is missing or a placeholder")
         if not self.mlflow_tracking_uri.startswith("https://"):
             problems.append("EDGELOOP_MLFLOW_TRACKING_URI must be an https:// MLflow server")
         has_password = bool(self.mlflow_tracking_username and self.mlflow_tracking_password)

@@ -61,8 +61,10 @@ def device_username(fleet: str, device: str) -> str:
 
 
 def device_client_id(fleet: str, device: str) -> str:
-    """The client id a device connects with; enrollment binds its credentials to it."""
-    return f"edgeloop-{fleet}-{device}"
+    """The client id a device connects with; enrollment binds its credentials to it. '/'
+    separates the parts because no fleet or device name holds one ('-' would let fleet
+    "plant-a" device "01" and fleet "plant" device "a-01" share an id)."""
+    return f"edgeloop/{fleet}/{device}"
 
 
 def make_client(

@@ -21,6 +21,7 @@ from cloud.store.records import is_revoked, register_device
 from edge_agent.config import EdgeSettings
 from shared.errors import ConfigError
 from shared.messages import MAX_UPDATE_MESSAGE_BYTES
+from shared.mqtt import device_client_id
 from shared.topics import UPLINK_KINDS, topic
 
 from .conftest import wait_for
@@ -96,6 +97,8 @@ def test_a_device_cannot_read_another_devices_updates(broker, creds, clients, fl
         topic(fleet, "b", "updates"),
         topic(fleet, "b", "acks"),
         f"edgeloop/v1/{fleet}/+/updates",
+        f"$share/a/edgeloop/v1/{fleet}/b/updates",  # a shared subscription is no way round
+        f"$share/a/edgeloop/v1/{fleet}/+/samples",
         "#",
     ):
         assert not granted(a.subscribe(t)), t
@@ -391,3 +394,9 @@ def test_enrolled_agent_uploads_over_tls_with_its_own_credentials(
         if agent is not None:
             agent.stop()
         ingest.stop()
+
+
+def test_device_client_ids_never_collide():
+    """Names may hold '-': fleet plant-a's device 01 and fleet plant's device a-01 are two
+    sessions, never one that each takes from the other."""
+    assert device_client_id("plant-a", "01") != device_client_id("plant", "a-01")

@@ -57,6 +57,9 @@ def test_safe_production_settings_are_accepted():
         ({"mlflow_tracking_password": "password"}, "MLFLOW_TRACKING_PASSWORD is a placeholder"),
         ({"mqtt_tls": False}, "EDGELOOP_MQTT_TLS must be true"),
         ({"database_url": "sqlite:///x.db"}, "must point at PostgreSQL"),
+        ({"database_url": "postgresql://u:changeme@db/e"}, "DATABASE_URL is a placeholder"),
+        ({"mqtt_admin_username": "admin", "mqtt_admin_password": "changeme"}, "ADMIN_PASSWORD is"),
+        ({"mqtt_admin_username": "admin"}, "EDGELOOP_MQTT_ADMIN_PASSWORD is missing"),
     ],
 )  # fmt: skip
 def test_production_refuses(overrides, message):

@@ -227,6 +227,36 @@ def test_uploads_expire_by_age_except_those_a_kept_versions_lineage_names(pg_url
     assert plan.of("versions") == [] and any("registry" in n for n in plan.notes)
 
 
+def test_an_upload_labelled_between_plan_and_sweep_stays(pg_url, s3_store, fleet):
+    """Planned as unlabelled (30 days), labelled before the sweep: it is a labelled upload
+    now (365 days), so it stays; the one nobody labelled goes."""
+    from cloud.retention.plan import plan_fleet
+    from cloud.retention.sweep import policy_of
+
+    sessions = session_factory(pg_url)
+    for name in ("late", "never"):
+        put_windows(s3_store, f"windows/{name}-{fleet}.npy", 1)
+    with sessions() as s:
+        setup_fleet(s, fleet)
+        for name in ("late", "never"):
+            add_sample(s, fleet, name, days=40, key=f"windows/{name}-{fleet}.npy", index=None)
+        s.commit()
+    plan = plan_fleet(
+        sessions=sessions, store=s3_store, tracker=None, fleet=fleet,
+        policy=policy_of(sessions, SETTINGS, fleet), now=datetime.now(UTC), stale_after_s=600,
+    )  # fmt: skip
+    assert {i.ident for i in plan.of("samples")} == {"late", "never"}
+    with sessions() as s:
+        s.add(Label(sample_id="late", label="idv_01", source="operator"))
+        s.commit()
+    swept = sweep(sessions, s3_store, None, plan, stale_after_s=600)
+    assert swept.deleted == {"samples": 1}
+    assert ids(sessions, fleet) == {"late"}
+    objects = set(s3_store.list("windows/"))
+    assert f"windows/late-{fleet}.npy" in objects
+    assert f"windows/never-{fleet}.npy" not in objects
+
+
 def test_a_round_under_way_or_a_version_of_unknown_lineage_keeps_uploads(pg_url, s3_store, fleet):
     sessions = session_factory(pg_url)
     with sessions() as s:

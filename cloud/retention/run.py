@@ -14,6 +14,7 @@ from cloud.config import CloudSettings
 from cloud.learn.lock import RoundLock
 from cloud.retention.plan import Plan
 from cloud.retention.sweep import Swept, collect
+from cloud.store.connect import redis_client
 from cloud.store.objects import ObjectStore
 from cloud.tracking.retention import RetentionTracker
 
@@ -58,7 +59,7 @@ def run_gc(
         return collect(settings=settings, sessions=sessions, store=store, tracker=tracker,
                        fleet=fleet, dry_run=True, now=now, say=say)  # fmt: skip
     if lock is None:
-        lock = GcLock(redis.Redis.from_url(settings.redis_url), ttl_s=settings.round_lock_ttl_s)
+        lock = GcLock(redis_client(settings), ttl_s=settings.round_lock_ttl_s)
     if not lock.acquire():
         holder = lock.holder()
         raise GcRunning(f"a garbage collection is running (lock {lock.key} held by {holder})")

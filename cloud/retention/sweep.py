@@ -234,8 +234,21 @@ def _samples(sessions: sessionmaker, store: ObjectStore, plan: Plan, swept: Swep
     """Delete the planned uploads batch by batch (labels, rows, then each batch object no
     row names any more). Stops if a round ran or started since the plan: its lineage was
     not part of it."""
-    for batch in _batches(plan.of("samples"), plan.policy.batch):
+    for planned in _batches(plan.of("samples"), plan.policy.batch):
+        with sessions() as s:
+            # Labelled since the plan: planned as unlabelled (a shorter age), kept now.
+            fresh = set(
+                s.scalars(
+                    select(Label.sample_id).where(
+                        Label.sample_id.in_([i.ident for i in planned]),
+                        Label.created_at >= plan.planned_at,
+                    )
+                )
+            )
+        batch = [i for i in planned if i.ident not in fresh]
         ids = [i.ident for i in batch]
+        if not ids:
+            continue
         with _journal(store, {k for i in batch for k in i.objects}) as keys:
             with sessions() as s:
                 touched = s.scalars(select(Round.updated_at).where(Round.fleet == plan.fleet))
