@@ -14,17 +14,18 @@ from psycopg import IntegrityError as PgIntegrityError
 from psycopg import InterfaceError as PgInterfaceError
 from psycopg import OperationalError as PgOperationalError
 from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.ingest.deadletters import record_dead_letter
 from cloud.ingest.devices import record_heartbeat, record_update_status
 from cloud.ingest.fleets import FleetRules, FleetRulesCache
 from cloud.ingest.limits import Charge, IngestLimits, admit
+from cloud.ingest.outages import TRANSIENT
 from cloud.ingest.validate import LABEL_PATIENCE, Message, Receipt, Status, validate
 from cloud.store.db import Device, Sample
 from cloud.store.keys import window_batch_key
-from cloud.store.objects import ObjectStore, StorageError
+from cloud.store.objects import ObjectStore
 from cloud.store.records import allowed_labels, upsert_labels
 from cloud.store.windows import content_sha256, npy_bytes
 from shared.errors import MessageError
@@ -386,14 +387,3 @@ def _insert_samples(session: Session, rows: list[dict]) -> None:
     except (PgOperationalError, PgInterfaceError) as exc:
         conn.invalidate(exc)  # the pool must not hand this connection out again
         raise
-
-
-# Outages (retry until they pass) as opposed to failures caused by a message's content.
-TRANSIENT = (
-    OperationalError,
-    InterfaceError,
-    PgOperationalError,  # COPY runs on the driver's connection, unwrapped by SQLAlchemy
-    PgInterfaceError,
-    StorageError,
-    OSError,
-)

@@ -12,7 +12,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from cloud.ingest.ingestor import TRANSIENT, Ingestor
+from cloud.ingest.ingestor import Ingestor
+from cloud.ingest.outages import TRANSIENT
 from cloud.ingest.validate import Receipt
 from shared.errors import MessageError
 from shared.messages import Ack
