@@ -392,12 +392,20 @@ def test_ingest_killed_mid_stream_stores_everything_once(
     """Devices publish a stream QoS 1 (no device-side resend here); the ingest is killed
     with SIGKILL in the middle and restarted under the same client id: every message ends
     up stored exactly once."""
+    import json
     import os
     import signal
+    import socket
     import subprocess
     import sys
+    import urllib.request
 
     import paho.mqtt.client as mqtt
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            return sock.getsockname()[1]
 
     sessions = session_factory(pg_url)
     with sessions() as s:
@@ -424,11 +432,23 @@ def test_ingest_killed_mid_stream_stores_everything_once(
         f"g{fleet}",
         "--client-id",
         f"ingest-{fleet}",
+        "--health-port",
+        str(health_port := free_port()),
     ]
+
+    def connected() -> bool:
+        try:
+            url = f"http://{HOST}:{health_port}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return bool(json.loads(resp.read())["connected"])
+        except OSError:
+            return False
 
     def start():
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(2.0)  # connect and subscribe
+        # Connected by its /healthz, not after a fixed wait: a loaded machine took longer.
+        wait_for(connected, 60, what="the ingest to connect")
+        time.sleep(0.5)  # its subscription (sent on connect) reaches the broker
         return proc
 
     _, golden = tep_small

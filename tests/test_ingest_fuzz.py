@@ -10,7 +10,6 @@ published after the run is stored. Example counts come from the Hypothesis profi
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -186,10 +185,11 @@ EXAMPLES = [
 def _run(ingestor: Ingestor, fleet: str, cases) -> list:
     """handle_batch on the cases' messages in a worker thread, bounded in time."""
     items = [build(case, fleet) for case in cases]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        t0 = time.monotonic()
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:  # a hang fails this example (TimeoutError) instead of stalling the suite
         receipts = pool.submit(ingestor.handle_batch, items).result(timeout=EXAMPLE_BOUND_S)
-        assert time.monotonic() - t0 < EXAMPLE_BOUND_S
+    finally:
+        pool.shutdown(wait=False)
     assert len(receipts) == len(items)
     for r in receipts:
         assert r is None or (
