@@ -71,6 +71,7 @@ class IngestService:
         self.last_batch_at: float | None = None  # when the last batch went through
         self._progress_at = time.monotonic()  # … or a worker last tried one
         self.poison = 0  # messages a worker could neither store nor dead-letter
+        self.received = self.handled = 0  # messages from the broker; PUBACKed after a batch
         self._inbox: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
         # More than one worker lets one parse while another waits for the store; on two
@@ -111,6 +112,7 @@ class IngestService:
         self.ready.set()
 
     def _on_message(self, client, userdata, msg) -> None:
+        self.received += 1
         self._inbox.put((msg.topic, msg.payload, msg.mid, msg.qos))
 
     def health(self) -> dict[str, Any]:
@@ -134,6 +136,8 @@ class IngestService:
             "throttled": c.throttled,
             "dead_letters": dict(c.dead_letters),
             "poison": self.poison,
+            "received": self.received,
+            "handled": self.handled,
         }
 
     def _work(self) -> None:
@@ -158,6 +162,7 @@ class IngestService:
                 self.poison += len(batch)
             for *_, mid, qos in batch:
                 self.client.ack(mid, qos)
+            self.handled += len(batch)
             self.last_batch_at = time.time()
             self._progress_at = time.monotonic()
 
