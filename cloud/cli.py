@@ -77,11 +77,25 @@ def ingest(
         help="MQTT client id, stable across restarts so that messages handed to a killed "
         "ingest are delivered again (default: edgeloop-ingest-HOSTNAME).",
     ),
+    health_port: int | None = typer.Option(
+        None,
+        min=0,
+        max=65535,
+        help="Serve liveness at http://HEALTH_HOST:PORT/healthz: 200 while every worker "
+        "thread runs and none is stuck, else 503; a JSON body with the last batch's time "
+        "and counters (default: not served).",
+    ),
+    health_host: str = typer.Option(
+        "127.0.0.1", help="Where /healthz listens (0.0.0.0 for a probe from outside)."
+    ),
 ) -> None:
     """Subscribe to device uploads, store them (object store + SQL), and ack. Runs until
-    SIGTERM or Ctrl-C."""
+    SIGTERM or Ctrl-C. Quotas and dead-letter caps: EDGELOOP_INGEST_* and each fleet's
+    settings (docs/security-ingest.md)."""
     from cloud.config import get_settings
+    from cloud.ingest.health import serve_health
     from cloud.ingest.ingestor import Ingestor
+    from cloud.ingest.limits import IngestLimits
     from cloud.ingest.service import IngestService
     from cloud.store.db import migrate, session_factory
     from cloud.store.objects import open_store
@@ -89,7 +103,11 @@ def ingest(
     s = get_settings()
     migrate(s.resolved_database_url)  # a service brings the schema up to date at its start
     service = IngestService(
-        Ingestor(sessions=session_factory(s.resolved_database_url, s), store=open_store(s)),
+        Ingestor(
+            sessions=session_factory(s.resolved_database_url, s),
+            store=open_store(s),
+            limits=IngestLimits.from_settings(s),
+        ),
         host=s.mqtt_host,
         port=s.mqtt_port,
         options=s.mqtt_options(),
@@ -101,9 +119,15 @@ def ingest(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     service.start()
+    health = None
+    if health_port is not None:
+        health = serve_health(service.health, port=health_port, host=health_host)
+        log.info("ingest liveness at http://%s:%s/healthz", *health.server_address[:2])
     log.info("ingest serving fleet %s on %s:%s", fleet, s.mqtt_host, s.mqtt_port)
     stop.wait()
     service.stop()
+    if health is not None:
+        health.shutdown()
     c = service.ingestor.counters
     log.info(
         "ingest stopped: %d stored, %d duplicates, dead letters %s",

@@ -111,6 +111,19 @@ class CloudSettings(BaseSettings):
     round_max_detection_drop_pts: float = 3.0
     round_gates_by_fleet: dict[str, dict[str, float]] = {}
     mlflow_tracking_uri: str = ""  # default: sqlite store under home
+    # -- hostile input at ingest (cloud.ingest.limits; docs/security-ingest.md) -------------
+    # A device's upload quota: its fleet's `upload_bytes_per_hour` / `upload_messages_per_hour`
+    # (the fleet row's settings; these are the defaults, the edge's byte budget among them)
+    # times the factor, which leaves room to catch up after days offline. The bucket holds
+    # burst_s worth of quota. Past it, messages get a `retry` ack, never `rejected`.
+    ingest_upload_bytes_per_hour: int = 50_000_000
+    ingest_upload_messages_per_hour: int = 10_000
+    ingest_quota_factor: float = 4.0
+    ingest_quota_burst_s: float = 3600.0
+    # Dead letters: the payload prefix kept, and the rows a device may add per hour (past
+    # it they are counted on its newest row, not stored).
+    ingest_dead_letter_max_bytes: int = 64 << 10
+    ingest_dead_letters_per_device_hour: int = 100
     # Rollouts (docs/rollout.md says what each judgement means). A fleet overrides any of
     # these in its row's settings under the same name, e.g. {"rollout_dwell_heartbeats": 5}.
     rollout_canary_min_devices: int = 5  # the canary cohort: the larger of this many devices

@@ -111,8 +111,7 @@ class EdgeAgent:
             report=self._report,
         )
         self.inference_errors = 0  # windows the live model failed on (NaN input excluded)
-        # message id → when it was last handed to the broker, this process only: after a
-        # restart the map is empty, so every un-acked message goes out again.
+        # message id → when it may be sent again (monotonic); empty after a restart: all go.
         self._inflight: dict[str, float] = {}
         self._inflight_lock = threading.Lock()
         self.latencies_ms: deque[float] = deque(maxlen=512)
@@ -250,9 +249,9 @@ class EdgeAgent:
         if not self.link.connected.is_set():
             return  # offline: tick() sends them once the link is back
         # In flight before the publish: a concurrent flush() must not send them again.
-        now = time.monotonic()
+        due = time.monotonic() + self.settings.resend_after_s
         with self._inflight_lock:
-            self._inflight.update((message_id, now) for message_id, _, _ in items)
+            self._inflight.update((message_id, due) for message_id, _, _ in items)
         for message_id, topic, payload in items:
             if not self.link.publish(topic, payload):
                 with self._inflight_lock:
@@ -262,7 +261,7 @@ class EdgeAgent:
         if not self.link.publish(topic, payload):
             return False
         with self._inflight_lock:
-            self._inflight[message_id] = time.monotonic()
+            self._inflight[message_id] = time.monotonic() + self.settings.resend_after_s
         return True
 
     def flush(self) -> int:
@@ -274,8 +273,8 @@ class EdgeAgent:
                 self._inflight.clear()
         for p in self.buffer.pending():
             with self._inflight_lock:
-                last = self._inflight.get(p.message_id)
-            if last is not None and now - last < self.settings.resend_after_s:
+                due = self._inflight.get(p.message_id)
+            if due is not None and now < due:
                 continue
             if not self._send(p.message_id, p.topic, p.payload):
                 break  # offline: the rest waits for the next tick
@@ -321,7 +320,12 @@ class EdgeAgent:
     def on_message(self, kind: str, payload: bytes) -> None:
         """What the broker delivers, on paho's network thread: nothing here blocks."""
         if kind == "acks":
-            ids = [str(i) for i in decode("acks", payload).acked_ids]
+            ids = list(map(str, (ack := decode("acks", payload)).acked_ids))
+            if ack.status == "retry":  # over its upload quota: kept, sent again when told
+                due = time.monotonic() + (ack.retry_after_s or self.settings.resend_after_s)
+                with self._inflight_lock:
+                    self._inflight.update((i, due) for i in ids)
+                return
             self.buffer.ack(ids)
             with self._inflight_lock:
                 for i in ids:

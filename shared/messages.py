@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import unicodedata
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -22,6 +24,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
+from pydantic_core import PydanticCustomError
 
 from shared.errors import MessageError
 
@@ -34,9 +37,30 @@ ALLOWED_DTYPES = ("float32", "float64", "int32", "int64", "uint8")
 LabelSource = Literal["device", "operator", "teacher"]
 
 
+# -- hostile input (issue 15): names hold no control or format characters ------------------
+def printable_name(value: str) -> str:
+    """``value``, unless it holds a Unicode control or format character (category Cc or
+    Cf: a right-to-left override, a zero-width joiner, an escape), which would make a class,
+    a device or a model version read as another in a log, a table or the MLflow UI."""
+    if value.isascii() and value.isprintable():
+        return value  # the common case, checked in C
+    for char in value:
+        if unicodedata.category(char) in ("Cc", "Cf"):
+            raise PydanticCustomError(
+                "bad_name",
+                "holds the control or format character U+{code} ({name})",
+                {"code": f"{ord(char):04X}", "name": unicodedata.name(char, "unnamed")},
+            )
+    return value
+
+
 # Every name fits the database's String(64) columns and no text carries a NUL, which
 # PostgreSQL refuses: a message that passes here can always be stored.
-Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00]+$")]
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=64, pattern=r"^[^\x00]+$"),
+    AfterValidator(printable_name),
+]
 Text = Annotated[str, Field(max_length=2000, pattern=r"^[^\x00]*$")]
 
 
@@ -167,12 +191,26 @@ class Heartbeat(Envelope):
 
 
 class Ack(Envelope):
-    """The cloud's application-level ack: these messages are durable (or dead-lettered)."""
+    """The cloud's application-level ack: these messages are durable (or dead-lettered), or,
+    with status ``retry``, not taken now: the device keeps them and sends them again after
+    ``retry_after_s`` (its upload quota is spent). Never ``rejected`` for that, which makes
+    the device drop its only copy.
+
+    Agents older than ``retry`` cannot decode such an ack (an unknown status, and the
+    envelope forbids unknown fields): they log it and ignore it, so the message stays in
+    their buffer and is resent after their ``resend_after_s``, which is safe. The other
+    statuses go out without the ``retry_after_s`` field, so old agents decode them."""
 
     kind: ClassVar[str] = "acks"
     acked_ids: tuple[uuid.UUID, ...] = Field(min_length=1)
-    status: Literal["stored", "duplicate", "rejected"]
+    status: Literal["stored", "duplicate", "rejected", "retry"]
     reason: Text | None = None
+    retry_after_s: float | None = Field(default=None, ge=0, le=86_400, allow_inf_nan=False)
+
+    def encode(self) -> bytes:
+        if self.retry_after_s is None:  # as agents before ``retry`` expect it
+            return self.model_dump_json(exclude={"retry_after_s"}).encode("utf-8")
+        return super().encode()
 
 
 PayloadKind = Literal["package", "delta"]
@@ -283,7 +321,9 @@ def decode(kind: str, raw: bytes) -> Any:
             ) from exc
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "message"
-        reason = "bad_json" if first["type"] == "json_invalid" else "bad_schema"
+        reason = {"json_invalid": "bad_json", "bad_name": "bad_name"}.get(
+            first["type"], "bad_schema"
+        )
         raise MessageError(
             f"invalid {kind} message: {where}: {first['msg']}", reason=reason
         ) from exc

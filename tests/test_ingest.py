@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from cloud.ingest.ingestor import Ingestor
+from cloud.ingest.limits import IngestLimits
 from cloud.ingest.service import IngestService
 from cloud.store.db import DeadLetter, Sample, session_factory
 from cloud.store.objects import S3ObjectStore
@@ -265,7 +266,7 @@ def _expected_reasons(kind, arg) -> set[str]:
     from shared.messages import MAX_TENSOR_ELEMENTS
 
     if kind in ("raw", "json"):  # rarely, random JSON is an object naming a version
-        return {"bad_json", "bad_schema", "bad_schema_version"}
+        return {"bad_json", "bad_schema", "bad_schema_version", "too_deep"}
     if kind == "version" or (kind == "replace" and arg[0] == "schema_version"):
         return {"bad_schema_version"}
     if kind == "shape":
@@ -315,7 +316,9 @@ def test_fuzzed_payloads_are_dead_lettered(pg_url, s3_store, fleet):
     with sessions() as s:
         for d in ("d1", "d2"):
             register_device(session=s, device_id=d, fleet=fleet, profile="cpu-fp32")
-    ingestor = Ingestor(sessions=sessions, store=s3_store)
+    # One row per mutation: no per-device dead-letter cap here (test_hostile_ingest has it).
+    limits = IngestLimits(dead_letters_per_device_hour=1_000_000)
+    ingestor = Ingestor(sessions=sessions, store=s3_store, limits=limits)
 
     def dead_letters() -> tuple[int, str | None]:
         with sessions() as s:
@@ -389,12 +392,20 @@ def test_ingest_killed_mid_stream_stores_everything_once(
     """Devices publish a stream QoS 1 (no device-side resend here); the ingest is killed
     with SIGKILL in the middle and restarted under the same client id: every message ends
     up stored exactly once."""
+    import json
     import os
     import signal
+    import socket
     import subprocess
     import sys
+    import urllib.request
 
     import paho.mqtt.client as mqtt
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            return sock.getsockname()[1]
 
     sessions = session_factory(pg_url)
     with sessions() as s:
@@ -421,11 +432,23 @@ def test_ingest_killed_mid_stream_stores_everything_once(
         f"g{fleet}",
         "--client-id",
         f"ingest-{fleet}",
+        "--health-port",
+        str(health_port := free_port()),
     ]
+
+    def connected() -> bool:
+        try:
+            url = f"http://{HOST}:{health_port}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return bool(json.loads(resp.read())["connected"])
+        except OSError:
+            return False
 
     def start():
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(2.0)  # connect and subscribe
+        # Connected by its /healthz, not after a fixed wait: a loaded machine took longer.
+        wait_for(connected, 60, what="the ingest to connect")
+        time.sleep(0.5)  # its subscription (sent on connect) reaches the broker
         return proc
 
     _, golden = tep_small

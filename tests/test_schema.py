@@ -22,6 +22,7 @@ TABLES = {
     "device_updates",
     "deltas",
     "fleets",
+    "ingest_buckets",
 }
 
 

@@ -14,21 +14,18 @@ from psycopg import IntegrityError as PgIntegrityError
 from psycopg import InterfaceError as PgInterfaceError
 from psycopg import OperationalError as PgOperationalError
 from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from cloud.ingest.deadletters import record_dead_letter
 from cloud.ingest.devices import record_heartbeat, record_update_status
-from cloud.ingest.validate import (
-    LABEL_PATIENCE,
-    Message,
-    Receipt,
-    Status,
-    peek_message_id,
-    validate,
-)
-from cloud.store.db import DeadLetter, Device, Sample
-from cloud.store.keys import dead_letter_key, window_batch_key
-from cloud.store.objects import ObjectStore, StorageError
+from cloud.ingest.fleets import FleetRules, FleetRulesCache
+from cloud.ingest.limits import Charge, IngestLimits, admit
+from cloud.ingest.outages import TRANSIENT
+from cloud.ingest.validate import LABEL_PATIENCE, Message, Receipt, Status, validate
+from cloud.store.db import Device, Sample
+from cloud.store.keys import window_batch_key
+from cloud.store.objects import ObjectStore
 from cloud.store.records import allowed_labels, upsert_labels
 from cloud.store.windows import content_sha256, npy_bytes
 from shared.errors import MessageError
@@ -51,6 +48,7 @@ class IngestCounters:
     duplicates: int = 0
     labels: int = 0
     heartbeats: int = 0
+    throttled: int = 0  # messages answered retry (or heartbeats dropped): quota spent
     dead_letters: dict[str, int] = field(default_factory=dict)
 
 
@@ -59,7 +57,9 @@ class Ingestor:
 
     Transient failures of the database or the object store propagate (no ack is sent, the
     device resends); anything wrong with the message itself is dead-lettered and acked as
-    rejected, so a device never retries it forever.
+    rejected, so a device never retries it forever; a device over its upload quota gets
+    ``retry`` (cloud.ingest.limits). ``expected_window`` overrides every fleet's window
+    shape (cloud.ingest.fleets).
     """
 
     def __init__(
@@ -68,10 +68,13 @@ class Ingestor:
         sessions: sessionmaker,
         store: ObjectStore,
         expected_window: tuple[int, int] | None = None,
+        limits: IngestLimits | None = None,
     ) -> None:
         self.sessions = sessions
         self.store = store
         self.expected_window = expected_window
+        self.limits = limits or IngestLimits()
+        self.fleets = FleetRulesCache(store=store, limits=self.limits)
         self.counters = IngestCounters()
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-store")
 
@@ -102,25 +105,34 @@ class Ingestor:
         labels: list[tuple[int, LabelMessage]] = []
         with self.sessions() as session:
             registered = self._registered(session, items)
+            valid: list[tuple[int, Message]] = []
             for i, (topic_name, payload) in enumerate(items):
                 fleet = device = None
                 try:
                     fleet, device, kind = parse_topic(topic_name)
                     msg = validate(fleet, device, kind, payload, registered)
-                    if isinstance(msg, SampleMessage):
-                        samples.append((i, msg))
-                    elif isinstance(msg, LabelMessage):
-                        labels.append((i, msg))  # after the samples they may refer to
-                    elif isinstance(msg, Heartbeat):
-                        self._heartbeat(session, session.get(Device, device), msg)  # no ack
-                    elif isinstance(msg, ChunkRequest):
-                        continue  # the rollout transport's; never buffered, never acked
-                    else:
-                        acks[i] = self._update_status(session, msg)
                 except MessageError as exc:
                     acks[i] = self._dead_letter(topic_name, payload, fleet, device, exc)
+                    continue
+                if not isinstance(msg, ChunkRequest):  # the rollout transport's; never acked
+                    valid.append((i, msg))
+            rules = {f: self.fleets.get(session, f) for f in {m.fleet for _, m in valid}}
+            waits = self._admit(session, valid, items, rules)
+            for i, msg in valid:
+                if i in waits:
+                    self.counters.throttled += 1
+                    if not isinstance(msg, Heartbeat):  # heartbeats are never resent
+                        acks[i] = self._ack(msg, "retry", "quota", retry_after_s=waits[i])
+                elif isinstance(msg, SampleMessage):
+                    samples.append((i, msg))
+                elif isinstance(msg, LabelMessage):
+                    labels.append((i, msg))  # after the samples they may refer to
+                elif isinstance(msg, Heartbeat):
+                    self._heartbeat(session, session.get(Device, msg.device_id), msg)  # no ack
+                elif isinstance(msg, UpdateStatus):
+                    acks[i] = self._update_status(session, msg)
             if samples:
-                for i, ack in self._samples(session, samples, items).items():
+                for i, ack in self._samples(session, samples, items, rules).items():
                     acks[i] = ack
             for i, label in labels:
                 try:
@@ -129,20 +141,49 @@ class Ingestor:
                     acks[i] = self._dead_letter(*items[i], label.fleet, label.device_id, exc)
         return acks
 
+    def _admit(
+        self,
+        session: Session,
+        valid: list[tuple[int, Message]],
+        items: list[tuple[str, bytes]],
+        rules: dict[str, FleetRules],
+    ) -> dict[int, int]:
+        """Charge each message to its device's quota: index → seconds to wait, for those
+        over it. Heartbeats cost a message but no bytes (they are the device's health)."""
+        charges = [
+            Charge(
+                i,
+                msg.device_id,
+                0 if isinstance(msg, Heartbeat) else len(items[i][1]),
+                rules[msg.fleet].bytes_per_hour,
+                rules[msg.fleet].messages_per_hour,
+            )
+            for i, msg in valid
+        ]
+        return admit(session=session, charges=charges, limits=self.limits)
+
     def _registered(self, session: Session, items: list[tuple[str, bytes]]) -> set[tuple]:
         """(fleet, device) of every registered device among the topics of ``items``."""
         names = {t.split("/")[3] for t, _ in items if t.count("/") == 4}
         rows = session.execute(select(Device.fleet, Device.id).where(Device.id.in_(names)))
         return {(f, d) for f, d in rows}
 
-    def _ack(self, msg: Message, status: Status, reason: str | None = None) -> Receipt:
-        return Receipt(msg.fleet, msg.device_id, msg.message_id, status, reason)
+    def _ack(
+        self,
+        msg: Message,
+        status: Status,
+        reason: str | None = None,
+        *,
+        retry_after_s: int | None = None,
+    ) -> Receipt:
+        return Receipt(msg.fleet, msg.device_id, msg.message_id, status, reason, retry_after_s)
 
     def _samples(
         self,
         session: Session,
         samples: list[tuple[int, SampleMessage]],
         items: list[tuple[str, bytes]],
+        rules: dict[str, FleetRules],
     ) -> dict[int, Receipt | None]:
         """Store a batch of samples: new windows in one object per shape, one transaction.
 
@@ -160,7 +201,7 @@ class Ingestor:
                 acks[i] = self._ack(msg, "duplicate")
                 continue
             try:
-                window = self._window(msg)
+                window = self._window(msg, rules[msg.fleet])
             except MessageError as exc:
                 acks[i] = self._dead_letter(items[i][0], items[i][1], msg.fleet, msg.device_id, exc)
                 continue
@@ -233,29 +274,32 @@ class Ingestor:
             acks[i] = self._ack(msg, "stored")
         return acks
 
-    def _window(self, msg: SampleMessage) -> np.ndarray:
+    def _window(self, msg: SampleMessage, rules: FleetRules) -> np.ndarray:
         window = msg.window.to_array()
         if window.ndim != 2 or window.shape[1] != msg.channels:
             raise MessageError(
                 f"window shape {window.shape} is not (T, {msg.channels})", reason="bad_shape"
             )
-        if self.expected_window and tuple(window.shape) != self.expected_window:
+        # One window of another shape would break every later round of the fleet.
+        expected = self.expected_window or rules.window
+        if expected and tuple(window.shape) != tuple(expected):
             raise MessageError(
-                f"window shape {window.shape} is not the fleet's {self.expected_window}",
+                f"window shape {window.shape} is not fleet {msg.fleet}'s {tuple(expected)}",
                 reason="bad_shape",
+            )
+        if rules.dtype and str(window.dtype) != rules.dtype:
+            raise MessageError(
+                f"window dtype {window.dtype} is not fleet {msg.fleet}'s {rules.dtype}",
+                reason="bad_dtype",
             )
         return window
 
     def _labels(self, session: Session, msg: LabelMessage) -> Receipt | None:
-        """Device labels: only for the device's own samples and of a class on the fleet's
+        """Device labels (source device, checked in validate): only for the device's own
+        samples and of a class on the fleet's
         allow-list (a fleet without a row allows any). Samples not here yet: no ack,
         the device resends; still missing after LABEL_PATIENCE: dead-lettered (a sample
         that was rejected or evicted will never come)."""
-        if msg.source == "teacher":
-            raise MessageError(
-                "a device may label as device or operator; teacher labels come from the cloud",
-                reason="bad_source",
-            )
         allowed = allowed_labels(session, msg.fleet)
         if allowed is not None and msg.label not in allowed:
             # An operator extends the list (`edgeloop fleet classes --add`); a typo or a
@@ -286,9 +330,8 @@ class Ingestor:
         return self._ack(msg, "stored")
 
     def _heartbeat(self, session: Session, device: Device, msg: Heartbeat) -> None:
-        record_heartbeat(session=session, device=device, msg=msg)
+        record_heartbeat(session=session, device=device, msg=msg)  # never buffered: no ack
         self.counters.heartbeats += 1
-        return None  # heartbeats are never buffered on the device, so never acked
 
     def _update_status(self, session: Session, msg: UpdateStatus) -> Receipt:
         record_update_status(session=session, msg=msg)
@@ -296,12 +339,10 @@ class Ingestor:
 
     def dead_letter(self, topic_name: str, payload: bytes, exc: MessageError) -> Receipt | None:
         """Record a message that cannot be stored, whatever the reason."""
-        fleet: str | None
-        device: str | None
         try:
             fleet, device, _ = parse_topic(topic_name)
         except MessageError:
-            fleet = device = None
+            return self._dead_letter(topic_name, payload, None, None, exc)
         return self._dead_letter(topic_name, payload, fleet, device, exc)
 
     def _dead_letter(
@@ -312,27 +353,17 @@ class Ingestor:
         device: str | None,
         exc: MessageError,
     ) -> Receipt | None:
-        key = dead_letter_key()
-        self.store.put(key, payload)
-        with self.sessions() as session:
-            session.add(
-                DeadLetter(
-                    fleet=fleet,
-                    device_id=device,
-                    topic=topic_name[:300],
-                    reason=exc.reason,
-                    detail=str(exc)[:2000].replace("\x00", "\\x00"),  # PG text has no NUL
-                    payload_key=key,
-                )
-            )
-            session.commit()
-        self.counters.dead_letters[exc.reason] = self.counters.dead_letters.get(exc.reason, 0) + 1
-        log.info("dead letter from %s/%s: %s", fleet, device, exc)
-        message_id = peek_message_id(payload)
-        if fleet and device and message_id and exc.reason not in ("device_mismatch",):
-            # Rejected, so the device drops it from its buffer instead of resending forever.
-            return Receipt(fleet, device, message_id, "rejected", exc.reason)
-        return None
+        return record_dead_letter(
+            sessions=self.sessions,
+            store=self.store,
+            limits=self.limits,
+            counts=self.counters.dead_letters,
+            topic_name=topic_name,
+            payload=payload,
+            fleet=fleet,
+            device=device,
+            exc=exc,
+        )
 
 
 def _insert_samples(session: Session, rows: list[dict]) -> None:
@@ -356,14 +387,3 @@ def _insert_samples(session: Session, rows: list[dict]) -> None:
     except (PgOperationalError, PgInterfaceError) as exc:
         conn.invalidate(exc)  # the pool must not hand this connection out again
         raise
-
-
-# Outages (retry until they pass) as opposed to failures caused by a message's content.
-TRANSIENT = (
-    OperationalError,
-    InterfaceError,
-    PgOperationalError,  # COPY runs on the driver's connection, unwrapped by SQLAlchemy
-    PgInterfaceError,
-    StorageError,
-    OSError,
-)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
+from typing import Any
 
-from cloud.ingest.ingestor import TRANSIENT, Ingestor
+from cloud.ingest.ingestor import Ingestor
+from cloud.ingest.outages import TRANSIENT
 from cloud.ingest.validate import Receipt
 from shared.errors import MessageError
 from shared.messages import Ack
@@ -34,7 +37,14 @@ class IngestService:
     (capped at 5 s) until it goes through: nothing is acked meanwhile, the broker holds
     back further messages once its in-flight window is full, and everything flows again
     when the store is back.
+
+    No message stops a worker: whatever a batch raises, its messages are stored one by one
+    and the one that fails is dead-lettered (``internal_error``) and PUBACKed, so a restart
+    under the same client id never sees it again. ``health()`` says whether the workers
+    live (cloud.ingest.health serves it).
     """
+
+    stall_s = 120.0  # messages waiting and no batch tried for this long: not alive
 
     def __init__(
         self,
@@ -57,6 +67,11 @@ class IngestService:
             for k in UPLINK_KINDS
         ]
         self.ready = threading.Event()
+        self.started_at = time.time()
+        self.last_batch_at: float | None = None  # when the last batch went through
+        self._progress_at = time.monotonic()  # … or a worker last tried one
+        self.poison = 0  # messages a worker could neither store nor dead-letter
+        self.received = self.handled = 0  # messages from the broker; PUBACKed after a batch
         self._inbox: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
         # More than one worker lets one parse while another waits for the store; on two
@@ -97,25 +112,59 @@ class IngestService:
         self.ready.set()
 
     def _on_message(self, client, userdata, msg) -> None:
+        self.received += 1
         self._inbox.put((msg.topic, msg.payload, msg.mid, msg.qos))
+
+    def health(self) -> dict[str, Any]:
+        """Whether the ingest is alive (every worker running, none stuck), and what it did."""
+        alive_workers = sum(w.is_alive() for w in self._workers)
+        waiting = self._inbox.qsize()
+        idle_s = time.monotonic() - self._progress_at
+        stuck = waiting > 0 and idle_s > self.stall_s
+        c = self.ingestor.counters
+        return {
+            "alive": alive_workers == len(self._workers) and not stuck,
+            "workers": len(self._workers),
+            "workers_alive": alive_workers,
+            "stuck_s": round(idle_s, 1) if stuck else 0.0,
+            "connected": self.client.is_connected(),
+            "waiting": waiting,
+            "last_batch_at": self.last_batch_at,
+            "started_at": self.started_at,
+            "stored": c.stored,
+            "duplicates": c.duplicates,
+            "throttled": c.throttled,
+            "dead_letters": dict(c.dead_letters),
+            "poison": self.poison,
+            "received": self.received,
+            "handled": self.handled,
+        }
 
     def _work(self) -> None:
         while not self._stopping.is_set():
             try:
                 batch = [self._inbox.get(timeout=0.2)]
             except queue.Empty:
+                self._progress_at = time.monotonic()  # idle is not stuck
                 continue
             while len(batch) < self.max_batch:
                 try:
                     batch.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            acks = self._store(batch)
-            if acks is None:
-                return  # stopping: un-PUBACKed, so the broker delivers it again later
-            self._publish_acks(acks)
+            try:
+                acks = self._store(batch)
+                if acks is None:
+                    return  # stopping: un-PUBACKed, so the broker delivers it again later
+                self._publish_acks(acks)
+            except Exception:  # noqa: BLE001 - the last resort: a worker never dies
+                log.exception("batch of %d failed beyond dead-lettering; PUBACKed", len(batch))
+                self.poison += len(batch)
             for *_, mid, qos in batch:
                 self.client.ack(mid, qos)
+            self.handled += len(batch)
+            self.last_batch_at = time.time()
+            self._progress_at = time.monotonic()
 
     def _store(self, batch: list[tuple]) -> list[Receipt | None] | None:
         """Store a batch, retrying while the database or the store is unreachable. Any
@@ -136,18 +185,29 @@ class IngestService:
             except _Stopping:
                 return None
             except Exception as exc:  # noqa: BLE001
-                log.exception("message on %s cannot be stored", item[0])
-                error = MessageError(
-                    f"ingest failed on this message: {exc!r}"[:500], reason="internal_error"
-                )
-                receipts.append(
-                    self._retrying(lambda i=item, e=error: self.ingestor.dead_letter(i[0], i[1], e))
-                )
+                log.exception("message on %s cannot be stored", item[0][:300])
+                receipts.append(self._give_up(item, exc))
         return receipts
+
+    def _give_up(self, item: tuple[str, bytes], exc: Exception) -> Receipt | None:
+        """Dead-letter a message that fails on its own (``internal_error``), retrying only
+        outages; if even that fails, count it and go on (it is PUBACKed either way)."""
+        error = MessageError(
+            f"ingest failed on this message: {exc!r}"[:500], reason="internal_error"
+        )
+        try:
+            return self._retrying(lambda: self.ingestor.dead_letter(item[0], item[1], error))
+        except _Stopping:
+            raise
+        except Exception:  # noqa: BLE001
+            log.exception("message on %s cannot be dead-lettered either", item[0][:300])
+            self.poison += 1
+            return None
 
     def _retrying(self, fn):
         delay = 0.2
         while True:
+            self._progress_at = time.monotonic()
             try:
                 return fn()
             except TRANSIENT as exc:
@@ -164,11 +224,15 @@ class IngestService:
         grouped: dict[tuple, list[uuid.UUID]] = {}
         for r in receipts:
             if r is not None:
-                grouped.setdefault((r.fleet, r.device_id, r.status, r.reason), []).append(
-                    r.message_id
-                )
-        for (fleet, device, status, reason), ids in grouped.items():
+                key = (r.fleet, r.device_id, r.status, r.reason, r.retry_after_s)
+                grouped.setdefault(key, []).append(r.message_id)
+        for (fleet, device, status, reason, retry_after_s), ids in grouped.items():
             ack = Ack(
-                fleet=fleet, device_id=device, acked_ids=tuple(ids), status=status, reason=reason
+                fleet=fleet,
+                device_id=device,
+                acked_ids=tuple(ids),
+                status=status,
+                reason=reason,
+                retry_after_s=retry_after_s,
             )
             self.client.publish(topic(fleet, device, "acks"), ack.encode(), qos=1)

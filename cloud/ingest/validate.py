@@ -3,11 +3,11 @@ device that names itself, with believable timestamps; and the receipt each messa
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Literal, NamedTuple
 
+from cloud.ingest.guard import check_payload
 from shared.errors import MessageError
 from shared.messages import (
     Ack,
@@ -22,7 +22,7 @@ from shared.topics import UPLINK_KINDS
 
 # Chunk requests travel on update-status too; the rollout transport answers them.
 Message = SampleMessage | LabelMessage | Heartbeat | UpdateStatus | ChunkRequest
-Status = Literal["stored", "duplicate", "rejected"]
+Status = Literal["stored", "duplicate", "rejected", "retry"]
 
 
 class Receipt(NamedTuple):
@@ -33,6 +33,7 @@ class Receipt(NamedTuple):
     message_id: uuid.UUID
     status: Status
     reason: str | None = None
+    retry_after_s: int | None = None  # with status retry: when the device may send it again
 
     def ack(self) -> Ack:
         return Ack(
@@ -41,6 +42,7 @@ class Receipt(NamedTuple):
             acked_ids=(self.message_id,),
             status=self.status,
             reason=self.reason,
+            retry_after_s=self.retry_after_s,
         )
 
 
@@ -75,6 +77,7 @@ def validate(
 ) -> Message:
     if kind not in UPLINK_KINDS:
         raise MessageError(f"devices may not publish {kind}", reason="bad_kind")
+    check_payload(payload)  # size and nesting, before any parser
     msg = decode(kind, payload)
     check_timestamps(msg)
     if msg.device_id != device or msg.fleet != fleet:
@@ -85,12 +88,11 @@ def validate(
         )
     if (fleet, device) not in registered:
         raise MessageError(f"device {fleet}/{device} is not registered", reason="unknown_device")
+    if isinstance(msg, LabelMessage) and msg.source != "device":
+        # Operator labels come from `edgeloop cloud label`, teacher labels from the cloud's
+        # rounds: a device claiming either would outrank a human or the teacher.
+        raise MessageError(
+            f"a device may label only as source 'device', not {msg.source!r}",
+            reason="bad_source",
+        )
     return msg
-
-
-def peek_message_id(payload: bytes) -> uuid.UUID | None:
-    try:
-        value = json.loads(payload)
-        return uuid.UUID(str(value["message_id"]))
-    except (ValueError, KeyError, TypeError):
-        return None

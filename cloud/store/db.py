@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -124,6 +125,7 @@ class DeadLetter(Base):
     """A message that failed validation: why, and where its raw bytes are kept."""
 
     __tablename__ = "dead_letters"
+    __table_args__ = (Index("ix_dead_letters_device_received", "device_id", "received_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     fleet: Mapped[str | None] = mapped_column(String(64))
@@ -133,6 +135,24 @@ class DeadLetter(Base):
     detail: Mapped[str] = mapped_column(Text)
     payload_key: Mapped[str | None] = mapped_column(String(200))
     received_at: Mapped[datetime] = mapped_column(default=_now)
+    # -- hostile input (issue 15): the object holds at most a prefix of the payload; its
+    # full length and hash are here. Past a device's hourly cap no row or object is
+    # written: the newest row counts them by reason ({reason: n}).
+    payload_bytes: Mapped[int | None] = mapped_column(Integer)
+    payload_sha256: Mapped[str | None] = mapped_column(String(64))
+    suppressed: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class IngestBucket(Base):
+    """A device's upload token buckets (bytes and messages), shared by every ingest process
+    (cloud.ingest.limits says why in PostgreSQL)."""
+
+    __tablename__ = "ingest_buckets"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bytes_tokens: Mapped[float] = mapped_column(Float)
+    message_tokens: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime]
 
 
 class ModelVersion(Base):

@@ -2,7 +2,7 @@
 devices are revoked (ingest refuses them)
 
 Revision ID: 20261201_0010
-Revises: 20261130_0007
+Revises: 20261201_0008
 Create Date: 2026-12-01 00:10:00
 """
 
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "20261201_0010"
-down_revision = "20261130_0007"
+down_revision = "20261201_0008"
 branch_labels = None
 depends_on = None
 
