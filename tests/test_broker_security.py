@@ -11,16 +11,19 @@ import uuid
 import paho.mqtt.client as mqtt
 import pytest
 import typer
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from cloud.commands.broker import revoke_cmd
 from cloud.config import CloudSettings, get_settings
+from cloud.ingest.ingestor import Ingestor
 from cloud.rollout.identity import BrokerAdmin, DeviceCredentials
-from cloud.store.db import session_factory
+from cloud.store.db import DeadLetter, Device, session_factory
+from cloud.store.objects import LocalObjectStore
 from cloud.store.records import is_revoked, register_device
 from edge_agent.config import EdgeSettings
 from shared.errors import ConfigError
-from shared.messages import MAX_UPDATE_MESSAGE_BYTES
+from shared.messages import MAX_UPDATE_MESSAGE_BYTES, Heartbeat
 from shared.mqtt import device_client_id
 from shared.topics import UPLINK_KINDS, topic
 
@@ -147,7 +150,7 @@ def revoke(monkeypatch, broker, pg_url):
 
 
 def test_revoke_disconnects_the_device_at_once_and_refuses_it(
-    broker, creds, clients, fleet, pg_url, revoke
+    broker, creds, clients, fleet, pg_url, revoke, tmp_path
 ):
     """After `fleet revoke a`: a is disconnected within a second, cannot reconnect (so
     cannot publish), is marked revoked for ingest; b is untouched."""
@@ -169,6 +172,26 @@ def test_revoke_disconnects_the_device_at_once_and_refuses_it(
     with sessions() as s:
         assert is_revoked(s, "a") and not is_revoked(s, "b")
     assert b.connected.is_set() and not b.disconnected.is_set()
+    # What a queued before its revocation reaches ingest: dead-lettered as revoked; b's
+    # is taken.
+    ingestor = Ingestor(sessions=sessions, store=LocalObjectStore(tmp_path / "objects"))
+    for d in ("a", "b"):
+        beat = Heartbeat(
+            fleet=fleet,
+            device_id=d,
+            model_version=None,
+            profile="cpu-fp32",
+            buffer_depth=0,
+            windows_seen=0,
+            anomaly_rate=0.0,
+            latency_ms_p50=0.0,
+        )
+        ingestor.handle_batch([(topic(fleet, d, "heartbeat"), beat.encode())])
+    ingestor.close()
+    with sessions() as s:
+        letters = [(x.device_id, x.reason) for x in s.scalars(select(DeadLetter))]
+        assert letters == [("a", "device_revoked")]
+        assert s.get(Device, "b").last_seen is not None and s.get(Device, "a").last_seen is None
 
 
 def raw_connect(port: int, *, tls_ca=None, username=None, password=None) -> list[str]:
@@ -353,6 +376,9 @@ def test_enrolled_agent_uploads_over_tls_with_its_own_credentials(
     login = dict(line.split("=", 1) for line in (out / "mqtt.env").read_text().splitlines())
     identity = (out / "device.json").read_text()
     assert login["EDGELOOP_EDGE_MQTT_PASSWORD"] not in identity
+    # The byte budget ingest's quota is made from (no fleet row here: the cloud's default).
+    budget = CloudSettings(_env_file=None).ingest_upload_bytes_per_hour
+    assert login["EDGELOOP_EDGE_UPLOAD_BYTES_PER_HOUR"] == str(budget)
     with sessions() as s:
         row = s.get(Device, "d1")
         assert row.broker_username == f"{fleet}/d1" and row.credentials_issued_at is not None

@@ -148,6 +148,8 @@ def test_ingest_refuses_labels_outside_the_allow_list(
         return ack.status, ack.reason
 
     refused = label("idv_02")
+    rc_odd, odd = edgeloop("classes", "--fleet", fleet, "--add", "idv\u202e20")
+    assert rc_odd != 0 and "RIGHT-TO-LEFT OVERRIDE" in odd, odd
     rc, added = edgeloop("classes", "--fleet", fleet, "--add", "idv_02")
     accepted = label("idv_02")
     rc_list, listed = edgeloop("classes", "--fleet", fleet)

@@ -39,6 +39,13 @@ def issue_credentials(
             )
         typer.echo("no EDGELOOP_MQTT_ADMIN_USERNAME: no broker credentials issued")
         return {}
+    from cloud.store.records import get_fleet
+
+    with _sessions()() as session:  # the byte budget ingest holds the device to
+        row = get_fleet(session, fleet)
+        budget = (row.settings if row is not None else {}).get(
+            "upload_bytes_per_hour", settings.ingest_upload_bytes_per_hour
+        )
     with BrokerAdmin(settings.mqtt_options(admin=True)) as admin:
         creds = admin.issue(fleet, device_id)
     lines = {
@@ -49,6 +56,9 @@ def issue_credentials(
         "EDGELOOP_EDGE_MQTT_TLS": str(settings.mqtt_tls).lower(),
         "EDGELOOP_EDGE_MQTT_USERNAME": creds.username,
         "EDGELOOP_EDGE_MQTT_PASSWORD": creds.password,
+        # The same budget ingest's quota is made from (ingest_upload_bytes_per_hour, or
+        # the fleet's own): a device that keeps to it is never throttled.
+        "EDGELOOP_EDGE_UPLOAD_BYTES_PER_HOUR": str(int(budget)),
     }
     if settings.mqtt_ca_file:
         shutil.copyfile(settings.mqtt_ca_file, out / CA_FILE)

@@ -298,8 +298,18 @@ def classes_cmd(
 ) -> None:
     """Show, or extend with --add, the classes devices of a fleet may label (ingest
     dead-letters any other label as label_not_allowed)."""
-    from cloud.store.records import allow_classes, get_fleet
+    from pydantic import TypeAdapter, ValidationError
 
+    from cloud.store.records import allow_classes, get_fleet
+    from shared.messages import Name
+
+    for name in add or []:
+        try:  # what a device's label must be (ingest refuses anything else)
+            TypeAdapter(Name).validate_python(name)
+        except ValidationError as exc:
+            raise _fail(
+                EdgeloopError(f"class {name!r} cannot be a label: {exc.errors()[0]['msg']}")
+            ) from exc
     try:
         with _sessions()() as session:
             if add:

@@ -162,11 +162,14 @@ class Ingestor:
         ]
         return admit(session=session, charges=charges, limits=self.limits)
 
-    def _registered(self, session: Session, items: list[tuple[str, bytes]]) -> set[tuple]:
-        """(fleet, device) of every registered device among the topics of ``items``."""
+    def _registered(self, session: Session, items: list[tuple[str, bytes]]) -> dict[tuple, bool]:
+        """(fleet, device) of every registered device among the topics of ``items``, and
+        whether it was revoked (`edgeloop fleet revoke`)."""
         names = {t.split("/")[3] for t, _ in items if t.count("/") == 4}
-        rows = session.execute(select(Device.fleet, Device.id).where(Device.id.in_(names)))
-        return {(f, d) for f, d in rows}
+        rows = session.execute(
+            select(Device.fleet, Device.id, Device.revoked_at).where(Device.id.in_(names))
+        )
+        return {(f, d): revoked is not None for f, d, revoked in rows}
 
     def _ack(
         self,

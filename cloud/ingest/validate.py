@@ -4,6 +4,7 @@ device that names itself, with believable timestamps; and the receipt each messa
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Literal, NamedTuple
 
@@ -73,8 +74,10 @@ def check_timestamps(msg: object) -> None:
 
 
 def validate(
-    fleet: str, device: str, kind: str, payload: bytes, registered: set[tuple[str, str]]
+    fleet: str, device: str, kind: str, payload: bytes, registered: Mapping[tuple[str, str], bool]
 ) -> Message:
+    """The message, or MessageError saying why not. ``registered``: each registered
+    (fleet, device) and whether it was revoked."""
     if kind not in UPLINK_KINDS:
         raise MessageError(f"devices may not publish {kind}", reason="bad_kind")
     check_payload(payload)  # size and nesting, before any parser
@@ -88,6 +91,10 @@ def validate(
         )
     if (fleet, device) not in registered:
         raise MessageError(f"device {fleet}/{device} is not registered", reason="unknown_device")
+    if registered[(fleet, device)]:
+        # Its broker login is disabled at once; this covers what was already queued for
+        # ingest, or a broker without the dynamic-security plugin.
+        raise MessageError(f"device {fleet}/{device} was revoked", reason="device_revoked")
     if isinstance(msg, LabelMessage) and msg.source != "device":
         # Operator labels come from `edgeloop cloud label`, teacher labels from the cloud's
         # rounds: a device claiming either would outrank a human or the teacher.
