@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TEP_CACHE = Path(os.environ.get("EDGELOOP_TEST_CACHE", ROOT / ".edgeloop" / "test-cache"))
 
 
+# -- chaos suite (tests/chaos) ------------------------------------------------------------
+def pytest_addoption(parser):
+    parser.addoption(
+        "--chaos-full",
+        action="store_true",
+        help="tests/chaos: more devices, every fault several times, longer uploads (the "
+        "benchmark run; CI runs each fault once)",
+    )
+
+
 def _answers(port: int) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=1):
