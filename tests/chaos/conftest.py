@@ -1,7 +1,8 @@
 """The chaos suite's own world: a private PostgreSQL, Redis, Mosquitto and SeaweedFS S3
-(started once per session by scripts/services on spare loopback ports, so that stopping
-them never disturbs the services the rest of the tests share), the seeded fault schedule,
-and the table each run prints and writes under .edgeloop/."""
+on spare loopback ports (started once per session, by scripts/services except Redis, which
+runs with AOF as in production; stopping them never disturbs the services the rest of the
+tests share), the seeded fault schedule, and the table each run prints and writes under
+.edgeloop/."""
 
 from __future__ import annotations
 
@@ -102,8 +103,12 @@ class PrivateServices:
             time.sleep(0.1)
 
     def down(self) -> None:
+        """Stop everything; SeaweedFS is SIGKILLed (its data is thrown away with the run,
+        and its SIGTERM takes 25 s)."""
         if self.answers("redis"):
             self._redis_stop()
+        if self.answers("seaweedfs"):
+            self.stop("seaweedfs")
         self._script("down", *(n for n in self.ports if n != "redis"))
 
     def _redis_stop(self) -> None:
@@ -149,9 +154,11 @@ class Plan:
 
     seed: int
     full: bool
-    devices: int  # uploading agents (one more takes updates through a cut-able link)
+    devices: int  # uploading agents in this process (one more in a process of its own,
+    # one more taking updates through a link that is cut)
     restarts: list[tuple[str, int, float]]  # (service, after N more stored, seconds down)
     ingest_kills: list[tuple[int, float, float]]  # (after N more stored, delay, seconds down)
+    agent_kills: list[tuple[int, float, float]]  # the same, for the agent in a process
     worker_kill_delay_s: float  # after the round's training reports progress
     redis_restart_delay_s: float  # after the second worker takes the round
     beat_kill_delay_s: float  # after the rollout starts
@@ -166,13 +173,17 @@ class Plan:
         restarts = []
         for _ in range(cycles):
             rng.shuffle(services)
-            restarts += [(s, rng.randint(30, 120), round(rng.uniform(0.5, 3.0), 2))
+            restarts += [(s, rng.randint(30, 240 if full else 120), round(rng.uniform(0.5, 3.0), 2))
                          for s in services]  # fmt: skip
         kills = [(rng.randint(30, 120), round(rng.uniform(0.0, 0.5), 2),
                   round(rng.uniform(0.5, 3.0), 2)) for _ in range(3 if full else 1)]  # fmt: skip
+        agent_kills = [(rng.randint(20, 80), round(rng.uniform(0.0, 0.5), 2),
+                        round(rng.uniform(0.5, 3.0), 2))
+                       for _ in range(3 if full else 1)]  # fmt: skip
         return cls(
             seed=seed, full=full, devices=6 if full else 3, restarts=restarts,
-            ingest_kills=kills, worker_kill_delay_s=round(rng.uniform(0.2, 2.0), 2),
+            ingest_kills=kills, agent_kills=agent_kills,
+            worker_kill_delay_s=round(rng.uniform(0.2, 2.0), 2),
             redis_restart_delay_s=round(rng.uniform(0.5, 3.0), 2),
             beat_kill_delay_s=round(rng.uniform(0.0, 2.0), 2),
             cut_fraction=round(rng.uniform(0.25, 0.75), 2), cut_s=round(rng.uniform(2.0, 5.0), 2),

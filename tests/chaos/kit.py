@@ -75,13 +75,15 @@ class Accounting:
     lost: list[str]  # message ids sent but absent, or whose object is missing or altered
     duplicated: list[str]  # extra rows of one device's one window, and rows nobody sent
     objects: int  # distinct objects read back
+    doubt_stored: int  # windows in doubt at a kill that were stored (and so accepted)
 
 
-def account(sessions, store, fleet: str, sent: dict[str, tuple[str, str]],
-            ignore: set[str]) -> Accounting:  # fmt: skip
+def account(sessions, store, fleet: str, sent: dict[str, tuple[str, str]], ignore: set[str],
+            doubt: dict[str, tuple[str, str]]) -> Accounting:  # fmt: skip
     """Read every sample row of ``fleet`` and the window it points at (a row of a batch
     object, by object_index) back from SQL and S3, and compare with what the devices sent
-    (``ignore``: rows seeded directly, not sent by a device)."""
+    (``ignore``: rows seeded directly, not sent by a device; ``doubt``: windows an agent
+    was killed while making durable, accepted only if stored)."""
     with sessions() as s:
         rows = s.execute(
             select(Sample.id, Sample.device_id, Sample.content_sha256, Sample.object_key,
@@ -105,12 +107,14 @@ def account(sessions, store, fleet: str, sent: dict[str, tuple[str, str]],
         window = array if r.object_index is None else array[r.object_index]
         if content_sha256(window) == r.content_sha256:
             intact[str(r.id)] = (r.device_id, r.content_sha256)
+    sent = {**sent, **{m: who for m, who in doubt.items() if intact.get(m) == who}}
     stored = [m for m, who in sent.items() if intact.get(m) == who]
     lost = [m for m in sent if intact.get(m) != sent[m]]
     per_window = Counter(intact.values())
     duplicated = [m for m, who in intact.items() if m not in sent]  # stored, never sent
     duplicated += [f"{d}:{sha[:12]}×{n}" for (d, sha), n in per_window.items() if n > 1]
-    return Accounting(len(sent), len(stored), lost, duplicated, len(arrays))
+    doubt_stored = sum(m in sent for m in doubt)
+    return Accounting(len(sent), len(stored), lost, duplicated, len(arrays), doubt_stored)
 
 
 class CuttingProxy(TcpProxy):

@@ -8,6 +8,8 @@ half-registered, every device on the new model's exact bytes."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -28,9 +30,10 @@ from cloud.store.keys import package_key
 from cloud.store.objects import S3ObjectStore
 from shared.package import ModelPackage, model_name
 from sim.tep import generate
-from tests.conftest import HOST, S3_KEY, S3_SECRET, TEP_CACHE, unique, wait_for, windows_of
+from tests.conftest import HOST, ROOT, S3_KEY, S3_SECRET, TEP_CACHE, unique, wait_for, windows_of
 from tests.test_learning import add_uploads
 
+from .device import read_ledger
 from .kit import CuttingProxy, Proc, Supervisor, Uploads, account, logs
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -125,8 +128,10 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
 
     registry = Registry(mlflow_uri, experiment=f"edgeloop-{fleet}")
     uploaders = [f"{fleet}-d{i}" for i in range(plan.devices)]
+    killable = f"{fleet}-k"  # an agent in a process of its own, SIGKILLed
     updater = f"{fleet}-u"  # takes the update through a link that is cut mid-transfer
-    seeded = seed_fleet(sessions, store, registry, fleet, tep_small, [*uploaders, updater])
+    seeded = seed_fleet(sessions, store, registry, fleet, tep_small,
+                        [*uploaders, killable, updater])  # fmt: skip
     keys = tmp_path / "keys"
     root = init_fleet_trust(store=store, fleet=fleet, keys_dir=keys, offline_dir=tmp_path / "off")
     v1 = store.get(package_key(fleet, PROFILE, "v1"))
@@ -157,6 +162,20 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
     train, golden = tep_small
     faulty = np.concatenate([windows_of(d, c, 500) for d in (train, golden)
                              for c in ("idv_01", "idv_02", "idv_07")])  # fmt: skip
+    files = {"windows": tmp_path / "windows.npy", "root": tmp_path / "root.json",
+             "package": tmp_path / "v1.edgepkg"}  # fmt: skip
+    np.save(files["windows"], faulty)
+    files["root"].write_bytes(root)
+    files["package"].write_bytes(v1)
+    config = tmp_path / "device.json"
+    ledger, status = tmp_path / "ledger.txt", tmp_path / "status.json"
+    config.write_text(json.dumps({
+        "fleet": fleet, "device": killable, "profile": PROFILE, "port": svc.ports["mosquitto"],
+        "state_dir": str(tmp_path / killable), "seed": plan.seed, "ledger": str(ledger),
+        "status": str(status), "period_s": 0.05 if plan.full else 0.1,
+        **{k: str(v) for k, v in files.items()}}))  # fmt: skip
+    device = Proc("agent-k", ["-m", "tests.chaos.device", str(config)],
+                  {**os.environ, "PYTHONPATH": str(ROOT)}, logdir).start()  # fmt: skip
     ingest_args = [*CLI, "cloud", "ingest", "--fleet", fleet, "--group", f"i{fleet}"]
     ingests = [Proc(f"ingest-{k}", [*ingest_args, "--client-id", f"{fleet}-ingest-{k}"], env,
                     logdir).start() for k in "ab"]  # fmt: skip
@@ -214,6 +233,15 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
                                 f"restarted {down} s later")  # fmt: skip
             time.sleep(down)
             victim.start()
+        # Execute 2b: the agent in its own process SIGKILLed, started on the same state.
+        for after, delay, down in plan.agent_kills:
+            more_stored(after)
+            time.sleep(delay)
+            device.kill()
+            table.faults.append(f"SIGKILL the agent {killable} {delay} s after {after} more "
+                                f"stored; restarted {down} s later")  # fmt: skip
+            time.sleep(down)
+            device.start()
         more_stored(20)
 
         # Execute 3: a round on the worker, the worker SIGKILLed, Redis restarted under
@@ -282,6 +310,8 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
 
         # Drain: the devices stop selecting; everything they buffered is acked.
         uploads.stop()
+        assert device.proc is not None
+        device.proc.terminate()  # it stops selecting and exits once all it buffered is acked
         for a in every:
             a.sync()
         wait(
@@ -290,10 +320,11 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
             "buffers drained",
             tick=lambda: [a.tick() for a in every],
         )
+        assert device.proc.wait(180) == 0, logs(logdir)
     finally:
         uploads.stop()
         supervisor.stop()
-        for p in (*ingests, worker, beat):
+        for p in (*ingests, worker, beat, device):
             p.stop()
         for a in every:
             a.stop()
@@ -301,7 +332,11 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
     wall = time.monotonic() - t_start
 
     # Assert: read everything back.
-    acc = account(sessions, store, fleet, uploads.sent, seeded)
+    durable, in_doubt = read_ledger(ledger)
+    acc = account(sessions, store, fleet,
+                  {**uploads.sent, **{m: (killable, sha) for m, sha in durable.items()}},
+                  seeded, {m: (killable, sha) for m, sha in in_doubt.items()})  # fmt: skip
+    on_killable = json.loads(status.read_text())
     with sessions() as s:
         versions = list(s.scalars(select(ModelVersion).order_by(ModelVersion.id)))
         rounds_done = s.scalars(select(Round).where(Round.fleet == fleet, Round.state == "done"))
@@ -316,19 +351,24 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
             or by_version[v.version].tags.get("sha256") != v.sha256]  # fmt: skip
     half += [v for v in by_version if v not in {m.version for m in versions}]
     v2 = next(v for v in versions if v.version == "v2")
+    on_v2 = sum(a.runtime.package.sha256 == v2.sha256 for a in every)
+    on_v2 += on_killable.get("sha256") == v2.sha256
     table.rows.update({
-        "devices uploading / updating": f"{len(agents)} / 1",
+        "devices uploading (in this process + SIGKILLed process) / updating": (
+            f"{len(agents)} + 1 / 1"),
         "samples sent (selected, message ids)": acc.sent,
         "samples stored (row + object, content hash checked)": acc.stored,
         "samples lost": len(acc.lost),
         "samples duplicated": len(acc.duplicated),
         "objects read back": acc.objects,
+        "windows in doubt at an agent kill (stored / not, never durable)": (
+            f"{acc.doubt_stored} / {len(in_doubt) - acc.doubt_stored}"),
         "rounds completed (after round 0)": rounds_done - 1,
         "v2 promoted by": "its gates" if promoted else "the operator (gates failed)",
         "rollouts completed": f"{sum(r.state == 'done' for r in rollouts)} of {len(rollouts)}",
         "model versions half-registered": len(half),
         "devices on v2's exact bytes": (
-            f"{sum(a.runtime.package.sha256 == v2.sha256 for a in every)} of {len(every)}"),
+            f"{on_v2} of {len(every) + 1}"),
         "processes that exited on their own (restarted by the supervisor)": (
             "; ".join(supervisor.exits) or "none"),
         "wall time of the faults phase": f"{wall:.0f} s",
@@ -338,5 +378,6 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
     assert acc.duplicated == [], acc.duplicated[:10]
     assert [v.version for v in versions] == ["v1", "v2"] and half == []
     assert all(a.runtime.package.sha256 == v2.sha256 for a in every)
+    assert on_killable == {"version": "v2", "sha256": v2.sha256}
     assert rounds_done == 2 and any(r.state == "done" and r.target_version == "v2"
                                     for r in rollouts)  # fmt: skip
