@@ -108,6 +108,22 @@ def cloud_env(svc, url, store, mlflow_uri, fleet, keys) -> dict:
     }
 
 
+def new_fleet(svc, mlflow_uri):
+    """A fleet of its own on the private services: database, bucket, MLflow experiment."""
+    from cloud.tracking.registry import Registry
+
+    fleet = unique("chaos")
+    pg = f"postgresql://postgres@{HOST}:{svc.ports['postgres']}"
+    with psycopg.connect(f"{pg}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{fleet}"')
+    url = f"postgresql+psycopg://postgres@{HOST}:{svc.ports['postgres']}/{fleet}"
+    migrate(url)
+    store = S3ObjectStore(endpoint=f"{HOST}:{svc.ports['seaweedfs']}", access_key=S3_KEY,
+                          secret_key=S3_SECRET, bucket=fleet)  # fmt: skip
+    registry = Registry(mlflow_uri, experiment=f"edgeloop-{fleet}")
+    return fleet, pg, url, session_factory(url), store, registry
+
+
 def test_the_loop_survives_restarts_kills_and_a_cut_link(
     private_services, chaos_plan, chaos_table, tep_small, mlflow_uri, tmp_path
 ):
@@ -115,18 +131,7 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
     (content hashes in rows and objects), v1 and v2 each whole in SQL, S3 and MLflow, the
     round and the rollout done, every device on v2's exact bytes."""
     svc, plan, table = private_services, chaos_plan, chaos_table
-    fleet = unique("chaos")
-    pg = f"postgresql://postgres@{HOST}:{svc.ports['postgres']}"
-    with psycopg.connect(f"{pg}/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{fleet}"')
-    url = f"postgresql+psycopg://postgres@{HOST}:{svc.ports['postgres']}/{fleet}"
-    migrate(url)
-    sessions = session_factory(url)
-    store = S3ObjectStore(endpoint=f"{HOST}:{svc.ports['seaweedfs']}", access_key=S3_KEY,
-                          secret_key=S3_SECRET, bucket=fleet)  # fmt: skip
-    from cloud.tracking.registry import Registry
-
-    registry = Registry(mlflow_uri, experiment=f"edgeloop-{fleet}")
+    fleet, pg, url, sessions, store, registry = new_fleet(svc, mlflow_uri)
     uploaders = [f"{fleet}-d{i}" for i in range(plan.devices)]
     killable = f"{fleet}-k"  # an agent in a process of its own, SIGKILLed
     updater = f"{fleet}-u"  # takes the update through a link that is cut mid-transfer
@@ -381,3 +386,50 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
     assert on_killable == {"version": "v2", "sha256": v2.sha256}
     assert rounds_done == 2 and any(r.state == "done" and r.target_version == "v2"
                                     for r in rollouts)  # fmt: skip
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect (cloud/learn/runner.py, cloud/tasks/rounds.py): a round fails for good "
+    "when PostgreSQL restarts under it. run_stage writes progress to the rounds row every "
+    "epoch; the OperationalError fails the stage task, which is not retried, and the chain "
+    "ends. Only `edgeloop retrain --resume` (an operator) or a new trigger after "
+    "celery_visibility_timeout_s + 600 s starts it again.",
+)
+def test_a_round_survives_a_postgres_restart(private_services, tep_small, mlflow_uri, tmp_path):
+    """PostgreSQL restarted (down 1 s) while a round trains on a Celery worker: the round
+    still ends done by itself, as the ingest and the rollout ride out the same restart."""
+    svc = private_services
+    fleet, _, url, sessions, store, registry = new_fleet(svc, mlflow_uri)
+    seed_fleet(sessions, store, registry, fleet, tep_small, [f"{fleet}-a", f"{fleet}-b"])
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    env = cloud_env(svc, url, store, mlflow_uri, fleet, tmp_path / "keys")
+    worker = Proc("worker", ["-m", "celery", "-A", "cloud.tasks", "worker", "-Q", f"q-{fleet}",
+                             "--pool", "threads", "--concurrency", "2", "--loglevel", "INFO",
+                             "--hostname", f"w-{fleet}@%h"], env, logdir).start()  # fmt: skip
+
+    def state() -> tuple[str, dict] | None:
+        with sessions() as s:
+            row = s.scalars(select(Round).where(Round.fleet == fleet, Round.version == "v2"))
+            row = row.first()
+            return None if row is None else (row.state, row.stages or {})
+
+    try:
+        out = subprocess.run([sys.executable, "-c", "from cloud.tasks import retrain; "
+                              f"print(retrain.delay('{fleet}').id)"], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        wait_for(lambda: (st := state()) is not None and "progress" in st[1].get("train", {}),
+                 180, what="the round's training")  # fmt: skip
+        svc.restart("postgres", 1.0)
+
+        def ended() -> bool:
+            failed = "raised unexpected" in logs(logdir)  # the stage task gave up
+            return failed or (state() or ("", {}))[0] in ("done", "failed")
+
+        wait_for(ended, 240, what="the round to end or its stage task to fail")
+        time.sleep(5)  # a retry, if any, would begin within this
+        wait_for(lambda: state()[0] == "done", 60, what=f"the round done: {state()}")
+    finally:
+        worker.stop()
