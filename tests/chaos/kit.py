@@ -5,6 +5,7 @@ accounting read back from PostgreSQL and S3."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -209,7 +210,7 @@ class Supervisor:
 
     def __init__(self, procs: list[Proc]) -> None:
         self.procs = procs
-        self.exits: list[str] = []
+        self.exits: Counter[str] = Counter()  # process name → exits on its own
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="chaos-supervisor", daemon=True)
 
@@ -222,12 +223,29 @@ class Supervisor:
             for p in self.procs:
                 code = p.exited()
                 if code is not None:
-                    self.exits.append(f"{p.name} (run {p.starts}) exited with code {code}")
+                    self.exits[f"{p.name} (code {code})"] += 1
                     p.start()
 
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(5)
+
+
+def connected(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds an established TCP connection to loopback ``port``
+    (read from /proc: its socket inodes against the kernel's table)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+                  if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}  # fmt: skip
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        remote, state, inode = fields[2], fields[3], fields[9]
+        if state == "01" and int(remote.split(":")[1], 16) == port and inode in inodes:
+            return True
+    return False
 
 
 def logs(logdir: Path, n: int = 3000) -> str:
