@@ -162,7 +162,7 @@ class Plan:
     worker_kill_delay_s: float  # after the round's training reports progress
     redis_restart_delay_s: float  # after the second worker takes the round
     beat_kill_delay_s: float  # after the rollout starts
-    cut_fraction: float  # of the package's bytes received before the link is cut
+    cut_fraction: float  # of the package's bytes on the wire received before the cut
     cut_s: float  # seconds the device stays cut off
 
     @classmethod
@@ -186,7 +186,7 @@ class Plan:
             worker_kill_delay_s=round(rng.uniform(0.2, 2.0), 2),
             redis_restart_delay_s=round(rng.uniform(0.5, 3.0), 2),
             beat_kill_delay_s=round(rng.uniform(0.0, 2.0), 2),
-            cut_fraction=round(rng.uniform(0.25, 0.75), 2), cut_s=round(rng.uniform(2.0, 5.0), 2),
+            cut_fraction=round(rng.uniform(0.45, 0.85), 2), cut_s=round(rng.uniform(2.0, 5.0), 2),
         )  # fmt: skip
 
 

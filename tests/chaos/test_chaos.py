@@ -258,7 +258,10 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
 
         # Execute 3: a round on the worker, the worker SIGKILLed, Redis restarted under
         # the second one.
-        proxy.arm(int(plan.cut_fraction * len(v1)))
+        # Chunks travel base64 in JSON (4/3 of their bytes), after an offer carrying the
+        # signed metadata (~5-20 kB): between 0.45 and 0.85 of that, the cut lands after
+        # the first 64 kB chunk and before the last.
+        proxy.arm(20_000 + int(plan.cut_fraction * len(v1) * 4 / 3))
         out = subprocess.run([sys.executable, "-c", "from cloud.tasks import retrain; "
                               f"print(retrain.delay('{fleet}').id)"], env=env,
                              capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -310,6 +313,7 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
         time.sleep(1.0)
         beat.start()
         wait(proxy.cut.is_set, 120, what="the cut device's download")
+        time.sleep(0.5)  # what arrived before the cut is written by then
         parts = [p.stat().st_size for p in (tmp_path / updater).rglob("*.part")]
         table.faults.append(f"cut {updater} off after {proxy.received} bytes had reached it "
                             f"(the package is {len(v1)} bytes; downloaded so far: {parts}); back "
@@ -385,6 +389,7 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
             ", ".join(f"{k} ×{n}" for k, n in supervisor.exits.items()) or "none"),
         "wall time of the faults phase": f"{wall:.0f} s",
     })  # fmt: skip
+    assert parts and 0 < sum(parts) < len(v1), f"the cut was not mid-download: {parts}"
     assert acc.sent > 0 and acc.stored == acc.sent
     assert acc.lost == [], acc.lost[:10]
     assert acc.duplicated == [], acc.duplicated[:10]
