@@ -6,9 +6,13 @@ tests share), the seeded fault schedule, and the table each run prints and write
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import pwd
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,6 +114,13 @@ class PrivateServices:
         if self.answers("seaweedfs"):
             self.stop("seaweedfs")
         self._script("down", *(n for n in self.ports if n != "redis"))
+        # As root, scripts/services keeps the cluster under the postgres user's home, one
+        # folder per state directory (its postgres_home()): this run's goes with it.
+        tag = hashlib.sha256(str(self.dir).encode()).hexdigest()[:10]
+        with contextlib.suppress(KeyError):
+            home = Path(pwd.getpwnam("postgres").pw_dir) / f"edgeloop-{tag}"
+            if os.geteuid() == 0 and home.is_dir():
+                shutil.rmtree(home, ignore_errors=True)
 
     def _redis_stop(self) -> None:
         pid = int((self.dir / "redis" / "redis.pid").read_text().strip())
@@ -218,7 +229,7 @@ def chaos_plan(request) -> Plan:
 @pytest.fixture(scope="session")
 def private_services(tmp_path_factory):
     """PostgreSQL, Redis, Mosquitto and SeaweedFS of the chaos suite's own, started once."""
-    svc = PrivateServices(tmp_path_factory.mktemp("chaos-services"))
+    svc = PrivateServices(tmp_path_factory.mktemp("chaos-services").resolve())
     try:
         svc.up(*svc.ports)
         yield svc
