@@ -53,6 +53,16 @@ def scaled_examples(divisor: int) -> int:
 # --- end of the Hypothesis profiles ---------------------------------------------------------
 
 
+# -- chaos suite (tests/chaos) ------------------------------------------------------------
+def pytest_addoption(parser):
+    parser.addoption(
+        "--chaos-full",
+        action="store_true",
+        help="tests/chaos: more devices, every fault several times, longer uploads (the "
+        "benchmark run; CI runs each fault once)",
+    )
+
+
 def _answers(port: int) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=1):
