@@ -541,7 +541,11 @@ def test_two_triggers_at_once_start_one_round(
     both at once: one round runs, the other is skipped; one new version."""
     require("Redis", REDIS_PORT)
     sessions, store, _, _, _ = fleet_with_uploads
-    env = celery_env(pg_url, store, mlflow_uri, fleet, EDGELOOP_TRIGGER_MIN_NEW_LABELS="10")
+    # v1's round ran a moment ago: no interval between rounds here (tests/test_triggers).
+    env = celery_env(
+        pg_url, store, mlflow_uri, fleet,
+        EDGELOOP_TRIGGER_MIN_NEW_LABELS="10", EDGELOOP_TRIGGER_MIN_INTERVAL_H="0",
+    )  # fmt: skip
     worker = _worker(fleet, env, tmp_path / "worker.log", pool="threads")
     try:
         code = (
@@ -572,6 +576,7 @@ def test_beat_policy_starts_a_gated_round_end_to_end(
     env = celery_env(
         pg_url, store, mlflow_uri, fleet,
         EDGELOOP_TRIGGER_MIN_NEW_LABELS="10", EDGELOOP_TRIGGER_INTERVAL_S="1",
+        EDGELOOP_TRIGGER_MIN_INTERVAL_H="0",  # v1's round ran a moment ago
     )  # fmt: skip
     worker = _worker(fleet, env, tmp_path / "worker.log", pool="threads")
     beat = _start(

@@ -81,11 +81,6 @@ def check(
     ).first()
     if failed is not None and now - aware(failed.updated_at) < timedelta(hours=policy.backoff_h):
         return due  # the last round failed: not again every beat (its error is in the row)
-    started = session.scalar(
-        select(func.max(Round.created_at)).where(Round.fleet == fleet, Round.profile == profile)
-    )
-    if started is not None and now - aware(started) < timedelta(hours=policy.min_interval_h):
-        return due  # a round started a moment ago: the next waits, whatever claims arrive
     watermark = (last.baselines or {}).get("label_watermark")
     newer = Label.id > watermark if watermark is not None else Label.created_at > since
     due.new_labels = (
@@ -118,6 +113,11 @@ def check(
         and now - since >= timedelta(hours=policy.max_age_h)
     ):
         due.reasons.append(f"schedule: last round {(now - since).total_seconds() / 3600:.0f} h ago")
+    started = session.scalar(
+        select(func.max(Round.created_at)).where(Round.fleet == fleet, Round.profile == profile)
+    )
+    if started is not None and now - aware(started) < timedelta(hours=policy.min_interval_h):
+        due.reasons = []  # a round started a moment ago: the next waits, whatever fired
     return due
 
 
