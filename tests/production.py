@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class ProductionBroker:
     minio_port: int = 0  # … `start("minio")` the TLS S3 (SeaweedFS)
     mlflow_port: int = 0  # … `start("mlflow")` MLflow's basic-auth app over HTTPS
     secrets: dict[str, str] = field(default_factory=dict)  # stack.env, once S3 or MLflow ran
+    started_in_s: float = 0.0  # how long `start` took
 
     @property
     def certs(self) -> Path:
@@ -91,7 +93,9 @@ class ProductionBroker:
 
     def start(self, *names: str) -> ProductionBroker:
         self.names = names or ("mosquitto",)
+        t0 = time.monotonic()
         r = self.services("up", *self.names)
+        self.started_in_s = time.monotonic() - t0
         if r.returncode != 0:
             raise RuntimeError(f"scripts/services up --production failed:\n{r.stdout}{r.stderr}")
         for line in (self.certs / "broker.env").read_text().splitlines():
