@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+import requests
 import urllib3
 from minio import Minio
 
@@ -236,3 +237,33 @@ def test_an_edge_uploads_through_the_cloud_compose_describes(
         assert runs.fetchone()[0] == 1
     artifacts = list(s3.list_objects("mlflow-artifacts", recursive=True))
     assert any(o.object_name.endswith(".edgepkg") for o in artifacts), artifacts
+
+
+def test_s3_and_mlflow_answer_only_over_tls_with_their_credentials(stack):
+    """S3 and MLflow as compose runs them: TLS verified against the stack's CA with the
+    credentials works; plain HTTP, a wrong S3 secret, or MLflow without a password does
+    not."""
+    from minio.error import S3Error
+
+    ca = str(stack.ca_file)
+    good = s3_client(stack)
+    assert {"edgeloop", "mlflow-artifacts"} <= {b.name for b in good.list_buckets()}
+    wrong = Minio(
+        f"localhost:{stack.minio_port}", access_key=stack.secrets["MINIO_ROOT_USER"],
+        secret_key="not-it", secure=True,
+        http_client=urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=ca),
+    )  # fmt: skip
+    with pytest.raises(S3Error, match="SignatureDoesNotMatch"):
+        wrong.list_buckets()
+    mlflow = f"https://localhost:{stack.mlflow_port}"
+    search = "/api/2.0/mlflow/experiments/search?max_results=1"
+    admin = ("admin", stack.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    assert requests.get(f"{mlflow}/health", verify=ca, timeout=10).status_code == 200
+    assert requests.get(mlflow + search, verify=ca, auth=admin, timeout=10).status_code == 200
+    assert requests.get(mlflow + search, verify=ca, timeout=10).status_code == 401
+    for port in (stack.minio_port, stack.mlflow_port):  # no plain HTTP on either port
+        try:
+            plain = requests.get(f"http://localhost:{port}/", timeout=10).status_code
+        except requests.ConnectionError:
+            plain = None
+        assert plain in (None, 400), port  # 400: Go's "HTTP request to an HTTPS server"
