@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ROOT / "scripts" / "services"
 
 
-def spare_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def spare_port(below: int = 65536) -> int:
+    """A free loopback port below ``below`` (SeaweedFS also takes each port + 10000)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < below:
+            return port
 
 
 @dataclass
@@ -38,6 +43,10 @@ class ProductionBroker:
     passwords: dict[str, str] = field(default_factory=dict)  # role → password
     redis_port: int = 0  # set: `start("redis")` runs deploy/redis/ there too
     postgres_port: int = 0  # … and `start("postgres")` deploy/postgres/
+    minio_port: int = 0  # … `start("minio")` the TLS S3 (SeaweedFS)
+    mlflow_port: int = 0  # … `start("mlflow")` MLflow's basic-auth app over HTTPS
+    secrets: dict[str, str] = field(default_factory=dict)  # stack.env, once S3 or MLflow ran
+    started_in_s: float = 0.0  # how long `start` took
 
     @property
     def certs(self) -> Path:
@@ -54,7 +63,24 @@ class ProductionBroker:
             "EDGELOOP_PRODUCTION_MOSQUITTO_PORT": str(self.port),
             "EDGELOOP_PRODUCTION_REDIS_PORT": str(self.redis_port or spare_port()),
             "EDGELOOP_PRODUCTION_POSTGRES_PORT": str(self.postgres_port or spare_port()),
+            **self.s3_ports(),
+            "EDGELOOP_PRODUCTION_MLFLOW_PORT": str(self.mlflow_port or spare_port()),
         }
+
+    def s3_ports(self) -> dict[str, str]:
+        """The S3 gateway's port and SeaweedFS's inner servers' (each also + 10000), chosen
+        once so that `down` finds the same."""
+        if not hasattr(self, "_s3_ports"):
+            self.minio_port = self.minio_port or spare_port(below=55536)
+            self._s3_ports = {"EDGELOOP_PRODUCTION_MINIO_PORT": str(self.minio_port)} | {
+                f"EDGELOOP_PRODUCTION_SEAWEEDFS_{name}_PORT": str(spare_port(below=55536))
+                for name in ("MASTER", "VOLUME", "FILER")
+            }
+        return self._s3_ports
+
+    def environ(self) -> dict[str, str]:
+        """What `scripts/stack env --native` reads: this stack's folder and ports."""
+        return {k: v for k, v in self._env().items() if k.startswith("EDGELOOP_")}
 
     def services(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -62,12 +88,14 @@ class ProductionBroker:
             env=self._env(),
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,  # the whole stack on a loaded machine
         )
 
     def start(self, *names: str) -> ProductionBroker:
         self.names = names or ("mosquitto",)
+        t0 = time.monotonic()
         r = self.services("up", *self.names)
+        self.started_in_s = time.monotonic() - t0
         if r.returncode != 0:
             raise RuntimeError(f"scripts/services up --production failed:\n{r.stdout}{r.stderr}")
         for line in (self.certs / "broker.env").read_text().splitlines():
@@ -77,6 +105,10 @@ class ProductionBroker:
         for line in (self.certs / "services.env").read_text().splitlines():
             key, _, value = line.partition("=")
             self.passwords[key.removesuffix("_PASSWORD").lower()] = value
+        if (self.certs / "stack.env").exists():
+            for line in (self.certs / "stack.env").read_text().splitlines():
+                key, _, value = line.partition("=")
+                self.secrets[key] = value
         return self
 
     def stop(self) -> None:
