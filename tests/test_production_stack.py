@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -177,12 +178,16 @@ def test_an_edge_uploads_through_the_cloud_compose_describes(
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert trust.returncode == 0, trust.stdout + trust.stderr
-    # TODO(lead): compose runs `cloud ingest --group ingest --health-port 8081`; the
-    # --health-port option arrives with w1-ingest: add it here (and probe /healthz) then.
+    # Ingest exactly as compose runs it (deploy/stack.toml), its liveness on a spare port.
+    command = tomllib.loads((ROOT / "deploy" / "stack.toml").read_text())["cloud"]["ingest"][
+        "command"
+    ]
+    health = spare_port()
+    command[command.index("--health-port") + 1] = str(health)
     ingest_log, edge_log = tmp_path / "ingest.log", tmp_path / "edge.log"
     with ingest_log.open("w") as ingest_out, edge_log.open("w") as edge_out:
         ingest = subprocess.Popen(
-            [*CLI, "cloud", "ingest", "--group", "ingest"], cwd=tmp_path,
+            [*CLI, *command], cwd=tmp_path,
             env=process_env(stack_env(stack, "cloud", "ingest")),
             stdout=ingest_out, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -216,6 +221,7 @@ def test_an_edge_uploads_through_the_cloud_compose_describes(
         wait_for(lambda: outbox() == 0 and len(stored()) >= uploaded(), 60,
                  what="the device's samples stored and acked")  # fmt: skip
         rows = stored()
+        alive = requests.get(f"http://127.0.0.1:{health}/healthz", timeout=5)
     finally:
         for proc in (edge, ingest):
             proc.send_signal(signal.SIGTERM)
@@ -225,6 +231,8 @@ def test_an_edge_uploads_through_the_cloud_compose_describes(
 
     assert edge.returncode == 0, edge_log.read_text()
     assert ingest.returncode == 0, ingest_log.read_text()
+    assert alive.status_code == 200, alive.text  # compose's health check passes
+    assert alive.json()["last_batch_at"] is not None, alive.json()
     assert uploaded() > 0 and len(rows) == uploaded()
     assert len({sample_id for sample_id, _ in rows}) == len(rows)
     s3 = s3_client(stack)
