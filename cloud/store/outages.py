@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import socket
 
+from minio.error import S3Error, ServerError
 from psycopg import InterfaceError as PgInterfaceError
 from psycopg import OperationalError as PgOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -49,16 +50,30 @@ _OUTAGES = (
     RedisTimeout,
 )
 
+# What an S3 server answers while it cannot serve (SeaweedFS re-electing its master after a
+# restart answers InternalError "please try again" for seconds).
+_S3_BUSY = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+
+
+def _s3_busy(e: BaseException) -> bool:
+    if isinstance(e, ServerError):
+        return e.status_code >= 500
+    if isinstance(e, S3Error):
+        status = getattr(e.response, "status", 0) or 0
+        return e.code in _S3_BUSY or status >= 500
+    return False
+
 
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (or an error it was raised from or while handling: MLflow and the
-    object store wrap what the network said) is an outage of a service. A StorageError
-    counts only through such a cause: a missing object or a refused key is not one."""
+    object store wrap what the network or the server said) is an outage of a service. A
+    StorageError counts only through such a cause: a missing object or a refused key is
+    not one; a server's "internal error, try again" (5xx) is."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (*_OUTAGES, *_NETWORK)):
+        if isinstance(e, (*_OUTAGES, *_NETWORK)) or _s3_busy(e):
             return True
         if isinstance(e, OSError) and e.errno in _NETWORK_ERRNOS:
             return True
