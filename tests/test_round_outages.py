@@ -26,7 +26,17 @@ from cloud.store.outages import is_transient
 from shared.package import model_name
 from tests.proxy import TcpProxy
 
-from .conftest import HOST, PG_PORT, REDIS_PORT, S3_KEY, S3_SECRET, celery_env, require, wait_for
+from .conftest import (
+    HOST,
+    PG_PORT,
+    REDIS_PORT,
+    S3_KEY,
+    S3_PORT,
+    S3_SECRET,
+    celery_env,
+    require,
+    wait_for,
+)
 from .test_learning import _stop, _worker, seed_fleet
 
 pytestmark = pytest.mark.services
@@ -131,6 +141,46 @@ def test_a_stage_task_waits_an_outage_out_on_a_worker(seeded, pg_url, mlflow_uri
     assert f"round {row.id} train met an outage (OperationalError" in text
     assert "raised unexpected" not in text
     one_v2(sessions, mlflow_uri, fleet)
+
+
+def test_an_outage_past_the_patience_fails_the_round_with_its_reason(
+    seeded, pg_url, mlflow_uri, fleet, tmp_path
+):
+    """The object store cut away for good, with a patience of 4 s: the train task is tried
+    again with backoff, then the round is failed, its reason the outage."""
+    require("Redis", REDIS_PORT)
+    sessions, store, _, _, _ = seeded
+    s3 = TcpProxy(S3_PORT).start()
+    env = celery_env(pg_url, store, mlflow_uri, fleet, EDGELOOP_ROUND_OUTAGE_PATIENCE_S="4",
+                     EDGELOOP_S3_ENDPOINT=f"{HOST}:{s3.port}")  # fmt: skip
+    log = tmp_path / "worker.log"
+    worker = _worker(fleet, env, log, pool="threads")
+    row = reserve(sessions, fleet, "outage-for-good")
+    try:
+        wait_for(lambda: "ready." in log.read_text(), 120, what="the worker")
+        s3.stop()
+        out = subprocess.run(
+            [sys.executable, "-c", "from cloud.tasks import round_chain; "
+             f"print(round_chain({row.id}).delay().id)"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+
+        def state() -> str:
+            with sessions() as s:
+                return s.get(Round, row.id).state
+
+        wait_for(lambda: state() == "failed", 90, what="the round to fail")
+    finally:
+        _stop(worker)
+        s3.stop()
+    with sessions() as s:
+        failed = s.get(Round, row.id)
+    text = log.read_text()
+    assert failed.result["stage"] == "train", failed.result
+    assert failed.result["error"].startswith("outage outlasted round_outage_patience_s (4 s)")
+    assert "StorageError" in failed.result["error"]
+    assert text.count(f"round {row.id} train met an outage (StorageError") >= 2, text[-3000:]
 
 
 def test_a_stage_that_fails_for_its_own_reason_fails_the_round_at_once(seeded, fleet):

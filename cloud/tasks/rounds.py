@@ -137,7 +137,7 @@ def _through_outages(task, outage_since: float | None, work, *, round_id=None, s
     other error fails at once (run_stage recorded it)."""
     from celery.exceptions import TaskPredicate
 
-    from cloud.learn.runner import outage_retry_in, record_failure
+    from cloud.learn.runner import outage_retry_in
     from cloud.store.outages import is_transient
 
     try:
@@ -156,13 +156,23 @@ def _through_outages(task, outage_since: float | None, work, *, round_id=None, s
             if is_transient(exc) and round_id is not None:
                 error = (f"outage outlasted round_outage_patience_s ({patience:.0f} s): "
                          f"{type(exc).__name__}: {exc}")  # fmt: skip
-                record_failure(_services()[0], round_id, stage, error, 10.0)
+                _fail_round(round_id, stage, error)
             raise
         log.warning("%s met an outage (%s: %s); tried again in %.0f s (%.0f s of %.0f s "
                     "patience used)", what, type(exc).__name__, str(exc)[:200], wait,
                     now - since, patience)  # fmt: skip
         kwargs = {**(task.request.kwargs or {}), "outage_since": since}
         raise task.retry(exc=exc, countdown=wait, kwargs=kwargs, max_retries=10_000) from exc
+
+
+def _fail_round(round_id: int, stage: str, error: str) -> None:
+    """Record the round failed (on sessions of their own: the object store the worker's
+    services open may be what is down)."""
+    from cloud.learn.runner import record_failure
+    from cloud.store.db import session_factory
+
+    s = get_settings()
+    record_failure(session_factory(s.resolved_database_url, s), round_id, stage, error, 10.0)
 
 
 def _stage(task, round_id: int, stage: str, outage_since: float | None = None) -> dict:
