@@ -99,6 +99,10 @@ class CloudSettings(BaseSettings):
     round_delta_friendly: bool = True
     round_close_tolerance_pts: float = 1.0
     round_pseudo_label_min_confidence: float | None = None
+    # --- Rounds through outages (issue 15) ---
+    # How long a round's stage waits out PostgreSQL, the object store, Redis or MLflow being
+    # unreachable (retried with backoff, cloud.store.outages) before it fails the round.
+    round_outage_patience_s: float = 300.0
     # --- Round memory (issue 15) ---
     # The most new labelled windows one round loads (cloud.learn.data.labelled_uploads):
     # past it, a class-balanced sample, reservoir by reservoir, drawn with the round's seed.

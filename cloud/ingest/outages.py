@@ -6,20 +6,6 @@ that message: it is dead-lettered and acked (cloud.ingest.service)."""
 
 from __future__ import annotations
 
-from psycopg import InterfaceError as PgInterfaceError
-from psycopg import OperationalError as PgOperationalError
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from cloud.store.outages import TRANSIENT
 
-from cloud.store.objects import StorageError
-
-TRANSIENT = (
-    OperationalError,
-    InterfaceError,
-    DisconnectionError,
-    PoolTimeout,  # every pooled connection busy or hung: an outage, not the message's fault
-    PgOperationalError,  # COPY runs on the driver's connection, unwrapped by SQLAlchemy
-    PgInterfaceError,
-    StorageError,
-    OSError,
-)
+__all__ = ["TRANSIENT"]  # one definition, shared with the learning rounds (cloud.store.outages)

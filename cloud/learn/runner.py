@@ -2,11 +2,15 @@
 stage, cloud.tasks), or all of them in this process (the demo, which has no worker).
 
 A stage that is done is never run again: a task delivered twice (its worker died before
-acknowledging it) finds the output and hands it on.
+acknowledging it) finds the output and hands it on. Outages (cloud.store.outages) do not
+fail a round: a progress line that cannot be written is skipped (the next one is written),
+a stage's output waits for the database up to ``round_outage_patience_s``, and a stage
+that meets one raises it unrecorded, for its task to try the stage again after a backoff.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -16,6 +20,7 @@ from typing import Any
 
 from sqlalchemy.orm import sessionmaker
 
+from cloud.config import get_settings
 from cloud.learn import rounds
 from cloud.learn.evaluate import stage_evaluate
 from cloud.learn.recompress import stage_recompress
@@ -24,6 +29,7 @@ from cloud.learn.state import STAGES, RoundConfig, RoundResult, RoundState, Serv
 from cloud.learn.train import stage_train
 from cloud.store.db import Round
 from cloud.store.objects import ObjectStore
+from cloud.store.outages import is_transient
 from cloud.tracking.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -43,9 +49,15 @@ def run_stage(
     stage: str,
     *,
     say: Callable[[str], None] | None = None,
+    patience_s: float | None = None,
 ) -> dict[str, Any]:
     """Run one stage of a round (or hand on its output if it is done): attempts, progress,
-    output, error and seconds recorded in the row. The last stage finishes the round."""
+    output, error and seconds recorded in the row. The last stage finishes the round.
+
+    An outage the stage meets is raised without failing the round (the caller tries again);
+    the stage's output and a failure's reason wait up to ``patience_s`` (default: the
+    setting ``round_outage_patience_s``) for the database to take them."""
+    patience = get_settings().round_outage_patience_s if patience_s is None else patience_s
     st = rounds.state_of(svc.sessions, round_id)
     if stage in st.outputs:
         if stage == STAGES[-1]:
@@ -70,22 +82,16 @@ def run_stage(
         log.info("%s: %s", label, message)
         if say is not None:
             say(message)
-        rounds.update(
-            svc.sessions, round_id, lambda _, stages: stages[stage].update(progress=message)
-        )
+        note(svc, round_id, stage, message)
 
     t0 = time.perf_counter()
     try:
         out = STAGE_FUNCTIONS[stage](svc, st, progress)
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"[:2000]
-
-        def fail(row: Round, stages: dict) -> None:
-            stages[stage]["error"] = error
-            row.state = "failed"  # the triggers back off; `edgeloop retrain --resume` retries
-            row.result = {"error": error, "stage": stage}
-
-        rounds.update(svc.sessions, round_id, fail)
+        if is_transient(exc):
+            note(svc, round_id, stage, f"waiting out an outage: {type(exc).__name__}: {exc}")
+            raise
+        record_failure(svc.sessions, round_id, stage, f"{type(exc).__name__}: {exc}", patience)
         raise
 
     def finish(row: Round, stages: dict) -> None:
@@ -93,8 +99,68 @@ def run_stage(
         if stage == STAGES[-1]:
             rounds.close(row, stages)  # in the same commit: never done-but-open
 
-    rounds.update(svc.sessions, round_id, finish)
+    # The output may have taken minutes: it waits for the database rather than be lost.
+    patiently(lambda: rounds.update(svc.sessions, round_id, finish), patience, label)
     return out
+
+
+def note(svc: Services, round_id: int, stage: str, message: str) -> None:
+    """Write ``message`` as the stage's progress line; in an outage, skip it (logged): a
+    line not written is not worth failing minutes of training for, and the next one is."""
+    try:
+        rounds.update(
+            svc.sessions, round_id, lambda _, stages: stages[stage].update(progress=message)
+        )
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("round %d %s: progress not written (%s); the next line will be",
+                    round_id, stage, type(exc).__name__)  # fmt: skip
+
+
+def record_failure(
+    sessions: sessionmaker, round_id: int, stage: str, error: str, patience_s: float
+) -> None:
+    """The round failed at ``stage`` with ``error``, recorded (waiting out an outage of
+    the database up to ``patience_s``; past it, only logged)."""
+    error = error[:2000]
+
+    def fail(row: Round, stages: dict) -> None:
+        stages.setdefault(stage, {})["error"] = error
+        row.state = "failed"  # the triggers back off; `edgeloop retrain --resume` retries
+        row.result = {"error": error, "stage": stage}
+
+    try:
+        patiently(lambda: rounds.update(sessions, round_id, fail), patience_s, stage)
+    except Exception as exc:
+        log.error("round %d failed at %s (%s) and that could not be recorded: %s",
+                  round_id, stage, error, exc)  # fmt: skip
+
+
+def patiently(write: Callable[[], None], patience_s: float, what: str) -> None:
+    """``write()``, tried again with backoff while it meets an outage, for ``patience_s``."""
+    deadline = time.monotonic() + patience_s
+    for attempt in itertools.count():
+        try:
+            write()
+            return
+        except Exception as exc:
+            left = deadline - time.monotonic()
+            if not is_transient(exc) or left <= 0:
+                raise
+            wait = min(0.5 * 2**attempt, 15.0, left)
+            log.warning("%s: not written (%s); again in %.1f s", what, type(exc).__name__, wait)
+            time.sleep(wait)
+
+
+def outage_retry_in(
+    exc: BaseException, *, retries: int, waited_s: float, patience_s: float
+) -> float | None:
+    """Seconds before a stage that raised ``exc`` is tried again (backoff: 1, 2, 4 … 30 s),
+    or None: fail the round now (not an outage, or one that has lasted ``patience_s``)."""
+    if not is_transient(exc) or waited_s >= patience_s:
+        return None
+    return max(1.0, min(2.0 ** min(retries, 5), 30.0, patience_s - waited_s))
 
 
 def run_round(

@@ -4,6 +4,7 @@ tasks), the stages, resume, and beat's trigger check."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 
@@ -47,14 +48,25 @@ def round_chain(round_id: int, stages: list[str] | None = None):
 # stage whose worker was killed is delivered again (after the broker's visibility timeout)
 # with the rest of the chain; the rounds table makes each stage run to completion once.
 @app.task(name="edgeloop.retrain", bind=True, acks_late=True, reject_on_worker_lost=True)
-def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual") -> dict:
+def retrain(
+    self,
+    fleet: str,
+    profile: str = "cpu-fp32",
+    reason: str = "manual",
+    outage_since: float | None = None,
+) -> dict:
     """Start one learning round for ``fleet`` / ``profile``: reserve its version, then become
     the chain train → recompress → evaluate → register (this task's result is the chain's:
     the new version and its gates).
 
     At most one round per fleet and profile is under way. A round a trigger asked for checks
     under the lock that it is still due, so two triggers that fire together, or one that
-    fires again while a round runs, give one round."""
+    fires again while a round runs, give one round. An outage of the database or Redis is
+    waited out (round_outage_patience_s), as the stages do."""
+    return _through_outages(self, outage_since, lambda: _retrain(self, fleet, profile, reason))
+
+
+def _retrain(self, fleet: str, profile: str, reason: str) -> dict:
     from sqlalchemy import select
 
     from cloud.learn import rounds
@@ -118,9 +130,62 @@ def retrain(self, fleet: str, profile: str = "cpu-fp32", reason: str = "manual")
     raise self.replace(round_chain(row.id, left))
 
 
-def _stage(task, round_id: int, stage: str) -> dict:
+def _through_outages(task, outage_since: float | None, work, *, round_id=None, stage=""):
+    """``work()``; an outage it meets (cloud.store.outages) sends the task again after a
+    backoff, until the outage has lasted ``round_outage_patience_s`` (counted from
+    ``outage_since``, carried by the retries): then the round fails with the reason. Any
+    other error fails at once (run_stage recorded it)."""
+    from celery.exceptions import TaskPredicate
+
+    from cloud.learn.runner import outage_retry_in
+    from cloud.store.outages import is_transient
+
+    try:
+        return work()
+    except TaskPredicate:  # retry, replace: Celery's own control flow
+        raise
+    except Exception as exc:
+        patience = get_settings().round_outage_patience_s
+        now = time.time()
+        since = outage_since or now
+        wait = outage_retry_in(
+            exc, retries=task.request.retries or 0, waited_s=now - since, patience_s=patience
+        )
+        what = f"round {round_id} {stage}".rstrip() if round_id is not None else task.name
+        if wait is None:
+            if is_transient(exc) and round_id is not None:
+                error = (f"outage outlasted round_outage_patience_s ({patience:.0f} s): "
+                         f"{type(exc).__name__}: {exc}")  # fmt: skip
+                _fail_round(round_id, stage, error)
+            raise
+        log.warning("%s met an outage (%s: %s); tried again in %.0f s (%.0f s of %.0f s "
+                    "patience used)", what, type(exc).__name__, str(exc)[:200], wait,
+                    now - since, patience)  # fmt: skip
+        kwargs = {**(task.request.kwargs or {}), "outage_since": since}
+        raise task.retry(exc=exc, countdown=wait, kwargs=kwargs, max_retries=10_000) from exc
+
+
+def _fail_round(round_id: int, stage: str, error: str) -> None:
+    """Record the round failed (on sessions of their own: the object store the worker's
+    services open may be what is down)."""
+    from cloud.learn.runner import record_failure
+    from cloud.store.db import session_factory
+
+    s = get_settings()
+    record_failure(session_factory(s.resolved_database_url, s), round_id, stage, error, 10.0)
+
+
+def _stage(task, round_id: int, stage: str, outage_since: float | None = None) -> dict:
     """Run ``stage`` of round ``round_id`` holding the fleet's round lock (a copy of the same
-    task delivered while the first still runs waits for it, then finds the stage done)."""
+    task delivered while the first still runs waits for it, then finds the stage done),
+    through outages of the services it uses."""
+    return _through_outages(
+        task, outage_since, lambda: _run_stage(task, round_id, stage),
+        round_id=round_id, stage=stage,
+    )  # fmt: skip
+
+
+def _run_stage(task, round_id: int, stage: str) -> dict:
     from cloud.learn.lock import RoundLock
     from cloud.learn.rounds import finish_if_done, state_of
     from cloud.learn.runner import run_stage
@@ -145,7 +210,8 @@ def _stage(task, round_id: int, stage: str) -> dict:
 
 
 # Every stage task: its message kept until it finished (redelivered with the rest of the
-# chain if its worker dies), and waiting for the lock as long as the holder works.
+# chain if its worker dies), waiting for the lock as long as the holder works, and sent
+# again after a backoff while an outage lasts (round_outage_patience_s).
 STAGE_TASK_OPTIONS = {
     "bind": True,
     "acks_late": True,
@@ -155,27 +221,27 @@ STAGE_TASK_OPTIONS = {
 
 
 @app.task(name="edgeloop.round.train", **STAGE_TASK_OPTIONS)
-def train_stage(self, round_id: int) -> dict:
+def train_stage(self, round_id: int, outage_since: float | None = None) -> dict:
     """Fine-tune the teacher on new labels + replay (cloud.learn.train)."""
-    return _stage(self, round_id, "train")
+    return _stage(self, round_id, "train", outage_since)
 
 
 @app.task(name="edgeloop.round.recompress", **STAGE_TASK_OPTIONS)
-def recompress_stage(self, round_id: int) -> dict:
+def recompress_stage(self, round_id: int, outage_since: float | None = None) -> dict:
     """The teacher → the profile's edge package (cloud.learn.recompress)."""
-    return _stage(self, round_id, "recompress")
+    return _stage(self, round_id, "recompress", outage_since)
 
 
 @app.task(name="edgeloop.round.evaluate", **STAGE_TASK_OPTIONS)
-def evaluate_stage(self, round_id: int) -> dict:
+def evaluate_stage(self, round_id: int, outage_since: float | None = None) -> dict:
     """The package under ONNX Runtime against the gates (cloud.learn.evaluate)."""
-    return _stage(self, round_id, "evaluate")
+    return _stage(self, round_id, "evaluate", outage_since)
 
 
 @app.task(name="edgeloop.round.register", **STAGE_TASK_OPTIONS)
-def register_stage(self, round_id: int) -> dict:
+def register_stage(self, round_id: int, outage_since: float | None = None) -> dict:
     """MLflow run, model version, aliases; the round's answer (cloud.learn.register)."""
-    return _stage(self, round_id, "register")
+    return _stage(self, round_id, "register", outage_since)
 
 
 STAGE_TASKS = {

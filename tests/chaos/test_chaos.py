@@ -1,8 +1,9 @@
 """Chaos: the whole loop under faults at seeded points, on private services. Real edge
 agents upload continuously through two `edgeloop cloud ingest` processes while Mosquitto,
 Redis, PostgreSQL and S3 are restarted in turn and an ingest is SIGKILLed mid-batch; a
-learning round on a Celery worker is SIGKILLed and Redis restarted under it; its model
-rolls out while beat is SIGKILLed and one device's link is cut in the middle of the update.
+learning round on a Celery worker is SIGKILLed, and PostgreSQL, Redis and S3 restarted
+under it; its model rolls out while beat is SIGKILLed and one device's link is cut in the
+middle of the update.
 Afterwards, read back from storage: no accepted sample lost or duplicated, no model version
 half-registered, every device on the new model's exact bytes."""
 
@@ -256,8 +257,8 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
             device.start()
         more_stored(20)
 
-        # Execute 3: a round on the worker, the worker SIGKILLed, Redis restarted under
-        # the second one.
+        # Execute 3: a round on the worker, the worker SIGKILLed, PostgreSQL, Redis and S3
+        # restarted under the second one.
         # Chunks travel base64 in JSON (4/3 of their bytes), after an offer carrying the
         # signed metadata (~5-20 kB): between 0.45 and 0.85 of that, the cut lands after
         # the first 64 kB chunk and before the last.
@@ -282,14 +283,19 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
         wait(lambda: round_row().updated_at != killed_at or round_row().state == "done",
                  120, what="the second worker to take the round")  # fmt: skip
         time.sleep(plan.redis_restart_delay_s)
-        stage = round_row().state
-        took = svc.restart("redis", 1.0)
-        table.faults.append(f"restart redis while the second worker runs the round (stage "
-                            f"{stage}; unreachable {took:.1f} s)")  # fmt: skip
+        # PostgreSQL, Redis and S3 restarted in turn under the round (its stages wait
+        # outages out: cloud.learn.runner, cloud.tasks.rounds).
+        under_round = {}
+        for service in ("postgres", "redis", "seaweedfs"):
+            under_round[service] = stage = round_row().state
+            took = svc.restart(service, 1.0)
+            table.faults.append(f"restart {service} while the second worker runs the round "
+                                f"(stage {stage}; unreachable {took:.1f} s)")  # fmt: skip
         wait(lambda: round_row().state in ("done", "failed"), 300,
                  what="the round to end")  # fmt: skip
         done = round_row()
         assert done.state == "done", f"{done.state}: {done.result}"
+        assert "done" not in under_round.values(), f"a restart missed the round: {under_round}"
 
         # Execute 4: v2 rolls out; beat SIGKILLed; one device cut off mid-transfer.
         client = MlflowClient(tracking_uri=mlflow_uri)
@@ -400,14 +406,6 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
                                     for r in rollouts)  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (cloud/learn/runner.py, cloud/tasks/rounds.py): a round fails for good "
-    "when PostgreSQL restarts under it. run_stage writes progress to the rounds row every "
-    "epoch; the OperationalError fails the stage task, which is not retried, and the chain "
-    "ends. Only `edgeloop retrain --resume` (an operator) or a new trigger after "
-    "celery_visibility_timeout_s + 600 s starts it again.",
-)
 def test_a_round_survives_a_postgres_restart(private_services, tep_small, mlflow_uri, tmp_path):
     """PostgreSQL restarted (down 5 s) while a round trains on a Celery worker: the round
     still ends done by itself, as the ingest and the rollout ride out the same restart."""
