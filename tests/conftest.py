@@ -80,6 +80,24 @@ def require(name: str, port: int) -> None:
         )
 
 
+def use_cloud(monkeypatch, pg_url: str, s3_store, **more: str) -> None:
+    """This process's cloud settings (`edgeloop …` commands run in it, the cached settings
+    dropped) on this test's database and bucket, plus ``more`` (EDGELOOP_* name → value)."""
+    from cloud.config import get_settings
+
+    for key, value in {
+        "EDGELOOP_DATABASE_URL": pg_url,
+        "EDGELOOP_STORE": "s3",
+        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
+        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
+        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
+        "EDGELOOP_S3_BUCKET": s3_store.bucket,
+        **more,
+    }.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 

@@ -27,7 +27,7 @@ from shared.messages import MAX_UPDATE_MESSAGE_BYTES, Heartbeat
 from shared.mqtt import device_client_id
 from shared.topics import UPLINK_KINDS, topic
 
-from .conftest import wait_for
+from .conftest import use_cloud, wait_for
 from .production import Client, ProductionBroker, granted, spare_port
 
 
@@ -313,8 +313,6 @@ def enrolling(monkeypatch, broker, pg_url, s3_store, fleet, tmp_path):
     from cloud.store.records import create_fleet
     from shared.package import model_name
 
-    from .conftest import HOST, S3_KEY, S3_PORT, S3_SECRET
-
     sessions = session_factory(pg_url)
     with sessions() as s:
         create_fleet(session=s, fleet=fleet, classes=["normal", "idv_01", "idv_02", "idv_07"])
@@ -330,22 +328,13 @@ def enrolling(monkeypatch, broker, pg_url, s3_store, fleet, tmp_path):
     init_fleet_trust(
         store=s3_store, fleet=fleet, keys_dir=tmp_path / "online", offline_dir=tmp_path / "off"
     )
-    for key, value in {
-        "EDGELOOP_DATABASE_URL": pg_url,
-        "EDGELOOP_STORE": "s3",
-        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
-        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
-        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
-        "EDGELOOP_S3_BUCKET": s3_store.bucket,
-        "EDGELOOP_MQTT_HOST": "localhost",
-        "EDGELOOP_MQTT_PORT": str(broker.port),
-        "EDGELOOP_MQTT_TLS": "true",
-        "EDGELOOP_MQTT_CA_FILE": str(broker.ca_file),
-        "EDGELOOP_MQTT_ADMIN_USERNAME": "admin",
-        "EDGELOOP_MQTT_ADMIN_PASSWORD": broker.passwords["admin"],
-    }.items():
-        monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
+    use_cloud(
+        monkeypatch, pg_url, s3_store,
+        EDGELOOP_MQTT_HOST="localhost", EDGELOOP_MQTT_PORT=str(broker.port),
+        EDGELOOP_MQTT_TLS="true", EDGELOOP_MQTT_CA_FILE=str(broker.ca_file),
+        EDGELOOP_MQTT_ADMIN_USERNAME="admin",
+        EDGELOOP_MQTT_ADMIN_PASSWORD=broker.passwords["admin"],
+    )  # fmt: skip
     app = typer.Typer()
     app.command("enroll")(enroll_cmd)
     app.command("unused")(lambda: None)

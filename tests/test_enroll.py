@@ -21,22 +21,13 @@ from shared.messages import LabelMessage
 from shared.package import model_name
 from shared.topics import topic
 
-from .conftest import HOST, S3_KEY, S3_PORT, S3_SECRET, sample_message, windows_of
+from .conftest import sample_message, use_cloud, windows_of
 
 
 @pytest.fixture
 def edgeloop(monkeypatch, pg_url, s3_store):
     """`edgeloop fleet …` in this process, on this test's database and bucket."""
-    for key, value in {
-        "EDGELOOP_DATABASE_URL": pg_url,
-        "EDGELOOP_STORE": "s3",
-        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
-        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
-        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
-        "EDGELOOP_S3_BUCKET": s3_store.bucket,
-    }.items():
-        monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
+    use_cloud(monkeypatch, pg_url, s3_store)
     app = typer.Typer()
     app.command("enroll")(enroll_cmd)
     app.command("classes")(classes_cmd)

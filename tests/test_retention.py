@@ -36,7 +36,7 @@ from cloud.store.records import next_version
 from cloud.store.windows import npy_bytes
 from shared.errors import ConfigError
 from shared.package import model_name
-from tests.conftest import HOST, S3_KEY, S3_PORT, S3_SECRET, repackage
+from tests.conftest import repackage, use_cloud
 
 NOW = datetime.now(UTC)
 PROFILE = "cpu-fp32"
@@ -635,17 +635,7 @@ def test_gc_command_and_beat_task_print_the_plan_and_delete_under_one_lock(
     from cloud.retention.run import GcLock
     from cloud.tasks import _services
 
-    for key, value in {
-        "EDGELOOP_DATABASE_URL": pg_url,
-        "EDGELOOP_STORE": "s3",
-        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
-        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
-        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
-        "EDGELOOP_S3_BUCKET": s3_store.bucket,
-        "EDGELOOP_MLFLOW_TRACKING_URI": mlflow_uri,
-    }.items():
-        monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
+    use_cloud(monkeypatch, pg_url, s3_store, EDGELOOP_MLFLOW_TRACKING_URI=mlflow_uri)
     sessions = session_factory(pg_url)
     with sessions() as s:
         setup_fleet(s, fleet)
