@@ -2,8 +2,8 @@
 agents upload continuously through two `edgeloop cloud ingest` processes while Mosquitto,
 Redis, PostgreSQL and S3 are restarted in turn and an ingest is SIGKILLed mid-batch; a
 learning round on a Celery worker is SIGKILLed, and PostgreSQL, Redis and S3 restarted
-under it; its model rolls out while beat is SIGKILLed and one device's link is cut in the
-middle of the update.
+under it; its model rolls out while beat is SIGKILLed, Mosquitto is restarted, one device's
+link is cut in the middle of the update and PostgreSQL restarted while it is cut off.
 Afterwards, read back from storage: no accepted sample lost or duplicated, no model version
 half-registered, every device on the new model's exact bytes."""
 
