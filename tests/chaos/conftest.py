@@ -175,6 +175,10 @@ class Plan:
     beat_kill_delay_s: float  # after the rollout starts
     cut_fraction: float  # of the package's bytes on the wire received before the cut
     cut_s: float  # seconds the device stays cut off
+    # During the v2 rollout (delay, seconds down): Mosquitto once the first update chunk
+    # is on a device's disk, PostgreSQL while the cut device is off its link.
+    rollout_mqtt: tuple[float, float]
+    rollout_pg: tuple[float, float]
 
     @classmethod
     def make(cls, seed: int, full: bool) -> Plan:
@@ -198,6 +202,8 @@ class Plan:
             redis_restart_delay_s=round(rng.uniform(0.5, 3.0), 2),
             beat_kill_delay_s=round(rng.uniform(0.0, 2.0), 2),
             cut_fraction=round(rng.uniform(0.45, 0.85), 2), cut_s=round(rng.uniform(2.0, 5.0), 2),
+            rollout_mqtt=(round(rng.uniform(0.0, 1.0), 2), round(rng.uniform(0.5, 3.0), 2)),
+            rollout_pg=(round(rng.uniform(0.0, 1.0), 2), round(rng.uniform(0.5, 3.0), 2)),
         )  # fmt: skip
 
 

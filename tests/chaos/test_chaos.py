@@ -2,8 +2,8 @@
 agents upload continuously through two `edgeloop cloud ingest` processes while Mosquitto,
 Redis, PostgreSQL and S3 are restarted in turn and an ingest is SIGKILLed mid-batch; a
 learning round on a Celery worker is SIGKILLed, and PostgreSQL, Redis and S3 restarted
-under it; its model rolls out while beat is SIGKILLed and one device's link is cut in the
-middle of the update.
+under it; its model rolls out while beat is SIGKILLed, Mosquitto is restarted, one device's
+link is cut in the middle of the update and PostgreSQL restarted while it is cut off.
 Afterwards, read back from storage: no accepted sample lost or duplicated, no model version
 half-registered, every device on the new model's exact bytes."""
 
@@ -318,14 +318,40 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
         table.faults.append(f"SIGKILL beat {plan.beat_kill_delay_s} s into the v2 rollout")
         time.sleep(1.0)
         beat.start()
+        under_rollout = []
+
+        def restart_in_rollout(service: str, delay: float, down: float) -> None:
+            time.sleep(delay)
+            state, on = rollout_v2().state, sum(a.model_version == "v2" for a in every)
+            under_rollout.append((service, state, on))
+            took = svc.restart(service, down)
+            table.faults.append(f"restart {service} {delay} s {point} (rollout {state}, {on} "
+                                f"of the {len(every)} in-process devices on v2; unreachable "
+                                f"{took:.1f} s)")  # fmt: skip
+
+        # Mosquitto (the rollout's transport and every download's) restarted once the
+        # first chunk of an update is on a device's disk: the offers are out.
+        def chunk_arrived() -> bool:
+            on_disk = any(p.stat().st_size > 0 for p in tmp_path.rglob("*.part"))
+            return on_disk or any(a.model_version == "v2" for a in every)
+
+        wait(chunk_arrived, 120, what="the first update chunk on a device")
+        point = "after the first update chunk reached a device"
+        restart_in_rollout("mosquitto", *plan.rollout_mqtt)
         wait(proxy.cut.is_set, 120, what="the cut device's download")
         time.sleep(0.5)  # what arrived before the cut is written by then
         parts = [p.stat().st_size for p in (tmp_path / updater).rglob("*.part")]
         table.faults.append(f"cut {updater} off after {proxy.received} bytes had reached it "
                             f"(the package is {len(v1)} bytes; downloaded so far: {parts}); back "
-                            f"{plan.cut_s} s later")  # fmt: skip
-        time.sleep(plan.cut_s)
+                            f"{{back:.1f}} s later")  # fmt: skip
+        # PostgreSQL (where the controller records waves and device updates) restarted
+        # while the cut device is off its link: the rollout cannot be done.
+        cut_at, point = time.monotonic(), "into the cut"
+        restart_in_rollout("postgres", *plan.rollout_pg)
+        time.sleep(max(0.0, plan.cut_s - (time.monotonic() - cut_at)))
         proxy.start()
+        cut_fault = next(i for i, f in enumerate(table.faults) if f.startswith("cut "))
+        table.faults[cut_fault] = table.faults[cut_fault].format(back=time.monotonic() - cut_at)
         wait(lambda: all(a.model_version == "v2" for a in every), 240,
                  what="v2 on every device")  # fmt: skip
         wait(lambda: rollout_v2().state == "done", 120, what="the rollout done")
@@ -396,6 +422,9 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
         "wall time of the faults phase": f"{wall:.0f} s",
     })  # fmt: skip
     assert parts and 0 < sum(parts) < len(v1), f"the cut was not mid-download: {parts}"
+    assert all(st != "done" and on < len(every) for _, st, on in under_rollout), (
+        f"a restart missed the rollout: {under_rollout}"
+    )
     assert acc.sent > 0 and acc.stored == acc.sent
     assert acc.lost == [], acc.lost[:10]
     assert acc.duplicated == [], acc.duplicated[:10]
