@@ -53,17 +53,10 @@ class CloudSettings(BaseSettings):
 
     def mqtt_options(self, *, admin: bool = False) -> MqttOptions:
         """How this process reaches the broker (``admin``: as the credential admin)."""
-        return MqttOptions(
-            host=self.mqtt_host,
-            port=self.mqtt_port,
-            tls=self.mqtt_tls,
-            ca_file=self.mqtt_ca_file,
-            system_ca=self.mqtt_system_ca,
-            cert_file=self.mqtt_cert_file,
-            key_file=self.mqtt_key_file,
+        return MqttOptions.from_settings(
+            self,
             username=self.mqtt_admin_username if admin else self.mqtt_username,
             password=self.mqtt_admin_password if admin else self.mqtt_password,
-            timeout_s=self.mqtt_timeout_s,
             keepalive_s=self.mqtt_keepalive_s,
         )
 

@@ -36,17 +36,10 @@ class EdgeSettings(BaseSettings):
     mqtt_timeout_s: float = Field(10.0, gt=0)  # TCP + TLS connect
 
     def mqtt_options(self) -> MqttOptions:
-        return MqttOptions(
-            host=self.mqtt_host,
-            port=self.mqtt_port,
-            tls=self.mqtt_tls,
-            ca_file=self.mqtt_ca_file,
-            system_ca=self.mqtt_system_ca,
-            cert_file=self.mqtt_cert_file,
-            key_file=self.mqtt_key_file,
+        return MqttOptions.from_settings(
+            self,
             username=self.mqtt_username,
             password=self.mqtt_password,
-            timeout_s=self.mqtt_timeout_s,
             keepalive_s=self.keepalive_s,
         )
 

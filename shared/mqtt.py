@@ -30,6 +30,26 @@ class MqttOptions:
     keepalive_s: int = 30
     system_ca: bool = False  # TLS trusts the system CAs (a broker with a public certificate)
 
+    @classmethod
+    def from_settings(
+        cls, s: object, *, username: str | None, password: str | None, keepalive_s: int
+    ) -> MqttOptions:
+        """From a settings object's ``mqtt_*`` fields (the cloud's and the edge's name them
+        alike); the login and keepalive are the caller's, which differ."""
+        return cls(
+            host=s.mqtt_host,  # type: ignore[attr-defined]
+            port=s.mqtt_port,  # type: ignore[attr-defined]
+            tls=s.mqtt_tls,  # type: ignore[attr-defined]
+            ca_file=s.mqtt_ca_file,  # type: ignore[attr-defined]
+            system_ca=s.mqtt_system_ca,  # type: ignore[attr-defined]
+            cert_file=s.mqtt_cert_file,  # type: ignore[attr-defined]
+            key_file=s.mqtt_key_file,  # type: ignore[attr-defined]
+            username=username,
+            password=password,
+            timeout_s=s.mqtt_timeout_s,  # type: ignore[attr-defined]
+            keepalive_s=keepalive_s,
+        )
+
     def problems(self, *, production: bool, prefix: str) -> list[str]:
         """What makes these settings unsafe (``prefix``: the env var prefix to name).
         Anything sent over TLS without credentials is refused in every mode: the broker

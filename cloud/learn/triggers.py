@@ -61,7 +61,10 @@ def device_anomaly_rates(session: Session, fleet: str, profile: str) -> list[flo
 
 def fleet_anomaly_rate(session: Session, fleet: str, profile: str) -> float | None:
     """The median rate the online devices report (None: none reports)."""
-    rates = device_anomaly_rates(session, fleet, profile)
+    return _median(device_anomaly_rates(session, fleet, profile))
+
+
+def _median(rates: list[float]) -> float | None:
     return float(median(rates)) if rates else None
 
 
@@ -95,7 +98,7 @@ def check(
         or 0
     )
     rates = device_anomaly_rates(session, fleet, profile)
-    due.anomaly_rate = float(median(rates)) if rates else None
+    due.anomaly_rate = _median(rates)
     if due.new_labels >= policy.min_new_labels:
         due.reasons.append(f"new_labels={due.new_labels}")
     baseline = (last.baselines or {}).get("fleet_anomaly_rate")
