@@ -173,7 +173,7 @@ class Plan:
     worker_kill_delay_s: float  # after the round's training reports progress
     redis_restart_delay_s: float  # after the second worker takes the round
     beat_kill_delay_s: float  # after the rollout starts
-    cut_fraction: float  # of the package's bytes on the wire received before the cut
+    cut_fraction: float  # of the package's chunks on the cut device's disk before the cut
     cut_s: float  # seconds the device stays cut off
     # During the v2 rollout (delay, seconds down): Mosquitto once the first update chunk
     # is on a device's disk, PostgreSQL while the cut device is off its link.

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,31 +120,37 @@ def account(sessions, store, fleet: str, sent: dict[str, tuple[str, str]], ignor
 
 
 class CuttingProxy(TcpProxy):
-    """A TcpProxy that, once armed, cuts every connection (and refuses new ones) when
-    ``cut_after`` bytes have flowed towards the device: a link lost in the middle of an
-    update's chunks, at a byte count the seed chose. ``start()`` brings it back."""
+    """A TcpProxy that, once armed, cuts every connection (and refuses new ones) at the
+    first bytes the device sends once ``when()`` holds: a link lost in the middle of an
+    update, at a point the seed chose. Armed with "k chunks held" on a device that asks for
+    one chunk at a time, the request for chunk k never leaves, so exactly k are on its disk
+    whatever else (acks, redelivered offers) went down the link. ``start()`` brings it back.
+    """
 
     def __init__(self, target_port: int) -> None:
         super().__init__(target_port)
-        self.cut_after: int | None = None
-        self.received = 0
+        self.when: Callable[[], bool] | None = None
+        self.received = 0  # bytes towards the device since arm(), for the table
         self.cut = threading.Event()
         self._count_lock = threading.Lock()
 
-    def arm(self, cut_after: int) -> None:
+    def arm(self, when: Callable[[], bool]) -> None:
         with self._count_lock:
-            self.received, self.cut_after = 0, cut_after
+            self.received, self.when = 0, when
         self.cut.clear()
 
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:  # type: ignore[override]
         downstream = src.getpeername()[1] == self.target_port
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
-                if downstream and self._count(len(data)):
+                if not downstream and self._due():
                     self.stop()
                     self.cut.set()
                     return
+                dst.sendall(data)
+                if downstream:
+                    with self._count_lock:
+                        self.received += len(data)
         except OSError:
             pass
         finally:
@@ -151,15 +158,17 @@ class CuttingProxy(TcpProxy):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
-    def _count(self, n: int) -> bool:
+    def _due(self) -> bool:
         with self._count_lock:
-            if self.cut_after is None:
+            if self.when is None or not self.when():
                 return False
-            self.received += n
-            if self.received < self.cut_after:
-                return False
-            self.cut_after = None  # once
+            self.when = None  # once
             return True
+
+
+def held_chunks(directory: Path) -> int:
+    """Chunks a device's downloads have made durable (the ``.held`` records under it)."""
+    return sum(len(p.read_text().splitlines()) for p in directory.rglob("*.held"))
 
 
 class Proc:

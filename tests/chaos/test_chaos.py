@@ -35,7 +35,7 @@ from tests.conftest import HOST, ROOT, S3_KEY, S3_SECRET, TEP_CACHE, unique, wai
 from tests.test_learning import add_uploads
 
 from .device import read_ledger
-from .kit import CuttingProxy, Proc, Supervisor, Uploads, account, connected, logs
+from .kit import CuttingProxy, Proc, Supervisor, Uploads, account, connected, held_chunks, logs
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 PROFILE = "cpu-fp32"
@@ -162,7 +162,8 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
         return a
 
     agents = [agent(d, svc.ports["mosquitto"]) for d in uploaders]
-    cut_agent = agent(updater, proxy.port, deltas=False)  # the whole package: more chunks
+    # The whole package (more chunks than a delta), asked for one chunk at a time.
+    cut_agent = agent(updater, proxy.port, deltas=False, transfer_window=1)
     every = [*agents, cut_agent]
     wait_for(lambda: all(a.link.connected.is_set() for a in every), 30, what="agents")
     train, golden = tep_small
@@ -259,10 +260,11 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
 
         # Execute 3: a round on the worker, the worker SIGKILLed, PostgreSQL, Redis and S3
         # restarted under the second one.
-        # Chunks travel base64 in JSON (4/3 of their bytes), after an offer carrying the
-        # signed metadata (~5-20 kB): between 0.45 and 0.85 of that, the cut lands after
-        # the first 64 kB chunk and before the last.
-        proxy.arm(20_000 + int(plan.cut_fraction * len(v1) * 4 / 3))
+        # The cut device asks for one chunk at a time; the link goes when it has made
+        # a seeded share of the package's chunks durable (at least the first, never the last).
+        n_chunks = -(-len(v1) // (64 << 10))
+        cut_at_chunk = min(n_chunks - 1, max(1, round(plan.cut_fraction * n_chunks)))
+        proxy.arm(lambda: held_chunks(tmp_path / updater) >= cut_at_chunk)
         out = subprocess.run([sys.executable, "-c", "from cloud.tasks import retrain; "
                               f"print(retrain.delay('{fleet}').id)"], env=env,
                              capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -341,8 +343,9 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
         wait(proxy.cut.is_set, 120, what="the cut device's download")
         time.sleep(0.5)  # what arrived before the cut is written by then
         parts = [p.stat().st_size for p in (tmp_path / updater).rglob("*.part")]
-        table.faults.append(f"cut {updater} off after {proxy.received} bytes had reached it "
-                            f"(the package is {len(v1)} bytes; downloaded so far: {parts}); back "
+        table.faults.append(f"cut {updater} off with {cut_at_chunk} of {n_chunks} chunks held "
+                            f"({proxy.received} bytes had reached it; the package is {len(v1)} "
+                            f"bytes; on disk: {parts}); back "
                             f"{{back:.1f}} s later")  # fmt: skip
         # PostgreSQL (where the controller records waves and device updates) restarted
         # while the cut device is off its link: the rollout cannot be done.
