@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 from pathlib import Path
 
@@ -72,10 +71,19 @@ def ingest(
     group: str = typer.Option(
         "ingest", help="MQTT shared-subscription group: processes in one group split the traffic."
     ),
+    slot: int | None = typer.Option(
+        None,
+        min=0,
+        max=9999,
+        help="This replica's slot in its group (0, 1, …; default EDGELOOP_INGEST_SLOT or 0). "
+        "The MQTT client id comes from it, so a restarted or recreated replica resumes the "
+        "broker session its slot left (kept EDGELOOP_INGEST_SESSION_EXPIRY_S after a "
+        "process goes; docs/ingest-sessions.md). Each running replica needs its own slot.",
+    ),
     client_id: str | None = typer.Option(
         None,
-        help="MQTT client id, stable across restarts so that messages handed to a killed "
-        "ingest are delivered again (default: edgeloop-ingest-HOSTNAME).",
+        help="MQTT client id (default: edgeloop-ingest/GROUP/SLOT, or "
+        "edgeloop-ingest/GROUP/FLEET/SLOT with --fleet).",
     ),
     health_port: int | None = typer.Option(
         None,
@@ -96,24 +104,34 @@ def ingest(
     from cloud.ingest.health import serve_health
     from cloud.ingest.ingestor import Ingestor
     from cloud.ingest.limits import IngestLimits
+    from cloud.ingest.members import Membership, ingest_client_id
     from cloud.ingest.service import IngestService
     from cloud.store.db import migrate, session_factory
     from cloud.store.objects import open_store
 
     s = get_settings()
     migrate(s.resolved_database_url)  # a service brings the schema up to date at its start
+    sessions = session_factory(s.resolved_database_url, s)
+    slot = s.ingest_slot if slot is None else slot
+    client_id = client_id or ingest_client_id(group or "-", fleet, slot)
     service = IngestService(
-        Ingestor(
-            sessions=session_factory(s.resolved_database_url, s),
-            store=open_store(s),
-            limits=IngestLimits.from_settings(s),
-        ),
+        Ingestor(sessions=sessions, store=open_store(s), limits=IngestLimits.from_settings(s)),
         host=s.mqtt_host,
         port=s.mqtt_port,
         options=s.mqtt_options(),
         fleet=fleet,
         group=group or None,
-        client_id=client_id or f"edgeloop-ingest-{socket.gethostname()}",
+        client_id=client_id,
+        session_expiry_s=s.ingest_session_expiry_s,
+        membership=Membership(
+            sessions=sessions,
+            group=group or "-",
+            fleet=fleet,
+            slot=slot,
+            client_id=client_id,
+            session_expiry_s=s.ingest_session_expiry_s,
+            heartbeat_s=s.ingest_heartbeat_s,
+        ),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -123,8 +141,12 @@ def ingest(
     if health_port is not None:
         health = serve_health(service.health, port=health_port, host=health_host)
         log.info("ingest liveness at http://%s:%s/healthz", *health.server_address[:2])
-    log.info("ingest serving fleet %s on %s:%s", fleet, s.mqtt_host, s.mqtt_port)
-    stop.wait()
+    log.info(
+        "ingest slot %d (%s) serving fleet %s on %s:%s", slot, client_id, fleet, s.mqtt_host,
+        s.mqtt_port,
+    )  # fmt: skip
+    while not stop.wait(0.5) and not service.taken_over.is_set():
+        pass
     service.stop()
     if health is not None:
         health.shutdown()
@@ -135,6 +157,8 @@ def ingest(
         c.duplicates,
         c.dead_letters,
     )
+    if service.taken_over.is_set():
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -194,14 +218,21 @@ fleet_app = typer.Typer(
 def fleet_status_cmd(
     fleet: str | None = typer.Option(None, help="Only this fleet."),
 ) -> None:
-    """Devices, profiles, model versions, last seen, samples and dead letters per device."""
+    """Devices, profiles, model versions, last seen, samples and dead letters per device;
+    then the ingest processes: slot, client id, heartbeat and last batch of each."""
+    from cloud.config import get_settings
+    from cloud.ingest.members import format_members, ingest_members
     from cloud.rollout.fleet import fleet_status, format_status, unknown_device_dead_letters
 
     sessions = _sessions()
     with sessions() as session:
         rows = fleet_status(session=session, fleet=fleet)
         strangers = unknown_device_dead_letters(session=session)
+        members = ingest_members(
+            session=session, heartbeat_s=get_settings().ingest_heartbeat_s, fleet=fleet
+        )
     typer.echo(format_status(rows, strangers))
+    typer.echo(format_members(members))
 
 
 fleet_app.command("enroll")(enroll_cmd)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
@@ -121,6 +121,16 @@ class CloudSettings(BaseSettings):
     # it they are counted on its newest row, not stored).
     ingest_dead_letter_max_bytes: int = 64 << 10
     ingest_dead_letters_per_device_hour: int = 100
+    # Departed ingests (docs/ingest-sessions.md): each ingest holds an MQTT v5 session that
+    # the broker keeps this long after its connection drops. A restart within it under the
+    # same replica slot (the client id) gets what the broker queued meanwhile; past it, the
+    # session and its share of the group's messages are gone and devices' re-sends bring
+    # them. 4294967295 never expires (the v3.1.1 persistent session of before).
+    ingest_session_expiry_s: int = Field(30, ge=0, le=4294967295)
+    ingest_slot: int = Field(0, ge=0, le=9999)  # this process's replica slot: its client id
+    # How often each ingest records itself in PostgreSQL (`fleet status`); a slot silent
+    # for three of these is free for another process.
+    ingest_heartbeat_s: float = Field(5.0, gt=0)
     # Rollouts (docs/rollout.md says what each judgement means). A fleet overrides any of
     # these in its row's settings under the same name, e.g. {"rollout_dwell_heartbeats": 5}.
     rollout_canary_min_devices: int = 5  # the canary cohort: the larger of this many devices

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from shared.errors import ConfigError
 
@@ -102,7 +104,8 @@ def make_client(
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        clean_session=clean_session,
+        # MQTTv5 has no clean_session: its clean start and session expiry go with connect.
+        clean_session=None if protocol == mqtt.MQTTv5 else clean_session,
         protocol=protocol,
     )
     if options.username:
@@ -121,6 +124,22 @@ def make_client(
     return client
 
 
-def connect_async(client: mqtt.Client, options: MqttOptions) -> None:
-    """Start connecting in the background (paho reconnects by itself after)."""
-    client.connect_async(options.host, options.port, keepalive=options.keepalive_s)
+def connect_async(
+    client: mqtt.Client, options: MqttOptions, *, session_expiry_s: int | None = None
+) -> None:
+    """Start connecting in the background (paho reconnects by itself after, with the same
+    settings). ``session_expiry_s`` (an MQTTv5 client): how long the broker keeps this
+    client id's session after the connection drops, resumed on every (re)connect; 0 ends
+    it with the connection."""
+    if session_expiry_s is None:
+        client.connect_async(options.host, options.port, keepalive=options.keepalive_s)
+        return
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = session_expiry_s
+    client.connect_async(
+        options.host,
+        options.port,
+        keepalive=options.keepalive_s,
+        clean_start=session_expiry_s == 0,
+        properties=props,
+    )

@@ -10,7 +10,10 @@ import time
 import uuid
 from typing import Any
 
+from paho.mqtt.client import MQTTv5
+
 from cloud.ingest.ingestor import Ingestor
+from cloud.ingest.members import Membership
 from cloud.ingest.outages import TRANSIENT
 from cloud.ingest.validate import Receipt
 from shared.errors import MessageError
@@ -19,6 +22,7 @@ from shared.mqtt import MqttOptions, connect_async, make_client
 from shared.topics import UPLINK_KINDS, subscription, topic
 
 log = logging.getLogger(__name__)
+SESSION_TAKEN_OVER = 0x8E  # MQTT v5 DISCONNECT reason: another client took this id
 
 
 class _Stopping(Exception):
@@ -55,6 +59,8 @@ class IngestService:
         fleet: str = "+",
         group: str | None = "ingest",
         client_id: str | None = None,
+        session_expiry_s: int = 30,
+        membership: Membership | None = None,
         options: MqttOptions | None = None,  # TLS and credentials; overrides host and port
         max_batch: int = 500,
         workers: int = 1,
@@ -81,21 +87,28 @@ class IngestService:
             for i in range(workers)
         ]
         self.options = options or MqttOptions(host=host, port=port)
-        self.client = make_client(
-            self.options,
-            client_id=client_id or f"edgeloop-ingest-{uuid.uuid4().hex[:8]}",
-            clean_session=client_id is None,
-        )
+        # MQTT v5: the broker keeps this client id's session (and, in the group, its share
+        # of the messages) session_expiry_s after the connection drops, never longer.
+        self.client_id = client_id or f"edgeloop-ingest-{uuid.uuid4().hex[:8]}"
+        self.session_expiry_s = session_expiry_s if client_id else 0
+        self.membership = membership
+        self.taken_over = threading.Event()  # another process connected with our client id
+        self.client = make_client(self.options, client_id=self.client_id, protocol=MQTTv5)
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self._beater = threading.Thread(target=self._beat, name="ingest-heartbeat", daemon=True)
 
     def start(self) -> None:
         self.ingestor.warm_up()
+        if self.membership is not None:
+            self.membership.claim()
+            self._beater.start()
         for worker in self._workers:
             worker.start()
-        connect_async(self.client, self.options)
+        connect_async(self.client, self.options, session_expiry_s=self.session_expiry_s)
         self.client.loop_start()
 
     def stop(self) -> None:
@@ -106,10 +119,46 @@ class IngestService:
         self.client.loop_stop()
         if not any(worker.is_alive() for worker in self._workers):
             self.ingestor.close()  # a worker still in a batch may yet write through it
+        if self.membership is not None:
+            self._beater.join(timeout=10)
+            try:
+                self.membership.release()
+            except Exception:  # noqa: BLE001 - the row then reads "departed", no worse
+                log.exception("could not record this ingest's stop")
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("the broker refused this ingest: %s", reason_code)
+            return
         client.subscribe([(s, 1) for s in self.subscriptions])
         self.ready.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
+            # Another process connected with this client id (its slot): reconnecting would
+            # take the session back and forth, each time handing its queue to the other.
+            log.error(
+                "another ingest connected as %s (this slot); this one stops: give each "
+                "replica its own --slot (EDGELOOP_INGEST_SLOT)",
+                self.client_id,
+            )
+            self.taken_over.set()
+            client.disconnect()  # no reconnect
+
+    def _beat(self) -> None:
+        """Record this process in its slot's row every heartbeat (cloud.ingest.members)."""
+        assert self.membership is not None
+        while not self._stopping.wait(self.membership.heartbeat_s):
+            try:
+                mine = self.membership.beat(
+                    last_batch_at=self.last_batch_at,
+                    stored=self.ingestor.counters.stored,
+                    received=self.received,
+                )
+                if not mine:
+                    log.warning("slot %d's row names another process now", self.membership.slot)
+            except Exception as exc:  # noqa: BLE001 - the database may be down: not fatal
+                log.warning("ingest heartbeat not recorded: %s", exc)
 
     def _on_message(self, client, userdata, msg) -> None:
         self.received += 1
@@ -123,7 +172,13 @@ class IngestService:
         stuck = waiting > 0 and idle_s > self.stall_s
         c = self.ingestor.counters
         return {
-            "alive": alive_workers == len(self._workers) and not stuck,
+            "alive": alive_workers == len(self._workers)
+            and not stuck
+            and not self.taken_over.is_set(),
+            "client_id": self.client_id,
+            "slot": self.membership.slot if self.membership else None,
+            "session_expiry_s": self.session_expiry_s,
+            "taken_over": self.taken_over.is_set(),
             "workers": len(self._workers),
             "workers_alive": alive_workers,
             "stuck_s": round(idle_s, 1) if stuck else 0.0,

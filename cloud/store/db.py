@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -153,6 +154,27 @@ class IngestBucket(Base):
     bytes_tokens: Mapped[float] = mapped_column(Float)
     message_tokens: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[datetime]
+
+
+class IngestMember(Base):
+    """One ingest process's replica slot in its shared-subscription group: the broker keeps
+    no list of a group's members, so each ingest records its own (cloud.ingest.members)."""
+
+    __tablename__ = "ingest_members"
+
+    group: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fleet: Mapped[str] = mapped_column(String(64), primary_key=True)  # '+': every fleet
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(200))
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    session_expiry_s: Mapped[int] = mapped_column(BigInteger)
+    started_at: Mapped[datetime]
+    seen_at: Mapped[datetime]  # its last heartbeat
+    stopped_at: Mapped[datetime | None]  # a clean stop; None while it runs (or after a kill)
+    last_batch_at: Mapped[datetime | None]
+    stored: Mapped[int] = mapped_column(Integer, default=0)  # samples, since it started
+    received: Mapped[int] = mapped_column(Integer, default=0)  # messages from the broker
 
 
 class ModelVersion(Base):
