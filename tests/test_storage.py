@@ -67,3 +67,37 @@ def test_unreachable_s3_is_a_storage_error():
 
     with pytest.raises(StorageError):
         S3ObjectStore(endpoint="127.0.0.1:9", access_key="a", secret_key="b", bucket="nobucket")
+
+
+def test_processes_starting_together_on_a_new_bucket_all_open_it():
+    """Six stores opening one bucket that does not exist yet, at once (ingest replicas
+    starting together): one creates it and none fails on the other's creation."""
+    import threading
+    import uuid
+
+    from cloud.store.objects import S3ObjectStore
+
+    from .conftest import HOST, S3_KEY, S3_PORT, S3_SECRET, require
+
+    require("SeaweedFS S3", S3_PORT)
+    bucket, errors, opened = f"race-{uuid.uuid4().hex[:10]}", [], []
+    start = threading.Barrier(6)
+
+    def open_store() -> None:
+        start.wait()
+        try:
+            opened.append(S3ObjectStore(endpoint=f"{HOST}:{S3_PORT}", access_key=S3_KEY,
+                                        secret_key=S3_SECRET, bucket=bucket))  # fmt: skip
+        except StorageError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert errors == [] and len(opened) == 6
+    finally:
+        if opened:
+            opened[0].client.remove_bucket(bucket)

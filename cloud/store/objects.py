@@ -126,8 +126,14 @@ class S3ObjectStore:
         self._call(self._ensure_bucket)
 
     def _ensure_bucket(self) -> None:
+        from minio.error import S3Error
+
         if not self.client.bucket_exists(self.bucket):
-            self.client.make_bucket(self.bucket)
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as exc:  # two processes starting at once: the other made it
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
 
     def _call(self, fn, *args):
         from minio.error import S3Error
