@@ -1,6 +1,7 @@
-"""Hostile input at ingest: a poison message across restarts, label sources, names, the
-fleet's window shape, quotas answered with retry (and an agent that loses nothing), outages
-never acked as rejected, capped dead letters, and the liveness endpoint."""
+"""Hostile input at ingest: label sources, names, the fleet's window shape, quotas answered
+with retry (and an agent that loses nothing), outages never acked as rejected, capped dead
+letters, and the liveness endpoint (a poison message across restarts:
+test_departed_ingest)."""
 
 from __future__ import annotations
 
@@ -85,53 +86,6 @@ class AckListener:
     def stop(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
-
-
-def test_deep_nesting_poison_is_dead_lettered_once_across_restarts(
-    pg_url, s3_store, mqtt_port, fleet
-):
-    """`[` × 3000 on a registered device's samples topic, queued for an ingest that is down:
-    the ingest restarted under the same client id dead-letters it once (too_deep), PUBACKs
-    it, stores the valid samples around it and stays alive; restarted again, it never sees
-    the poison again and the next samples land."""
-    sessions = _registered(pg_url, fleet, "d1")
-    client_id, group = f"ingest-{fleet}", f"g{fleet}"
-
-    def service() -> IngestService:
-        svc = IngestService(
-            Ingestor(sessions=sessions, store=s3_store), host=HOST, port=mqtt_port, fleet=fleet,
-            group=group, client_id=client_id,
-        )  # fmt: skip
-        svc.start()
-        assert svc.ready.wait(10)
-        time.sleep(0.3)
-        return svc
-
-    first = service()  # subscribes the persistent session
-    first.stop()
-    device = AckListener(mqtt_port, fleet, "d1")
-    samples = topic(fleet, "d1", "samples")
-    try:
-        device.publish(samples, sample_message(fleet, _window(1)).encode())
-        device.publish(samples, POISON)  # queued by the broker for the stopped ingest
-        device.publish(samples, sample_message(fleet, _window(2)).encode())
-        second = service()
-        wait_for(lambda: _count(sessions, Sample) == 2, 20, what="the samples around the poison")
-        wait_for(lambda: second.health()["last_batch_at"] is not None, 5, what="a batch")
-        assert second.health()["alive"] and second.health()["workers_alive"] == 1
-        assert second.ingestor.counters.dead_letters == {"too_deep": 1}
-        time.sleep(0.5)  # its PUBACK reaches the broker
-        second.stop()
-        third = service()
-        device.publish(samples, sample_message(fleet, _window(3)).encode())
-        wait_for(lambda: _count(sessions, Sample) == 3, 20, what="the next sample")
-        assert third.health()["alive"]
-        assert third.ingestor.counters.dead_letters == {}  # the poison never came back
-        third.stop()
-    finally:
-        device.stop()
-    assert _count(sessions, DeadLetter) == 1
-    assert _count(sessions, DeadLetter, DeadLetter.reason == "too_deep") == 1
 
 
 def test_a_device_labels_only_as_device_and_names_hold_no_control_characters(

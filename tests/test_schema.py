@@ -23,6 +23,7 @@ TABLES = {
     "deltas",
     "fleets",
     "ingest_buckets",
+    "ingest_members",
 }
 
 

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from paho.mqtt.client import MQTTv5
+from paho.mqtt.client import MQTTv5, MQTTv311
 
 from cloud.ingest.ingestor import Ingestor
 from cloud.ingest.members import Membership
@@ -90,14 +90,22 @@ class IngestService:
         # MQTT v5: the broker keeps this client id's session (and, in the group, its share
         # of the messages) session_expiry_s after the connection drops, never longer.
         self.client_id = client_id or f"edgeloop-ingest-{uuid.uuid4().hex[:8]}"
-        self.session_expiry_s = session_expiry_s if client_id else 0
+        # Without a client id, a clean 3.1.1 session that ends with the connection (the
+        # demo's embedded broker speaks no v5).
+        self.session_expiry_s = session_expiry_s if client_id else None
         self.membership = membership
         self.taken_over = threading.Event()  # another process connected with our client id
-        self.client = make_client(self.options, client_id=self.client_id, protocol=MQTTv5)
+        self.client = make_client(
+            self.options,
+            client_id=self.client_id,
+            protocol=MQTTv5 if client_id else MQTTv311,
+        )
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self._left = threading.Event()  # the broker confirmed the unsubscribe of stop()
+        self.client.on_unsubscribe = lambda *_: self._left.set()
         self.client.on_message = self._on_message
         self._beater = threading.Thread(target=self._beat, name="ingest-heartbeat", daemon=True)
 
@@ -111,7 +119,24 @@ class IngestService:
         connect_async(self.client, self.options, session_expiry_s=self.session_expiry_s)
         self.client.loop_start()
 
-    def stop(self) -> None:
+    def stop(self, *, drain_s: float = 10.0) -> None:
+        """Leave the group, then stop. Unsubscribing first makes the broker hand the
+        group's traffic to the other members at once; what had already reached this
+        process is stored and PUBACKed (up to ``drain_s``); the session it leaves behind
+        holds no subscription, so it takes nothing while it lasts (docs/ingest-sessions.md).
+        """
+        if self.client.is_connected() and not self.taken_over.is_set():
+            self._left.clear()
+            self.client.unsubscribe(self.subscriptions)
+            self._left.wait(5)
+            deadline = time.monotonic() + drain_s
+            quiet_at = time.monotonic() + 0.3  # what was on the wire before the UNSUBACK
+            while time.monotonic() < deadline:
+                if self._inbox.qsize() or self.handled < self.received:
+                    quiet_at = time.monotonic() + 0.3
+                elif time.monotonic() > quiet_at:
+                    break
+                time.sleep(0.05)
         self._stopping.set()
         for worker in self._workers:
             worker.join(timeout=30)
@@ -135,15 +160,21 @@ class IngestService:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
-            # Another process connected with this client id (its slot): reconnecting would
-            # take the session back and forth, each time handing its queue to the other.
-            log.error(
-                "another ingest connected as %s (this slot); this one stops: give each "
-                "replica its own --slot (EDGELOOP_INGEST_SLOT)",
-                self.client_id,
-            )
-            self.taken_over.set()
-            client.disconnect()  # no reconnect
+            self._give_up_slot("the broker says another client took the session")
+
+    def _give_up_slot(self, why: str) -> None:
+        """Another process connected with this client id (this slot): reconnecting would
+        take the session back and forth, each time handing its queue to the other."""
+        if self.taken_over.is_set():
+            return
+        log.error(
+            "another ingest runs as %s (%s); this one stops: give each replica its own "
+            "--slot (EDGELOOP_INGEST_SLOT)",
+            self.client_id,
+            why,
+        )
+        self.taken_over.set()
+        self.client.disconnect()  # no reconnect
 
     def _beat(self) -> None:
         """Record this process in its slot's row every heartbeat (cloud.ingest.members)."""
@@ -155,8 +186,9 @@ class IngestService:
                     stored=self.ingestor.counters.stored,
                     received=self.received,
                 )
-                if not mine:
-                    log.warning("slot %d's row names another process now", self.membership.slot)
+                if not mine:  # Mosquitto 2.0 just closes a taken-over connection
+                    self._give_up_slot("a later process claimed its slot")
+                    return
             except Exception as exc:  # noqa: BLE001 - the database may be down: not fatal
                 log.warning("ingest heartbeat not recorded: %s", exc)
 

@@ -1,0 +1,362 @@
+"""A departed ingest must not keep taking its share of the fleet's samples (issue 16).
+
+Ingest processes (`edgeloop cloud ingest`, real processes) share one subscription on a
+Mosquitto of the test's own; real edge agents upload through it and re-send what is not
+acked after RESEND_S. Each ingest's MQTT v5 session outlives its process by EXPIRY_S at
+most, so a sample is stored within BOUND_S of its capture whatever ingest went: handed to
+a departed session during its last EXPIRY_S, it comes back with the device's next re-send
+after the session is gone (RESEND_S), then one batch (the slack). Counts are read back
+from PostgreSQL and the objects in S3, by message id and content hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from sqlalchemy import func, select
+
+from cloud.ingest.ingestor import Ingestor
+from cloud.ingest.members import Membership
+from cloud.ingest.service import IngestService
+from cloud.store.db import DeadLetter, IngestMember, Sample, session_factory
+from cloud.store.records import register_device
+from cloud.store.windows import content_sha256
+from shared.topics import topic
+
+from .chaos.kit import account
+from .conftest import HOST, S3_KEY, S3_PORT, S3_SECRET, make_agent, sample_message, wait_for
+
+EXPIRY_S = 3  # EDGELOOP_INGEST_SESSION_EXPIRY_S in these tests (the product's default: 30)
+RESEND_S = 2.0  # the agents' resend_after_s (the product's default: 10)
+SLACK_S = 3.0  # a batch through S3 and PostgreSQL on a loaded two-core machine
+BOUND_S = EXPIRY_S + RESEND_S + SLACK_S
+CLI = [sys.executable, "-c", "from shared.cli import main; main()"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class IngestProc:
+    """One `edgeloop cloud ingest` process of the test's group, with its /healthz."""
+
+    def __init__(self, env: dict, fleet: str, *, slot: int, client_id: str | None = None):
+        self.health_port = _free_port()
+        args = [*CLI, "cloud", "ingest", "--fleet", fleet, "--group", f"g{fleet}",
+                "--slot", str(slot), "--health-port", str(self.health_port)]  # fmt: skip
+        if client_id:
+            args += ["--client-id", client_id]
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)  # fmt: skip
+        wait_for(self.connected, 60, what=f"ingest slot {slot} to connect")
+        time.sleep(0.5)  # its subscription (sent on connect) reaches the broker
+
+    def health(self) -> dict:
+        url = f"http://{HOST}:{self.health_port}/healthz"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return json.loads(resp.read())
+
+    def connected(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"ingest exited: {self.proc.stderr.read().decode()[-3000:]}")
+        try:
+            return bool(self.health()["connected"])
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+class Feeder:
+    """Real agents, each selecting a fresh fault window every ``period_s`` and ticking
+    (their re-sends); ``sent`` maps each message id to its device and window hash."""
+
+    def __init__(self, agents, windows: np.ndarray, period_s: float = 0.1) -> None:
+        self.agents, self.windows, self.period_s = agents, windows, period_s
+        self.sent: dict[str, tuple[str, str]] = {}
+        self.rng = np.random.default_rng(16)
+        self._stop = threading.Event()
+        self._ticking = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Feeder:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            for agent in self.agents:
+                if not self._ticking.is_set():
+                    w = self.windows[i % len(self.windows)]
+                    w = (w + self.rng.normal(0, 1e-3, w.shape)).astype("f4")
+                    _, upload = agent.process(w)
+                    if upload is not None:
+                        self.sent[str(upload.message_id)] = (
+                            agent.settings.device_id,
+                            content_sha256(w),
+                        )
+                    i += 1
+                agent.tick()
+            self._stop.wait(self.period_s)
+
+    def quiet(self) -> None:
+        """No new windows; the agents only re-send until everything is acked."""
+        self._ticking.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+
+
+def _fleet(pg_url, fleet, devices):
+    sessions = session_factory(pg_url)
+    with sessions() as s:
+        for d in devices:
+            register_device(session=s, device_id=d, fleet=fleet, profile="cpu-fp32")
+    return sessions
+
+
+def _env(pg_url, s3_store, port) -> dict:
+    return {
+        **os.environ,
+        "EDGELOOP_DATABASE_URL": pg_url,
+        "EDGELOOP_STORE": "s3",
+        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
+        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
+        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
+        "EDGELOOP_S3_BUCKET": s3_store.bucket,
+        "EDGELOOP_MQTT_PORT": str(port),
+        "EDGELOOP_INGEST_SESSION_EXPIRY_S": str(EXPIRY_S),
+        "EDGELOOP_INGEST_HEARTBEAT_S": "0.5",
+    }
+
+
+def _faults(tep_small) -> np.ndarray:
+    _, golden = tep_small
+    return golden.x[np.array(golden.class_names)[golden.y] != "normal"][:64]
+
+
+def _latencies(sessions, ids) -> list[float]:
+    """Seconds from capture (the agent stamps it as it selects the window) to the row's
+    insert: publish → stored plus the agent's commit interval, an upper bound."""
+    with sessions() as s:
+        rows = s.execute(
+            select(Sample.captured_at, Sample.received_at).where(Sample.id.in_(list(ids)))
+        ).all()
+    return sorted((r.received_at - r.captured_at).total_seconds() for r in rows)
+
+
+def _report(name: str, lat: list[float]) -> str:
+    p = np.percentile(lat, [50, 99]) if lat else [float("nan")] * 2
+    return (f"{name}: {len(lat)} samples, capture → stored p50 {p[0]:.2f} s, p99 {p[1]:.2f} s, "
+            f"max {max(lat, default=float('nan')):.2f} s (bound {BOUND_S:.0f} s)")  # fmt: skip
+
+
+def _drain(feeder, agents, timeout: float) -> None:
+    feeder.quiet()
+    for a in agents:
+        a.sync()
+    wait_for(lambda: all(a.backlog() == 0 for a in agents), timeout, what="every upload acked")
+
+
+def test_a_killed_ingest_that_never_returns_stops_taking_samples(
+    spare_broker, pg_url, s3_store, fleet, tiny_package, tep_small, tmp_path
+):
+    """Two ingests; one SIGKILLed for good. Every sample the real agents select, before and
+    after the kill, is stored exactly once, each within BOUND_S of its capture; `fleet
+    status` shows the dead one departed; once its session expired (well within a minute
+    of the kill), a plain publisher that never re-sends loses nothing."""
+    devices = ["d1", "d2", "d3"]
+    sessions = _fleet(pg_url, fleet, [*devices, "plain"])
+    env = _env(pg_url, s3_store, spare_broker.port)
+    stay, going = IngestProc(env, fleet, slot=0), IngestProc(env, fleet, slot=1)
+    agents = [make_agent(tmp_path, fleet, spare_broker.port, tiny_package[0], device=d,
+                         resend_after_s=RESEND_S) for d in devices]  # fmt: skip
+    feeder = Feeder(agents, _faults(tep_small)).start()
+    try:
+        wait_for(lambda: going.health()["stored"] >= 5, 30, what="both ingests storing")
+        before_kill = set(feeder.sent)
+        going.kill()
+        killed_at = time.monotonic()
+        time.sleep(EXPIRY_S + 3.0)  # samples keep coming while the session lives and after
+        after_kill = set(feeder.sent) - before_kill
+        status = subprocess.run([*CLI, "fleet", "status", "--fleet", fleet], env=env,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        _drain(feeder, agents, BOUND_S + 30)
+        # A minute at most after the kill (here EXPIRY_S + a few seconds): a publisher that
+        # never re-sends, whose every message must reach the live ingest.
+        plain = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"p-{uuid.uuid4().hex}")
+        plain.connect(HOST, spare_broker.port)
+        plain.loop_start()
+        ids = []
+        for w in _faults(tep_small)[:40]:
+            msg = sample_message(fleet, w, device_id="plain")
+            ids.append(str(msg.message_id))
+            plain.publish(topic(fleet, "plain", "samples"), msg.encode(), qos=1).wait_for_publish(5)
+        published_after_s = time.monotonic() - killed_at
+        plain.loop_stop()
+        plain.disconnect()
+
+        def plain_stored() -> int:
+            with sessions() as s:
+                return s.scalar(select(func.count()).where(Sample.id.in_(ids))) or 0
+
+        wait_for(lambda: plain_stored() == 40, 20, what="every plain message stored")
+        assert stay.health()["alive"]
+    finally:
+        feeder.stop()
+        for a in agents:
+            a.stop()
+        stay.stop()
+    acc = account(sessions, s3_store, fleet, feeder.sent, set(ids), {})
+    assert len(after_kill) >= 20, "too few samples after the kill to say anything"
+    assert acc.sent == len(feeder.sent) and acc.stored == acc.sent
+    assert acc.lost == [] and acc.duplicated == []
+    lat = _latencies(sessions, after_kill)
+    print(_report("after the kill", lat))
+    print(f"plain publisher at {published_after_s:.1f} s after the kill: 40 of 40 stored")
+    assert max(lat) <= BOUND_S, _report("after the kill", lat)
+    assert status.returncode == 0, status.stderr
+    lines = {ln.split(":")[0].strip(): ln for ln in status.stdout.splitlines() if "fleet" in ln}
+    assert f"edgeloop-ingest/g{fleet}/{fleet}/1" in lines[f"g{fleet}[1] fleet {fleet}"]
+    assert "departed" in lines[f"g{fleet}[1] fleet {fleet}"]
+    assert " live," in lines[f"g{fleet}[0] fleet {fleet}"]
+
+
+def test_an_ingest_recreated_three_times_under_new_client_ids_delays_nothing(
+    spare_broker, pg_url, s3_store, fleet, tiny_package, tep_small, tmp_path
+):
+    """One ingest stays; another is stopped (SIGTERM) and started again three times, each
+    time under a new client id, as `docker compose up` recreating its container under a
+    new host name did. Every sample is stored once, none later than BOUND_S after capture,
+    though each recreate leaves a departed session behind for EXPIRY_S."""
+    devices = ["d1", "d2"]
+    sessions = _fleet(pg_url, fleet, devices)
+    env = _env(pg_url, s3_store, spare_broker.port)
+    stay = IngestProc(env, fleet, slot=0)
+    agents = [make_agent(tmp_path, fleet, spare_broker.port, tiny_package[0], device=d,
+                         resend_after_s=RESEND_S) for d in devices]  # fmt: skip
+    feeder = Feeder(agents, _faults(tep_small)).start()
+    codes = []
+    try:
+        for k in range(4):
+            replica = IngestProc(env, fleet, slot=1, client_id=f"recreated-{fleet}-{k}")
+            wait_for(lambda r=replica: r.health()["stored"] >= 3, 30, what="the replica storing")
+            if k < 3:
+                codes.append(replica.stop())
+        _drain(feeder, agents, BOUND_S + 30)
+        codes.append(replica.stop())
+    finally:
+        feeder.stop()
+        for a in agents:
+            a.stop()
+        stay.stop()
+    acc = account(sessions, s3_store, fleet, feeder.sent, set(), {})
+    assert acc.sent >= 40 and acc.stored == acc.sent
+    assert acc.lost == [] and acc.duplicated == []
+    assert codes == [0, 0, 0, 0]
+    lat = _latencies(sessions, feeder.sent)
+    print(_report("across three recreates", lat))
+    assert max(lat) <= BOUND_S, _report("across three recreates", lat)
+
+
+def test_a_second_process_on_a_slot_stops_the_first(pg_url, s3_store, mqtt_port, fleet):
+    """Two ingests on one slot (one client id) would take the broker session back and
+    forth (Mosquitto 2.0 closes the older connection without a reason, and paho
+    reconnects): the older one finds its slot's row claimed by the later one at its next
+    heartbeat, stops and says so; the later one keeps the slot."""
+    sessions = _fleet(pg_url, fleet, ["d1"])
+
+    def service(pid: int) -> IngestService:
+        member = Membership(sessions=sessions, group=f"g{fleet}", fleet=fleet, slot=0,
+                            client_id=f"slot-{fleet}", session_expiry_s=EXPIRY_S,
+                            heartbeat_s=0.3, pid=pid)  # fmt: skip
+        svc = IngestService(Ingestor(sessions=sessions, store=s3_store), host=HOST,
+                            port=mqtt_port, fleet=fleet, group=f"g{fleet}",
+                            client_id=member.client_id, session_expiry_s=EXPIRY_S,
+                            membership=member)  # fmt: skip
+        svc.start()
+        assert svc.ready.wait(10)
+        return svc
+
+    first = service(pid=1)  # two processes, as the slot's row tells them apart
+    second = service(pid=2)
+    try:
+        wait_for(first.taken_over.is_set, 10, what="the first to stand down")
+        time.sleep(2.0)  # paho would have reconnected by now (its delay: 1 s at first)
+        assert not first.health()["alive"] and first.health()["taken_over"]
+        assert second.client.is_connected() and second.health()["alive"]
+        assert not second.taken_over.is_set()
+        with sessions() as s:
+            row = s.scalars(select(IngestMember)).one()
+        assert (row.pid, row.client_id, row.slot) == (2, f"slot-{fleet}", 0)
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_poison_message_queued_for_a_killed_ingest_is_dead_lettered_once(
+    spare_broker, pg_url, s3_store, fleet, tep_small
+):
+    """`[` × 3000 between two valid samples, queued by the broker in the session of an
+    ingest that was SIGKILLed: the ingest restarted on the same slot (so the same client
+    id) dead-letters it once (too_deep), stores the two samples and stays alive; SIGKILLed
+    and restarted again, it never sees the poison again and the next sample lands."""
+    sessions = _fleet(pg_url, fleet, ["d1"])
+    env = {**_env(pg_url, s3_store, spare_broker.port), "EDGELOOP_INGEST_SESSION_EXPIRY_S": "60"}
+    windows = _faults(tep_small)
+    samples = topic(fleet, "d1", "samples")
+    device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"d-{uuid.uuid4().hex}")
+    device.connect(HOST, spare_broker.port)
+    device.loop_start()
+
+    def publish(payload: bytes) -> None:
+        device.publish(samples, payload, qos=1).wait_for_publish(5)
+
+    def count(model, *where) -> int:
+        with sessions() as s:
+            return s.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+    ingest = IngestProc(env, fleet, slot=0)
+    try:
+        ingest.kill()  # its session (and subscription) stays for 60 s
+        publish(sample_message(fleet, windows[0]).encode())
+        publish(b"[" * 3000)
+        publish(sample_message(fleet, windows[1]).encode())
+        ingest = IngestProc(env, fleet, slot=0)
+        wait_for(lambda: count(Sample) == 2, 20, what="the samples around the poison")
+        health = ingest.health()
+        assert health["alive"] and health["dead_letters"] == {"too_deep": 1}
+        time.sleep(0.5)  # its PUBACK reaches the broker
+        ingest.kill()
+        ingest = IngestProc(env, fleet, slot=0)
+        publish(sample_message(fleet, windows[2]).encode())
+        wait_for(lambda: count(Sample) == 3, 20, what="the next sample")
+        health = ingest.health()
+        assert health["alive"] and health["dead_letters"] == {}  # the poison never came back
+        assert health["client_id"] == f"edgeloop-ingest/g{fleet}/{fleet}/0"
+    finally:
+        device.loop_stop()
+        ingest.stop()
+    assert count(DeadLetter) == 1 and count(DeadLetter, DeadLetter.reason == "too_deep") == 1
