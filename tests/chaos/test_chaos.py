@@ -102,7 +102,7 @@ def cloud_env(svc, url, store, mlflow_uri, fleet, keys) -> dict:
         "EDGELOOP_ROLLOUT_RESEND_S": "10",
         "EDGELOOP_CELERY_VISIBILITY_TIMEOUT_S": "6",
         "EDGELOOP_ROUND_LOCK_TTL_S": "4",
-        "EDGELOOP_ROUND_EPOCHS": "8",
+        "EDGELOOP_ROUND_EPOCHS": "400",  # ~12 s of training idle: faults land in it
         "EDGELOOP_ROUND_DISTILL_EPOCHS": "5",
         "EDGELOOP_TRIGGER_INTERVAL_S": "3600",
         "MLFLOW_LOGGING_LEVEL": "WARNING",
