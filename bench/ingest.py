@@ -15,8 +15,12 @@ through the product's object store client, every window in it hashed, and each p
 window's content hash matched against the rows that name it and the object slots those
 rows point to. A published window with no row whose stored bytes hash to it is `lost`; a
 hash in more rows than it was published is `duplicated`; a row whose window reads back
-as other bytes, or an object that does not decode, is `corrupt`. Prints one JSON object on
-the last line.
+as other bytes, or an object that does not decode, is `corrupt`.
+
+Then (alone with ``--departed-only``) the departed ingest sessions of issue 16: throughput
+and publish → stored latency with 0, 1 and 3 killed ingests in the group, their sessions
+never expiring and expiring (bench/ingest_departed.py, under "departed"). Prints one JSON
+object on the last line.
 """
 
 from __future__ import annotations
