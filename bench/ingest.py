@@ -15,8 +15,12 @@ through the product's object store client, every window in it hashed, and each p
 window's content hash matched against the rows that name it and the object slots those
 rows point to. A published window with no row whose stored bytes hash to it is `lost`; a
 hash in more rows than it was published is `duplicated`; a row whose window reads back
-as other bytes, or an object that does not decode, is `corrupt`. Prints one JSON object on
-the last line.
+as other bytes, or an object that does not decode, is `corrupt`.
+
+Then (alone with ``--departed-only``) the departed ingest sessions of issue 16: throughput
+and publish → stored latency with 0, 1 and 3 killed ingests in the group, their sessions
+never expiring and expiring (bench/ingest_departed.py, under "departed"). Prints one JSON
+object on the last line.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +86,89 @@ def start_broker(workdir: Path) -> tuple[subprocess.Popen, int]:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError("the bench's mosquitto did not start")
+
+
+def ingest_env(db_url: str, bucket: str, port: int, **extra: str) -> dict[str, str]:
+    """The environment of an ingest process storing to ``db_url`` and S3 ``bucket``,
+    subscribed through the bench's broker on ``port``."""
+    return {
+        **os.environ,
+        "EDGELOOP_DATABASE_URL": db_url,
+        "EDGELOOP_STORE": "s3",
+        "EDGELOOP_S3_ENDPOINT": S3,
+        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
+        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
+        "EDGELOOP_S3_BUCKET": bucket,
+        "EDGELOOP_MQTT_PORT": str(port),
+        **extra,
+    }
+
+
+def new_bucket() -> str:
+    """A bucket made here, before the ingests start: processes making it together race
+    (check, then create) and the loser exits with BucketAlreadyOwnedByYou."""
+    from cloud.store.objects import S3ObjectStore
+
+    bucket = f"bench-{uuid.uuid4().hex[:8]}"
+    S3ObjectStore(endpoint=S3, access_key=S3_KEY, secret_key=S3_SECRET, bucket=bucket)
+    return bucket
+
+
+def drain_bucket(bucket: str) -> tuple[dict[tuple[str, int | None], str | None], int]:
+    """``read_back`` of an ingest's bucket, which is then emptied and removed."""
+    from cloud.store.objects import S3ObjectStore
+
+    store = S3ObjectStore(endpoint=S3, access_key=S3_KEY, secret_key=S3_SECRET, bucket=bucket)
+    try:
+        return read_back(store)
+    finally:
+        for key in store.list():
+            store.delete(key)
+        store.client.remove_bucket(bucket)
+
+
+@contextmanager
+def bench_database(fleet: str, devices: list[str]) -> Iterator[str]:
+    """A fresh PostgreSQL database, migrated, with ``devices`` registered in ``fleet``
+    (ingest takes messages only from registered devices); dropped on the way out."""
+    import psycopg
+
+    from cloud.config import get_settings
+    from cloud.store.connect import pg_connect_args
+    from cloud.store.db import migrate, session_factory
+    from cloud.store.records import register_device
+
+    pg_args = pg_connect_args(get_settings())  # TLS and timeout, as the services use
+    db = f"edgeloop_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{PG}/postgres", autocommit=True, **pg_args) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    try:
+        url = f"postgresql+psycopg://postgres@{PG.split('@')[1]}/{db}"
+        migrate(url)
+        with session_factory(url)() as s:
+            for d in devices:
+                register_device(session=s, device_id=d, fleet=fleet, profile="cpu-fp32")
+        yield url
+    finally:
+        with psycopg.connect(f"{PG}/postgres", autocommit=True, **pg_args) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def sample_message(fleet: str, device: str, window: Any) -> Any:
+    """A device's upload of ``window`` (a (T, C) float32 array), as the edge agent sends it."""
+    from shared.messages import SampleMessage, Tensor, utcnow
+
+    return SampleMessage(
+        fleet=fleet,
+        device_id=device,
+        window=Tensor.from_array(window),
+        channels=window.shape[1],
+        captured_at=utcnow(),
+        model_version="v1",
+        predicted="normal",
+        confidence=0.6,
+        score=0.1,
+    )
 
 
 def publish_all(port: int, messages: list[tuple[str, bytes]]) -> float:
@@ -244,19 +333,9 @@ def ingest_rate(
     from sqlalchemy import func, select
 
     from cloud.store.db import Sample, session_factory
-    from cloud.store.objects import S3ObjectStore
     from shared.topics import subscription
 
-    env = {
-        **os.environ,
-        "EDGELOOP_DATABASE_URL": db_url,
-        "EDGELOOP_STORE": "s3",
-        "EDGELOOP_S3_ENDPOINT": S3,
-        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
-        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
-        "EDGELOOP_S3_BUCKET": bucket,
-        "EDGELOOP_MQTT_PORT": str(port),
-    }
+    env = ingest_env(db_url, bucket, port)
     logs = [(workdir / f"ingest-{i}.log").open("wb") for i in range(processes)]
     procs = [
         subprocess.Popen(
@@ -315,13 +394,7 @@ def ingest_rate(
                 select(Sample.id, Sample.content_sha256, Sample.object_key, Sample.object_index)
             )
         ]
-    store = S3ObjectStore(endpoint=S3, access_key=S3_KEY, secret_key=S3_SECRET, bucket=bucket)
-    try:
-        windows, objects = read_back(store)
-    finally:
-        for key in store.list():
-            store.delete(key)
-        store.client.remove_bucket(bucket)
+    windows, objects = drain_bucket(bucket)
     outcome = reconcile(published, stored, windows)
     if outcome["lost"] or outcome["duplicated"] or outcome["corrupt"]:
         for i in range(processes):  # the ingests' own account, before the folder goes
@@ -336,22 +409,34 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="5,000 messages instead of 10,000")
+    parser.add_argument(
+        "--departed-only",
+        action="store_true",
+        help="only the departed-sessions scenario (issue 16; bench/ingest_departed.py)",
+    )
+    parser.add_argument(
+        "--session-expiry-s",
+        type=int,
+        default=5,
+        help="EDGELOOP_INGEST_SESSION_EXPIRY_S of the 'after' configuration (product: 30)",
+    )
+    parser.add_argument(
+        "--resend-s",
+        type=float,
+        default=3.0,
+        help="the departed scenario's publisher re-sends what is not acked after this "
+        "(edge agents: resend_after_s, 10)",
+    )
     args = parser.parse_args()
 
     import numpy as np
-    import psycopg
 
-    from cloud.config import get_settings
-    from cloud.store.connect import pg_connect_args
-    from cloud.store.db import migrate, session_factory
-    from cloud.store.records import register_device
+    from bench.ingest_departed import departed_sessions
     from cloud.store.windows import content_sha256
-    from shared.messages import SampleMessage, Tensor, utcnow
     from shared.topics import topic
     from sim.tep import generate
 
     n = 5000 if args.quick else 10000
-    pg_args = pg_connect_args(get_settings())  # TLS and timeout, as the services use
     devices = [f"plant-{i:02d}" for i in range(8)]
     print("simulating TEP windows …", file=sys.stderr)
     data = generate(
@@ -364,62 +449,59 @@ def main() -> None:
     )
     rng = np.random.default_rng(0)
 
+    def window(i: int) -> Any:
+        # Distinct windows (a little sensor noise on a real one): no accidental dedup.
+        return data.x[i % len(data.x)] + rng.normal(0, 1e-3, data.x.shape[1:]).astype("f4")
+
     def stream(fleet: str) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]]]:
         """The messages (topic, payload), and (message id, content hash) of each."""
         out, published = [], []
         for i in range(n):
-            # Distinct windows (a little sensor noise on a real one): no accidental dedup.
-            w = data.x[i % len(data.x)] + rng.normal(0, 1e-3, data.x.shape[1:]).astype("f4")
             d = devices[i % len(devices)]
-            msg = SampleMessage(
-                fleet=fleet,
-                device_id=d,
-                window=Tensor.from_array(w),
-                channels=w.shape[1],
-                captured_at=utcnow(),
-                model_version="v1",
-                predicted="normal",
-                confidence=0.6,
-                score=0.1,
-            )
+            msg = sample_message(fleet, d, window(i))
             out.append((topic(fleet, d, "samples"), msg.encode()))
             # The hash of the window as the ingest decodes it from the wire.
             published.append((str(msg.message_id), content_sha256(msg.window.to_array())))
         return out, published
 
-    results: dict[str, Any] = {"messages": n, "message_bytes": 0}
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         broker, port = start_broker(Path(tmp))
         try:
-            fleet = f"bench{uuid.uuid4().hex[:6]}"
-            msgs, _ = stream(fleet)
-            results["message_bytes"] = len(msgs[0][1])
-            print("bare broker (its subscriber in a process of its own) …", file=sys.stderr)
-            results["bare_rate"] = bare_rate(port, fleet, msgs)
-            for procs, name in ((1, "ingest"), (2, "two_process")):
-                fleet = f"bench{uuid.uuid4().hex[:6]}"
-                msgs, published = stream(fleet)
-                db = f"edgeloop_bench_{uuid.uuid4().hex[:8]}"
-                with psycopg.connect(f"{PG}/postgres", autocommit=True, **pg_args) as conn:
-                    conn.execute(f'CREATE DATABASE "{db}"')
-                url = f"postgresql+psycopg://postgres@{PG.split('@')[1]}/{db}"
-                migrate(url)
-                with session_factory(url)() as s:
-                    for d in devices:
-                        register_device(session=s, device_id=d, fleet=fleet, profile="cpu-fp32")
-                print(f"{procs} ingest process(es) …", file=sys.stderr)
-                try:
-                    rate, outcome = ingest_rate(
-                        port, fleet, msgs, published, url, f"bench-{db[-8:]}", procs, Path(tmp)
-                    )
-                finally:
-                    with psycopg.connect(f"{PG}/postgres", autocommit=True, **pg_args) as conn:
-                        conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-                results[f"{name}_rate"] = rate
-                results |= {f"{name}_{k}": v for k, v in outcome.items()}
+            if not args.departed_only:
+                results = throughput(port, Path(tmp), n, devices, stream)
+            results["departed"] = departed_sessions(
+                port=port,
+                workdir=Path(tmp),
+                devices=devices,
+                window=window,
+                expiry_s=args.session_expiry_s,
+                resend_s=args.resend_s,
+                quick=args.quick,
+            )
         finally:
             broker.terminate()
             broker.wait(10)
+    print(json.dumps(results))
+
+
+def throughput(port: int, workdir: Path, n: int, devices: list[str], stream: Any) -> dict:
+    """The bare broker's rate, then one and two ingest processes', with their outcomes."""
+    fleet = f"bench{uuid.uuid4().hex[:6]}"
+    msgs, _ = stream(fleet)
+    results: dict[str, Any] = {"messages": n, "message_bytes": len(msgs[0][1])}
+    print("bare broker (its subscriber in a process of its own) …", file=sys.stderr)
+    results["bare_rate"] = bare_rate(port, fleet, msgs)
+    for procs, name in ((1, "ingest"), (2, "two_process")):
+        fleet = f"bench{uuid.uuid4().hex[:6]}"
+        msgs, published = stream(fleet)
+        print(f"{procs} ingest process(es) …", file=sys.stderr)
+        with bench_database(fleet, devices) as url:
+            rate, outcome = ingest_rate(
+                port, fleet, msgs, published, url, new_bucket(), procs, workdir
+            )
+        results[f"{name}_rate"] = rate
+        results |= {f"{name}_{k}": v for k, v in outcome.items()}
     results["ratio"] = results["ingest_rate"] / results["bare_rate"]
     for figure in ("objects_checked", "windows_checked", "lost", "duplicated", "corrupt"):
         results[figure] = results[f"ingest_{figure}"] + results[f"two_process_{figure}"]
@@ -431,7 +513,7 @@ def main() -> None:
         and results["windows_checked"] >= 2 * n  # every published window was read back
         and results["two_process_rate"] > results["ingest_rate"]
     )
-    print(json.dumps(results))
+    return results
 
 
 if __name__ == "__main__":

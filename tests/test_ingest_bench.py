@@ -3,7 +3,9 @@ rows and stored bytes, so loss, duplicates and damage each move the figure they 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import math
 
 import numpy as np
 import pytest
@@ -79,3 +81,21 @@ def test_read_back_hashes_every_stored_window(bench, tmp_path):
         ("windows/b.npy", None): content_sha256(batch[0] + 1),
         ("windows/c.npy", None): None,
     }
+
+
+@pytest.mark.parametrize(
+    "latencies, q, expected",
+    [
+        ([0.3, 0.1, 0.2], 0.5, 0.2),
+        ([0.3, 0.1, 0.2], 1.0, 0.3),
+        ([0.1] * 99 + [math.inf], 0.99, 0.1),  # the one never stored lies beyond p99
+        ([0.1] * 98 + [math.inf] * 2, 0.99, None),  # … unless 2 % were never stored
+        ([0.1, math.inf], 1.0, None),
+    ],
+)
+def test_departed_percentiles_count_unstored_as_infinitely_late(latencies, q, expected):
+    """A quantile of the departed-sessions latencies that falls on a message never stored
+    is None, not the largest latency that was measured."""
+    departed = importlib.import_module("bench.ingest_departed")
+
+    assert departed.percentile(latencies, q) == expected
