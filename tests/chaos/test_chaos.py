@@ -184,8 +184,8 @@ def test_the_loop_survives_restarts_kills_and_a_cut_link(
     device = Proc("agent-k", ["-m", "tests.chaos.device", str(config)],
                   {**os.environ, "PYTHONPATH": str(ROOT)}, logdir).start()  # fmt: skip
     ingest_args = [*CLI, "cloud", "ingest", "--fleet", fleet, "--group", f"i{fleet}"]
-    ingests = [Proc(f"ingest-{k}", [*ingest_args, "--client-id", f"{fleet}-ingest-{k}"], env,
-                    logdir).start() for k in "ab"]  # fmt: skip
+    ingests = [Proc(f"ingest-{k}", [*ingest_args, "--slot", str(slot)], env, logdir).start()
+               for slot, k in enumerate("ab")]  # fmt: skip
     celery = ["-m", "celery", "-A", "cloud.tasks"]
     worker = Proc("worker", [*celery, "worker", "-Q", f"q-{fleet}", "--pool", "threads",
                              "--concurrency", "2", "--loglevel", "INFO",
