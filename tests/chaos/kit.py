@@ -167,8 +167,13 @@ class CuttingProxy(TcpProxy):
 
 
 def held_chunks(directory: Path) -> int:
-    """Chunks a device's downloads have made durable (the ``.held`` records under it)."""
-    return sum(len(p.read_text().splitlines()) for p in directory.rglob("*.held"))
+    """Chunks a device's downloads have made durable: distinct indices in the ``.held``
+    records under it (a chunk recorded twice, by a superseded download and its successor,
+    counts once)."""
+    return sum(
+        len({line.split()[0] for line in p.read_text().splitlines() if line.strip()})
+        for p in directory.rglob("*.held")
+    )
 
 
 class Proc:
