@@ -167,13 +167,13 @@ class CuttingProxy(TcpProxy):
 
 
 def held_chunks(directory: Path) -> int:
-    """Chunks a device's downloads have made durable: distinct indices in the ``.held``
-    records under it (a chunk recorded twice, by a superseded download and its successor,
-    counts once)."""
-    return sum(
-        len({line.split()[0] for line in p.read_text().splitlines() if line.strip()})
-        for p in directory.rglob("*.held")
-    )
+    """The most chunks any one download under ``directory`` has made durable: distinct
+    indices in its ``.held`` record (one target's chunks, never a sum over targets)."""
+    return max(
+        (len({ln.split()[0] for ln in p.read_text().splitlines() if ln.strip()})
+         for p in directory.rglob("*.held")),
+        default=0,
+    )  # fmt: skip
 
 
 class Proc:
