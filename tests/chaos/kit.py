@@ -167,10 +167,10 @@ class CuttingProxy(TcpProxy):
 
 
 def held_chunks(directory: Path) -> int:
-    """The most chunks any one download under ``directory`` has made durable: distinct
-    indices in its ``.held`` record (one target's chunks, never a sum over targets)."""
+    """The most chunks any one download under ``directory`` has made durable: the distinct
+    indices its ``.held`` record lists after its JSON header line (edge_agent.transfer)."""
     return max(
-        (len({ln.split()[0] for ln in p.read_text().splitlines() if ln.strip()})
+        (len({ln.split()[0] for ln in p.read_text().splitlines()[1:] if ln[:1].isdigit()})
          for p in directory.rglob("*.held")),
         default=0,
     )  # fmt: skip
