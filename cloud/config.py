@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -126,11 +126,11 @@ class CloudSettings(BaseSettings):
     # same replica slot (the client id) gets what the broker queued meanwhile; past it, the
     # session and its share of the group's messages are gone and devices' re-sends bring
     # them. 4294967295 never expires (the v3.1.1 persistent session of before).
-    ingest_session_expiry_s: int = Field(30, ge=0, le=4294967295)
-    ingest_slot: int = Field(0, ge=0, le=9999)  # this process's replica slot: its client id
+    ingest_session_expiry_s: Annotated[int, Field(ge=0, le=4294967295)] = 30
+    ingest_slot: Annotated[int, Field(ge=0, le=9999)] = 0  # the replica's slot: its client id
     # How often each ingest records itself in PostgreSQL (`fleet status`); a slot silent
     # for three of these is free for another process.
-    ingest_heartbeat_s: float = Field(5.0, gt=0)
+    ingest_heartbeat_s: Annotated[float, Field(gt=0)] = 5.0
     # Rollouts (docs/rollout.md says what each judgement means). A fleet overrides any of
     # these in its row's settings under the same name, e.g. {"rollout_dwell_heartbeats": 5}.
     rollout_canary_min_devices: int = 5  # the canary cohort: the larger of this many devices

@@ -60,7 +60,7 @@ class Membership:
         restarting looks the same as two sharing a slot, and the broker tells them apart)."""
         with self.sessions() as s:
             held = s.scalars(select(IngestMember).where(self._key())).first()
-            now = s.scalar(select(func.now()))
+            now: datetime = s.scalar(select(func.now()))
             if (
                 held is not None
                 and held.stopped_at is None
@@ -149,7 +149,7 @@ def ingest_members(
     *, session: Session, heartbeat_s: float, fleet: str | None = None
 ) -> list[MemberStatus]:
     """Every ingest that ever claimed a slot (serving ``fleet``, or all), oldest slot first."""
-    now = session.scalar(select(func.now()))
+    now: datetime = session.scalar(select(func.now()))  # type: ignore[assignment]
     q = select(IngestMember).order_by(IngestMember.group, IngestMember.fleet, IngestMember.slot)
     if fleet:
         q = q.where(IngestMember.fleet.in_(("+", fleet)))
