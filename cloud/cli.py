@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 
 import typer
@@ -28,6 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 log = logging.getLogger("edgeloop.cloud")
+UNWELL_EXIT_S = 30.0  # an ingest not alive (cloud.ingest.health) this long exits (code 1)
 
 
 app.command("register-dataset")(register_dataset_cmd)
@@ -145,8 +147,18 @@ def ingest(
         "ingest slot %d (%s) serving fleet %s on %s:%s", slot, client_id, fleet, s.mqtt_host,
         s.mqtt_port,
     )  # fmt: skip
+    # A dead or stuck worker: leave the group and exit non-zero, for the restart policy
+    # (a process that stays subscribed would keep taking its share of the traffic).
+    unwell_since: float | None = None
     while not stop.wait(0.5) and not service.taken_over.is_set():
-        pass
+        if service.health()["alive"]:
+            unwell_since = None
+        elif unwell_since is None:
+            unwell_since = time.monotonic()
+        elif time.monotonic() - unwell_since > UNWELL_EXIT_S:
+            log.error("ingest not alive for %.0f s (%s); stopping", UNWELL_EXIT_S,
+                      service.health())  # fmt: skip
+            break
     service.stop()
     if health is not None:
         health.shutdown()
@@ -157,7 +169,7 @@ def ingest(
         c.duplicates,
         c.dead_letters,
     )
-    if service.taken_over.is_set():
+    if service.taken_over.is_set() or unwell_since is not None:
         raise typer.Exit(1)
 
 
@@ -220,7 +232,6 @@ def fleet_status_cmd(
 ) -> None:
     """Devices, profiles, model versions, last seen, samples and dead letters per device;
     then the ingest processes: slot, client id, heartbeat and last batch of each."""
-    from cloud.config import get_settings
     from cloud.ingest.members import format_members, ingest_members
     from cloud.rollout.fleet import fleet_status, format_status, unknown_device_dead_letters
 
@@ -228,9 +239,7 @@ def fleet_status_cmd(
     with sessions() as session:
         rows = fleet_status(session=session, fleet=fleet)
         strangers = unknown_device_dead_letters(session=session)
-        members = ingest_members(
-            session=session, heartbeat_s=get_settings().ingest_heartbeat_s, fleet=fleet
-        )
+        members = ingest_members(session=session, fleet=fleet)
     typer.echo(format_status(rows, strangers))
     typer.echo(format_members(members))
 

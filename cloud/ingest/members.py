@@ -1,12 +1,14 @@
 """Who is in an ingest group: the broker keeps no list of a shared subscription's members,
-so each ingest process records its replica slot, MQTT client id, heartbeat and last batch
+so each ingest process records its MQTT client id, replica slot, heartbeat and last batch
 in PostgreSQL, and `edgeloop fleet status` reads them back.
 
 A slot is a replica's place in its group (compose's ingest-0, ingest-1; a StatefulSet's
-ordinal): its client id is derived from it, so a restarted or recreated replica resumes
-the broker session the last one left, whatever its container's host name. Two processes
-started on one slot are a mistake the broker settles (it disconnects the older one, which
-then stops: cloud.ingest.service); the row here names whoever claimed it last.
+ordinal): its client id is derived from it, so a restarted or recreated replica resumes the
+broker session the last one left, whatever its container's host name. One client id is one
+broker session: a second live process under it would take the session back and forth. So
+a process starting under a client id whose row another process still beats waits the
+lease out, and refuses to start if that process is still alive; one whose row a later
+process claimed (it looked dead) stops at its next heartbeat (cloud.ingest.service).
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud.store.db import IngestMember
+from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
-LEASE_BEATS = 3  # a member silent for this many heartbeats has departed
+LEASE_BEATS = 3  # a member silent for this many of its heartbeats has departed
+STOPPED_SHOWN = timedelta(days=1)  # how long `fleet status` lists a cleanly stopped one
 
 
 def ingest_client_id(group: str, fleet: str, slot: int) -> str:
@@ -33,10 +40,21 @@ def ingest_client_id(group: str, fleet: str, slot: int) -> str:
     return f"edgeloop-ingest/{group}{scope}/{slot}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass(frozen=True)
 class Membership:
-    """One ingest process's row: claimed at start, beaten while it runs, released on a
-    clean stop. Every write is best effort: a database outage never stops an ingest."""
+    """One ingest process's row: claimed at start (the ingest does not start without it),
+    beaten while it runs and released on a clean stop (both best effort: a database
+    outage never stops a running ingest)."""
 
     sessions: sessionmaker
     group: str
@@ -47,87 +65,111 @@ class Membership:
     heartbeat_s: float
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
+    # Tells processes apart where host and pid do not: every container's entrypoint is
+    # pid 1, and a StatefulSet's pod keeps its host name.
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
-    def _key(self):
-        return (
-            (IngestMember.group == self.group)
-            & (IngestMember.fleet == self.fleet)
-            & (IngestMember.slot == self.slot)
-        )
+    def _mine(self):
+        return (IngestMember.client_id == self.client_id) & (IngestMember.token == self.token)
 
-    def claim(self) -> None:
-        """Take the slot's row (warning when a live-looking process held it: a killed ingest
-        restarting looks the same as two sharing a slot, and the broker tells them apart)."""
+    def _holder(self) -> tuple[IngestMember | None, float]:
+        """The client id's row and the seconds since its last heartbeat."""
         with self.sessions() as s:
-            held = s.scalars(select(IngestMember).where(self._key())).first()
+            row = s.get(IngestMember, self.client_id)
             now: datetime = s.scalar(select(func.now()))
-            if (
-                held is not None
-                and held.stopped_at is None
-                and (held.host, held.pid) != (self.host, self.pid)
-                and now - held.seen_at < timedelta(seconds=LEASE_BEATS * self.heartbeat_s)
-            ):
-                log.warning(
-                    "slot %d of ingest group %r was held by pid %d on %s (heartbeat %.0f s "
-                    "ago): taking it over. If that process still runs, the broker "
-                    "disconnects it (one client id per slot); give each replica its own "
-                    "--slot (EDGELOOP_INGEST_SLOT)",
-                    self.slot,
-                    self.group,
-                    held.pid,
-                    held.host,
-                    (now - held.seen_at).total_seconds(),
+        if row is None:
+            return None, 0.0
+        return row, (_aware(now) - _aware(row.seen_at)).total_seconds()
+
+    def _live_other(self) -> tuple[IngestMember, float] | None:
+        """Another process that still beats under this client id, if any."""
+        row, age = self._holder()
+        if row is None or row.stopped_at is not None or row.token == self.token:
+            return None
+        if age > LEASE_BEATS * row.heartbeat_s:
+            return None  # departed
+        if row.host == self.host and (row.pid == self.pid or not _pid_alive(row.pid)):
+            return None  # an earlier run on this host (a restarted container is pid 1 again)
+        return row, age
+
+    def claim(self, *, poll_s: float | None = None) -> None:
+        """Take the client id's row. While another process still beats under it, wait its
+        lease out (a killed process stops beating; its restart lands here); ConfigError
+        if it is still alive then, naming it (two processes must not share a slot)."""
+        held = self._live_other()
+        if held is not None:
+            row, age = held
+            log.warning(
+                "client id %s (slot %d) was in use by pid %d on %s %.0f s ago; waiting up to "
+                "%.0f s for it to go", self.client_id, self.slot, row.pid, row.host, age,
+                LEASE_BEATS * row.heartbeat_s,
+            )  # fmt: skip
+            deadline = time.monotonic() + LEASE_BEATS * row.heartbeat_s + 1.0
+            while held is not None and time.monotonic() < deadline:
+                time.sleep(poll_s or min(1.0, row.heartbeat_s / 2))
+                held = self._live_other()
+            if held is not None:
+                row, age = held
+                raise ConfigError(
+                    f"MQTT client id {self.client_id} (slot {self.slot} of group "
+                    f"{self.group!r}) is in use by pid {row.pid} on {row.host}, which still "
+                    f"beats ({age:.0f} s ago): give this replica another --slot "
+                    "(EDGELOOP_INGEST_SLOT), or stop that one"
                 )
-            row = {
-                "group": self.group,
-                "fleet": self.fleet,
-                "slot": self.slot,
-                "client_id": self.client_id,
-                "host": self.host,
-                "pid": self.pid,
-                "session_expiry_s": self.session_expiry_s,
-                "started_at": func.now(),
-                "seen_at": func.now(),
-                "stopped_at": None,
-                "last_batch_at": None,
-                "stored": 0,
-                "received": 0,
-            }
-            stmt = insert(IngestMember).values(**row)
-            keys = ("group", "fleet", "slot")
+        values = {
+            "client_id": self.client_id,
+            "group": self.group,
+            "fleet": self.fleet,
+            "slot": self.slot,
+            "host": self.host,
+            "pid": self.pid,
+            "token": self.token,
+            "session_expiry_s": self.session_expiry_s,
+            "heartbeat_s": self.heartbeat_s,
+            "started_at": func.now(),
+            "seen_at": func.now(),
+            "stopped_at": None,
+            "last_batch_at": None,
+            "stored": 0,
+            "received": 0,
+        }
+        with self.sessions() as s:
+            dialect = s.get_bind().dialect.name
+            stmt = (pg_insert if dialect == "postgresql" else sqlite_insert)(IngestMember)
+            stmt = stmt.values(**values)
             s.execute(
                 stmt.on_conflict_do_update(
-                    index_elements=list(keys),
-                    set_={k: stmt.excluded[k] for k in row if k not in keys},
+                    index_elements=["client_id"],
+                    set_={k: stmt.excluded[k] for k in values if k != "client_id"},
                 )
             )
             s.commit()
 
     def beat(self, *, last_batch_at: float | None, stored: int, received: int) -> bool:
-        """Record that this process lives; False when its row names another process now
-        (the slot was claimed by a later one)."""
+        """Record that this process lives; False when a later process claimed its client id
+        (this one looked dead to it)."""
         values = {"seen_at": func.now(), "stored": stored, "received": received}
         if last_batch_at is not None:
             values["last_batch_at"] = datetime.fromtimestamp(last_batch_at, UTC)
         with self.sessions() as s:
-            n = s.execute(
-                update(IngestMember)
-                .where(self._key(), IngestMember.host == self.host, IngestMember.pid == self.pid)
-                .values(**values)
-            ).rowcount
+            n = s.execute(update(IngestMember).where(self._mine()).values(**values)).rowcount
             s.commit()
         return n == 1
 
     def release(self) -> None:
-        """A clean stop: the slot is free at once (its broker session still lasts
-        ``session_expiry_s``, for the next process on the slot to resume)."""
+        """A clean stop: the client id is free at once."""
         with self.sessions() as s:
             s.execute(
                 update(IngestMember)
-                .where(self._key(), IngestMember.host == self.host, IngestMember.pid == self.pid)
+                .where(self._mine())
                 .values(stopped_at=func.now(), seen_at=func.now())
             )
             s.commit()
+
+
+def _aware(t: datetime) -> datetime:
+    """SQLite hands back naive UTC; PostgreSQL aware."""
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -138,30 +180,35 @@ class MemberStatus:
     client_id: str
     host: str
     pid: int
-    state: str  # live | departed (no heartbeat for LEASE_BEATS beats) | stopped
+    state: str  # live | departed (no heartbeat for LEASE_BEATS of its beats) | stopped
     seen_s: float  # seconds since its last heartbeat
     last_batch_s: float | None  # seconds since its last batch
     stored: int
     session_expiry_s: int
 
 
-def ingest_members(
-    *, session: Session, heartbeat_s: float, fleet: str | None = None
-) -> list[MemberStatus]:
-    """Every ingest that ever claimed a slot (serving ``fleet``, or all), oldest slot first."""
-    now: datetime = session.scalar(select(func.now()))  # type: ignore[assignment]
-    q = select(IngestMember).order_by(IngestMember.group, IngestMember.fleet, IngestMember.slot)
+def ingest_members(*, session: Session, fleet: str | None = None) -> list[MemberStatus]:
+    """Every ingest that runs, departed, or stopped in the last day (serving ``fleet``, or
+    all), by group, fleet and slot."""
+    now = _aware(session.scalar(select(func.now())))  # type: ignore[arg-type]
+    q = select(IngestMember).order_by(
+        IngestMember.group, IngestMember.fleet, IngestMember.slot, IngestMember.started_at
+    )
     if fleet:
         q = q.where(IngestMember.fleet.in_(("+", fleet)))
+    q = q.where(
+        or_(IngestMember.stopped_at.is_(None), IngestMember.stopped_at > now - STOPPED_SHOWN)
+    )
     out = []
     for m in session.scalars(q):
-        seen = (now - m.seen_at).total_seconds()
+        seen = (now - _aware(m.seen_at)).total_seconds()
         if m.stopped_at is not None:
             state = "stopped"
-        elif seen > LEASE_BEATS * heartbeat_s:
+        elif seen > LEASE_BEATS * m.heartbeat_s:
             state = "departed"
         else:
             state = "live"
+        batch = m.last_batch_at
         out.append(
             MemberStatus(
                 group=m.group,
@@ -172,7 +219,7 @@ def ingest_members(
                 pid=m.pid,
                 state=state,
                 seen_s=seen,
-                last_batch_s=(now - m.last_batch_at).total_seconds() if m.last_batch_at else None,
+                last_batch_s=(now - _aware(batch)).total_seconds() if batch else None,
                 stored=m.stored,
                 session_expiry_s=m.session_expiry_s,
             )

@@ -35,17 +35,20 @@ class IngestService:
     paho's network thread only queues what arrives; a worker thread takes batches (up to
     ``max_batch``, whatever has arrived), stores each batch with one object write per
     window shape and one transaction, publishes one ack per device and outcome, and only
-    then sends the MQTT PUBACKs (manual acks). With a stable ``client_id`` (a persistent
-    session) the broker delivers again, to a restarted ingest, what a killed one had not
-    PUBACKed. When the store or the database is down, the batch is retried with backoff
+    then sends the MQTT PUBACKs (manual acks). With a ``client_id`` (its replica slot's) the
+    session is MQTT v5's and outlives the process by ``session_expiry_s``: a restart within
+    it gets what a killed process had not PUBACKed, and past it the session and its share
+    of the group are gone (devices re-send; docs/ingest-sessions.md). ``stop()`` leaves the
+    group before it disconnects. When the store or the database is down, the batch is
+    retried with backoff
     (capped at 5 s) until it goes through: nothing is acked meanwhile, the broker holds
     back further messages once its in-flight window is full, and everything flows again
     when the store is back.
 
     No message stops a worker: whatever a batch raises, its messages are stored one by one
-    and the one that fails is dead-lettered (``internal_error``) and PUBACKed, so a restart
-    under the same client id never sees it again. ``health()`` says whether the workers
-    live (cloud.ingest.health serves it).
+    and the one that fails is dead-lettered (``internal_error``) and PUBACKed, so no session
+    holds it for a restart. ``health()`` says whether the workers live (cloud.ingest.health
+    serves it).
     """
 
     stall_s = 120.0  # messages waiting and no batch tried for this long: not alive

@@ -157,24 +157,27 @@ class IngestBucket(Base):
 
 
 class IngestMember(Base):
-    """One ingest process's replica slot in its shared-subscription group: the broker keeps
-    no list of a group's members, so each ingest records its own (cloud.ingest.members)."""
+    """One ingest process's place in its shared-subscription group, by MQTT client id (the
+    broker's unit): the broker keeps no list of a group's members, so each ingest records
+    its own (cloud.ingest.members)."""
 
     __tablename__ = "ingest_members"
 
-    group: Mapped[str] = mapped_column(String(64), primary_key=True)
-    fleet: Mapped[str] = mapped_column(String(64), primary_key=True)  # '+': every fleet
-    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
-    client_id: Mapped[str] = mapped_column(String(200))
+    client_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    group: Mapped[str] = mapped_column(String(64))
+    fleet: Mapped[str] = mapped_column(String(64))  # '+': every fleet
+    slot: Mapped[int] = mapped_column(Integer)
     host: Mapped[str] = mapped_column(String(200))
     pid: Mapped[int] = mapped_column(Integer)
+    token: Mapped[str] = mapped_column(String(32))  # this process, whatever its host and pid
     session_expiry_s: Mapped[int] = mapped_column(BigInteger)
+    heartbeat_s: Mapped[float] = mapped_column(Float)
     started_at: Mapped[datetime]
     seen_at: Mapped[datetime]  # its last heartbeat
     stopped_at: Mapped[datetime | None]  # a clean stop; None while it runs (or after a kill)
     last_batch_at: Mapped[datetime | None]
-    stored: Mapped[int] = mapped_column(Integer, default=0)  # samples, since it started
-    received: Mapped[int] = mapped_column(Integer, default=0)  # messages from the broker
+    stored: Mapped[int] = mapped_column(BigInteger, default=0)  # samples, since it started
+    received: Mapped[int] = mapped_column(BigInteger, default=0)  # messages from the broker
 
 
 class ModelVersion(Base):

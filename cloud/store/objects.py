@@ -132,7 +132,8 @@ class S3ObjectStore:
             try:
                 self.client.make_bucket(self.bucket)
             except S3Error as exc:  # two processes starting at once: the other made it
-                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                taken = exc.code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists")
+                if not taken or not self.client.bucket_exists(self.bucket):
                     raise
 
     def _call(self, fn, *args):

@@ -1,4 +1,4 @@
-"""Ingest members: each ingest process records its replica slot, MQTT client id and last
+"""Ingest members: each ingest process records its MQTT client id, replica slot and last
 batch (the broker keeps no list of a shared-subscription group's members)
 
 Revision ID: 20261201_0013
@@ -18,19 +18,21 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "ingest_members",
-        sa.Column("group", sa.String(64), primary_key=True),
-        sa.Column("fleet", sa.String(64), primary_key=True),
-        sa.Column("slot", sa.Integer, primary_key=True),
-        sa.Column("client_id", sa.String(200), nullable=False),
+        sa.Column("client_id", sa.String(200), primary_key=True),
+        sa.Column("group", sa.String(64), nullable=False),
+        sa.Column("fleet", sa.String(64), nullable=False),
+        sa.Column("slot", sa.Integer, nullable=False),
         sa.Column("host", sa.String(200), nullable=False),
         sa.Column("pid", sa.Integer, nullable=False),
+        sa.Column("token", sa.String(32), nullable=False),
         sa.Column("session_expiry_s", sa.BigInteger, nullable=False),
+        sa.Column("heartbeat_s", sa.Float, nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("stopped_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_batch_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("stored", sa.Integer, nullable=False, server_default="0"),
-        sa.Column("received", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("stored", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("received", sa.BigInteger, nullable=False, server_default="0"),
     )
 
 
