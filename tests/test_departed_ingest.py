@@ -383,3 +383,96 @@ def test_a_poison_message_queued_for_a_killed_ingest_is_dead_lettered_once(
         device.loop_stop()
         ingest.stop()
     assert count(DeadLetter) == 1 and count(DeadLetter, DeadLetter.reason == "too_deep") == 1
+
+
+# An ingest process that dies outright (as on a segfault in a native library, or the OOM
+# killer) while it handles a message marked "crash-me": the one fault no catch-all sees.
+CRASHING = (
+    "import os\n"
+    "from cloud.ingest.ingestor import Ingestor\n"
+    "handle = Ingestor.handle_batch\n"
+    "def dying(self, items):\n"
+    "    if any(b'crash-me' in payload for _, payload in items):\n"
+    "        os._exit(139)\n"
+    "    return handle(self, items)\n"
+    "Ingestor.handle_batch = dying\n"
+    "from shared.cli import main; main()\n"
+)
+
+
+def test_a_message_that_kills_the_ingest_is_dead_lettered_after_two_deaths(
+    spare_broker, pg_url, s3_store, fleet, tep_small, tmp_path
+):
+    """A message the ingest process dies on, between two valid samples. Restarted on its
+    slot each time it dies (compose's restart policy), it gets the message again from its
+    session: it died with it in hand once (in a batch: all three become suspects) and once
+    more alone; then it dead-letters it unread (crashed_ingest), stores the valid samples,
+    and stays up. Restarted once more, it never sees the message again. Before, it died
+    on every restart for as long as the session lasted."""
+    sessions = _fleet(pg_url, fleet, ["d1"])
+    env = {**_env(pg_url, s3_store, spare_broker.port), "EDGELOOP_INGEST_SESSION_EXPIRY_S": "60"}
+    health_port = _free_port()
+    args = [sys.executable, "-c", CRASHING, "cloud", "ingest", "--fleet", fleet,
+            "--group", f"g{fleet}", "--slot", "0", "--health-port", str(health_port)]  # fmt: skip
+
+    def connected() -> bool:
+        try:
+            url = f"http://{HOST}:{health_port}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return bool(json.loads(resp.read())["connected"])
+        except OSError:
+            return False
+
+    windows = _faults(tep_small)
+    device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"d-{uuid.uuid4().hex}")
+    device.connect(HOST, spare_broker.port)
+    device.loop_start()
+    samples = topic(fleet, "d1", "samples")
+
+    def count(model, *where) -> int:
+        with sessions() as s:
+            return s.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+    logs, deaths, proc = tmp_path / "ingest.log", [], None
+    try:
+        with logs.open("w") as out:
+
+            def start() -> subprocess.Popen:
+                return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+            proc = start()
+            wait_for(connected, 60, what="the ingest")
+            time.sleep(0.5)  # its subscription reaches the broker
+            for payload in (
+                sample_message(fleet, windows[0]).encode(),
+                sample_message(fleet, windows[1], predicted="crash-me").encode(),
+                sample_message(fleet, windows[2]).encode(),
+            ):
+                device.publish(samples, payload, qos=1).wait_for_publish(5)
+            # The supervisor: restart it whenever it dies, as compose would (five at most).
+            deadline = time.monotonic() + 120
+            while count(DeadLetter) == 0 or count(Sample) < 2:
+                assert time.monotonic() < deadline, f"deaths {deaths}:\n{logs.read_text()}"
+                if proc.poll() is not None:
+                    deaths.append(proc.returncode)
+                    assert len(deaths) <= 5, f"a restart loop:\n{logs.read_text()[-3000:]}"
+                    proc = start()
+                time.sleep(0.1)
+            time.sleep(1.0)  # its PUBACK reaches the broker
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            proc = start()
+            wait_for(connected, 60, what="the last restart")
+            time.sleep(0.5)
+            device.publish(samples, sample_message(fleet, windows[3]).encode(), qos=1)
+            wait_for(lambda: count(Sample) == 3, 20, what="the next sample")
+            time.sleep(1.0)
+            assert proc.poll() is None, logs.read_text()[-3000:]
+    finally:
+        device.loop_stop()
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    assert deaths == [139, 139]
+    assert count(DeadLetter) == 1 and count(DeadLetter, DeadLetter.reason == "crashed_ingest") == 1

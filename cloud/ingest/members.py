@@ -26,12 +26,15 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud.store.db import IngestMember
+from cloud.store.db import IngestMember, IngestSuspect
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 LEASE_BEATS = 3  # a member silent for this many of its heartbeats has departed
 STOPPED_SHOWN = timedelta(days=1)  # how long `fleet status` lists a cleanly stopped one
+# A payload in the batches of this many ingests that died is dead-lettered unread.
+CRASH_LIMIT = 2
+SUSPECT_FOR = timedelta(days=1)  # how long a crash counts against a payload
 
 
 def ingest_client_id(group: str, fleet: str, slot: int) -> str:
@@ -135,12 +138,31 @@ class Membership:
         }
         with self.sessions() as s:
             dialect = s.get_bind().dialect.name
-            stmt = (pg_insert if dialect == "postgresql" else sqlite_insert)(IngestMember)
-            stmt = stmt.values(**values)
+            insert = pg_insert if dialect == "postgresql" else sqlite_insert
+            before = s.get(IngestMember, self.client_id, with_for_update=True)
+            if before is not None and before.stopped_at is None and before.inflight:
+                # The last process under this client id died with a batch in hand: each of
+                # its payloads is a suspect once more (the broker redelivers them to us).
+                log.warning(
+                    "the last ingest on %s died handling %d message(s); each is handled "
+                    "alone now, and one it dies on %d times is dead-lettered unread",
+                    self.client_id, len(before.inflight), CRASH_LIMIT,
+                )  # fmt: skip
+                for sha in sorted(set(before.inflight)):
+                    up = insert(IngestSuspect).values(
+                        payload_sha256=sha, crashes=1, last_at=func.now()
+                    )
+                    s.execute(
+                        up.on_conflict_do_update(
+                            index_elements=["payload_sha256"],
+                            set_={"crashes": IngestSuspect.crashes + 1, "last_at": func.now()},
+                        )
+                    )
+            stmt = insert(IngestMember).values(**values, inflight=[])
             s.execute(
                 stmt.on_conflict_do_update(
                     index_elements=["client_id"],
-                    set_={k: stmt.excluded[k] for k in values if k != "client_id"},
+                    set_={k: stmt.excluded[k] for k in [*values, "inflight"] if k != "client_id"},
                 )
             )
             s.commit()
@@ -155,6 +177,22 @@ class Membership:
             n = s.execute(update(IngestMember).where(self._mine()).values(**values)).rowcount
             s.commit()
         return n == 1
+
+    def hold(self, hashes: list[str]) -> None:
+        """Record the payloads of the batch this process is about to handle ([]: none)."""
+        with self.sessions() as s:
+            s.execute(update(IngestMember).where(self._mine()).values(inflight=hashes))
+            s.commit()
+
+    def suspects(self) -> dict[str, int]:
+        """Payloads ingests died on in the last day, and how many times."""
+        with self.sessions() as s:
+            rows = s.execute(
+                select(IngestSuspect.payload_sha256, IngestSuspect.crashes).where(
+                    IngestSuspect.last_at > func.now() - SUSPECT_FOR
+                )
+            ).all()
+        return {sha: crashes for sha, crashes in rows}
 
     def release(self) -> None:
         """A clean stop: the client id is free at once."""

@@ -3,6 +3,7 @@ client), storing batches and publishing their acks."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 from paho.mqtt.client import MQTTv5, MQTTv311
 
 from cloud.ingest.ingestor import Ingestor
-from cloud.ingest.members import Membership
+from cloud.ingest.members import CRASH_LIMIT, Membership
 from cloud.ingest.outages import TRANSIENT
 from cloud.ingest.validate import Receipt
 from shared.errors import MessageError
@@ -111,11 +112,14 @@ class IngestService:
         self.client.on_unsubscribe = lambda *_: self._left.set()
         self.client.on_message = self._on_message
         self._beater = threading.Thread(target=self._beat, name="ingest-heartbeat", daemon=True)
+        self._suspects: dict[str, int] = {}  # payload sha256 → ingests that died on it
+        self._held: list[str] = []  # the payload hashes recorded as in hand
 
     def start(self) -> None:
         self.ingestor.warm_up()
         if self.membership is not None:
             self.membership.claim()
+            self._suspects = self.membership.suspects()
             self._beater.start()
         for worker in self._workers:
             worker.start()
@@ -192,6 +196,7 @@ class IngestService:
                 if not mine:  # Mosquitto 2.0 just closes a taken-over connection
                     self._give_up_slot("a later process claimed its slot")
                     return
+                self._suspects = self.membership.suspects()  # other replicas' deaths too
             except Exception as exc:  # noqa: BLE001 - the database may be down: not fatal
                 log.warning("ingest heartbeat not recorded: %s", exc)
 
@@ -236,6 +241,7 @@ class IngestService:
                 batch = [self._inbox.get(timeout=0.2)]
             except queue.Empty:
                 self._progress_at = time.monotonic()  # idle is not stuck
+                self._hold([])  # nothing in hand now
                 continue
             while len(batch) < self.max_batch:
                 try:
@@ -243,7 +249,7 @@ class IngestService:
                 except queue.Empty:
                     break
             try:
-                acks = self._store(batch)
+                acks = self._store_guarded(batch)
                 if acks is None:
                     return  # stopping: un-PUBACKed, so the broker delivers it again later
                 self._publish_acks(acks)
@@ -255,6 +261,58 @@ class IngestService:
             self.handled += len(batch)
             self.last_batch_at = time.time()
             self._progress_at = time.monotonic()
+
+    def _store_guarded(self, batch: list[tuple]) -> list[Receipt | None] | None:
+        """``_store`` with the batch's payload hashes recorded first (``Membership.hold``),
+        so a restart on this client id knows what its predecessor died on. A payload ingests
+        died on before is handled alone (a death then names it); one they died on
+        CRASH_LIMIT times is dead-lettered unread (``crashed_ingest``) and PUBACKed, so no
+        message restarts an ingest for ever (None: stopping)."""
+        if self.membership is None:
+            return self._store(batch)
+        try:
+            return self._store_held(batch)
+        except _Stopping:
+            return None  # un-PUBACKed: the broker delivers it again later
+
+    def _store_held(self, batch: list[tuple]) -> list[Receipt | None] | None:
+        assert self.membership is not None
+        hashes = [hashlib.sha256(p).hexdigest() for _, p, _, _ in batch]
+        receipts: list[Receipt | None] = [None] * len(batch)
+        plain: list[int] = []
+        alone: list[list[int]] = []
+        for i, sha in enumerate(hashes):
+            crashes = self._suspects.get(sha, 0)
+            if crashes >= CRASH_LIMIT:
+                error = MessageError(
+                    f"{crashes} ingest processes died handling this message; not read again",
+                    reason="crashed_ingest",
+                )
+                receipts[i] = self._give_up(batch[i][:2], error)
+            elif crashes:
+                alone.append([i])
+            else:
+                plain.append(i)
+        for group in [plain, *alone] if plain else alone:
+            self._retrying(lambda g=group: self._hold([hashes[i] for i in g], strict=True))
+            stored = self._store([batch[i] for i in group])
+            if stored is None:
+                return None
+            for i, receipt in zip(group, stored, strict=True):
+                receipts[i] = receipt
+        return receipts
+
+    def _hold(self, hashes: list[str], *, strict: bool = False) -> None:
+        """What this process has in hand, in its membership row (changes only)."""
+        if self.membership is None or hashes == self._held:
+            return
+        try:
+            self.membership.hold(hashes)
+            self._held = hashes
+        except Exception:
+            if strict:
+                raise
+            log.warning("could not record that this ingest holds no batch", exc_info=True)
 
     def _store(self, batch: list[tuple]) -> list[Receipt | None] | None:
         """Store a batch, retrying while the database or the store is unreachable. Any
@@ -280,11 +338,12 @@ class IngestService:
         return receipts
 
     def _give_up(self, item: tuple[str, bytes], exc: Exception) -> Receipt | None:
-        """Dead-letter a message that fails on its own (``internal_error``), retrying only
-        outages; if even that fails, count it and go on (it is PUBACKed either way)."""
-        error = MessageError(
+        """Dead-letter a message that fails on its own (``internal_error``, or the error
+        given), retrying only outages; if even that fails, count it and go on (it is
+        PUBACKed either way)."""
+        error = exc if isinstance(exc, MessageError) else MessageError(
             f"ingest failed on this message: {exc!r}"[:500], reason="internal_error"
-        )
+        )  # fmt: skip
         try:
             return self._retrying(lambda: self.ingestor.dead_letter(item[0], item[1], error))
         except _Stopping:

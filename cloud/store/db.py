@@ -178,6 +178,19 @@ class IngestMember(Base):
     last_batch_at: Mapped[datetime | None]
     stored: Mapped[int] = mapped_column(BigInteger, default=0)  # samples, since it started
     received: Mapped[int] = mapped_column(BigInteger, default=0)  # messages from the broker
+    # sha256 of each payload of the batch it is handling now: what it was on when it died.
+    inflight: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class IngestSuspect(Base):
+    """A payload that was in the batch of an ingest that died (cloud.ingest.members): how
+    many times. Past CRASH_LIMIT it is dead-lettered unread, never handled again."""
+
+    __tablename__ = "ingest_suspects"
+
+    payload_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    crashes: Mapped[int] = mapped_column(Integer)
+    last_at: Mapped[datetime]
 
 
 class ModelVersion(Base):

@@ -1,5 +1,6 @@
 """Ingest members: each ingest process records its MQTT client id, replica slot and last
-batch (the broker keeps no list of a shared-subscription group's members)
+batch (the broker keeps no list of a shared-subscription group's members), and the payloads
+an ingest died on (ingest_suspects)
 
 Revision ID: 20261201_0013
 Revises: 20261201_0012
@@ -33,8 +34,16 @@ def upgrade() -> None:
         sa.Column("last_batch_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("stored", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("received", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("inflight", sa.JSON, nullable=False, server_default="[]"),
+    )
+    op.create_table(
+        "ingest_suspects",
+        sa.Column("payload_sha256", sa.String(64), primary_key=True),
+        sa.Column("crashes", sa.Integer, nullable=False),
+        sa.Column("last_at", sa.DateTime(timezone=True), nullable=False),
     )
 
 
 def downgrade() -> None:
+    op.drop_table("ingest_suspects")
     op.drop_table("ingest_members")
