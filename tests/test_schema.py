@@ -24,6 +24,7 @@ TABLES = {
     "fleets",
     "ingest_buckets",
     "ingest_members",
+    "ingest_suspects",
 }
 
 
