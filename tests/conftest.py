@@ -329,6 +329,23 @@ def celery_env(pg_url, store, mlflow_uri, fleet, **extra) -> dict:
     }
 
 
+def healthz(port: int) -> dict:
+    """What an ingest's /healthz on ``port`` says (``edgeloop cloud ingest --health-port``)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=2) as resp:
+        return json.loads(resp.read())
+
+
+def ingest_connected(port: int) -> bool:
+    """Whether the ingest serving /healthz on ``port`` is up and connected to its broker."""
+    try:
+        return bool(healthz(port)["connected"])
+    except OSError:
+        return False
+
+
 def wait_for(predicate, timeout=30.0, tick=None, what="condition"):
     import time
 

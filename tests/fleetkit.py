@@ -14,6 +14,7 @@ import torch
 from cloud.store.db import ModelVersion
 from cloud.store.keys import package_key
 from cloud.store.records import find_version
+from cloud.store.windows import content_sha256
 from shared.errors import EdgeloopError
 from shared.package import ModelPackage, model_name
 
@@ -86,17 +87,28 @@ def register_package(*, sessions, store, registry, fleet: str, package: bytes) -
 
 
 class Feeder:
-    """Feeds each agent real windows (cycling through ``windows``) on a thread, and ticks
-    it (resends, heartbeats), until stopped: a plant that keeps running."""
+    """Feeds each agent real windows (cycling through ``windows``; with ``noise``, each one
+    made unique by Gaussian noise of that spread) on a thread, and ticks it (resends,
+    heartbeats), until stopped: a plant that keeps running. ``sent`` maps the message id of
+    each window an agent selected to its device and the window's content hash."""
 
-    def __init__(self, agents, windows: np.ndarray, *, period_s: float = 0.02) -> None:
+    def __init__(
+        self, agents, windows: np.ndarray, *, period_s: float = 0.02, noise: float = 0.0
+    ) -> None:
         self.agents, self.windows, self.period_s = agents, windows, period_s
+        self.noise, self.rng = noise, np.random.default_rng(16)
+        self.sent: dict[str, tuple[str, str]] = {}
         self.stop_event = threading.Event()
+        self.quiet_event = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> Feeder:
         self.thread.start()
         return self
+
+    def quiet(self) -> None:
+        """No new windows from now on; the agents only tick (re-send until acked)."""
+        self.quiet_event.set()
 
     def _run(self) -> None:
         i = 0
@@ -104,9 +116,15 @@ class Feeder:
             for agent in self.agents:
                 # A model that fails on real windows is what some tests want: the agent
                 # rolls it back and reports; the plant goes on.
-                if agent.runtime is not None:
+                if agent.runtime is not None and not self.quiet_event.is_set():
+                    w = self.windows[i % len(self.windows)]
+                    if self.noise:
+                        w = (w + self.rng.normal(0, self.noise, w.shape)).astype("f4")
                     with contextlib.suppress(EdgeloopError):
-                        agent.process(self.windows[i % len(self.windows)])
+                        _, upload = agent.process(w)
+                        if upload is not None:
+                            self.sent[str(upload.message_id)] = (
+                                agent.settings.device_id, content_sha256(w))  # fmt: skip
                 agent.tick()
             i += 1
             self.stop_event.wait(self.period_s)

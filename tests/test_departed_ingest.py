@@ -11,15 +11,11 @@ from PostgreSQL and the objects in S3, by message id and content hash.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 import uuid
 
 import numpy as np
@@ -32,12 +28,20 @@ from cloud.ingest.members import Membership
 from cloud.ingest.service import IngestService
 from cloud.store.db import DeadLetter, IngestMember, Sample, session_factory
 from cloud.store.records import register_device
-from cloud.store.windows import content_sha256
 from shared.errors import ConfigError
 from shared.topics import topic
 
 from .chaos.kit import account
-from .conftest import HOST, S3_KEY, S3_PORT, S3_SECRET, make_agent, sample_message, wait_for
+from .conftest import (
+    HOST,
+    celery_env,
+    healthz,
+    ingest_connected,
+    make_agent,
+    sample_message,
+    wait_for,
+)
+from .fleetkit import Feeder
 from .proxy import TcpProxy
 
 EXPIRY_S = 3  # EDGELOOP_INGEST_SESSION_EXPIRY_S in these tests (the product's default: 30)
@@ -70,17 +74,12 @@ class IngestProc:
         time.sleep(0.5)  # its subscription (sent on connect) reaches the broker
 
     def health(self) -> dict:
-        url = f"http://{HOST}:{self.health_port}/healthz"
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return json.loads(resp.read())
+        return healthz(self.health_port)
 
     def connected(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"ingest exited: {self.proc.stderr.read().decode()[-3000:]}")
-        try:
-            return bool(self.health()["connected"])
-        except OSError:
-            return False
+        return ingest_connected(self.health_port)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -92,48 +91,6 @@ class IngestProc:
         return self.proc.wait(30)
 
 
-class Feeder:
-    """Real agents, each selecting a fresh fault window every ``period_s`` and ticking
-    (their re-sends); ``sent`` maps each message id to its device and window hash."""
-
-    def __init__(self, agents, windows: np.ndarray, period_s: float = 0.1) -> None:
-        self.agents, self.windows, self.period_s = agents, windows, period_s
-        self.sent: dict[str, tuple[str, str]] = {}
-        self.rng = np.random.default_rng(16)
-        self._stop = threading.Event()
-        self._ticking = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Feeder:
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            for agent in self.agents:
-                if not self._ticking.is_set():
-                    w = self.windows[i % len(self.windows)]
-                    w = (w + self.rng.normal(0, 1e-3, w.shape)).astype("f4")
-                    _, upload = agent.process(w)
-                    if upload is not None:
-                        self.sent[str(upload.message_id)] = (
-                            agent.settings.device_id,
-                            content_sha256(w),
-                        )
-                    i += 1
-                agent.tick()
-            self._stop.wait(self.period_s)
-
-    def quiet(self) -> None:
-        """No new windows; the agents only re-send until everything is acked."""
-        self._ticking.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(10)
-
-
 def _fleet(pg_url, fleet, devices):
     sessions = session_factory(pg_url)
     with sessions() as s:
@@ -142,19 +99,10 @@ def _fleet(pg_url, fleet, devices):
     return sessions
 
 
-def _env(pg_url, s3_store, port) -> dict:
-    return {
-        **os.environ,
-        "EDGELOOP_DATABASE_URL": pg_url,
-        "EDGELOOP_STORE": "s3",
-        "EDGELOOP_S3_ENDPOINT": f"{HOST}:{S3_PORT}",
-        "EDGELOOP_S3_ACCESS_KEY": S3_KEY,
-        "EDGELOOP_S3_SECRET_KEY": S3_SECRET,
-        "EDGELOOP_S3_BUCKET": s3_store.bucket,
-        "EDGELOOP_MQTT_PORT": str(port),
-        "EDGELOOP_INGEST_SESSION_EXPIRY_S": str(EXPIRY_S),
-        "EDGELOOP_INGEST_HEARTBEAT_S": "0.5",
-    }
+def _env(pg_url, s3_store, fleet, port, expiry_s: int = EXPIRY_S) -> dict:
+    return celery_env(pg_url, s3_store, "", fleet, EDGELOOP_MQTT_PORT=str(port),
+                      EDGELOOP_INGEST_SESSION_EXPIRY_S=str(expiry_s),
+                      EDGELOOP_INGEST_HEARTBEAT_S="0.5")  # fmt: skip
 
 
 def _faults(tep_small) -> np.ndarray:
@@ -194,11 +142,11 @@ def test_a_killed_ingest_that_never_returns_stops_taking_samples(
     of the kill), a plain publisher that never re-sends loses nothing."""
     devices = ["d1", "d2", "d3"]
     sessions = _fleet(pg_url, fleet, [*devices, "plain"])
-    env = _env(pg_url, s3_store, spare_broker.port)
+    env = _env(pg_url, s3_store, fleet, spare_broker.port)
     stay, going = IngestProc(env, fleet, slot=0), IngestProc(env, fleet, slot=1)
     agents = [make_agent(tmp_path, fleet, spare_broker.port, tiny_package[0], device=d,
                          resend_after_s=RESEND_S) for d in devices]  # fmt: skip
-    feeder = Feeder(agents, _faults(tep_small)).start()
+    feeder = Feeder(agents, _faults(tep_small), period_s=0.1, noise=1e-3).start()
     try:
         wait_for(lambda: going.health()["stored"] >= 5, 30, what="both ingests storing")
         before_kill = set(feeder.sent)
@@ -260,11 +208,11 @@ def test_an_ingest_recreated_three_times_under_new_client_ids_delays_nothing(
     sample is stored once, none later than BOUND_S after capture."""
     devices = ["d1", "d2"]
     sessions = _fleet(pg_url, fleet, devices)
-    env = _env(pg_url, s3_store, spare_broker.port)
+    env = _env(pg_url, s3_store, fleet, spare_broker.port)
     stay = IngestProc(env, fleet, slot=0)
     agents = [make_agent(tmp_path, fleet, spare_broker.port, tiny_package[0], device=d,
                          resend_after_s=RESEND_S) for d in devices]  # fmt: skip
-    feeder = Feeder(agents, _faults(tep_small)).start()
+    feeder = Feeder(agents, _faults(tep_small), period_s=0.1, noise=1e-3).start()
     codes = []
     try:
         for k in range(4):
@@ -347,7 +295,7 @@ def test_a_poison_message_queued_for_a_killed_ingest_is_dead_lettered_once(
     id) dead-letters it once (too_deep), stores the two samples and stays alive; SIGKILLed
     and restarted again, it never sees the poison again and the next sample lands."""
     sessions = _fleet(pg_url, fleet, ["d1"])
-    env = {**_env(pg_url, s3_store, spare_broker.port), "EDGELOOP_INGEST_SESSION_EXPIRY_S": "60"}
+    env = _env(pg_url, s3_store, fleet, spare_broker.port, expiry_s=60)
     windows = _faults(tep_small)
     samples = topic(fleet, "d1", "samples")
     device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"d-{uuid.uuid4().hex}")
@@ -410,18 +358,10 @@ def test_a_message_that_kills_the_ingest_is_dead_lettered_after_two_deaths(
     and stays up. Restarted once more, it never sees the message again. Before, it died
     on every restart for as long as the session lasted."""
     sessions = _fleet(pg_url, fleet, ["d1"])
-    env = {**_env(pg_url, s3_store, spare_broker.port), "EDGELOOP_INGEST_SESSION_EXPIRY_S": "60"}
+    env = _env(pg_url, s3_store, fleet, spare_broker.port, expiry_s=60)
     health_port = _free_port()
     args = [sys.executable, "-c", CRASHING, "cloud", "ingest", "--fleet", fleet,
             "--group", f"g{fleet}", "--slot", "0", "--health-port", str(health_port)]  # fmt: skip
-
-    def connected() -> bool:
-        try:
-            url = f"http://{HOST}:{health_port}/healthz"
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return bool(json.loads(resp.read())["connected"])
-        except OSError:
-            return False
 
     windows = _faults(tep_small)
     device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"d-{uuid.uuid4().hex}")
@@ -441,7 +381,7 @@ def test_a_message_that_kills_the_ingest_is_dead_lettered_after_two_deaths(
                 return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
 
             proc = start()
-            wait_for(connected, 60, what="the ingest")
+            wait_for(lambda: ingest_connected(health_port), 60, what="the ingest")
             time.sleep(0.5)  # its subscription reaches the broker
             for payload in (
                 sample_message(fleet, windows[0]).encode(),
@@ -463,7 +403,7 @@ def test_a_message_that_kills_the_ingest_is_dead_lettered_after_two_deaths(
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             proc = start()
-            wait_for(connected, 60, what="the last restart")
+            wait_for(lambda: ingest_connected(health_port), 60, what="the last restart")
             time.sleep(0.5)
             device.publish(samples, sample_message(fleet, windows[3]).encode(), qos=1)
             wait_for(lambda: count(Sample) == 3, 20, what="the next sample")

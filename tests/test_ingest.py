@@ -27,6 +27,7 @@ from .conftest import (
     S3_KEY,
     S3_PORT,
     S3_SECRET,
+    ingest_connected,
     make_agent,
     sample_message,
     wait_for,
@@ -392,13 +393,11 @@ def test_ingest_killed_mid_stream_stores_everything_once(
     """Devices publish a stream QoS 1 (no device-side resend here); the ingest is killed
     with SIGKILL in the middle and restarted under the same client id: every message ends
     up stored exactly once."""
-    import json
     import os
     import signal
     import socket
     import subprocess
     import sys
-    import urllib.request
 
     import paho.mqtt.client as mqtt
 
@@ -436,18 +435,10 @@ def test_ingest_killed_mid_stream_stores_everything_once(
         str(health_port := free_port()),
     ]
 
-    def connected() -> bool:
-        try:
-            url = f"http://{HOST}:{health_port}/healthz"
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return bool(json.loads(resp.read())["connected"])
-        except OSError:
-            return False
-
     def start():
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Connected by its /healthz, not after a fixed wait: a loaded machine took longer.
-        wait_for(connected, 60, what="the ingest to connect")
+        wait_for(lambda: ingest_connected(health_port), 60, what="the ingest to connect")
         time.sleep(0.5)  # its subscription (sent on connect) reaches the broker
         return proc
 
