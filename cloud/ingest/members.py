@@ -189,7 +189,7 @@ class Membership:
         with self.sessions() as s:
             rows = s.execute(
                 select(IngestSuspect.payload_sha256, IngestSuspect.crashes).where(
-                    IngestSuspect.last_at > func.now() - SUSPECT_FOR
+                    IngestSuspect.last_at > datetime.now(UTC) - SUSPECT_FOR
                 )
             ).all()
         return {sha: crashes for sha, crashes in rows}

@@ -41,10 +41,9 @@ class IngestService:
     it gets what a killed process had not PUBACKed, and past it the session and its share
     of the group are gone (devices re-send; docs/ingest-sessions.md). ``stop()`` leaves the
     group before it disconnects. When the store or the database is down, the batch is
-    retried with backoff
-    (capped at 5 s) until it goes through: nothing is acked meanwhile, the broker holds
-    back further messages once its in-flight window is full, and everything flows again
-    when the store is back.
+    retried with backoff (capped at 5 s) until it goes through: nothing is acked meanwhile,
+    the broker holds back further messages once its in-flight window is full, and
+    everything flows again when the store is back.
 
     No message stops a worker: whatever a batch raises, its messages are stored one by one
     and the one that fails is dead-lettered (``internal_error``) and PUBACKed, so no session
@@ -303,16 +302,19 @@ class IngestService:
         return receipts
 
     def _hold(self, hashes: list[str], *, strict: bool = False) -> None:
-        """What this process has in hand, in its membership row (changes only)."""
+        """What this process has in hand, in its membership row (changes only). An outage
+        is raised when ``strict`` (the batch waits for the record); any other failure costs
+        only the record: the batch is stored all the same."""
         if self.membership is None or hashes == self._held:
             return
         try:
             self.membership.hold(hashes)
             self._held = hashes
-        except Exception:
+        except TRANSIENT:
             if strict:
                 raise
-            log.warning("could not record that this ingest holds no batch", exc_info=True)
+        except Exception:  # noqa: BLE001 - storing the batch matters more than the record
+            log.warning("could not record the batch this ingest holds", exc_info=True)
 
     def _store(self, batch: list[tuple]) -> list[Receipt | None] | None:
         """Store a batch, retrying while the database or the store is unreachable. Any
