@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -193,6 +193,12 @@ class Membership:
                 )
             ).all()
         return {sha: crashes for sha, crashes in rows}
+
+    def acquit(self, sha: str) -> None:
+        """A suspect went through alone: the deaths it was counted in were others'."""
+        with self.sessions() as s:
+            s.execute(delete(IngestSuspect).where(IngestSuspect.payload_sha256 == sha))
+            s.commit()
 
     def release(self) -> None:
         """A clean stop: the client id is free at once."""

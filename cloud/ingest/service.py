@@ -264,9 +264,10 @@ class IngestService:
     def _store_guarded(self, batch: list[tuple]) -> list[Receipt | None] | None:
         """``_store`` with the batch's payload hashes recorded first (``Membership.hold``),
         so a restart on this client id knows what its predecessor died on. A payload ingests
-        died on before is handled alone (a death then names it); one they died on
-        CRASH_LIMIT times is dead-lettered unread (``crashed_ingest``) and PUBACKed, so no
-        message restarts an ingest for ever (None: stopping)."""
+        died on before is handled alone (a death then names it) and cleared if it goes
+        through; one they died on CRASH_LIMIT times is dead-lettered unread
+        (``crashed_ingest``) and PUBACKed, so no message restarts an ingest for ever
+        (None: stopping)."""
         if self.membership is None:
             return self._store(batch)
         try:
@@ -299,7 +300,17 @@ class IngestService:
                 return None
             for i, receipt in zip(group, stored, strict=True):
                 receipts[i] = receipt
+            if group is not plain:  # handled alone and survived: it did not kill anyone
+                self._acquit(hashes[group[0]])
         return receipts
+
+    def _acquit(self, sha: str) -> None:
+        self._suspects.pop(sha, None)
+        try:
+            assert self.membership is not None
+            self.membership.acquit(sha)
+        except Exception:  # noqa: BLE001 - it stays a suspect, handled alone: no harm
+            log.warning("could not clear suspect %s", sha[:12], exc_info=True)
 
     def _hold(self, hashes: list[str], *, strict: bool = False) -> None:
         """What this process has in hand, in its membership row (changes only). An outage
