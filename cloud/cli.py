@@ -150,6 +150,7 @@ def ingest(
     # A dead or stuck worker: leave the group and exit non-zero, for the restart policy
     # (a process that stays subscribed would keep taking its share of the traffic).
     unwell_since: float | None = None
+    unwell = False
     while not stop.wait(0.5) and not service.taken_over.is_set():
         if service.health()["alive"]:
             unwell_since = None
@@ -158,6 +159,7 @@ def ingest(
         elif time.monotonic() - unwell_since > UNWELL_EXIT_S:
             log.error("ingest not alive for %.0f s (%s); stopping", UNWELL_EXIT_S,
                       service.health())  # fmt: skip
+            unwell = True
             break
     service.stop()
     if health is not None:
@@ -169,7 +171,7 @@ def ingest(
         c.duplicates,
         c.dead_letters,
     )
-    if service.taken_over.is_set() or unwell_since is not None:
+    if service.taken_over.is_set() or unwell:
         raise typer.Exit(1)
 
 

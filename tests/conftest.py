@@ -339,9 +339,10 @@ def healthz(port: int) -> dict:
 
 
 def ingest_connected(port: int) -> bool:
-    """Whether the ingest serving /healthz on ``port`` is up and connected to its broker."""
+    """Whether the ingest serving /healthz on ``port`` is up and subscribed at its broker
+    (the broker confirmed the subscription: it hands the ingest its share from now on)."""
     try:
-        return bool(healthz(port)["connected"])
+        return bool(healthz(port)["subscribed"])
     except OSError:
         return False
 

@@ -88,7 +88,8 @@ def record_dead_letter(
             )
             session.commit()
     log.info("dead letter from %s/%s: %s", fleet, device, exc)
-    message_id = peek_message_id(payload)
+    # A payload ingests died on is never parsed again: its id by pattern only.
+    message_id = peek_message_id(payload, parse=reason != "crashed_ingest")
     if fleet and device and message_id and reason not in NO_ACK:
         return Receipt(fleet, device, message_id, "rejected", reason)
     return None

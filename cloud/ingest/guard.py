@@ -56,11 +56,14 @@ def check_payload(raw: bytes, *, limit: int = MAX_MESSAGE_BYTES) -> None:
         )
 
 
-def peek_message_id(payload: bytes) -> uuid.UUID | None:
-    """The message id a payload claims, or None; never raises. Parsed only when the payload
-    passes check_payload, else read by a pattern from its first PEEK_BYTES."""
+def peek_message_id(payload: bytes, *, parse: bool = True) -> uuid.UUID | None:
+    """The message id a payload claims, or None; never raises. Parsed only when ``parse``
+    and the payload passes check_payload, else read by a pattern from its first
+    PEEK_BYTES."""
     try:
         try:
+            if not parse:
+                raise MessageError("not to be parsed", reason="unread")
             check_payload(payload)
         except MessageError:
             found = _MESSAGE_ID.search(payload[:PEEK_BYTES])

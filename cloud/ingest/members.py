@@ -32,7 +32,7 @@ from shared.errors import ConfigError
 log = logging.getLogger(__name__)
 LEASE_BEATS = 3  # a member silent for this many of its heartbeats has departed
 STOPPED_SHOWN = timedelta(days=1)  # how long `fleet status` lists a cleanly stopped one
-# A payload in the batches of this many ingests that died is dead-lettered unread.
+# A payload this many ingests died on while handling it alone is dead-lettered unread.
 CRASH_LIMIT = 2
 SUSPECT_FOR = timedelta(days=1)  # how long a crash counts against a payload
 
@@ -141,21 +141,27 @@ class Membership:
             insert = pg_insert if dialect == "postgresql" else sqlite_insert
             before = s.get(IngestMember, self.client_id, with_for_update=True)
             if before is not None and before.stopped_at is None and before.inflight:
-                # The last process under this client id died with a batch in hand: each of
-                # its payloads is a suspect once more (the broker redelivers them to us).
+                # The last process under this client id went with a batch in hand. Alone,
+                # that payload is what it died on: one more death against it. In a batch,
+                # each becomes a suspect, handled alone from now on so a death names it.
+                in_hand = sorted(set(before.inflight))
+                alone = int(len(in_hand) == 1)
                 log.warning(
-                    "the last ingest on %s died handling %d message(s); each is handled "
-                    "alone now, and one it dies on %d times is dead-lettered unread",
-                    self.client_id, len(before.inflight), CRASH_LIMIT,
+                    "the last ingest on %s went handling %d message(s); %s",
+                    self.client_id, len(in_hand),
+                    "one more death against it" if alone else "each handled alone now",
                 )  # fmt: skip
-                for sha in sorted(set(before.inflight)):
+                for sha in in_hand:
                     up = insert(IngestSuspect).values(
-                        payload_sha256=sha, crashes=1, last_at=func.now()
+                        payload_sha256=sha, crashes=alone, last_at=func.now()
                     )
                     s.execute(
                         up.on_conflict_do_update(
                             index_elements=["payload_sha256"],
-                            set_={"crashes": IngestSuspect.crashes + 1, "last_at": func.now()},
+                            set_={
+                                "crashes": IngestSuspect.crashes + alone,
+                                "last_at": func.now(),
+                            },
                         )
                     )
             stmt = insert(IngestMember).values(**values, inflight=[])
@@ -201,12 +207,12 @@ class Membership:
             s.commit()
 
     def release(self) -> None:
-        """A clean stop: the client id is free at once."""
+        """A clean stop: the client id is free at once, nothing in hand."""
         with self.sessions() as s:
             s.execute(
                 update(IngestMember)
                 .where(self._mine())
-                .values(stopped_at=func.now(), seen_at=func.now())
+                .values(stopped_at=func.now(), seen_at=func.now(), inflight=[])
             )
             s.commit()
 

@@ -16,9 +16,8 @@ from paho.mqtt.client import MQTTv5, MQTTv311
 from cloud.ingest.ingestor import Ingestor
 from cloud.ingest.members import CRASH_LIMIT, Membership
 from cloud.ingest.outages import TRANSIENT
-from cloud.ingest.validate import Receipt
+from cloud.ingest.validate import Receipt, grouped_acks
 from shared.errors import MessageError
-from shared.messages import Ack
 from shared.mqtt import MqttOptions, connect_async, make_client
 from shared.topics import UPLINK_KINDS, subscription, topic
 
@@ -89,6 +88,8 @@ class IngestService:
             threading.Thread(target=self._work, name=f"ingest-worker-{i}", daemon=True)
             for i in range(workers)
         ]
+        if membership is not None and workers != 1:
+            raise ValueError("an ingest recording what it holds (membership) runs one worker")
         self.options = options or MqttOptions(host=host, port=port)
         # MQTT v5: the broker keeps this client id's session (and, in the group, its share
         # of the messages) session_expiry_s after the connection drops, never longer.
@@ -110,6 +111,8 @@ class IngestService:
         self._left = threading.Event()  # the broker confirmed the unsubscribe of stop()
         self.client.on_unsubscribe = lambda *_: self._left.set()
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.subscribed = threading.Event()
         self._beater = threading.Thread(target=self._beat, name="ingest-heartbeat", daemon=True)
         self._suspects: dict[str, int] = {}  # payload sha256 → ingests that died on it
         self._held: list[str] = []  # the payload hashes recorded as in hand
@@ -150,7 +153,9 @@ class IngestService:
         self.client.loop_stop()
         if not any(worker.is_alive() for worker in self._workers):
             self.ingestor.close()  # a worker still in a batch may yet write through it
-        if self.membership is not None:
+        if self.membership is not None and not any(w.is_alive() for w in self._workers):
+            # Only a clean stop releases: a worker stuck on a message leaves its row (and
+            # what it holds) for the next process on this client id to count.
             self._beater.join(timeout=10)
             try:
                 self.membership.release()
@@ -163,6 +168,9 @@ class IngestService:
             return
         client.subscribe([(s, 1) for s in self.subscriptions])
         self.ready.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self.subscribed.set()  # the broker hands this process its share from now on
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
@@ -222,6 +230,7 @@ class IngestService:
             "workers_alive": alive_workers,
             "stuck_s": round(idle_s, 1) if stuck else 0.0,
             "connected": self.client.is_connected(),
+            "subscribed": self.subscribed.is_set() and self.client.is_connected(),
             "waiting": waiting,
             "last_batch_at": self.last_batch_at,
             "started_at": self.started_at,
@@ -252,6 +261,8 @@ class IngestService:
                 if acks is None:
                     return  # stopping: un-PUBACKed, so the broker delivers it again later
                 self._publish_acks(acks)
+            except _Stopping:
+                return  # stopping in an outage: un-PUBACKed, delivered again later
             except Exception:  # noqa: BLE001 - the last resort: a worker never dies
                 log.exception("batch of %d failed beyond dead-lettering; PUBACKed", len(batch))
                 self.poison += len(batch)
@@ -260,6 +271,8 @@ class IngestService:
             self.handled += len(batch)
             self.last_batch_at = time.time()
             self._progress_at = time.monotonic()
+            if self._inbox.empty():
+                self._hold([])  # PUBACKed: no longer in hand
 
     def _store_guarded(self, batch: list[tuple]) -> list[Receipt | None] | None:
         """``_store`` with the batch's payload hashes recorded first (``Membership.hold``),
@@ -282,14 +295,14 @@ class IngestService:
         plain: list[int] = []
         alone: list[list[int]] = []
         for i, sha in enumerate(hashes):
-            crashes = self._suspects.get(sha, 0)
-            if crashes >= CRASH_LIMIT:
+            crashes = self._suspects.get(sha)  # None: not a suspect
+            if crashes is not None and crashes >= CRASH_LIMIT:
                 error = MessageError(
                     f"{crashes} ingest processes died handling this message; not read again",
                     reason="crashed_ingest",
                 )
                 receipts[i] = self._give_up(batch[i][:2], error)
-            elif crashes:
+            elif crashes is not None:
                 alone.append([i])
             else:
                 plain.append(i)
@@ -382,19 +395,5 @@ class IngestService:
                 delay = min(delay * 2, 5.0)
 
     def _publish_acks(self, receipts: list[Receipt | None]) -> None:
-        """One ack message per device and outcome, listing every message id it covers."""
-        grouped: dict[tuple, list[uuid.UUID]] = {}
-        for r in receipts:
-            if r is not None:
-                key = (r.fleet, r.device_id, r.status, r.reason, r.retry_after_s)
-                grouped.setdefault(key, []).append(r.message_id)
-        for (fleet, device, status, reason, retry_after_s), ids in grouped.items():
-            ack = Ack(
-                fleet=fleet,
-                device_id=device,
-                acked_ids=tuple(ids),
-                status=status,
-                reason=reason,
-                retry_after_s=retry_after_s,
-            )
-            self.client.publish(topic(fleet, device, "acks"), ack.encode(), qos=1)
+        for ack in grouped_acks(receipts):
+            self.client.publish(topic(ack.fleet, ack.device_id, "acks"), ack.encode(), qos=1)

@@ -47,6 +47,20 @@ class Receipt(NamedTuple):
         )
 
 
+def grouped_acks(receipts: list[Receipt | None]) -> list[Ack]:
+    """One ack per device and outcome, listing every message id it covers."""
+    grouped: dict[tuple, list[uuid.UUID]] = {}
+    for r in receipts:
+        if r is not None:
+            key = (r.fleet, r.device_id, r.status, r.reason, r.retry_after_s)
+            grouped.setdefault(key, []).append(r.message_id)
+    return [
+        Ack(fleet=fleet, device_id=device, acked_ids=tuple(ids), status=status, reason=reason,
+            retry_after_s=retry_after_s)
+        for (fleet, device, status, reason, retry_after_s), ids in grouped.items()
+    ]  # fmt: skip
+
+
 # A device buffers for days offline, so old is fine up to a limit; the future is not.
 MAX_AGE = timedelta(days=30)
 MAX_CLOCK_SKEW = timedelta(minutes=5)

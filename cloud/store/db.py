@@ -183,8 +183,9 @@ class IngestMember(Base):
 
 
 class IngestSuspect(Base):
-    """A payload that was in the batch of an ingest that died (cloud.ingest.members): how
-    many times. Past CRASH_LIMIT it is dead-lettered unread, never handled again."""
+    """A payload that was in hand when an ingest died (cloud.ingest.members): handled alone
+    from then on, and ``crashes`` counts the deaths while it was alone. At CRASH_LIMIT it
+    is dead-lettered unread, never handled again."""
 
     __tablename__ = "ingest_suspects"
 
