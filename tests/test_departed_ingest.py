@@ -47,9 +47,10 @@ from .proxy import TcpProxy
 
 EXPIRY_S = 3  # EDGELOOP_INGEST_SESSION_EXPIRY_S in these tests (the product's default: 30)
 RESEND_S = 2.0  # the agents' resend_after_s (the product's default: 10)
-# Mosquitto looks for expired sessions about once a second; then one batch through S3 and
-# PostgreSQL on a loaded two-core machine.
-SLACK_S = 4.0
+# Mosquitto looks for expired sessions about once a second; then the agent's commit and one
+# batch through S3 and PostgreSQL on a loaded two-core machine (8.3 s was seen in all with
+# two test suites sharing the cores).
+SLACK_S = 5.0
 BOUND_S = EXPIRY_S + RESEND_S + SLACK_S
 CLI = [sys.executable, "-c", "from shared.cli import main; main()"]
 
