@@ -124,6 +124,34 @@ def add_round(s, fleet: str, version: str, *, state: str = "done", **output: lis
     return row
 
 
+def add_dead_letter(
+    s,
+    store: ObjectStore,
+    fleet: str | None,
+    key: str,
+    *,
+    days: float,
+    detail: str = "",
+    size: int = 100,
+) -> None:
+    """A dead letter received ``days`` ago whose payload (``size`` bytes) is at ``key``."""
+    store.put(key, b"x" * size)
+    s.add(DeadLetter(fleet=fleet, device_id="d1", topic="t", reason="bad_json", detail=detail,
+                     payload_key=key, received_at=ago(days)))  # fmt: skip
+
+
+def add_rollout(s, fleet: str, target, device: str, *, base: str, state: str) -> Rollout:
+    """A rollout to ``target`` (a ModelVersion) in its wave, with ``device``'s update from
+    ``base`` by delta in ``state``."""
+    rollout = Rollout(model_version_id=target.id, fleet=fleet, profile=PROFILE, state="wave",
+                      target_version=target.version)  # fmt: skip
+    s.add(rollout)
+    s.flush()
+    s.add(DeviceUpdate(rollout_id=rollout.id, device_id=device, target_version=target.version,
+                       base_version=base, state=state, payload="delta"))  # fmt: skip
+    return rollout
+
+
 def setup_fleet(s, fleet: str, **settings: object) -> None:
     s.add(Fleet(id=fleet, classes=["normal", "idv_01"], settings=dict(settings)))
     s.add(Device(id=f"{fleet}-d1", fleet=fleet, profile=PROFILE))
@@ -308,39 +336,10 @@ def test_dead_letters_and_cached_deltas_expire_unless_a_rollout_in_flight_uses_t
     with sessions() as s:
         setup_fleet(s, fleet)
         for name, (f, days) in letters.items():
-            key = f"dead-letters/{name}-{fleet}.bin"
-            s3_store.put(key, b"x" * 100)
-            s.add(
-                DeadLetter(
-                    fleet=f,
-                    device_id="d1",
-                    topic="t",
-                    reason="bad_json",
-                    detail=name,
-                    payload_key=key,
-                    received_at=ago(days),
-                )
-            )
+            add_dead_letter(s, s3_store, f, f"dead-letters/{name}-{fleet}.bin", days=days,
+                            detail=name)  # fmt: skip
         v = {n: add_version(s, fleet, n, parent=None, sha=n * 32) for n in ("v1", "v2", "v3")}
-        rollout = Rollout(
-            model_version_id=v["v3"].id,
-            fleet=fleet,
-            profile=PROFILE,
-            state="wave",
-            target_version="v3",
-        )
-        s.add(rollout)
-        s.flush()
-        s.add(
-            DeviceUpdate(
-                rollout_id=rollout.id,
-                device_id=f"{fleet}-d1",
-                target_version="v3",
-                base_version="v2",
-                state="sent",
-                payload="delta",
-            )
-        )
+        add_rollout(s, fleet, v["v3"], f"{fleet}-d1", base="v2", state="sent")
         pairs = {"v1>v2": 40, "v2>v3": 40, "v1>v3": 5, "none>v2": 40}
         for pair, days in pairs.items():
             base, target = pair.split(">")
@@ -468,25 +467,7 @@ def test_old_versions_go_but_never_one_a_device_runs_an_alias_names_or_a_rollout
             for v in names
         }
         # A rollout to v5 under way: d2 installed it from v2 (its rollback base).
-        rollout = Rollout(
-            model_version_id=mv["v5"].id,
-            fleet=fleet,
-            profile=PROFILE,
-            state="wave",
-            target_version="v5",
-        )
-        s.add(rollout)
-        s.flush()
-        s.add(
-            DeviceUpdate(
-                rollout_id=rollout.id,
-                device_id=f"{fleet}-d2",
-                target_version="v5",
-                base_version="v2",
-                state="installed",
-                payload="delta",
-            )
-        )
+        add_rollout(s, fleet, mv["v5"], f"{fleet}-d2", base="v2", state="installed")
         for v in ("v3", "v4"):  # each learnt from one upload
             key = f"windows/{v}-{fleet}.npy"
             put_windows(s3_store, key, 1)
@@ -639,18 +620,7 @@ def test_gc_command_and_beat_task_print_the_plan_and_delete_under_one_lock(
     sessions = session_factory(pg_url)
     with sessions() as s:
         setup_fleet(s, fleet)
-        s3_store.put(f"dead-letters/{fleet}.bin", b"x" * 2000)
-        s.add(
-            DeadLetter(
-                fleet=fleet,
-                device_id="d1",
-                topic="t",
-                reason="bad_json",
-                detail="",
-                payload_key=f"dead-letters/{fleet}.bin",
-                received_at=ago(40),
-            )
-        )
+        add_dead_letter(s, s3_store, fleet, f"dead-letters/{fleet}.bin", days=40, size=2000)
         s.commit()
     assert isinstance(app, typer.Typer)
     cli = CliRunner()
@@ -686,18 +656,7 @@ def test_gc_command_and_beat_task_print_the_plan_and_delete_under_one_lock(
 
         _services.cache_clear()
         with sessions() as s:
-            s3_store.put(f"dead-letters/{fleet}-2.bin", b"y" * 10)
-            s.add(
-                DeadLetter(
-                    fleet=fleet,
-                    device_id="d1",
-                    topic="t",
-                    reason="bad_json",
-                    detail="",
-                    payload_key=f"dead-letters/{fleet}-2.bin",
-                    received_at=ago(40),
-                )
-            )
+            add_dead_letter(s, s3_store, fleet, f"dead-letters/{fleet}-2.bin", days=40, size=10)
             s.commit()
         assert lock.acquire()
         try:

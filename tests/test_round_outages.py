@@ -62,6 +62,21 @@ def reserve(sessions, fleet, task_id):
                           reason="manual", config=cfg.to_dict())  # fmt: skip
 
 
+def send_round(round_id: int, env: dict) -> None:
+    """Send round ``round_id``'s chain to the workers, from a process of its own."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from cloud.tasks import round_chain; "
+         f"print(round_chain({round_id}).delay().id)"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def state(sessions, round_id: int) -> str:
+    with sessions() as s:
+        return s.get(Round, round_id).state
+
+
 def one_v2(sessions, mlflow_uri, fleet):
     """v2 whole, once: one row, one MLflow version, the same package."""
     with sessions() as s:
@@ -117,20 +132,11 @@ def test_a_stage_task_waits_an_outage_out_on_a_worker(seeded, pg_url, mlflow_uri
     try:
         wait_for(lambda: "ready." in log.read_text(), 120, what="the worker")
         proxy.stop()
-        out = subprocess.run(
-            [sys.executable, "-c", "from cloud.tasks import round_chain; "
-             f"print(round_chain({row.id}).delay().id)"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr[-2000:]
+        send_round(row.id, env)
         wait_for(lambda: log.read_text().count("met an outage") >= 2, 60, what="two retries")
         proxy.start()
-
-        def state() -> str:
-            with sessions() as s:
-                return s.get(Round, row.id).state
-
-        wait_for(lambda: state() in ("done", "failed"), 240, what="the round to end")
+        wait_for(lambda: state(sessions, row.id) in ("done", "failed"), 240,
+                 what="the round to end")  # fmt: skip
     finally:
         _stop(worker)
     text = log.read_text()
@@ -159,18 +165,8 @@ def test_an_outage_past_the_patience_fails_the_round_with_its_reason(
     try:
         wait_for(lambda: "ready." in log.read_text(), 120, what="the worker")
         s3.stop()
-        out = subprocess.run(
-            [sys.executable, "-c", "from cloud.tasks import round_chain; "
-             f"print(round_chain({row.id}).delay().id)"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr[-2000:]
-
-        def state() -> str:
-            with sessions() as s:
-                return s.get(Round, row.id).state
-
-        wait_for(lambda: state() == "failed", 90, what="the round to fail")
+        send_round(row.id, env)
+        wait_for(lambda: state(sessions, row.id) == "failed", 90, what="the round to fail")
     finally:
         _stop(worker)
         s3.stop()
